@@ -1,0 +1,1 @@
+"""RPC-aware extras for gRPC servers behind keynode."""

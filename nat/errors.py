@@ -1,0 +1,39 @@
+"""Typed errors of the data-transfer layer (uTP, the endpoint, messages)."""
+
+from __future__ import annotations
+
+
+class NatError(Exception):
+    """Base of every error the nat package raises on purpose."""
+
+
+class MalformedPacket(NatError, ValueError):
+    """A datagram that is not a valid uTP packet."""
+
+
+class MalformedMessage(NatError, ValueError):
+    """A datagram that is not a valid out-of-band message."""
+
+
+class UtpError(NatError):
+    """A uTP connection failed."""
+
+
+class UtpConnectionRefused(UtpError, ConnectionRefusedError):
+    """The peer answered our SYN with RESET, or the endpoint refuses connections."""
+
+
+class UtpConnectionReset(UtpError, ConnectionResetError):
+    """The peer reset an established connection."""
+
+
+class UtpTimeout(UtpError, TimeoutError):
+    """Retransmissions were exhausted (connect or data)."""
+
+
+class UtpClosed(UtpError):
+    """Use of a connection or stream that is already closed."""
+
+
+class EndpointClosed(NatError):
+    """The endpoint (its UDP socket) is closed."""
