@@ -1,0 +1,420 @@
+"""The `keynode run` configuration: a TOML file read into typed, validated dataclasses.
+
+Every key is known: an unknown or invalid one raises `ConfigError` naming the file,
+the dotted key and the reason, so a typo never silently becomes a default.
+
+    [node]
+    dir = "~/.local/share/keynode"      # key.pem, chain.pem, auth_token, control.sock
+
+    [forward]                            # HTTP CONNECT listener for local clients
+    host = "127.0.0.1"
+    port = 0                             # 0: any free port (printed at start)
+
+    [proxy]                              # the one UDP socket (uTP + ping/pong)
+    host = "0.0.0.0"
+    port = 4000
+
+    [server]                             # the local TCP server remote nodes reach
+    host = "127.0.0.1"
+    port = 50051
+
+    [auth]                               # at most one; none: <node dir>/auth_token
+    token_file = "auth_token"            # or token = "..." or token_env = "VAR"
+
+    [timeouts]                           # seconds, DESIGN.md names and defaults
+    conn_connect_time = 2.0
+
+    [peers]                              # address book: NodeId -> host:port
+    "v0123...abc" = "198.51.100.7:4000"
+
+    [log]
+    level = "info"                       # debug, info, warning, error
+    format = "text"                      # text or json (one JSON object a line)
+
+    [control]
+    socket = "control.sock"              # relative to the node directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.errors import ConfigError, NodeIdInvalid
+
+KEY_FILE = "key.pem"
+CHAIN_FILE = "chain.pem"
+AUTH_TOKEN_FILE = "auth_token"
+CONTROL_SOCKET_FILE = "control.sock"
+CONFIG_FILE = "config.toml"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+# Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_MAX_TOKEN_BYTES = 4096
+
+
+def default_node_dir() -> Path:
+    """`$XDG_DATA_HOME/keynode`, else `~/.local/share/keynode` (XDG base directories)."""
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    if data_home and os.path.isabs(data_home):
+        return Path(data_home) / "keynode"
+    return Path.home() / ".local" / "share" / "keynode"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The Proxy's timing options (DESIGN.md "The Proxy"), seconds."""
+
+    conn_connect_time: float = 2.0
+    conn_keep_alive_timeout_time: float = 20.0
+    conn_end_time: float = 1.0
+    conn_punch_interval_time: float = 0.05
+    conn_keep_alive_interval_time: float = 1.0
+
+
+# Inclusive bounds per timeout: small enough to be sane, large enough for any real link.
+TIMEOUT_BOUNDS: dict[str, tuple[float, float]] = {
+    "conn_connect_time": (0.01, 20.0),
+    "conn_keep_alive_timeout_time": (0.05, 3600.0),
+    "conn_end_time": (0.01, 60.0),
+    "conn_punch_interval_time": (0.001, 10.0),
+    "conn_keep_alive_interval_time": (0.01, 600.0),
+}
+
+
+@dataclass(frozen=True)
+class AuthToken:
+    """Where the CONNECT auth token came from, and its value."""
+
+    source: Literal["token", "token_file", "token_env"]
+    origin: str  # "inline", the file path, or the variable name
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str  # the file it came from ("<defaults>" when none)
+    node_dir: Path
+    forward: HostPort
+    proxy: HostPort
+    server: HostPort | None
+    auth: AuthToken
+    timeouts: Timeouts
+    peers: Mapping[Any, HostPort]  # NodeId -> where its proxy listens
+    log_level: str
+    log_format: str
+    control_socket: Path
+
+    @property
+    def key_path(self) -> Path:
+        return self.node_dir / KEY_FILE
+
+    @property
+    def chain_path(self) -> Path:
+        return self.node_dir / CHAIN_FILE
+
+
+# --- host and port syntax (shared with the CLI) -----------------------------------
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def validate_host(host: object) -> str:
+    """An IPv4/IPv6 literal or a hostname; raises ValueError with the reason."""
+    if not isinstance(host, str):
+        raise ValueError(f"must be a string, not {type(host).__name__}")
+    if not host:
+        raise ValueError("must not be empty")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253:
+        raise ValueError("hostname longer than 253 characters")
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise ValueError(f"{host!r} is neither an IP address nor a hostname")
+    return host
+
+
+def validate_port(port: object, *, allow_zero: bool) -> int:
+    # bool is an int subclass: `port = true` is a mistake, not port 1.
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise ValueError(f"must be an integer, not {type(port).__name__}")
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{port} is out of range {low}..65535")
+    return port
+
+
+def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
+    """`host:port`, `1.2.3.4:port` or `[v6]:port`; raises ValueError with the reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string 'host:port', not {type(text).__name__}")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError(f"{text!r} is not '[IPv6]:port'")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r} is not 'host:port' (IPv6 goes in brackets)")
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError(f"port {port_text!r} is not a number")
+    return HostPort(validate_host(host), validate_port(int(port_text), allow_zero=allow_zero))
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    path_text = os.fspath(path)
+    try:
+        with open(path_text, "rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(path_text, "(file)", "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path_text, "(file)", f"cannot read: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(path_text, "(file)", f"not valid TOML: {error}") from None
+    return config_from_mapping(data, path_text, base_dir=Path(path_text).resolve().parent)
+
+
+def default_config(node_dir: Path | None = None) -> Config:
+    """The configuration `keynode run` uses without a file."""
+    data: dict[str, Any] = {}
+    if node_dir is not None:
+        data["node"] = {"dir": str(node_dir)}
+    return config_from_mapping(data, "<defaults>", base_dir=Path.cwd())
+
+
+_SECTIONS = ("node", "forward", "proxy", "server", "auth", "timeouts", "peers", "log", "control")
+
+
+class _Reader:
+    """Walks one mapping, remembering the dotted key for errors."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def table(self, data: Mapping[str, Any], name: str) -> dict[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(name, f"must be a table [{name}], not {type(value).__name__}")
+        return dict(value)
+
+    def reject_unknown(self, table: Mapping[str, Any], prefix: str, known: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in known:
+                where = f"{prefix}.{key}" if prefix else key
+                raise self.fail(where, f"unknown key (known: {', '.join(known)})")
+
+    def string(self, table: Mapping[str, Any], key: str, default: str | None) -> str | None:
+        value = table.get(key.rpartition(".")[2], default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"must be a string, not {type(value).__name__}")
+        if isinstance(value, str) and "\x00" in value:
+            raise self.fail(key, "must not contain NUL characters")
+        return value
+
+    def path_value(self, table: Mapping[str, Any], key: str, base: Path) -> Path | None:
+        text = self.string(table, key, None)
+        if text is None:
+            return None
+        if not text:
+            raise self.fail(key, "must not be empty")
+        path = Path(os.path.expanduser(text))
+        return path if path.is_absolute() else base / path
+
+    def host_port(
+        self, data: Mapping[str, Any], section: str, host: str, port: int | None, allow_zero: bool
+    ) -> HostPort | None:
+        table = self.table(data, section)
+        self.reject_unknown(table, section, ("host", "port"))
+        host_value = table.get("host", host)
+        port_value = table.get("port", port)
+        if port_value is None:
+            if "host" in table:
+                raise self.fail(f"{section}.port", "missing (a host needs a port)")
+            return None
+        try:
+            host_value = validate_host(host_value)
+        except ValueError as error:
+            raise self.fail(f"{section}.host", str(error)) from None
+        try:
+            port_value = validate_port(port_value, allow_zero=allow_zero)
+        except ValueError as error:
+            raise self.fail(f"{section}.port", str(error)) from None
+        return HostPort(host_value, port_value)
+
+
+def config_from_mapping(data: Mapping[str, Any], path: str, *, base_dir: Path) -> Config:
+    """Validate parsed TOML; relative paths resolve against `base_dir` (the file's)."""
+    reader = _Reader(path)
+    if not isinstance(data, Mapping):
+        raise reader.fail("(file)", "must be a TOML table")
+    reader.reject_unknown(data, "", _SECTIONS)
+
+    node = reader.table(data, "node")
+    reader.reject_unknown(node, "node", ("dir",))
+    node_dir = reader.path_value(node, "node.dir", base_dir) or default_node_dir()
+
+    forward = reader.host_port(data, "forward", "127.0.0.1", 0, allow_zero=True)
+    proxy = reader.host_port(data, "proxy", "0.0.0.0", 0, allow_zero=True)
+    server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False)
+    assert forward is not None and proxy is not None  # both have a default port
+
+    auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir)
+    timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
+    peers = _read_peers(reader, reader.table(data, "peers"))
+
+    log = reader.table(data, "log")
+    reader.reject_unknown(log, "log", ("level", "format"))
+    level = reader.string(log, "log.level", "info")
+    if level not in LOG_LEVELS:
+        raise reader.fail("log.level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_format = reader.string(log, "log.format", "text")
+    if log_format not in LOG_FORMATS:
+        raise reader.fail("log.format", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+
+    control = reader.table(data, "control")
+    reader.reject_unknown(control, "control", ("socket",))
+    control_socket = reader.path_value(control, "control.socket", node_dir)
+    control_socket = control_socket or node_dir / CONTROL_SOCKET_FILE
+    # sockaddr_un.sun_path holds 108 bytes including the NUL.
+    if len(os.fsencode(str(control_socket))) > 107:
+        raise reader.fail("control.socket", f"path longer than 107 bytes: {control_socket}")
+
+    return Config(
+        path=path,
+        node_dir=node_dir,
+        forward=forward,
+        proxy=proxy,
+        server=server,
+        auth=auth,
+        timeouts=timeouts,
+        peers=peers,
+        log_level=level,  # type: ignore[arg-type]
+        log_format=log_format,  # type: ignore[arg-type]
+        control_socket=control_socket,
+    )
+
+
+def _read_auth(reader: _Reader, table: dict[str, Any], node_dir: Path, base_dir: Path) -> AuthToken:
+    sources = ("token", "token_file", "token_env")
+    reader.reject_unknown(table, "auth", sources)
+    given = [name for name in sources if name in table]
+    if len(given) > 1:
+        raise reader.fail(f"auth.{given[1]}", f"give exactly one of {', '.join(sources)}")
+    source = given[0] if given else "token_file"
+    key = f"auth.{source}"
+    if source == "token":
+        value = reader.string(table, key, None) or ""
+        origin = "inline"
+    elif source == "token_env":
+        origin = reader.string(table, key, None) or ""
+        if not origin:
+            raise reader.fail(key, "must name an environment variable")
+        if origin not in os.environ:
+            raise reader.fail(key, f"environment variable {origin} is not set")
+        value = os.environ[origin]
+    else:
+        token_path = reader.path_value(table, key, base_dir) if given else None
+        token_path = token_path or node_dir / AUTH_TOKEN_FILE
+        origin = str(token_path)
+        value = _read_token_file(reader, key, token_path, defaulted=not given)
+    value = value.strip()
+    if not value:
+        raise reader.fail(key, "the auth token is empty")
+    if len(value.encode()) > _MAX_TOKEN_BYTES or not value.isprintable():
+        raise reader.fail(key, f"the auth token must be printable and at most {_MAX_TOKEN_BYTES} bytes")
+    return AuthToken(source, origin, value)  # type: ignore[arg-type]
+
+
+def _read_token_file(reader: _Reader, key: str, path: Path, *, defaulted: bool) -> str:
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise reader.fail(key, f"{path} is not a regular file")
+        # Like ssh with private keys: a secret others can read is a mistake to stop on.
+        if mode & 0o077:
+            raise reader.fail(key, f"{path} is readable by others (run: chmod 600 {path})")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        hint = " (run `keynode keygen` first, or set [auth])" if defaulted else ""
+        raise reader.fail(key, f"{path} does not exist{hint}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise reader.fail(key, f"cannot read {path}: {error}") from None
+
+
+def _read_timeouts(reader: _Reader, table: dict[str, Any]) -> Timeouts:
+    names = tuple(f.name for f in dataclasses.fields(Timeouts))
+    reader.reject_unknown(table, "timeouts", names)
+    values: dict[str, float] = {}
+    for name, raw in table.items():
+        key = f"timeouts.{name}"
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+            raise reader.fail(key, f"must be a number of seconds, not {type(raw).__name__}")
+        low, high = TIMEOUT_BOUNDS[name]
+        if not math.isfinite(raw) or not low <= raw <= high:
+            raise reader.fail(key, f"{raw} is out of range {low}..{high} seconds")
+        values[name] = float(raw)
+    timeouts = Timeouts(**values)
+    if timeouts.conn_keep_alive_interval_time >= timeouts.conn_keep_alive_timeout_time:
+        raise reader.fail(
+            "timeouts.conn_keep_alive_interval_time",
+            "must be shorter than conn_keep_alive_timeout_time, or every connection times out",
+        )
+    return timeouts
+
+
+def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
+    from proxy.node_id import NodeId  # identity layer; imported late to keep config light
+
+    peers: dict[Any, HostPort] = {}
+    for name, raw in table.items():
+        key = f"peers.{name}"
+        try:
+            node_id = NodeId.decode(name)
+        except (NodeIdInvalid, ValueError) as error:
+            raise reader.fail(key, f"not a NodeId: {error}") from None
+        try:
+            peers[node_id] = parse_host_port(raw)
+        except ValueError as error:
+            raise reader.fail(key, str(error)) from None
+    return peers

@@ -1,0 +1,1 @@
+"""Tests of the keynode CLI, config, control socket and port forwarding."""
