@@ -1,0 +1,89 @@
+"""Ed25519 node keys: generate, save (PKCS#8 PEM, mode 0600, atomic) and load."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+
+from proxy.errors import KeyFileError
+
+PRIVATE_KEY_FILE_MODE = 0o600
+
+
+def generate_key_pair() -> Ed25519PrivateKey:
+    """A fresh Ed25519 private key (its public half is the NodeId)."""
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+
+def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as error:
+        raise KeyFileError(f"not an unencrypted PKCS#8 PEM private key: {error}") from error
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"expected an Ed25519 private key, got {type(key).__name__}")
+    return key
+
+
+def write_file_atomically(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one.
+
+    The temporary file is created with ``mode`` from the start (O_EXCL, in the target
+    directory), so a secret is never readable by others, not even for a moment.
+    """
+    target = Path(path)
+    directory = target.parent
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+    except OSError as error:
+        raise KeyFileError(f"cannot create a file in {directory}: {error}") from error
+    try:
+        # mkstemp creates 0600; set the wanted mode before any byte is written.
+        os.fchmod(descriptor, mode)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except OSError as error:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise KeyFileError(f"cannot write {target}: {error}") from error
+    try:
+        directory_descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # the rename is done; a directory fsync is only best effort
+    try:
+        os.fsync(directory_descriptor)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the file itself is synced
+    finally:
+        os.close(directory_descriptor)
+
+
+def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> None:
+    """Save as unencrypted PKCS#8 PEM, file mode 0600, atomically."""
+    write_file_atomically(path, private_key_to_pem(key), PRIVATE_KEY_FILE_MODE)
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise KeyFileError(f"cannot read private key {path}: {error}") from error
+    return private_key_from_pem(data)
