@@ -1,0 +1,389 @@
+"""The control socket of `keynode run`, its client, and the human tables.
+
+A Unix domain socket (mode 0600, in the node directory which is 0700) carrying
+HTTP/1.1 (h11) with JSON bodies, one request per connection:
+
+    GET  /v1/status                             -> status document
+    POST /v1/forward  {"node_id", "host", "port"} -> {"node_id": ...}
+    POST /v1/reverse  {"host", "port"}            -> {}
+    POST /v1/close    {"direction": "forward" | "reverse", "host", "port"} -> {}
+    GET  /v1/lookup?host=H&port=P               -> the connection whose local TCP
+                                                   address is H:P (who is calling)
+
+Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
+server never trusts the request: size and time are bounded, bodies are validated,
+and a failing request ends only its own connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket as stdlib_socket
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from proxy.config import format_host_port, validate_host, validate_port
+from proxy.errors import (
+    ConnectionNotFound,
+    ControlError,
+    ControlRequestFailed,
+    ControlUnreachable,
+    KeynodeError,
+    NodeIdInvalid,
+)
+from proxy.node_id import NodeId
+
+log = logging.getLogger("keynode.control")
+
+MAX_REQUEST_SIZE = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+# Opening a connection may take conn_connect_time (at most 20 s) plus TLS.
+CLIENT_TIMEOUT = 30.0
+DIRECTIONS = ("forward", "reverse")
+
+
+class ControlHandler(Protocol):
+    """What `keynode run` exposes over the control socket."""
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]: ...
+
+    async def open_reverse(self, host: str, port: int) -> dict[str, Any]: ...
+
+    async def close(self, direction: str, host: str, port: int) -> dict[str, Any]: ...
+
+    async def lookup(self, host: str, port: int) -> dict[str, Any]: ...
+
+
+class BadControlRequest(ValueError):
+    """A request the server cannot serve as sent (400)."""
+
+
+# --- server ---------------------------------------------------------------------
+
+
+def _bind_unix_socket(path: Path) -> stdlib_socket.socket:
+    """Bind and listen at `path` with mode 0600; replaces a stale socket file, refuses
+    to take over one a live process answers on."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ControlError(f"{path} exists and is not a socket; remove it or set [control] socket")
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: its process is gone
+        else:
+            raise ControlError(f"another keynode already listens on {path}; stop it first")
+        finally:
+            probe.close()
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    # umask makes the socket 0600 from birth, so there is no window where others can connect.
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as error:
+        sock.close()
+        raise ControlError(f"cannot create the control socket {path}: {error.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_control(
+    path: Path,
+    handler: ControlHandler,
+    *,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control socket at `path` until cancelled; removes it on exit."""
+    raw = _bind_unix_socket(path)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            await trio.serve_listeners(
+                lambda stream: _serve_one(stream, handler), [listener], handler_nursery=nursery
+            )
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_SIZE)
+    async with stream:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request, body = await _read_request(stream, connection)
+        except (trio.TooSlowError, h11.RemoteProtocolError, BadControlRequest) as error:
+            if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await _respond(stream, connection, 400, {"error": "BadControlRequest", "message": str(error)})
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        status, document = await _dispatch(handler, request, body)
+        try:
+            await _respond(stream, connection, status, document)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -> tuple[h11.Request, bytes]:
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(16384))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_REQUEST_SIZE:
+                raise BadControlRequest("request body too large")
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, bytes(body)
+        else:
+            raise BadControlRequest("connection closed before a complete request")
+
+
+async def _respond(stream: trio.SocketStream, connection: h11.Connection, status: int, document: Any) -> None:
+    body = json.dumps(document).encode()
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    data = connection.send(h11.Response(status_code=status, headers=headers))
+    data += connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage())
+    await stream.send_all(data)
+
+
+def _error_document(error: BaseException) -> dict[str, str]:
+    return {"error": type(error).__name__, "message": str(error)}
+
+
+async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) -> tuple[int, Any]:
+    method = request.method.decode("ascii", "replace")
+    url = urlsplit(request.target.decode("ascii", "replace"))
+    routes = {
+        ("GET", "/v1/status"): _route_status,
+        ("POST", "/v1/forward"): _route_forward,
+        ("POST", "/v1/reverse"): _route_reverse,
+        ("POST", "/v1/close"): _route_close,
+        ("GET", "/v1/lookup"): _route_lookup,
+    }
+    route = routes.get((method, url.path))
+    if route is None:
+        known_path = any(path == url.path for _, path in routes)
+        status = 405 if known_path else 404
+        return status, {"error": "NotFound" if status == 404 else "MethodNotAllowed",
+                        "message": f"no route {method} {url.path}"}
+    try:
+        arguments = _parse_arguments(method, url.query, body)
+        return 200, await route(handler, arguments)
+    except (BadControlRequest, NodeIdInvalid) as error:
+        return 400, _error_document(error)
+    except ConnectionNotFound as error:
+        return 404, _error_document(error)
+    except KeynodeError as error:
+        status = error.http_status if 400 <= error.http_status <= 599 else 500
+        return status, _error_document(error)
+    except Exception as error:
+        # A bug behind one control request must not take the node (and its tunnels) down.
+        log.exception("control request %s %s failed", method, url.path)
+        return 500, _error_document(error)
+
+
+def _parse_arguments(method: str, query: str, body: bytes) -> dict[str, Any]:
+    if method == "GET":
+        return {key: values[-1] for key, values in parse_qs(query).items()}
+    if not body:
+        return {}
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise BadControlRequest(f"body is not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise BadControlRequest("body must be a JSON object")
+    return document
+
+
+def _host_port_arguments(arguments: Mapping[str, Any]) -> tuple[str, int]:
+    try:
+        host = validate_host(arguments.get("host"))
+        port = arguments.get("port")
+        if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+            port = int(port)
+        return host, validate_port(port, allow_zero=False)
+    except ValueError as error:
+        raise BadControlRequest(f"host/port: {error}") from None
+
+
+async def _route_status(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.status()
+
+
+async def _route_forward(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    node_text = arguments.get("node_id")
+    if not isinstance(node_text, str):
+        raise BadControlRequest("node_id: must be an encoded NodeId string")
+    node_id = NodeId.decode(node_text)
+    host, port = _host_port_arguments(arguments)
+    return await handler.open_forward(node_id, host, port)
+
+
+async def _route_reverse(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.open_reverse(*_host_port_arguments(arguments))
+
+
+async def _route_close(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    direction = arguments.get("direction")
+    if direction not in DIRECTIONS:
+        raise BadControlRequest(f"direction: must be one of {', '.join(DIRECTIONS)}")
+    return await handler.close(direction, *_host_port_arguments(arguments))
+
+
+async def _route_lookup(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.lookup(*_host_port_arguments(arguments))
+
+
+# --- client ---------------------------------------------------------------------
+
+
+async def control_request(
+    path: Path, method: str, target: str, body: Any = None, *, timeout: float = CLIENT_TIMEOUT
+) -> Any:
+    """One request to the control socket; returns the decoded JSON answer.
+
+    Raises ControlUnreachable when no node answers, ControlRequestFailed when the
+    node answers with an error."""
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlUnreachable(
+            f"no keynode answers on {path} (start it with `keynode run`, or pass --control)"
+        ) from None
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise ControlUnreachable(f"no permission to use {path} (run as the node's user)") from None
+        raise ControlUnreachable(f"cannot connect to {path}: {error.strerror or error}") from None
+    connection = h11.Connection(h11.CLIENT)
+    payload = b"" if body is None else json.dumps(body).encode()
+    headers = [("Host", "keynode"), ("Content-Length", str(len(payload))), ("Connection", "close")]
+    if body is not None:
+        headers.append(("Content-Type", "application/json"))
+    try:
+        async with stream:
+            with trio.fail_after(timeout):
+                data = connection.send(h11.Request(method=method, target=target, headers=headers))
+                data += connection.send(h11.Data(data=payload)) if payload else b""
+                await stream.send_all(data + connection.send(h11.EndOfMessage()))
+                response, answer = await _read_response(stream, connection)
+    except trio.TooSlowError:
+        raise ControlUnreachable(f"the node on {path} did not answer within {timeout} s") from None
+    except (trio.BrokenResourceError, h11.RemoteProtocolError) as error:
+        raise ControlUnreachable(f"the node on {path} dropped the request: {error}") from None
+    try:
+        document = json.loads(answer) if answer else {}
+    except ValueError:
+        raise ControlUnreachable(f"the node on {path} answered with something other than JSON") from None
+    if response.status_code != 200:
+        error_name = message = ""
+        if isinstance(document, dict):
+            error_name = str(document.get("error", ""))
+            message = str(document.get("message", ""))
+        raise ControlRequestFailed(response.status_code, error_name or "Error", message)
+    return document
+
+
+async def _read_response(stream: trio.SocketStream, connection: h11.Connection) -> tuple[h11.Response, bytes]:
+    response: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage) and response is not None:
+            return response, bytes(body)
+        else:
+            raise h11.RemoteProtocolError("incomplete response")
+
+
+# --- human output ----------------------------------------------------------------
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    lines = [
+        f"NodeId:  {status.get('node_id')}",
+        f"forward: {status.get('forward')}   (HTTP CONNECT)",
+        f"proxy:   {status.get('proxy')}   (UDP: uTP + ping/pong)",
+        f"server:  {status.get('server') or '-'}",
+        f"control: {status.get('control_socket')}",
+        f"uptime:  {format_age(float(status.get('uptime', 0)))}",
+    ]
+    connections = status.get("connections") or []
+    if not connections:
+        lines.append("\nno connections")
+        return "\n".join(lines)
+    rows = []
+    for item in connections:
+        rtt = item.get("rtt")
+        rows.append([
+            str(item.get("direction", "?")),
+            str(item.get("node_id") or "?"),
+            str(item.get("remote") or "?"),
+            str(item.get("local") or "-"),
+            format_age(float(item.get("age") or 0)),
+            format_bytes(float(item.get("bytes_sent") or 0)),
+            format_bytes(float(item.get("bytes_received") or 0)),
+            "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
+        ])
+    table = format_table(["DIRECTION", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"], rows)
+    return "\n".join(lines) + f"\n\n{table}"

@@ -1,0 +1,188 @@
+"""The control socket: real Unix socket, h11 on both ends, a recording handler."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from proxy.control import control_request, format_status, serve_control
+from proxy.errors import (
+    ConnectionNotFound,
+    ConnectionStartTimeout,
+    ControlError,
+    ControlRequestFailed,
+    ControlUnreachable,
+)
+from proxy.node_id import NodeId
+
+NODE_ID = NodeId.from_public_key(Ed25519PrivateKey.generate().public_key())
+
+STATUS = {
+    "node_id": str(NODE_ID),
+    "forward": "127.0.0.1:1080",
+    "proxy": "0.0.0.0:4000",
+    "server": "127.0.0.1:50051",
+    "control_socket": "/x/control.sock",
+    "uptime": 3725,
+    "connections": [
+        {"direction": "forward", "node_id": str(NODE_ID), "remote": "198.18.0.2:4000",
+         "local": "127.0.0.1:5555", "age": 75, "bytes_sent": 3 * 1024 * 1024,
+         "bytes_received": 10, "rtt": 0.0123},
+        {"direction": "reverse", "node_id": None, "remote": "[::1]:4001", "local": None,
+         "age": 1, "bytes_sent": 0, "bytes_received": 0, "rtt": None},
+    ],
+}
+
+
+class RecordingHandler:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def status(self) -> dict[str, Any]:
+        return STATUS
+
+    async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]:
+        self.calls.append(("forward", node_id, host, port))
+        if port == 9:
+            raise ConnectionStartTimeout("no answer from the peer within 2.0 s")
+        return {"node_id": str(node_id)}
+
+    async def open_reverse(self, host: str, port: int) -> dict[str, Any]:
+        self.calls.append(("reverse", host, port))
+        return {}
+
+    async def close(self, direction: str, host: str, port: int) -> dict[str, Any]:
+        self.calls.append(("close", direction, host, port))
+        raise ConnectionNotFound(f"no {direction} connection to {host}:{port}")
+
+    async def lookup(self, host: str, port: int) -> dict[str, Any]:
+        raise RuntimeError("a bug in the handler")
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> Path:
+    directory = tmp_path / "n"
+    directory.mkdir(mode=0o700)
+    return directory / "control.sock"
+
+
+async def test_requests_round_trip(socket_path: Path) -> None:
+    handler = RecordingHandler()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, socket_path, handler)
+            assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+            assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            answer = await control_request(
+                socket_path, "POST", "/v1/forward", {"node_id": str(NODE_ID), "host": "::1", "port": 4000}
+            )
+            assert answer == {"node_id": str(NODE_ID)}
+            await control_request(socket_path, "POST", "/v1/reverse", {"host": "127.0.0.1", "port": "4001"})
+            with pytest.raises(ControlRequestFailed) as info:
+                await control_request(
+                    socket_path, "POST", "/v1/forward", {"node_id": str(NODE_ID), "host": "h", "port": 9}
+                )
+            assert (info.value.status, info.value.error) == (504, "ConnectionStartTimeout")
+            with pytest.raises(ControlRequestFailed) as info:
+                await control_request(
+                    socket_path, "POST", "/v1/close", {"direction": "forward", "host": "h", "port": 1}
+                )
+            assert info.value.status == 404 and "no forward connection" in info.value.message
+            with pytest.raises(ControlRequestFailed) as info:
+                await control_request(socket_path, "GET", "/v1/lookup?host=127.0.0.1&port=5")
+            assert info.value.status == 500  # the handler's bug, reported, server still up
+            assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            nursery.cancel_scope.cancel()
+    assert handler.calls == [
+        ("forward", NODE_ID, "::1", 4000),
+        ("reverse", "127.0.0.1", 4001),
+        ("forward", NODE_ID, "h", 9),
+        ("close", "forward", "h", 1),
+    ]
+    assert not socket_path.exists()  # removed on exit
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "status"),
+    [
+        ("GET", "/v1/nothing", None, 404),
+        ("DELETE", "/v1/status", None, 405),
+        ("POST", "/v1/forward", {"node_id": "vbad", "host": "h", "port": 1}, 400),
+        ("POST", "/v1/forward", {"node_id": 5, "host": "h", "port": 1}, 400),
+        ("POST", "/v1/forward", {"node_id": str(NODE_ID), "host": "h h", "port": 1}, 400),
+        ("POST", "/v1/reverse", {"host": "h", "port": 70000}, 400),
+        ("POST", "/v1/reverse", {"host": "h", "port": True}, 400),
+        ("POST", "/v1/reverse", [1, 2], 400),
+        ("POST", "/v1/close", {"direction": "sideways", "host": "h", "port": 1}, 400),
+    ],
+)
+async def test_bad_requests_get_4xx(socket_path: Path, method: str, target: str, body: Any, status: int) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, socket_path, RecordingHandler())
+            with pytest.raises(ControlRequestFailed) as info:
+                await control_request(socket_path, method, target, body)
+            assert info.value.status == status
+            nursery.cancel_scope.cancel()
+
+
+async def test_garbage_and_silence_harm_nothing(socket_path: Path) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, socket_path, RecordingHandler())
+            silent = await trio.open_unix_socket(str(socket_path))  # says nothing, ever
+            garbage = await trio.open_unix_socket(str(socket_path))
+            await garbage.send_all(b"\x00\x01\x02 not http\r\n\r\n")
+            answer = b""
+            while data := await garbage.receive_some(4096):
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 400")
+            huge = await trio.open_unix_socket(str(socket_path))
+            await huge.send_all(b"GET /v1/status HTTP/1.1\r\nX: " + b"a" * 100_000)
+            answer = await huge.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 400")
+            assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            for stream in (silent, garbage, huge):
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_and_stale_socket(socket_path: Path) -> None:
+    with pytest.raises(ControlUnreachable, match="keynode run"):
+        await control_request(socket_path, "GET", "/v1/status")
+    # A socket file left by a dead process is replaced; a live one is not taken over.
+    stale = trio.socket.socket(trio.socket.AF_UNIX)
+    await stale.bind(str(socket_path))
+    stale.close()
+    with pytest.raises(ControlUnreachable):
+        await control_request(socket_path, "GET", "/v1/status")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, socket_path, RecordingHandler())
+            with pytest.raises(ControlError, match="already listens"):
+                await nursery.start(serve_control, socket_path, RecordingHandler())
+            assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            nursery.cancel_scope.cancel()
+    regular = socket_path.parent / "file"
+    regular.write_text("x")
+    with pytest.raises(ControlError, match="not a socket"):
+        await serve_control(regular, RecordingHandler())
+
+
+def test_format_status_table() -> None:
+    text = format_status(STATUS)
+    assert str(NODE_ID) in text and "127.0.0.1:1080" in text and "1h02m" in text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("DIRECTION"))
+    assert header.split() == ["DIRECTION", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    forward = next(line for line in lines if line.startswith("forward "))
+    assert "3.0 MiB" in forward and "12.3 ms" in forward and "1m15s" in forward
+    reverse = next(line for line in lines if line.startswith("reverse "))
+    assert "[::1]:4001" in reverse and reverse.rstrip().endswith("-")
+    assert "no connections" in format_status({**STATUS, "connections": []})
