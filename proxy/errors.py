@@ -68,6 +68,10 @@ class CertChainSignatureInvalid(CertificateChainError):
     """A node signature (or a certificate's own signature) does not verify."""
 
 
+class CertChainMalformed(CertificateChainError):
+    """A certificate's fields cannot be parsed (bad version, extensions, encodings)."""
+
+
 # --- TLS ------------------------------------------------------------------------
 
 
