@@ -197,8 +197,11 @@ def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
 # --- loading -------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML config file."""
+def load_config(path: str | os.PathLike[str], *, read_auth: bool = True) -> Config:
+    """Read and validate a TOML config file.
+
+    `read_auth=False` skips reading the token (its source is still validated): for
+    commands that only talk to the control socket."""
     path_text = os.fspath(path)
     try:
         with open(path_text, "rb") as file:
@@ -209,15 +212,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(path_text, "(file)", f"cannot read: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(path_text, "(file)", f"not valid TOML: {error}") from None
-    return config_from_mapping(data, path_text, base_dir=Path(path_text).resolve().parent)
+    base_dir = Path(path_text).resolve().parent
+    return config_from_mapping(data, path_text, base_dir=base_dir, read_auth=read_auth)
 
 
-def default_config(node_dir: Path | None = None) -> Config:
+def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> Config:
     """The configuration `keynode run` uses without a file."""
     data: dict[str, Any] = {}
     if node_dir is not None:
         data["node"] = {"dir": str(node_dir)}
-    return config_from_mapping(data, "<defaults>", base_dir=Path.cwd())
+    return config_from_mapping(data, "<defaults>", base_dir=Path.cwd(), read_auth=read_auth)
 
 
 _SECTIONS = ("node", "forward", "proxy", "server", "auth", "timeouts", "peers", "log", "control")
@@ -283,7 +287,9 @@ class _Reader:
         return HostPort(host_value, port_value)
 
 
-def config_from_mapping(data: Mapping[str, Any], path: str, *, base_dir: Path) -> Config:
+def config_from_mapping(
+    data: Mapping[str, Any], path: str, *, base_dir: Path, read_auth: bool = True
+) -> Config:
     """Validate parsed TOML; relative paths resolve against `base_dir` (the file's)."""
     reader = _Reader(path)
     if not isinstance(data, Mapping):
@@ -299,7 +305,7 @@ def config_from_mapping(data: Mapping[str, Any], path: str, *, base_dir: Path) -
     server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False)
     assert forward is not None and proxy is not None  # both have a default port
 
-    auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir)
+    auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir, read_auth)
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
     peers = _read_peers(reader, reader.table(data, "peers"))
 
@@ -335,7 +341,9 @@ def config_from_mapping(data: Mapping[str, Any], path: str, *, base_dir: Path) -
     )
 
 
-def _read_auth(reader: _Reader, table: dict[str, Any], node_dir: Path, base_dir: Path) -> AuthToken:
+def _read_auth(
+    reader: _Reader, table: dict[str, Any], node_dir: Path, base_dir: Path, read: bool
+) -> AuthToken:
     sources = ("token", "token_file", "token_env")
     reader.reject_unknown(table, "auth", sources)
     given = [name for name in sources if name in table]
@@ -343,6 +351,9 @@ def _read_auth(reader: _Reader, table: dict[str, Any], node_dir: Path, base_dir:
         raise reader.fail(f"auth.{given[1]}", f"give exactly one of {', '.join(sources)}")
     source = given[0] if given else "token_file"
     key = f"auth.{source}"
+    if not read:
+        reader.string(table, key, None)
+        return AuthToken(source, "(not read)", "")  # type: ignore[arg-type]
     if source == "token":
         value = reader.string(table, key, None) or ""
         origin = "inline"

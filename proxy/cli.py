@@ -1,0 +1,550 @@
+"""The `keynode` command line (argparse).
+
+Errors end as one line on stderr (what failed, why, what to do) and an exit code
+per class of failure (EXIT_CODES below); `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from proxy.config import (
+    AUTH_TOKEN_FILE,
+    CHAIN_FILE,
+    CONFIG_FILE,
+    KEY_FILE,
+    Config,
+    HostPort,
+    default_config,
+    default_node_dir,
+    load_config,
+    parse_host_port,
+)
+from proxy.errors import (
+    ConfigError,
+    ControlRequestFailed,
+    ControlUnreachable,
+    IdentityError,
+    KeynodeError,
+    NodeDirectoryError,
+    PortForwardError,
+)
+
+PROGRAM = "keynode"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1  # anything unexpected (a bug: rerun with --debug and report it)
+    USAGE = 2  # bad command line (argparse uses 2 too)
+    CONFIG = 3  # the config file is unreadable or invalid
+    IDENTITY = 4  # no identity in the node directory, or keygen would overwrite it
+    CONTROL_UNREACHABLE = 5  # no running node answers on the control socket
+    REQUEST_FAILED = 6  # the node refused or failed the request
+    NETWORK = 7  # cannot bind or reach an address
+    DEMO_FAILED = 8  # `keynode demo` ran and its checks failed
+    INTERRUPTED = 130  # SIGINT before the work was done
+
+
+class CommandError(KeynodeError):
+    """A failure the CLI reports as one line with a chosen exit code."""
+
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    if isinstance(error, CommandError):
+        return error.code
+    if isinstance(error, ConfigError):
+        return ExitCode.CONFIG
+    if isinstance(error, (NodeDirectoryError, IdentityError)):
+        return ExitCode.IDENTITY
+    if isinstance(error, ControlUnreachable):
+        return ExitCode.CONTROL_UNREACHABLE
+    if isinstance(error, (ControlRequestFailed, KeynodeError)) and not isinstance(error, PortForwardError):
+        return ExitCode.REQUEST_FAILED
+    if isinstance(error, (PortForwardError, OSError)):
+        return ExitCode.NETWORK
+    return ExitCode.FAILURE
+
+
+# --- node directory: identity and token ---------------------------------------------
+
+
+def node_dir_from(args: argparse.Namespace) -> Path:
+    directory = getattr(args, "dir", None)
+    return Path(directory).expanduser() if directory else default_node_dir()
+
+
+def keygen(node_dir: Path, *, force: bool) -> Any:
+    """Create key (0600), certificate chain and auth token (0600) in `node_dir`."""
+    from proxy.tls_config import TLSConfig
+
+    key_path, chain_path = node_dir / KEY_FILE, node_dir / CHAIN_FILE
+    if key_path.exists() and not force:
+        raise NodeDirectoryError(
+            f"{node_dir} already has an identity ({key_path}); "
+            "pass --force to replace it (its NodeId is lost), or use `keynode rotate`"
+        )
+    try:
+        node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise NodeDirectoryError(f"cannot create {node_dir}: {error.strerror}") from None
+    tls_config = TLSConfig.generate()
+    tls_config.save(key_path, chain_path)
+    token_path = node_dir / AUTH_TOKEN_FILE
+    if not token_path.exists():
+        from proxy.keys import write_file_atomically
+
+        write_file_atomically(token_path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+    return tls_config
+
+
+def load_identity(node_dir: Path) -> Any:
+    from proxy.tls_config import TLSConfig
+
+    key_path = node_dir / KEY_FILE
+    if not key_path.exists():
+        raise NodeDirectoryError(
+            f"no identity in {node_dir} (create one with `keynode keygen --dir {node_dir}`)"
+        )
+    return TLSConfig.load(key_path, node_dir / CHAIN_FILE)
+
+
+def rotate(node_dir: Path) -> tuple[Any, Any]:
+    """New key whose certificate the old key issues; returns (old, new) TLSConfigs."""
+    from proxy.certificates import rotate_key
+    from proxy.tls_config import TLSConfig
+
+    old = load_identity(node_dir)
+    new_key, chain = rotate_key(old.private_key, old.certificate_chain)
+    new = TLSConfig(new_key, tuple(chain))
+    new.save(node_dir / KEY_FILE, node_dir / CHAIN_FILE)
+    return old, new
+
+
+def identity_document(tls_config: Any) -> dict[str, Any]:
+    from proxy.certificates import certificate_issuer_node_id, certificate_node_id
+
+    return {
+        "node_id": str(tls_config.node_id),
+        "chain": [
+            {
+                "subject": str(certificate_node_id(certificate)),
+                "issuer": str(certificate_issuer_node_id(certificate)),
+                "not_before": certificate.not_valid_before_utc.isoformat(),
+                "not_after": certificate.not_valid_after_utc.isoformat(),
+            }
+            for certificate in tls_config.certificate_chain
+        ],
+    }
+
+
+# --- config resolution -----------------------------------------------------------------
+
+
+def resolve_config(args: argparse.Namespace, *, read_auth: bool = True) -> Config:
+    """--config FILE, else <node dir>/config.toml if present, else the defaults."""
+    config_path = getattr(args, "config", None)
+    if config_path:
+        config = load_config(config_path, read_auth=read_auth)
+        if getattr(args, "dir", None):
+            config = _with_node_dir(config, node_dir_from(args))
+        return config
+    node_dir = node_dir_from(args)
+    if (node_dir / CONFIG_FILE).exists():
+        return load_config(node_dir / CONFIG_FILE, read_auth=read_auth)
+    return default_config(node_dir, read_auth=read_auth)
+
+
+def _with_node_dir(config: Config, node_dir: Path) -> Config:
+    import dataclasses
+
+    control = config.control_socket
+    if control == config.node_dir / "control.sock":
+        control = node_dir / "control.sock"
+    return dataclasses.replace(config, node_dir=node_dir, control_socket=control)
+
+
+def control_path_from(args: argparse.Namespace) -> Path:
+    if getattr(args, "control", None):
+        return Path(args.control).expanduser()
+    return resolve_config(args, read_auth=False).control_socket
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def host_port_argument(text: str) -> HostPort:
+    try:
+        return parse_host_port(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def listen_argument(text: str) -> HostPort:
+    try:
+        return parse_host_port(text, allow_zero=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def node_id_argument(text: str) -> Any:
+    from proxy.node_id import NodeId
+
+    try:
+        return NodeId.decode(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a NodeId: {error}") from None
+
+
+def forward_target_argument(text: str) -> Any:
+    from proxy.port_forward import parse_forward_target
+
+    try:
+        return parse_forward_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def command_keygen(args: argparse.Namespace) -> int:
+    node_dir = node_dir_from(args)
+    tls_config = keygen(node_dir, force=args.force)
+    if args.json:
+        print_json({**identity_document(tls_config), "dir": str(node_dir)})
+    else:
+        print(tls_config.node_id)
+        print(f"identity written to {node_dir}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def command_id(args: argparse.Namespace) -> int:
+    tls_config = load_identity(node_dir_from(args))
+    if args.json:
+        print_json(identity_document(tls_config))
+    else:
+        print(tls_config.node_id)
+    return ExitCode.OK
+
+
+def command_rotate(args: argparse.Namespace) -> int:
+    old, new = rotate(node_dir_from(args))
+    if args.json:
+        print_json({**identity_document(new), "previous_node_id": str(old.node_id)})
+    else:
+        print(new.node_id)
+        print(
+            f"rotated from {old.node_id}; the chain ({len(new.certificate_chain)} certificates) "
+            "still proves the old NodeId. Restart `keynode run` to use the new key.",
+            file=sys.stderr,
+        )
+    return ExitCode.OK
+
+
+def command_run(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    from proxy.runner import run_node  # imports the whole Proxy stack: only when running
+
+    return trio.run(run_node, config)
+
+
+def _control(args: argparse.Namespace, method: str, target: str, body: Any = None) -> Any:
+    from proxy.control import control_request
+
+    path = control_path_from(args)
+    return trio.run(lambda: control_request(path, method, target, body))
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from proxy.control import format_status
+
+    status = _control(args, "GET", "/v1/status")
+    if args.json:
+        print_json(status)
+    else:
+        print(format_status(status))
+    return ExitCode.OK
+
+
+def command_open_forward(args: argparse.Namespace) -> int:
+    body = {"node_id": str(args.node_id), "host": args.address.host, "port": args.address.port}
+    answer = _control(args, "POST", "/v1/forward", body)
+    if args.json:
+        print_json(answer)
+    else:
+        print(f"forward connection open to {answer.get('node_id')} at {args.address}")
+    return ExitCode.OK
+
+
+def command_open_reverse(args: argparse.Namespace) -> int:
+    body = {"host": args.address.host, "port": args.address.port}
+    answer = _control(args, "POST", "/v1/reverse", body)
+    if args.json:
+        print_json(answer)
+    else:
+        print(f"reverse connection open to {args.address}")
+    return ExitCode.OK
+
+
+def command_close(args: argparse.Namespace) -> int:
+    body = {"direction": args.direction, "host": args.address.host, "port": args.address.port}
+    answer = _control(args, "POST", "/v1/close", body)
+    if args.json:
+        print_json(answer)
+    else:
+        print(f"{args.direction} connection to {args.address} closed")
+    return ExitCode.OK
+
+
+def command_lookup(args: argparse.Namespace) -> int:
+    target = f"/v1/lookup?host={args.address.host}&port={args.address.port}"
+    answer = _control(args, "GET", target)
+    if args.json:
+        print_json(answer)
+    else:
+        print(answer.get("node_id"))
+    return ExitCode.OK
+
+
+def command_forward(args: argparse.Namespace) -> int:
+    from proxy.port_forward import serve_port_forward
+
+    config = resolve_config(args)
+    via: HostPort | None = args.via
+    if via is None:
+        if config.forward.port != 0:
+            via = config.forward
+        else:
+            status = _control(args, "GET", "/v1/status")
+            via = parse_host_port(status["forward"])
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                lambda task_status: serve_port_forward(
+                    args.listen, via, config.auth.value, args.target, task_status=task_status
+                )
+            )
+            for address in bound:
+                print(f"listening on {address} -> {args.target} via {via}", flush=True)
+            await wait_for_stop_signal()
+            nursery.cancel_scope.cancel()
+        return ExitCode.OK
+
+    return trio.run(main)
+
+
+async def wait_for_stop_signal() -> int:
+    """Returns the number of the first SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for number in signals:
+            return number
+    raise AssertionError("signal receiver ended")
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    passed = run_demo(calls=args.calls, stream_mib=args.stream_mib, keep=args.keep)
+    return ExitCode.OK if passed else ExitCode.DEMO_FAILED
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def _add_command(
+    subparsers: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help_text: str,
+    examples: str,
+    parents: Sequence[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=list(parents),
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="keynode: a peer-to-peer tunnel. Local TCP clients reach a remote node's "
+        "server through an HTTP CONNECT proxy, uTP over UDP with NAT hole punching, "
+        "and mutual TLS where identity is an Ed25519 key (the NodeId).",
+        epilog="examples:\n"
+        "  keynode keygen                       # create this node's identity\n"
+        "  keynode run --config node.toml       # run the node\n"
+        "  keynode status                       # what it is doing\n"
+        "  keynode demo                         # two nodes, gRPC through the tunnel\n"
+        "\nexit codes: "
+        + ", ".join(f"{code.value} {code.name.lower().replace('_', ' ')}" for code in ExitCode),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    node_dir = argparse.ArgumentParser(add_help=False)
+    node_dir.add_argument(
+        "--dir", metavar="DIR",
+        help="node directory (default: $XDG_DATA_HOME/keynode or ~/.local/share/keynode)",
+    )
+    json_output = argparse.ArgumentParser(add_help=False)
+    json_output.add_argument("--json", action="store_true", help="print JSON for scripts")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", metavar="FILE", help="TOML config (default: <node dir>/config.toml)")
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument("--control", metavar="SOCKET", help="control socket (default: from the config)")
+    client = [common, node_dir, config, control, json_output]
+
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keygen_parser = _add_command(
+        subparsers, "keygen", command_keygen,
+        "create an Ed25519 key (0600), certificate and auth token; print the NodeId",
+        "  keynode keygen\n  keynode keygen --dir /srv/keynode-a\n  keynode keygen --force   # replace",
+        [common, node_dir, json_output],
+    )
+    keygen_parser.add_argument("--force", action="store_true", help="replace an existing identity")
+    _add_command(
+        subparsers, "id", command_id, "print this node's NodeId",
+        "  keynode id\n  keynode id --dir /srv/keynode-a --json", [common, node_dir, json_output],
+    )
+    _add_command(
+        subparsers, "rotate", command_rotate,
+        "new key, its certificate issued by the old key (the chain still proves the old NodeId)",
+        "  keynode rotate\n  keynode rotate --dir /srv/keynode-a", [common, node_dir, json_output],
+    )
+    _add_command(
+        subparsers, "run", command_run,
+        "run the node: forward proxy, UDP proxy, reverse proxy and control socket",
+        "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"
+        "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present",
+        [common, node_dir, config],
+    )
+    _add_command(
+        subparsers, "status", command_status,
+        "show bound addresses, NodeId and every connection of the running node",
+        "  keynode status\n  keynode status --json | jq '.connections[].node_id'", client,
+    )
+    open_forward = _add_command(
+        subparsers, "open-forward", command_open_forward,
+        "open (punch and verify) a forward connection to NODEID at HOST:PORT",
+        "  keynode open-forward v0abc...xyz 198.51.100.7:4000", client,
+    )
+    open_forward.add_argument("node_id", metavar="NODEID", type=node_id_argument)
+    open_forward.add_argument("address", metavar="HOST:PORT", type=host_port_argument,
+                              help="the remote node's proxy (UDP) address")
+    open_reverse = _add_command(
+        subparsers, "open-reverse", command_open_reverse,
+        "open a reverse connection (punch from this side, for NAT) to HOST:PORT",
+        "  keynode open-reverse 203.0.113.5:4000", client,
+    )
+    open_reverse.add_argument("address", metavar="HOST:PORT", type=host_port_argument,
+                              help="the remote node's proxy (UDP) address")
+    close = _add_command(
+        subparsers, "close", command_close, "close a forward or reverse connection",
+        "  keynode close forward 198.51.100.7:4000\n  keynode close reverse 203.0.113.5:4000", client,
+    )
+    close.add_argument("direction", choices=("forward", "reverse"))
+    close.add_argument("address", metavar="HOST:PORT", type=host_port_argument,
+                       help="the remote node's proxy (UDP) address")
+    lookup = _add_command(
+        subparsers, "lookup", command_lookup,
+        "which NodeId is behind a local TCP connection (as a server behind this node sees it)",
+        "  keynode lookup 127.0.0.1:53122      # the peer address your server logged", client,
+    )
+    lookup.add_argument("address", metavar="HOST:PORT", type=host_port_argument)
+    forward = _add_command(
+        subparsers, "forward", command_forward,
+        "listen locally and tunnel every connection to NODEID's server (like ssh -L)",
+        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz@198.51.100.7:4000\n"
+        "  ssh -p 2222 localhost                # reaches the server behind that node",
+        [common, node_dir, config, control],
+    )
+    forward.add_argument("--listen", required=True, metavar="HOST:PORT", type=listen_argument,
+                         help="local address to listen on (port 0: any free port)")
+    forward.add_argument("--via", metavar="HOST:PORT", type=host_port_argument,
+                         help="the local node's CONNECT port (default: from config or status)")
+    forward.add_argument("target", metavar="NODEID@HOST:PORT", type=forward_target_argument,
+                         help="remote NodeId and its proxy (UDP) address")
+    demo = _add_command(
+        subparsers, "demo", command_demo,
+        "two nodes with fresh identities, gRPC echo through the tunnel, figures, PASS/FAIL",
+        "  keynode demo\n  keynode demo --calls 100 --stream-mib 8", [common],
+    )
+    demo.add_argument("--calls", type=int, default=500, help="unary round trips (default 500)")
+    demo.add_argument("--stream-mib", type=int, default=64, help="MiB streamed each way (default 64)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The single failure inside nested exception groups (trio nurseries wrap)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def fail(command: str, error: BaseException, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exception(error)
+    error = unwrap(error)
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{PROGRAM} {command}: interrupted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    message = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        message = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    if exit_code_for(error) is ExitCode.FAILURE and not debug:
+        message = f"{type(error).__name__}: {message} (unexpected; rerun with --debug and report it)"
+    print(f"{PROGRAM} {command}: {message}", file=sys.stderr)
+    sys.exit(exit_code_for(error))
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROGRAM} {args.command}: interrupted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    except (Exception, BaseExceptionGroup) as error:  # the one place failures become a line + code
+        fail(args.command, error, debug)
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":
+    main()
