@@ -35,7 +35,7 @@ NFQNL_MSG_PACKET = 0
 NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
 NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 1
+NFQA_VERDICT_HDR = 2
 NFQA_CFG_CMD = 1
 NFQA_CFG_PARAMS = 2
 NFQA_CFG_QUEUE_MAXLEN = 3
@@ -114,7 +114,7 @@ class DelayQueue:
         self.seq = 0
         self.pending: list[tuple[float, int, int]] = []  # (due, arrival order, packet id)
         self.arrivals = 0
-        self.stats = {"packets": 0, "verdicts": 0, "max_pending": 0, "overruns": 0}
+        self.stats: dict[str, object] = {"packets": 0, "verdicts": 0, "max_pending": 0, "overruns": 0, "errors": 0}
 
     def _request(self, msg_type: int, attributes: bytes) -> None:
         """Send a config request and wait for its ACK (a netlink error 0)."""
@@ -161,6 +161,11 @@ class DelayQueue:
                     continue
                 raise
             for kind, payload in parse_messages(data):
+                if kind == NLMSG_ERROR:
+                    self.stats["errors"] += 1
+                    code = -struct.unpack_from("=i", payload)[0]
+                    self.stats["last_error"] = errno.errorcode.get(code, code)
+                    continue
                 if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                     continue
                 header = parse_attributes(payload[NFGEN_HEADER.size:]).get(NFQA_PACKET_HDR)
