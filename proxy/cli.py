@@ -76,10 +76,10 @@ def exit_code_for(error: BaseException) -> ExitCode:
         return ExitCode.IDENTITY
     if isinstance(error, ControlUnreachable):
         return ExitCode.CONTROL_UNREACHABLE
-    if isinstance(error, (ControlRequestFailed, KeynodeError)) and not isinstance(error, PortForwardError):
-        return ExitCode.REQUEST_FAILED
     if isinstance(error, (PortForwardError, OSError)):
         return ExitCode.NETWORK
+    if isinstance(error, (ControlRequestFailed, KeynodeError)):
+        return ExitCode.REQUEST_FAILED
     return ExitCode.FAILURE
 
 
@@ -161,24 +161,13 @@ def identity_document(tls_config: Any) -> dict[str, Any]:
 def resolve_config(args: argparse.Namespace, *, read_auth: bool = True) -> Config:
     """--config FILE, else <node dir>/config.toml if present, else the defaults."""
     config_path = getattr(args, "config", None)
+    explicit_dir = node_dir_from(args) if getattr(args, "dir", None) else None
     if config_path:
-        config = load_config(config_path, read_auth=read_auth)
-        if getattr(args, "dir", None):
-            config = _with_node_dir(config, node_dir_from(args))
-        return config
+        return load_config(config_path, read_auth=read_auth, node_dir=explicit_dir)
     node_dir = node_dir_from(args)
     if (node_dir / CONFIG_FILE).exists():
-        return load_config(node_dir / CONFIG_FILE, read_auth=read_auth)
+        return load_config(node_dir / CONFIG_FILE, read_auth=read_auth, node_dir=node_dir)
     return default_config(node_dir, read_auth=read_auth)
-
-
-def _with_node_dir(config: Config, node_dir: Path) -> Config:
-    import dataclasses
-
-    control = config.control_socket
-    if control == config.node_dir / "control.sock":
-        control = node_dir / "control.sock"
-    return dataclasses.replace(config, node_dir=node_dir, control_socket=control)
 
 
 def control_path_from(args: argparse.Namespace) -> Path:
@@ -265,9 +254,10 @@ def command_rotate(args: argparse.Namespace) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
+    tls_config = load_identity(config.node_dir)
     from proxy.runner import run_node  # imports the whole Proxy stack: only when running
 
-    return trio.run(run_node, config)
+    return trio.run(run_node, config, tls_config)
 
 
 def _control(args: argparse.Namespace, method: str, target: str, body: Any = None) -> Any:

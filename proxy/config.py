@@ -197,11 +197,14 @@ def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
 # --- loading -------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], *, read_auth: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, read_auth: bool = True, node_dir: Path | None = None
+) -> Config:
     """Read and validate a TOML config file.
 
     `read_auth=False` skips reading the token (its source is still validated): for
-    commands that only talk to the control socket."""
+    commands that only talk to the control socket. `node_dir` (the command line's
+    --dir, or the directory the file was found in) replaces the file's [node] dir."""
     path_text = os.fspath(path)
     try:
         with open(path_text, "rb") as file:
@@ -213,7 +216,7 @@ def load_config(path: str | os.PathLike[str], *, read_auth: bool = True) -> Conf
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(path_text, "(file)", f"not valid TOML: {error}") from None
     base_dir = Path(path_text).resolve().parent
-    return config_from_mapping(data, path_text, base_dir=base_dir, read_auth=read_auth)
+    return config_from_mapping(data, path_text, base_dir=base_dir, read_auth=read_auth, node_dir=node_dir)
 
 
 def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> Config:
@@ -288,7 +291,12 @@ class _Reader:
 
 
 def config_from_mapping(
-    data: Mapping[str, Any], path: str, *, base_dir: Path, read_auth: bool = True
+    data: Mapping[str, Any],
+    path: str,
+    *,
+    base_dir: Path,
+    read_auth: bool = True,
+    node_dir: Path | None = None,
 ) -> Config:
     """Validate parsed TOML; relative paths resolve against `base_dir` (the file's)."""
     reader = _Reader(path)
@@ -298,7 +306,7 @@ def config_from_mapping(
 
     node = reader.table(data, "node")
     reader.reject_unknown(node, "node", ("dir",))
-    node_dir = reader.path_value(node, "node.dir", base_dir) or default_node_dir()
+    node_dir = node_dir or reader.path_value(node, "node.dir", base_dir) or default_node_dir()
 
     forward = reader.host_port(data, "forward", "127.0.0.1", 0, allow_zero=True)
     proxy = reader.host_port(data, "proxy", "0.0.0.0", 0, allow_zero=True)

@@ -1,0 +1,304 @@
+"""`keynode run`: a Proxy from a Config, its logs, its control socket, its signals.
+
+Start order: signal receiver (so SIGINT/SIGTERM always mean "stop gracefully"),
+the Proxy (binds the UDP and CONNECT ports), the control socket; then the bound
+addresses are printed to stdout and the node serves until a signal arrives.
+Stopping leaves the Proxy's block, which stops it as DESIGN.md says (503, refuse,
+every connection ends within conn_end_time), and removes the control socket.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import weakref
+from typing import Any
+
+import trio
+
+from proxy.config import Config, format_host_port
+from proxy.errors import ConnectionNotFound, KeynodeError
+from proxy.node_id import NodeId
+
+log = logging.getLogger("keynode.run")
+
+
+# --- logging -----------------------------------------------------------------------
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        document.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# --- connection events and listing -------------------------------------------------------
+
+
+def _address_text(address: Any) -> str | None:
+    if not address:
+        return None
+    return format_host_port(str(address[0]), int(address[1]))
+
+
+class ConnectionLog:
+    """Logs every connection established and lost, and remembers when each began."""
+
+    def __init__(self) -> None:
+        self.established_at: dict[tuple[str, str, str, int], list[float]] = {}
+
+    @staticmethod
+    def _key(event: Any) -> tuple[str, str, str, int]:
+        return (str(getattr(event.direction, "value", event.direction)), str(event.remote_node_id),
+                str(event.remote_host), int(event.remote_port))
+
+    def established(self, event: Any) -> None:
+        key = self._key(event)
+        self.established_at.setdefault(key, []).append(time.monotonic())
+        direction, node_id, host, port = key
+        remote = format_host_port(host, port)
+        log.info("connection established: %s %s at %s", direction, node_id, remote,
+                 extra={"fields": {"event": "established", "direction": direction,
+                                   "node_id": node_id, "remote": remote}})
+
+    def lost(self, event: Any) -> None:
+        key = self._key(event)
+        started = self.established_at.get(key)
+        duration = time.monotonic() - started.pop(0) if started else None
+        if started is not None and not started:
+            del self.established_at[key]
+        direction, node_id, host, port = key
+        remote = format_host_port(host, port)
+        reason = str(getattr(event.reason, "value", event.reason))
+        error = getattr(event, "error", None)
+        detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+        log.info("connection lost: %s %s at %s: %s%s", direction, node_id, remote, reason, detail,
+                 extra={"fields": {"event": "lost", "direction": direction, "node_id": node_id,
+                                   "remote": remote, "reason": reason,
+                                   "error": None if error is None else str(error),
+                                   "duration": duration}})
+
+
+class ConnectionTable:
+    """Per-connection rows for `status`. Reads the Proxy's registries (its
+    `connections()` when it offers one) and the uTP stream of each connection for
+    bytes and RTT; remembers when it first saw each connection for the age."""
+
+    def __init__(self) -> None:
+        self._first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def rows(self, proxy: Any) -> list[dict[str, Any]]:
+        listing = getattr(proxy, "connections", None)
+        if callable(listing):
+            connections = list(listing())
+        else:
+            connections = [*getattr(proxy, "_forward", ()), *getattr(proxy, "_reverse", ())]
+        now = time.monotonic()
+        rows = []
+        for connection in connections:
+            try:
+                first_seen = self._first_seen.setdefault(connection, now)
+            except TypeError:  # not weak-referenceable: age from now
+                first_seen = now
+            direction = getattr(connection, "direction", None)
+            utp = getattr(connection, "utp", None)
+            if utp is None:
+                utp = getattr(getattr(connection, "tls", None), "transport", None)
+            local = getattr(connection, "client_address", None) or getattr(connection, "server_local_address", None)
+            node_id = getattr(connection, "node_id", None)
+            rows.append({
+                "direction": str(getattr(direction, "value", direction)),
+                "node_id": None if node_id is None else str(node_id),
+                "remote": _address_text(getattr(connection, "address", None)),
+                "local": _address_text(local),
+                "age": round(now - first_seen, 3),
+                "bytes_sent": getattr(utp, "bytes_sent", None),
+                "bytes_received": getattr(utp, "bytes_received", None),
+                "rtt": getattr(utp, "rtt", None),
+            })
+        return rows
+
+
+# --- control handler ------------------------------------------------------------------
+
+
+def info_document(info: Any) -> dict[str, Any]:
+    return {
+        "node_id": str(info.remote_node_id),
+        "direction": str(getattr(info.direction, "value", info.direction)),
+        "remote": format_host_port(info.remote_host, info.remote_port),
+        "local": format_host_port(info.local_host, info.local_port),
+        "tcp": None if info.tcp_host is None else format_host_port(info.tcp_host, info.tcp_port),
+        "certificates": len(info.remote_certificates),
+    }
+
+
+class NodeController:
+    """The control socket's view of a running Proxy."""
+
+    def __init__(self, proxy: Any, config: Config, node_id: NodeId) -> None:
+        self.proxy = proxy
+        self.config = config
+        self.node_id = node_id
+        self.started = time.monotonic()
+        self.table = ConnectionTable()
+
+    def addresses(self) -> dict[str, Any]:
+        proxy = self.proxy
+        server = self.config.server
+        return {
+            "node_id": str(self.node_id),
+            "forward": format_host_port(proxy.forward_host, proxy.forward_port),
+            "proxy": format_host_port(proxy.proxy_host, proxy.proxy_port),
+            "server": None if server is None else str(server),
+            "control_socket": str(self.config.control_socket),
+            "pid": os.getpid(),
+        }
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            **self.addresses(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "connection_forward_count": self.proxy.connection_forward_count,
+            "connection_reverse_count": self.proxy.connection_reverse_count,
+            "connections": self.table.rows(self.proxy),
+        }
+
+    async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]:
+        verified = await self.proxy.open_connection_forward([node_id], host, port)
+        return {"node_id": str(verified)}
+
+    async def open_reverse(self, host: str, port: int) -> dict[str, Any]:
+        await self.proxy.open_connection_reverse(host, port)
+        return {}
+
+    async def close(self, direction: str, host: str, port: int) -> dict[str, Any]:
+        before = self._count(direction)
+        if direction == "forward":
+            await self.proxy.close_connection_forward(host, port)
+        else:
+            await self.proxy.close_connection_reverse(host, port)
+        if self._count(direction) == before:
+            raise ConnectionNotFound(
+                f"no {direction} connection to {format_host_port(host, port)} (see `keynode status`)"
+            )
+        return {}
+
+    def _count(self, direction: str) -> int:
+        proxy = self.proxy
+        return proxy.connection_forward_count if direction == "forward" else proxy.connection_reverse_count
+
+    async def lookup(self, host: str, port: int) -> dict[str, Any]:
+        info = self.proxy.get_connection_info_by_reverse(host, port)
+        if info is None:
+            info = self.proxy.get_connection_info_by_client(host, port)
+        if info is None:
+            raise ConnectionNotFound(f"no connection has the local TCP address {format_host_port(host, port)}")
+        return info_document(info)
+
+
+# --- the node ------------------------------------------------------------------------
+
+
+async def run_node(config: Config, tls_config: Any) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status (0 after a graceful stop)."""
+    from proxy.address_book import AddressBook
+    from proxy.control import serve_control
+    from proxy.proxy import open_proxy
+
+    setup_logging(config.log_level, config.log_format)
+    events = ConnectionLog()
+    timeouts = config.timeouts
+    server = config.server
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            proxy_block = open_proxy(
+                tls_config=tls_config,
+                auth_token=config.auth.value,
+                forward_host=config.forward.host,
+                forward_port=config.forward.port,
+                proxy_host=config.proxy.host,
+                proxy_port=config.proxy.port,
+                server_host=None if server is None else server.host,
+                server_port=None if server is None else server.port,
+                address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
+                conn_connect_time=timeouts.conn_connect_time,
+                conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
+                conn_end_time=timeouts.conn_end_time,
+                conn_punch_interval_time=timeouts.conn_punch_interval_time,
+                conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
+                connection_established_callback=events.established,
+                connection_lost_callback=events.lost,
+            )
+            async with proxy_block as proxy:
+                controller = NodeController(proxy, config, tls_config.node_id)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_control, config.control_socket, controller)
+                    addresses = controller.addresses()
+                    for name in ("node_id", "forward", "proxy", "server", "control_socket"):
+                        print(f"{name}: {addresses[name] or '-'}", flush=True)
+                    print("ready", flush=True)
+                    log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
+                    async for number in signals:
+                        log.info("stopping on %s", signal.Signals(number).name,
+                                 extra={"fields": {"event": "stopping", "signal": signal.Signals(number).name}})
+                        break
+                    nursery.cancel_scope.cancel()
+        except (OSError, BaseExceptionGroup) as error:
+            leaf = _single_leaf(error)
+            if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
+                raise BindError(config, leaf) from error
+            raise
+    log.info("stopped", extra={"fields": {"event": "stopped"}})
+    return 0
+
+
+def _single_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+class BindError(KeynodeError, OSError):
+    """The node could not bind one of its addresses."""
+
+    def __init__(self, config: Config, error: OSError) -> None:
+        what = f"forward {config.forward} and proxy {config.proxy} (UDP)"
+        super().__init__(
+            f"cannot bind {what}: {error.strerror or error} "
+            "(choose other ports in the config, or stop what uses them)"
+        )
