@@ -199,11 +199,13 @@ def generate_certificate(
     not_before: datetime.datetime | None = None,
     *,
     version: str = KEYNODE_VERSION,
+    serial_number: int | None = None,
 ) -> x509.Certificate:
     """A certificate for ``subject_key``, issued and signed by ``issuer_key``.
 
     ``issuer_key`` None means self-signed. ``duration`` (seconds or timedelta) counts
     from ``not_before`` (default: now); both are truncated to whole seconds.
+    ``serial_number`` (default: a fresh time-sortable one) must fit in 16 bytes.
     """
     if not isinstance(subject_key, Ed25519PrivateKey):
         raise TypeError("subject_key must be an Ed25519 private key")
@@ -222,6 +224,10 @@ def generate_certificate(
     end = end.replace(microsecond=0)
     if start < _EARLIEST or end > _LATEST:
         raise ValueError("validity must lie within 1970-01-01 .. 2049-12-31T23:59:59Z")
+    if serial_number is None:
+        serial_number = _serial_number()
+    if not 0 < serial_number < 1 << (8 * SERIAL_NUMBER_SIZE - 1):
+        raise ValueError("serial_number must be positive and fit a 16-byte DER INTEGER")
     if not version.isascii():
         raise ValueError("the version string must be ASCII (an IA5String)")
 
@@ -234,7 +240,7 @@ def generate_certificate(
         .subject_name(_node_id_name(subject_node_id))
         .issuer_name(_node_id_name(issuer_node_id))
         .public_key(subject_public_key)
-        .serial_number(_serial_number())
+        .serial_number(serial_number)
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=False)
