@@ -30,7 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.errors import CertChainNameInvalid, CertChainSignatureInvalid, KeyFileError
+from proxy.errors import (
+    CertChainMalformed,
+    CertChainNameInvalid,
+    CertChainSignatureInvalid,
+    KeyFileError,
+)
 from proxy.node_id import NodeId
 
 VERSION_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.57167.2.2.1")
@@ -167,9 +172,12 @@ def tbs_without_node_signature(tbs: bytes) -> bytes:
 
 
 def _node_id_name(node_id: NodeId) -> x509.Name:
-    return x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, node_id.encode(), _type=x509.name._ASN1Type.PrintableString)]
+    # The original writes CN as a PrintableString; cryptography's default is UTF8String
+    # and it offers no public way to choose, hence the private _ASN1Type.
+    attribute = x509.NameAttribute(
+        NameOID.COMMON_NAME, node_id.encode(), _type=x509.name._ASN1Type.PrintableString
     )
+    return x509.Name([attribute])
 
 
 def _serial_number() -> int:
@@ -429,3 +437,14 @@ def chain_from_pem(data: bytes) -> list[x509.Certificate]:
 
 def chain_to_der(chain: Iterable[x509.Certificate]) -> list[bytes]:
     return [certificate.public_bytes(Encoding.DER) for certificate in chain]
+
+
+def chain_from_der(certificates: Iterable[bytes]) -> list[x509.Certificate]:
+    """Parse a peer's DER certificates (strict DER), raising CertChainMalformed."""
+    chain = []
+    for index, der in enumerate(certificates):
+        try:
+            chain.append(x509.load_der_x509_certificate(der))
+        except (ValueError, x509.InvalidVersion) as error:
+            raise CertChainMalformed(f"certificate {index} is not DER X.509: {error}") from error
+    return chain

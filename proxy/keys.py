@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -59,19 +60,22 @@ def write_file_atomically(path: str | os.PathLike[str], data: bytes, mode: int) 
             os.fsync(file.fileno())
         os.replace(temporary, target)
     except OSError as error:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         raise KeyFileError(f"cannot write {target}: {error}") from error
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable. Best effort: the rename itself is already done, and
+    some file systems refuse opening or syncing a directory."""
     try:
         directory_descriptor = os.open(directory, os.O_RDONLY)
     except OSError:
-        return  # the rename is done; a directory fsync is only best effort
+        return
     try:
-        os.fsync(directory_descriptor)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the file itself is synced
+        with contextlib.suppress(OSError):
+            os.fsync(directory_descriptor)
     finally:
         os.close(directory_descriptor)
 

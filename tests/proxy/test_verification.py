@@ -7,12 +7,16 @@ from collections.abc import Sequence
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from proxy.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
+    chain_from_der,
     generate_certificate,
     renew_certificate,
     rotate_key,
@@ -22,6 +26,7 @@ from proxy.errors import (
     CertChainDateInvalid,
     CertChainEmpty,
     CertChainKeyInvalid,
+    CertChainMalformed,
     CertChainNameInvalid,
     CertChainNoNodeIds,
     CertChainSignatureInvalid,
@@ -381,10 +386,6 @@ def test_rotated_chain_helper_shape() -> None:
 
 # --- hostile bytes ---------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-
 _KEYS, _CHAIN = rotated_chain(2)
 _DER = [certificate.public_bytes(Encoding.DER) for certificate in _CHAIN]
 
@@ -399,9 +400,9 @@ def test_mutated_certificates_fail_typed_or_not_at_all(which: int, position: int
     der = bytearray(_DER[which])
     der[position] = value
     try:
-        mutated = x509.load_der_x509_certificate(bytes(der))
-    except (ValueError, x509.InvalidVersion):
-        return  # the strict DER parser refused it before we ever saw it
+        (mutated,) = chain_from_der([bytes(der)])
+    except CertChainMalformed:
+        return  # the strict DER parser refused it before verification ever saw it
     chain = list(_CHAIN)
     chain[which] = mutated
     try:
@@ -410,3 +411,15 @@ def test_mutated_certificates_fail_typed_or_not_at_all(which: int, position: int
         return
     # Only a change that leaves every signed byte intact may still verify.
     assert bytes(der) == _DER[which] or mutated.tbs_certificate_bytes == _CHAIN[which].tbs_certificate_bytes
+
+
+def test_chain_from_der() -> None:
+    assert chain_from_der(_DER) == _CHAIN
+    with pytest.raises(CertChainMalformed, match="certificate 1"):
+        chain_from_der([_DER[0], b"\x30\x03\x02\x01\x01"])
+    with pytest.raises(CertChainMalformed):
+        chain_from_der([_DER[0][:-1]])
+    version_1 = bytearray(_DER[0])
+    version_1[12] = 0x05  # TBS version INTEGER 5: not an X.509 version
+    with pytest.raises(CertChainMalformed):
+        chain_from_der([bytes(version_1)])
