@@ -1,0 +1,86 @@
+"""Configuration of the uTP core (``UtpConfig``) and the multiplexer counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class UtpConfig:
+    """Tunables of every connection of one multiplexer. Times are seconds."""
+
+    recv_buffer_size: int = 1 << 20
+    send_buffer_size: int = 1 << 20
+    # 1402-byte UDP payload ceiling like libutp (IPv4) minus the 20-byte header.
+    mtu_payload: int = 1382
+    # "ledbat", "tolerant", or a factory (mss, target_delay_us) -> controller.
+    congestion: Any = "ledbat"
+    target_delay: float = 0.100
+    initial_rto: float = 1.0
+    min_rto: float = 0.5
+    max_rto: float = 30.0
+    # Consecutive retransmission timeouts before the connection dies (UtpTimeout).
+    max_retransmits: int = 5
+    # SYN sends before connect() fails with UtpTimeout (1 + 2 + 4 + 8 s by default).
+    syn_retries: int = 4
+    # ACK every second data packet, or after this long.
+    delayed_ack: float = 0.005
+    keepalive_interval: float = 29.0
+    # Incoming connections the initiator never completes are reaped after this.
+    syn_recv_timeout: float = 60.0
+    # Graceful close(): bound on waiting for our FIN to be acknowledged.
+    close_timeout: float = 5.0
+    # After a clean close the connection id is kept this long to re-ACK a
+    # retransmitted FIN (a lost last ACK must not turn into a RESET).
+    linger_time: float = 3.0
+    # First zero-window probe after this, doubling up to 15 s (libutp: 15 s).
+    zero_window_probe: float = 1.0
+    max_packets_in_flight: int = 1024
+    reorder_limit: int = 1024
+    max_half_open: int = 1024
+    max_connections: int = 8192
+    # RESET for packets of unknown connections: one per (address, id) per
+    # reset_memory seconds, at most reset_memory_cap remembered.
+    reset_memory: float = 10.0
+    reset_memory_cap: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 150 <= self.mtu_payload <= 65000:
+            raise ValueError("mtu_payload must be within 150..65000")
+        if self.recv_buffer_size < self.mtu_payload or self.send_buffer_size < self.mtu_payload:
+            raise ValueError("buffers must hold at least one packet")
+        if self.max_packets_in_flight > 16384 or self.reorder_limit > 16384:
+            raise ValueError("windows above 16384 packets break 16-bit sequence arithmetic")
+
+
+@dataclass
+class UtpStats:
+    """Counters of one multiplexer (monotonic)."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    malformed: int = 0
+    unknown_connection: int = 0
+    resets_sent: int = 0
+    resets_suppressed: int = 0
+    resets_received: int = 0
+    syn_received: int = 0
+    duplicate_syn: int = 0
+    syn_dropped: int = 0
+    refused: int = 0
+    invalid_ack: int = 0
+    dropped_packets: int = 0
+    retransmits: int = 0
+    fast_retransmits: int = 0
+    timeouts: int = 0
+    reaped_half_open: int = 0
+    connections_opened: int = 0
+    connections_accepted: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

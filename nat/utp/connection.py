@@ -1,0 +1,947 @@
+"""One uTP connection: a sans-IO state machine driven by its UtpMultiplexer.
+
+States: SYN_SENT -> CONNECTED (initiator), SYN_RECV -> CONNECTED (acceptor),
+then CLOSED (clean close, timeout) or RESET (reset sent or received). FIN in each
+direction is a flag, not a state: ``send_eof`` half-closes, reading continues.
+
+Sequence numbers are kept internally as unbounded integers and converted to 16
+bits only on the wire, so wrap-around is handled in exactly two places
+(``_unwrap_ack`` and the receive-side offset).
+
+libutp behaviours we follow (where BEP 29 says otherwise, or says nothing):
+
+- The SYN carries a random seq_nr (BEP 29: 1) and ack_nr 0.
+- The acceptor's SYN-ACK is a STATE whose seq_nr is a random ISN *not consumed*:
+  its first DATA reuses it. The initiator sets ack_nr = STATE.seq_nr - 1. A
+  re-sent SYN-ACK keeps the original seq_nr.
+- A libutp initiator in SYN_SENT sets ack_nr from *any* packet but only a STATE
+  completes the handshake; DATA it gets before that is dropped unacknowledged.
+- Only ST_STATE packets count as duplicate ACKs; 3 of them, or 3 packets
+  selectively acknowledged past a hole, trigger a fast retransmit.
+- Selective ACK: 4-byte bitmask from ack_nr + 2, least-significant bit first.
+- Keep-alive is a duplicate ACK (ack_nr - 1) every 29 s of silence.
+- wnd_size is the free space of the receive buffer, in bytes.
+- A packet whose ack_nr acknowledges something never sent is dropped (libutp's
+  anti-spoofing check). libutp also drops packets whose ack_nr is older than
+  the window by more than 3; we only ignore such a stale ack_nr and still take
+  the payload, so reordered data is not thrown away.
+
+Where we do better than libutp (documented deviations):
+
+- Server speaks first: our acceptor may send DATA while in SYN_RECV (libutp's
+  ``utp_write`` refuses until the initiator's first DATA). This is safe with a
+  libutp initiator: DATA it receives before the SYN-ACK is dropped and resent
+  after our retransmission timer, and every STATE we send in SYN_RECV carries
+  the ISN, so whichever STATE completes its handshake sets the right ack_nr. On
+  a retransmission timeout in SYN_RECV we re-send the SYN-ACK too. Our own
+  initiator, on DATA in SYN_SENT, re-sends its SYN at once, which makes our
+  acceptor re-send the SYN-ACK (so a lost SYN-ACK costs one RTT, not an RTO).
+- A duplicate SYN is answered again with the same SYN-ACK (libutp drops it, so
+  its initiators cannot recover a lost SYN-ACK).
+- The acceptor becomes CONNECTED on any valid packet from the initiator (a
+  STATE acking our early data, a keep-alive), not only on DATA.
+- Half-open (SYN_RECV) connections are reaped after ``syn_recv_timeout``.
+- Zero window: the receiver accepts one in-order packet beyond its buffer (a
+  probe), so probes are acknowledged and a slow reader never kills the
+  connection; the sender probes after 1 s, doubling to 15 s (libutp: 15 s).
+- A RESET in SYN_SENT is reported as UtpConnectionRefused (libutp overwrites
+  its state first and always reports ECONNRESET).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from typing import TYPE_CHECKING
+
+from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
+from nat.utp.congestion import DelayHistory, make_controller
+from nat.utp.config import UtpConfig
+from nat.utp.events import (
+    ConnectionClosed,
+    Connected,
+    DataAvailable,
+    EofReceived,
+    SendSpaceAvailable,
+)
+from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN
+from nat.utp.rtt import RttEstimator
+
+if TYPE_CHECKING:
+    from nat.utp.multiplexer import UtpMultiplexer
+
+_MASK16 = 0xFFFF
+_MASK32 = 0xFFFFFFFF
+_VERSION = 1
+_SACK_PREFIX = b"\x00\x04"  # next extension 0, length 4
+_DUP_ACK_THRESHOLD = 3
+_MAX_PROBE_INTERVAL = 15.0
+
+
+class UtpState(enum.Enum):
+    SYN_SENT = "SYN_SENT"
+    SYN_RECV = "SYN_RECV"
+    CONNECTED = "CONNECTED"
+    CLOSED = "CLOSED"
+    RESET = "RESET"
+
+
+_SYN_SENT = UtpState.SYN_SENT
+_SYN_RECV = UtpState.SYN_RECV
+_CONNECTED = UtpState.CONNECTED
+_CLOSED = UtpState.CLOSED
+_RESET = UtpState.RESET
+
+
+class _Outgoing:
+    """A packet that consumed a sequence number and awaits its ACK."""
+
+    __slots__ = ("seq", "ptype", "payload", "sent_at", "transmissions", "in_flight")
+
+    def __init__(self, seq: int, ptype: int, payload: bytes) -> None:
+        self.seq = seq
+        self.ptype = ptype
+        self.payload = payload
+        self.sent_at = 0.0
+        self.transmissions = 0
+        self.in_flight = False
+
+
+class UtpConnection:
+    """A uTP connection. Created only by :class:`UtpMultiplexer`."""
+
+    def __init__(
+        self,
+        mux: UtpMultiplexer,
+        remote_address: tuple,
+        recv_id: int,
+        send_id: int,
+        isn: int,
+        state: UtpState,
+        config: UtpConfig,
+        now: float,
+    ) -> None:
+        self._mux = mux
+        self.remote_address = remote_address
+        self.recv_id = recv_id
+        self.send_id = send_id
+        self.state = state
+        self._config = config
+        self._mss = config.mtu_payload
+        self._recv_buffer_size = config.recv_buffer_size
+        self._send_buffer_size = config.send_buffer_size
+        self._created = now
+        self.error: NatError | None = None
+
+        # send side (sequence numbers unbounded; 16-bit on the wire)
+        self._isn = isn
+        self._snd_nxt = isn
+        self._snd_una = isn
+        self._outstanding: dict[int, _Outgoing] = {}
+        self._outstanding_bytes = 0
+        self._flight = 0
+        self._resend: list[int] = []
+        self._sendbuf = bytearray()
+        self._peer_wnd = config.recv_buffer_size
+        self._dup_acks = 0
+        self._recovery_seq = isn
+        self._latest_delivered_sent_at = 0.0
+        self._send_blocked = False
+        self._eof_requested = False
+        self._fin_sent = False
+        self._fin_acked = False
+        self._close_requested = False
+        self._close_deadline: float | None = None
+        self._rto_deadline: float | None = None
+        self._consecutive_timeouts = 0
+        self._probe_deadline: float | None = None
+        self._probe_interval = config.zero_window_probe
+        self._probe_ok = False
+        self._last_send = now
+        self._syn_last_sent = -1.0
+        self._synack_due = False
+        self._reset_due = False
+        self._linger_until: float | None = None
+        self._rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto)
+        self._cc = make_controller(config.congestion, self._mss, int(config.target_delay * 1e6))
+        self._delay = DelayHistory()
+
+        # receive side
+        self._rcv_nxt = 0  # next expected seq (set at handshake)
+        self._syn_seq = -1
+        self._rbuf = bytearray()
+        self._reorder: dict[int, tuple[int, bytes]] = {}
+        self._reorder_bytes = 0
+        self._eof_seq: int | None = None
+        self._eof_reached = False
+        self._readable_signalled = False
+        self._ack_due = False
+        self._ack_deadline: float | None = None
+        self._unacked = 0
+        self._reply_micro = 0
+        self._last_adv_wnd = config.recv_buffer_size
+        self._last_recv = now
+
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.retransmits = 0
+
+    # ------------------------------------------------------------------ API
+
+    def __repr__(self) -> str:
+        return (
+            f"<UtpConnection {self.state.value} {self.remote_address!r} recv_id={self.recv_id}"
+            f" send_id={self.send_id}>"
+        )
+
+    @property
+    def rtt(self) -> float:
+        """Smoothed round-trip time in seconds (0.0 before the first sample)."""
+        return self._rtt.srtt
+
+    @property
+    def rto(self) -> float:
+        return self._rtt.rto
+
+    @property
+    def cwnd(self) -> int:
+        return self._cc.cwnd
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer's FIN arrived and every byte before it has been read."""
+        return self._eof_reached and not self._rbuf
+
+    @property
+    def eof_sent(self) -> bool:
+        return self._eof_requested
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state is _CLOSED or self.state is _RESET
+
+    @property
+    def send_buffer_free(self) -> int:
+        free = self._send_buffer_size - len(self._sendbuf) - self._outstanding_bytes
+        return free if free > 0 else 0
+
+    @property
+    def readable_bytes(self) -> int:
+        return len(self._rbuf)
+
+    @property
+    def all_data_acked(self) -> bool:
+        """Everything written (and the FIN, if sent) has been acknowledged."""
+        return not self._sendbuf and not self._outstanding
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue up to the free send-buffer space; return the bytes taken."""
+        if self.state is _CLOSED or self.state is _RESET:
+            raise UtpClosed("connection is closed")
+        if self._eof_requested:
+            raise UtpClosed("send after send_eof")
+        free = self._send_buffer_size - len(self._sendbuf) - self._outstanding_bytes
+        size = len(data)
+        if size > free:
+            self._send_blocked = True
+            if free <= 0:
+                return 0
+            size = free
+            data = memoryview(data)[:size]
+        if size:
+            self._sendbuf += data
+            self._mux._dirty.add(self)
+        return size
+
+    def read(self, max_bytes: int = 1 << 30) -> bytes:
+        """Return up to ``max_bytes`` in-order received bytes (b"" when none)."""
+        rbuf = self._rbuf
+        if not rbuf or max_bytes <= 0:
+            return b""
+        if max_bytes >= len(rbuf):
+            data = bytes(rbuf)
+            rbuf.clear()
+        else:
+            data = bytes(rbuf[:max_bytes])
+            del rbuf[:max_bytes]
+        if not rbuf:
+            self._readable_signalled = False
+        # Reopen the window: if the peer last heard a small window, tell it.
+        if self._last_adv_wnd < (self._recv_buffer_size >> 1) and not self.is_closed:
+            if self._free_window() >= (self._recv_buffer_size >> 1):
+                self._ack_due = True
+                self._mux._dirty.add(self)
+        return data
+
+    def send_eof(self) -> None:
+        """Send FIN after all queued data; reading continues (half-close)."""
+        if self.state is _CLOSED or self.state is _RESET:
+            return
+        if not self._eof_requested:
+            self._eof_requested = True
+            self._mux._dirty.add(self)
+
+    def close(self) -> None:
+        """Graceful close: FIN after queued data, done when it is acknowledged.
+
+        Bounded by ``close_timeout``; unread and later data is discarded.
+        """
+        if self.state is _CLOSED or self.state is _RESET:
+            return
+        if self.state is _SYN_SENT:
+            self.abort()
+            return
+        self._close_requested = True
+        self._rbuf.clear()
+        self._reorder.clear()
+        self._reorder_bytes = 0
+        self.send_eof()
+        self._mux._dirty.add(self)
+
+    def abort(self) -> None:
+        """Send RESET now and drop the connection (buffered input stays readable)."""
+        if self.state is _CLOSED or self.state is _RESET:
+            return
+        self._reset_due = True
+        self._die(None, _RESET)
+
+    # ------------------------------------------------------------ internals
+
+    def _free_window(self) -> int:
+        free = self._recv_buffer_size - len(self._rbuf) - self._reorder_bytes
+        return free if free > 0 else 0
+
+    def _emit(self, event: object) -> None:
+        self._mux._events.append(event)
+
+    def _die(self, error: NatError | None, state: UtpState = _CLOSED) -> None:
+        """Enter a final state and tell the driver (once)."""
+        if self.state is _CLOSED or self.state is _RESET:
+            return
+        if self.state is _SYN_RECV:
+            self._mux._half_open -= 1
+        self.state = state
+        self.error = error
+        self._sendbuf.clear()
+        self._outstanding.clear()
+        self._outstanding_bytes = 0
+        self._flight = 0
+        self._resend.clear()
+        self._reorder.clear()
+        self._reorder_bytes = 0
+        self._rto_deadline = None
+        self._ack_deadline = None
+        self._probe_deadline = None
+        self._close_deadline = None
+        self._ack_due = False
+        self._synack_due = False
+        self._emit(ConnectionClosed(self, error))
+        if state is _RESET or error is not None:
+            self._linger_until = None
+            self._mux._retire(self)
+        self._mux._dirty.add(self)
+
+    def _become_connected(self) -> None:
+        if self.state is _SYN_RECV:
+            self._mux._half_open -= 1
+        self.state = _CONNECTED
+        self._emit(Connected(self))
+
+    # ---- outgoing
+
+    def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
+        wnd = self._free_window()
+        self._last_adv_wnd = wnd
+        return HEADER.pack(
+            (ptype << 4) | _VERSION,
+            1 if sack is not None else 0,
+            self.send_id,
+            now_us,
+            self._reply_micro,
+            wnd,
+            seq & _MASK16,
+            (self._rcv_nxt - 1) & _MASK16,
+        )
+
+    def _build_sack(self) -> bytes | None:
+        reorder = self._reorder
+        if not reorder:
+            return None
+        base = self._rcv_nxt + 1
+        mask = 0
+        for seq in reorder:
+            offset = seq - base
+            if 0 <= offset < 32:
+                mask |= 1 << offset
+        if not mask:
+            return None
+        # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per byte
+        return mask.to_bytes(4, "little")
+
+    def _flush(self, now: float, out: list) -> None:
+        """Append every datagram this connection wants to send now."""
+        state = self.state
+        addr = self.remote_address
+        now_us = int(now * 1_000_000) & _MASK32
+        if state is _CLOSED or state is _RESET:
+            if self._reset_due:
+                self._reset_due = False
+                out.append((self._reset_datagram(now_us), addr))
+                self._mux.stats.resets_sent += 1
+            elif self._ack_due:
+                self._ack_due = False
+                out.append((self._header(ST_STATE, self._snd_nxt, now_us, None), addr))
+            return
+        if state is _SYN_SENT:
+            rec = self._outstanding.get(self._isn)
+            if rec is not None and not rec.in_flight:
+                self._transmit_syn(rec, now, now_us, out)
+            return
+        if self._close_requested and self._close_deadline is None:
+            self._close_deadline = now + self._config.close_timeout
+        sack = self._build_sack()
+        sent = 0
+        if self._synack_due:
+            self._synack_due = False
+            out.append((self._header(ST_STATE, self._isn, now_us, sack), addr))
+            sent += 1
+        outstanding = self._outstanding
+        cwnd = self._cc.cwnd
+        peer_wnd = self._peer_wnd
+        window = cwnd if cwnd < peer_wnd else peer_wnd
+        mss = self._mss
+        # 1. retransmissions first
+        resend = self._resend
+        while resend:
+            seq = resend[0]
+            rec = outstanding.get(seq)
+            if rec is None or rec.in_flight:
+                heapq.heappop(resend)
+                continue
+            size = len(rec.payload)
+            if self._flight + size > window and self._flight > 0:
+                break
+            heapq.heappop(resend)
+            self._transmit(rec, now, now_us, sack, out)
+            self.retransmits += 1
+            self._mux.stats.retransmits += 1
+            sent += 1
+        # 2. new data
+        sendbuf = self._sendbuf
+        if sendbuf and not resend:
+            max_packets = self._config.max_packets_in_flight
+            while sendbuf:
+                size = len(sendbuf)
+                if size > mss:
+                    size = mss
+                if self._flight + size > window:
+                    if self._flight == 0 and self._probe_ok:
+                        self._probe_ok = False  # one zero-window probe
+                    else:
+                        if self._flight == 0 and self._probe_deadline is None:
+                            self._probe_deadline = now + self._probe_interval
+                        break
+                if len(outstanding) >= max_packets:
+                    break
+                if size == len(sendbuf):
+                    payload = bytes(sendbuf)
+                    sendbuf.clear()
+                else:
+                    payload = bytes(sendbuf[:size])
+                    del sendbuf[:size]
+                seq = self._snd_nxt
+                self._snd_nxt = seq + 1
+                rec = _Outgoing(seq, ST_DATA, payload)
+                outstanding[seq] = rec
+                self._outstanding_bytes += size
+                self._transmit(rec, now, now_us, sack, out)
+                sent += 1
+        if peer_wnd >= mss:
+            self._probe_deadline = None
+            self._probe_interval = self._config.zero_window_probe
+        # 3. FIN once everything before it is packetized
+        if self._eof_requested and not self._fin_sent and not sendbuf:
+            self._fin_sent = True
+            seq = self._snd_nxt
+            self._snd_nxt = seq + 1
+            rec = _Outgoing(seq, ST_FIN, b"")
+            outstanding[seq] = rec
+            self._transmit(rec, now, now_us, sack, out)
+            sent += 1
+        # 4. a bare ACK if nothing above carried one
+        if self._ack_due and not sent:
+            self._send_state(now, now_us, sack, out)
+
+    def _send_state(self, now: float, now_us: int, sack: bytes | None, out: list) -> None:
+        # In SYN_RECV every STATE is a SYN-ACK (seq = ISN): see the module docstring.
+        seq = self._isn if self.state is _SYN_RECV else self._snd_nxt
+        header = self._header(ST_STATE, seq, now_us, sack)
+        out.append((header + _SACK_PREFIX + sack if sack is not None else header, self.remote_address))
+        self._ack_due = False
+        self._ack_deadline = None
+        self._unacked = 0
+        self._last_send = now
+
+    def _transmit(self, rec: _Outgoing, now: float, now_us: int, sack: bytes | None, out: list) -> None:
+        header = self._header(rec.ptype, rec.seq, now_us, sack)
+        if sack is not None:
+            datagram = header + _SACK_PREFIX + sack + rec.payload
+        else:
+            datagram = header + rec.payload
+        out.append((datagram, self.remote_address))
+        rec.sent_at = now
+        rec.transmissions += 1
+        rec.in_flight = True
+        self._flight += len(rec.payload)
+        self.bytes_sent += len(rec.payload) if rec.transmissions == 1 else 0
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rtt.rto
+        self._ack_due = False
+        self._ack_deadline = None
+        self._unacked = 0
+        self._last_send = now
+
+    def _transmit_syn(self, rec: _Outgoing, now: float, now_us: int, out: list) -> None:
+        header = HEADER.pack(
+            (ST_SYN << 4) | _VERSION, 0, self.recv_id, now_us, 0, self._free_window(), rec.seq & _MASK16, 0
+        )
+        out.append((header, self.remote_address))
+        rec.sent_at = now
+        rec.transmissions += 1
+        rec.in_flight = True
+        self._syn_last_sent = now
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rtt.rto
+        self._last_send = now
+
+    def _reset_datagram(self, now_us: int) -> bytes:
+        return HEADER.pack(
+            (ST_RESET << 4) | _VERSION,
+            0,
+            self.send_id,
+            now_us,
+            self._reply_micro,
+            0,
+            self._snd_nxt & _MASK16,
+            (self._rcv_nxt - 1) & _MASK16,
+        )
+
+    # ---- timers
+
+    def _next_deadline(self) -> float | None:
+        state = self.state
+        if state is _CLOSED or state is _RESET:
+            return self._linger_until
+        deadline = self._rto_deadline
+        for other in (self._ack_deadline, self._probe_deadline, self._close_deadline):
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+        if state is _SYN_RECV:
+            reap = self._created + self._config.syn_recv_timeout
+            if deadline is None or reap < deadline:
+                deadline = reap
+        elif state is _CONNECTED and not self._outstanding:
+            keepalive = self._last_send + self._config.keepalive_interval
+            if deadline is None or keepalive < deadline:
+                deadline = keepalive
+        return deadline
+
+    def _on_timer(self, now: float) -> None:
+        state = self.state
+        mux = self._mux
+        if state is _CLOSED or state is _RESET:
+            if self._linger_until is not None and now >= self._linger_until:
+                self._linger_until = None
+                mux._retire(self)
+            return
+        if self._close_deadline is not None and now >= self._close_deadline:
+            self._reset_due = True
+            self._die(UtpTimeout("close: FIN not acknowledged in time"), _RESET)
+            return
+        if state is _SYN_RECV and now >= self._created + self._config.syn_recv_timeout:
+            mux.stats.reaped_half_open += 1
+            self._die(UtpTimeout("incoming connection never completed"))
+            return
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._ack_deadline = None
+            self._ack_due = True
+            mux._dirty.add(self)
+        if self._probe_deadline is not None and now >= self._probe_deadline:
+            self._probe_deadline = None
+            self._probe_ok = True
+            interval = self._probe_interval * 2
+            self._probe_interval = interval if interval < _MAX_PROBE_INTERVAL else _MAX_PROBE_INTERVAL
+            mux._dirty.add(self)
+        if self._rto_deadline is not None and now >= self._rto_deadline:
+            self._on_rto(now)
+            if self.is_closed:
+                return
+        if (
+            self.state is _CONNECTED
+            and now >= self._last_send + self._config.keepalive_interval
+            and not self._outstanding
+        ):
+            # libutp's keep-alive: a duplicate ACK (ack_nr - 1).
+            now_us = int(now * 1_000_000) & _MASK32
+            header = HEADER.pack(
+                (ST_STATE << 4) | _VERSION,
+                0,
+                self.send_id,
+                now_us,
+                self._reply_micro,
+                self._free_window(),
+                self._snd_nxt & _MASK16,
+                (self._rcv_nxt - 2) & _MASK16,
+            )
+            mux._pending.append((header, self.remote_address))
+            self._last_send = now
+
+    def _on_rto(self, now: float) -> None:
+        mux = self._mux
+        self._rto_deadline = None
+        if not self._outstanding:
+            return
+        self._consecutive_timeouts += 1
+        mux.stats.timeouts += 1
+        if self.state is _SYN_SENT:
+            if self._consecutive_timeouts >= self._config.syn_retries:
+                self._die(UtpTimeout("connect: no answer to SYN"))
+                return
+        elif self._consecutive_timeouts > self._config.max_retransmits:
+            self._reset_due = True
+            self._die(UtpTimeout("retransmissions exhausted"), _RESET)
+            return
+        self._rtt.backoff()
+        if self.state is not _SYN_SENT:
+            self._cc.on_timeout(now)
+            self._recovery_seq = self._snd_nxt
+        for rec in self._outstanding.values():
+            if rec.in_flight:
+                rec.in_flight = False
+                self._flight -= len(rec.payload)
+                heapq.heappush(self._resend, rec.seq)
+        self._dup_acks = 0
+        if self.state is _SYN_RECV:
+            self._synack_due = True
+        mux._dirty.add(self)
+
+    # ---- incoming
+
+    def _on_packet(
+        self,
+        ptype: int,
+        ts: int,
+        ts_diff: int,
+        wnd: int,
+        seq16: int,
+        ack16: int,
+        sack: bytes | None,
+        data: bytes,
+        offset: int,
+        now: float,
+    ) -> None:
+        state = self.state
+        self._last_recv = now
+        now_us = int(now * 1_000_000) & _MASK32
+        if state is _SYN_SENT:
+            self._on_packet_syn_sent(ptype, ts, ts_diff, wnd, seq16, ack16, now, now_us)
+            return
+        if state is _CLOSED or state is _RESET:
+            self._on_packet_closed(ptype, seq16)
+            return
+        # ack_nr sanity (libutp): never accept an ACK of something not yet sent
+        una = self._snd_una
+        off = (ack16 - (una - 1)) & _MASK16
+        if off >= 0x8000:
+            off -= 0x10000
+        if off > self._snd_nxt - una:
+            self._mux.stats.invalid_ack += 1
+            return
+        self._reply_micro = (now_us - ts) & _MASK32 if ts else 0
+        if state is _SYN_RECV:
+            self._become_connected()
+        if off >= 0:
+            self._on_ack(ptype, una - 1 + off, off, sack, wnd, ts_diff, now)
+            if self.state is not _CONNECTED:
+                return
+        if ptype == ST_DATA or ptype == ST_FIN:
+            self._on_data(ptype, seq16, data, offset, now)
+
+    def _on_packet_syn_sent(
+        self, ptype: int, ts: int, ts_diff: int, wnd: int, seq16: int, ack16: int, now: float, now_us: int
+    ) -> None:
+        if ack16 != (self._isn & _MASK16):
+            self._mux.stats.invalid_ack += 1
+            return
+        if ptype != ST_STATE:
+            # The acceptor spoke before its SYN-ACK reached us: ask for it again.
+            if ptype in (ST_DATA, ST_FIN) and now - self._syn_last_sent >= 0.05:
+                rec = self._outstanding.get(self._isn)
+                if rec is not None and rec.in_flight:
+                    rec.in_flight = False
+                    self._mux._dirty.add(self)
+            return
+        self._reply_micro = (now_us - ts) & _MASK32 if ts else 0
+        rec = self._outstanding.pop(self._isn, None)
+        if rec is not None and rec.transmissions == 1:
+            self._rtt.sample(now - rec.sent_at)
+        self._snd_una = self._snd_nxt
+        self._recovery_seq = self._snd_nxt
+        self._rto_deadline = None
+        self._consecutive_timeouts = 0
+        if self._rtt.has_sample is False:
+            # No clean sample (SYN was retransmitted): restart from the initial RTO.
+            self._rtt.rto = self._config.initial_rto
+        self._rcv_nxt = seq16  # ack_nr = STATE.seq_nr - 1
+        self._peer_wnd = wnd
+        self._become_connected()
+        self._mux._dirty.add(self)
+
+    def _on_packet_closed(self, ptype: int, seq16: int) -> None:
+        if ptype != ST_DATA and ptype != ST_FIN:
+            return
+        off = (seq16 - self._rcv_nxt) & _MASK16
+        if off >= 0x8000 or self._eof_reached:
+            # a retransmission of something we had (our last ACK was lost): re-ACK
+            self._ack_due = True
+        else:
+            # new data after our close(): nobody will read it
+            self._reset_due = True
+        self._mux._dirty.add(self)
+
+    def _on_ack(
+        self,
+        ptype: int,
+        ack: int,
+        off: int,
+        sack: bytes | None,
+        wnd: int,
+        ts_diff: int,
+        now: float,
+    ) -> None:
+        outstanding = self._outstanding
+        self._peer_wnd = wnd
+        if wnd < self._mss:
+            # the peer is alive, just full: timeouts here are not a dead path
+            self._consecutive_timeouts = 0
+        acked_bytes = 0
+        flight_before = self._flight
+        newest_rtt_sent = -1.0
+        lost = False
+        if off > 0:
+            self._dup_acks = 0
+            una = self._snd_una
+            latest = self._latest_delivered_sent_at
+            for seq in range(una, ack + 1):
+                rec = outstanding.pop(seq, None)
+                if rec is None:
+                    continue
+                size = len(rec.payload)
+                acked_bytes += size
+                self._outstanding_bytes -= size
+                if rec.in_flight:
+                    self._flight -= size
+                if rec.transmissions == 1 and rec.sent_at > newest_rtt_sent:
+                    newest_rtt_sent = rec.sent_at
+                if rec.sent_at > latest:
+                    latest = rec.sent_at
+                if rec.ptype == ST_FIN:
+                    self._fin_acked = True
+            self._latest_delivered_sent_at = latest
+            una = ack + 1
+            nxt = self._snd_nxt
+            while una < nxt and una not in outstanding:
+                una += 1
+            self._snd_una = una
+            self._consecutive_timeouts = 0
+            self._rto_deadline = now + self._rtt.rto if outstanding else None
+        elif ptype == ST_STATE and outstanding:
+            self._dup_acks += 1
+            if self._dup_acks == _DUP_ACK_THRESHOLD:
+                rec = outstanding.get(self._snd_una)
+                if rec is not None and rec.in_flight:
+                    self._mark_lost(rec)
+                    lost = True
+        if sack is not None and outstanding:
+            sacked_bytes, sack_lost = self._on_sack(ack, sack)
+            acked_bytes += sacked_bytes
+            lost = lost or sack_lost
+        if newest_rtt_sent >= 0.0:
+            self._rtt.sample(now - newest_rtt_sent)
+        if lost:
+            self._mux.stats.fast_retransmits += 1
+            if self._snd_una >= self._recovery_seq:
+                self._cc.on_loss(now)
+                self._recovery_seq = self._snd_nxt
+        if acked_bytes:
+            delay = None
+            if ts_diff:
+                delay = self._delay.add(ts_diff, now)
+                # a queuing delay cannot exceed the round trip (clock skew guard)
+                limit = int(self._rtt.srtt * 1_000_000) if self._rtt.has_sample else 1_000_000
+                if delay > limit:
+                    delay = limit
+            self._cc.on_ack(acked_bytes, delay, flight_before, now)
+            if self._send_blocked and self.send_buffer_free >= (self._send_buffer_size >> 2):
+                self._send_blocked = False
+                self._emit(SendSpaceAvailable(self))
+            self._mux._dirty.add(self)
+        elif lost or wnd >= self._mss:
+            self._mux._dirty.add(self)
+        if self._fin_acked and not outstanding:
+            if self._close_requested or self._eof_reached:
+                self._finish()
+
+    def _on_sack(self, ack: int, sack: bytes) -> tuple[int, bool]:
+        """Apply a selective ACK; return (bytes newly acked, a loss was detected)."""
+        outstanding = self._outstanding
+        base = ack + 2
+        nxt = self._snd_nxt
+        sacked: list[int] = []
+        acked_bytes = 0
+        latest = self._latest_delivered_sent_at
+        bits = int.from_bytes(sack, "little")
+        index = 0
+        while bits:
+            if bits & 1:
+                seq = base + index
+                if seq >= nxt:
+                    break
+                sacked.append(seq)
+                rec = outstanding.pop(seq, None)
+                if rec is not None:
+                    size = len(rec.payload)
+                    acked_bytes += size
+                    self._outstanding_bytes -= size
+                    if rec.in_flight:
+                        self._flight -= size
+                    if rec.sent_at > latest:
+                        latest = rec.sent_at
+                    if rec.ptype == ST_FIN:
+                        self._fin_acked = True
+            bits >>= 1
+            index += 1
+        self._latest_delivered_sent_at = latest
+        if len(sacked) < _DUP_ACK_THRESHOLD:
+            return acked_bytes, False
+        # A hole is lost once 3 packets above it are SACKed and something sent
+        # after its last transmission was delivered (so a retransmission is not
+        # declared lost again by the same old SACK bits).
+        lost = False
+        limit = sacked[-_DUP_ACK_THRESHOLD]
+        for seq in range(self._snd_una, limit):
+            rec = outstanding.get(seq)
+            if rec is not None and rec.in_flight and rec.sent_at < latest:
+                self._mark_lost(rec)
+                lost = True
+        return acked_bytes, lost
+
+    def _mark_lost(self, rec: _Outgoing) -> None:
+        rec.in_flight = False
+        self._flight -= len(rec.payload)
+        heapq.heappush(self._resend, rec.seq)
+
+    def _on_data(self, ptype: int, seq16: int, data: bytes, offset: int, now: float) -> None:
+        rcv_nxt = self._rcv_nxt
+        off = (seq16 - rcv_nxt) & _MASK16
+        if off >= 0x8000:  # already delivered: our ACK was lost
+            self._ack_due = True
+            self._mux._dirty.add(self)
+            return
+        seq = rcv_nxt + off
+        eof_seq = self._eof_seq
+        if eof_seq is not None and seq > eof_seq:
+            return
+        size = len(data) - offset
+        if self._close_requested:
+            # closing: accept and acknowledge, but keep nothing
+            if ptype == ST_FIN and eof_seq is None:
+                self._eof_seq = seq
+            if off == 0:
+                self._rcv_nxt = seq + 1
+                self._deliver_reorder()
+            elif off < self._config.reorder_limit and seq not in self._reorder:
+                self._reorder[seq] = (ptype, b"")
+            self._ack_due = True
+            self._mux._dirty.add(self)
+            return
+        if off == 0:
+            used = len(self._rbuf) + self._reorder_bytes
+            if size and used + size > self._recv_buffer_size + self._mss:
+                self._mux.stats.dropped_packets += 1
+                self._ack_due = True
+                self._mux._dirty.add(self)
+                return
+            if ptype == ST_FIN and eof_seq is None:
+                self._eof_seq = seq
+            if size:
+                self._rbuf += memoryview(data)[offset:]
+                self.bytes_received += size
+            self._rcv_nxt = seq + 1
+            if self._reorder:
+                self._deliver_reorder()
+                self._ack_due = True
+            self._unacked += 1
+            if self._unacked >= 2:
+                self._ack_due = True
+            elif self._ack_deadline is None:
+                self._ack_deadline = now + self._config.delayed_ack
+        else:
+            self._ack_due = True  # out of order: SACK at once
+            if off >= self._config.reorder_limit or seq in self._reorder:
+                self._mux._dirty.add(self)
+                return
+            if size > self._free_window():
+                self._mux.stats.dropped_packets += 1
+                self._mux._dirty.add(self)
+                return
+            if ptype == ST_FIN and eof_seq is None:
+                self._eof_seq = seq
+            self._reorder[seq] = (ptype, bytes(data[offset:]))
+            self._reorder_bytes += size
+        if self._ack_due:
+            self._mux._dirty.add(self)
+        if self._rbuf and not self._readable_signalled:
+            self._readable_signalled = True
+            self._emit(DataAvailable(self))
+        if self._eof_seq is not None and not self._eof_reached and self._rcv_nxt > self._eof_seq:
+            self._eof_reached = True
+            self._ack_due = True
+            self._mux._dirty.add(self)
+            self._emit(EofReceived(self))
+            if self._fin_acked and not self._outstanding:
+                self._finish()
+
+    def _deliver_reorder(self) -> None:
+        reorder = self._reorder
+        rcv_nxt = self._rcv_nxt
+        discard = self._close_requested
+        while rcv_nxt in reorder:
+            ptype, payload = reorder.pop(rcv_nxt)
+            self._reorder_bytes -= len(payload)
+            if payload and not discard:
+                self._rbuf += payload
+                self.bytes_received += len(payload)
+            rcv_nxt += 1
+        self._rcv_nxt = rcv_nxt
+
+    def _on_duplicate_syn(self, now: float) -> None:
+        if self.state is _SYN_RECV:
+            self._synack_due = True
+        else:
+            self._ack_due = True
+        self._mux._dirty.add(self)
+
+    def _on_reset(self) -> None:
+        if self.state is _SYN_SENT:
+            self._die(UtpConnectionRefused("connection refused (RESET)"), _RESET)
+        else:
+            self._die(UtpConnectionReset("connection reset by peer"), _RESET)
+
+    def _finish(self) -> None:
+        """Clean end: our FIN acknowledged and (peer FIN received or close())."""
+        if self.is_closed:
+            return
+        self._die(None, _CLOSED)
+        self._ack_due = True  # the ACK of the peer's FIN
+        self._linger_until = self._last_recv + self._config.linger_time

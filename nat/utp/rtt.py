@@ -1,0 +1,49 @@
+"""Round-trip time and retransmission timeout (BEP 29 / RFC 6298 style).
+
+BEP 29: ``timeout = max(rtt + 4 * rtt_var, 500 ms)``, initial 1000 ms, doubled
+on each consecutive timeout. libutp uses a 1000 ms floor; we keep BEP 29's
+500 ms (configurable) because selective ACKs and fast retransmit repair most
+losses and a long floor only hurts tail losses.
+"""
+
+from __future__ import annotations
+
+
+class RttEstimator:
+    """Smoothed RTT, its variance and the current (backed-off) RTO, in seconds."""
+
+    __slots__ = ("srtt", "rttvar", "rto", "min_rto", "max_rto", "has_sample")
+
+    def __init__(self, initial_rto: float = 1.0, min_rto: float = 0.5, max_rto: float = 30.0) -> None:
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self.rto = initial_rto
+        self.min_rto = min_rto
+        self.max_rto = max_rto
+        self.has_sample = False
+
+    def sample(self, rtt: float) -> None:
+        """Feed one RTT measurement (only from packets sent once: Karn's rule)."""
+        if rtt < 0.0:
+            rtt = 0.0
+        if not self.has_sample:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+            self.has_sample = True
+        else:
+            delta = self.srtt - rtt
+            if delta < 0.0:
+                delta = -delta
+            self.rttvar += (delta - self.rttvar) * 0.25
+            self.srtt += (rtt - self.srtt) * 0.125
+        rto = self.srtt + 4.0 * self.rttvar
+        if rto < self.min_rto:
+            rto = self.min_rto
+        elif rto > self.max_rto:
+            rto = self.max_rto
+        self.rto = rto
+
+    def backoff(self) -> None:
+        """Double the RTO after a timeout (bounded)."""
+        rto = self.rto * 2.0
+        self.rto = rto if rto < self.max_rto else self.max_rto

@@ -1,0 +1,237 @@
+"""A simulated lossy network on a fake clock, for deterministic uTP tests.
+
+Nodes are UtpMultiplexers at made-up addresses. Every datagram a node emits is
+routed through seeded impairments: loss, duplication, reordering (an extra
+delay for some packets), base delay and jitter. Time only moves when nothing
+is due: the simulator jumps to the next delivery or timer, so a minute of
+simulated retransmission timeouts costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from nat.utp.multiplexer import UtpMultiplexer
+
+
+@dataclass
+class LinkProfile:
+    loss: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0  # probability of an extra delay of up to reorder_delay
+    reorder_delay: float = 0.02
+    delay: float = 0.005
+    jitter: float = 0.0
+    # datagrams per second the link carries before queuing (None: unlimited)
+    rate: float | None = None
+
+
+class SimulationStalled(RuntimeError):
+    """Nothing can happen any more and the goal is not reached."""
+
+
+class SimulationTimeout(RuntimeError):
+    """The goal was not reached within the simulated time limit."""
+
+
+class SimNetwork:
+    def __init__(self, seed: int = 0, profile: LinkProfile | None = None, start_time: float = 0.0) -> None:
+        self.rng = random.Random(seed)
+        self.profile = profile if profile is not None else LinkProfile()
+        self.now = start_time
+        self.nodes: dict[tuple, UtpMultiplexer] = {}
+        self._queue: list[tuple[float, int, tuple, tuple, bytes]] = []
+        self._counter = 0
+        self._link_free_at: dict[tuple, float] = {}
+        self.delivered = 0
+        self.dropped = 0
+        # hooks: filter(src, dst, data) -> bool (False drops the datagram)
+        self.filters: list[Callable[[tuple, tuple, bytes], bool]] = []
+
+    def add(self, addr: tuple, mux: UtpMultiplexer) -> UtpMultiplexer:
+        self.nodes[addr] = mux
+        return mux
+
+    def inject(self, src: tuple, dst: tuple, data: bytes, delay: float = 0.0) -> None:
+        """Put an arbitrary datagram on the wire (bypasses impairments)."""
+        self._counter += 1
+        heapq.heappush(self._queue, (self.now + delay, self._counter, src, dst, data))
+
+    def _route(self, src: tuple, dst: tuple, data: bytes) -> None:
+        for keep in self.filters:
+            if not keep(src, dst, data):
+                self.dropped += 1
+                return
+        profile = self.profile
+        rng = self.rng
+        if profile.loss and rng.random() < profile.loss:
+            self.dropped += 1
+            return
+        copies = 2 if profile.duplicate and rng.random() < profile.duplicate else 1
+        for _ in range(copies):
+            at = self.now + profile.delay
+            if profile.rate:
+                link = (src, dst)
+                start = max(self._link_free_at.get(link, 0.0), self.now)
+                self._link_free_at[link] = start + 1.0 / profile.rate
+                at = start + profile.delay
+            if profile.jitter:
+                at += rng.random() * profile.jitter
+            if profile.reorder and rng.random() < profile.reorder:
+                at += rng.random() * profile.reorder_delay
+            self._counter += 1
+            heapq.heappush(self._queue, (at, self._counter, src, dst, data))
+
+    def flush(self) -> None:
+        for addr, mux in self.nodes.items():
+            for data, dst in mux.datagrams_to_send(self.now):
+                self._route(addr, dst, data)
+
+    def step(self) -> bool:
+        """Advance to the next thing that happens; False when nothing is left."""
+        self.flush()
+        candidates = []
+        if self._queue:
+            candidates.append(self._queue[0][0])
+        for mux in self.nodes.values():
+            timer = mux.get_timer()
+            if timer is not None:
+                candidates.append(timer)
+        if not candidates:
+            return False
+        at = min(candidates)
+        if at > self.now:
+            self.now = at
+        queue = self._queue
+        now = self.now
+        while queue and queue[0][0] <= now:
+            _, _, src, dst, data = heapq.heappop(queue)
+            mux = self.nodes.get(dst)
+            if mux is not None:
+                self.delivered += 1
+                mux.receive_datagram(data, src, now)
+        for mux in self.nodes.values():
+            timer = mux.get_timer()
+            if timer is not None and timer <= now:
+                mux.handle_timer(now)
+        return True
+
+    def run(
+        self,
+        until: Callable[[], bool],
+        *,
+        max_time: float = 600.0,
+        max_steps: int = 2_000_000,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Step until ``until()``; ``on_step`` runs the applications after each step."""
+        limit = self.now + max_time
+        for _ in range(max_steps):
+            if on_step is not None:
+                on_step()
+            if until():
+                self.flush()
+                return
+            if not self.step():
+                if on_step is not None:
+                    on_step()
+                if until():
+                    return
+                self.flush()
+                if not self._queue:
+                    raise SimulationStalled(f"nothing left to do at t={self.now:.3f}")
+            if self.now > limit:
+                raise SimulationTimeout(f"goal not reached by t={self.now:.3f}")
+        raise SimulationTimeout("step limit reached")
+
+
+class StreamApp:
+    """Plays an application on one connection: writes ``outgoing`` then EOF, reads all.
+
+    ``read_budget`` bytes per step model a slow reader (None: read everything).
+    """
+
+    def __init__(
+        self,
+        conn,
+        outgoing: bytes = b"",
+        *,
+        send_eof: bool = True,
+        read_budget: int | None = None,
+        write_chunk: int = 65536,
+    ) -> None:
+        self.conn = conn
+        self.outgoing = memoryview(outgoing)
+        self.position = 0
+        self.want_eof = send_eof
+        self.read_budget = read_budget
+        self.write_chunk = write_chunk
+        self.received = bytearray()
+        self.events: list = []
+
+    @property
+    def sent_all(self) -> bool:
+        return self.position >= len(self.outgoing)
+
+    @property
+    def done(self) -> bool:
+        """Everything written and acknowledged, and the peer's EOF read."""
+        conn = self.conn
+        return self.sent_all and conn.at_eof and (not self.want_eof or conn.all_data_acked)
+
+    def pump(self) -> None:
+        conn = self.conn
+        if conn.is_closed:
+            self._read()
+            return
+        while self.position < len(self.outgoing):
+            chunk = self.outgoing[self.position : self.position + self.write_chunk]
+            taken = conn.send(chunk)
+            self.position += taken
+            if taken < len(chunk):
+                break
+        if self.sent_all and self.want_eof and not conn.eof_sent:
+            conn.send_eof()
+        self._read()
+
+    def _read(self) -> None:
+        budget = self.read_budget
+        if budget is None:
+            while True:
+                data = self.conn.read(1 << 20)
+                if not data:
+                    return
+                self.received += data
+        else:
+            self.received += self.conn.read(budget)
+
+
+class AppRunner:
+    """Dispatches multiplexer events to StreamApps (one per connection)."""
+
+    def __init__(self, muxes: list[UtpMultiplexer], make_incoming: Callable | None = None) -> None:
+        self.muxes = muxes
+        self.apps: dict[object, StreamApp] = {}
+        self.make_incoming = make_incoming
+        self.events: list = []
+
+    def add(self, app: StreamApp) -> StreamApp:
+        self.apps[app.conn] = app
+        return app
+
+    def __call__(self) -> None:
+        from nat.utp.events import IncomingConnection
+
+        for mux in self.muxes:
+            while (event := mux.next_event()) is not None:
+                self.events.append(event)
+                if isinstance(event, IncomingConnection) and self.make_incoming is not None:
+                    self.add(self.make_incoming(event.conn))
+                app = self.apps.get(event.conn)
+                if app is not None:
+                    app.events.append(event)
+        for app in list(self.apps.values()):
+            app.pump()
