@@ -6,6 +6,8 @@ when this failure ends a CONNECT (DESIGN.md, "The Proxy").
 
 from __future__ import annotations
 
+import trio
+
 
 class KeynodeError(Exception):
     """Base of every error keynode raises on purpose."""
@@ -81,16 +83,20 @@ class TLSError(KeynodeError):
     http_status = 502
 
 
-class TLSHandshakeError(TLSError):
+class TLSHandshakeError(TLSError, trio.BrokenResourceError):
     """The TLS handshake failed (bad peer data, no client certificate, ...)."""
 
 
-class TLSProtocolError(TLSError):
+class TLSProtocolError(TLSError, trio.BrokenResourceError):
     """The peer sent bytes that are not valid TLS after the handshake."""
 
 
-class TLSBusyError(TLSError, RuntimeError):
+class TLSBusyError(TLSError, trio.BusyResourceError, RuntimeError):
     """Two tasks used one TLS stream direction at once."""
+
+
+class TLSTruncatedError(TLSProtocolError):
+    """The transport ended without the peer's close_notify (possible truncation)."""
 
 
 # --- proxy connections ------------------------------------------------------------

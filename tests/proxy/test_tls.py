@@ -1,0 +1,237 @@
+"""TLSStream over memory streams and real TCP on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.errors import TLSError, TLSProtocolError, TLSTruncatedError
+from proxy.tls import TLSStream
+from tests.proxy.test_tls_support import (
+    handshake_both,
+    make_tls_config,
+    memory_tls_pair,
+    random_bytes,
+    receive_until_eof,
+    send_all_then_eof,
+    tcp_transport_pair,
+)
+
+TRANSPORTS = ["memory", "tcp"]
+
+
+@asynccontextmanager
+async def tls_pair(
+    transport: str, client_config: object | None = None, server_config: object | None = None
+) -> AsyncIterator[tuple[TLSStream, TLSStream]]:
+    """A (client, server) TLSStream pair, handshake not yet done."""
+    client_config = client_config or make_tls_config()
+    server_config = server_config or make_tls_config()
+    if transport == "memory":
+        client, server = memory_tls_pair(client_config, server_config)
+        try:
+            yield client, server
+        finally:
+            await trio.aclose_forcefully(client)
+            await trio.aclose_forcefully(server)
+    else:
+        async with tcp_transport_pair() as (client_transport, server_transport):
+            client = TLSStream(client_transport, client_config, server_side=False)
+            server = TLSStream(server_transport, server_config, server_side=True)
+            try:
+                yield client, server
+            finally:
+                await trio.aclose_forcefully(client)
+                await trio.aclose_forcefully(server)
+
+
+def der_chain(chain: object) -> list[bytes]:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return [certificate.public_bytes(Encoding.DER) for certificate in chain]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_handshake_tls13_and_peer_chains(transport: str) -> None:
+    client_config = make_tls_config(3)
+    server_config = make_tls_config(2)
+    with trio.fail_after(10):
+        async with tls_pair(transport, client_config, server_config) as (client, server):
+            with pytest.raises(TLSError):
+                client.peer_certificate_chain  # noqa: B018 - before the handshake
+            await handshake_both(client, server)
+            assert client.tls_version == server.tls_version == "TLSv1.3"
+            # Both sides see the other's full chain, leaf first, in order.
+            assert der_chain(client.peer_certificate_chain) == der_chain(server_config.certificate_chain)
+            assert der_chain(server.peer_certificate_chain) == der_chain(client_config.certificate_chain)
+            # do_handshake is idempotent
+            await client.do_handshake()
+            await server.do_handshake()
+
+
+async def test_first_send_and_receive_run_the_handshake() -> None:
+    with trio.fail_after(10):
+        async with tls_pair("memory") as (client, server):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, b"hello")
+                assert await server.receive_some() == b"hello"
+            assert client.handshake_done and server.handshake_done
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_bulk_both_directions_concurrently(transport: str) -> None:
+    size = 6 * 1024 * 1024
+    upload = random_bytes(size, seed=1)
+    download = random_bytes(size, seed=2)
+    results: dict[str, bytes] = {}
+
+    async def collect(name: str, stream: TLSStream) -> None:
+        results[name] = await receive_until_eof(stream)
+
+    with trio.fail_after(30):
+        async with tls_pair(transport) as (client, server):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_then_eof, client, upload, 1 << 20)
+                nursery.start_soon(send_all_then_eof, server, download, 37_000)
+                nursery.start_soon(collect, "server", server)
+                nursery.start_soon(collect, "client", client)
+    assert hashlib.sha256(results["server"]).digest() == hashlib.sha256(upload).digest()
+    assert hashlib.sha256(results["client"]).digest() == hashlib.sha256(download).digest()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_half_close_both_ways(transport: str) -> None:
+    with trio.fail_after(10):
+        async with tls_pair(transport) as (client, server):
+            await handshake_both(client, server)
+            await client.send_all(b"request")
+            await client.send_eof()  # close_notify: the client is done sending
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send_all(b"more")
+            await client.send_eof()  # idempotent
+            assert await receive_until_eof(server) == b"request"
+            assert await server.receive_some() == b""  # stays at EOF
+            # The server can still answer after the client's close_notify ...
+            reply = random_bytes(300_000, seed=3)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_then_eof, server, reply)
+                assert await receive_until_eof(client) == reply
+            await client.aclose()
+            await server.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_server_half_closes_first(transport: str) -> None:
+    with trio.fail_after(10):
+        async with tls_pair(transport) as (client, server):
+            await handshake_both(client, server)
+            await server.send_all(b"banner")
+            await server.send_eof()
+            assert await receive_until_eof(client) == b"banner"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_then_eof, client, b"answer")
+                assert await receive_until_eof(server) == b"answer"
+
+
+async def test_aclose_sends_close_notify() -> None:
+    with trio.fail_after(10):
+        async with tls_pair("tcp") as (client, server):
+            await handshake_both(client, server)
+            await client.send_all(b"last words")
+            await client.aclose()
+            assert await receive_until_eof(server) == b"last words"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_transport_eof_without_close_notify_is_truncation(transport: str) -> None:
+    with trio.fail_after(10):
+        async with tls_pair(transport) as (client, server):
+            await handshake_both(client, server)
+            await client.send_all(b"partial")
+            await client.transport.send_eof()  # transport EOF, no close_notify
+            assert await server.receive_some() == b"partial"
+            with pytest.raises(TLSTruncatedError):
+                await server.receive_some()
+            # the stream stays broken
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some()
+
+
+async def test_receive_some_limits_and_gathers_records() -> None:
+    with trio.fail_after(10):
+        async with tls_pair("memory") as (client, server):
+            await handshake_both(client, server)
+            data = random_bytes(200_000, seed=4)
+            await client.send_all(data)
+            first = await server.receive_some(5)
+            assert first == data[:5]
+            # Several buffered records come back in one call, up to max_bytes.
+            second = await server.receive_some(100_000)
+            assert second == data[5:100_005]
+            rest = bytearray()
+            while len(rest) < len(data) - 100_005:
+                rest += await server.receive_some()
+            assert bytes(rest) == data[100_005:]
+            with pytest.raises(ValueError):
+                await server.receive_some(0)
+            with pytest.raises(TypeError):
+                await server.receive_some(1.5)  # type: ignore[arg-type]
+
+
+async def test_send_accepts_bytearray_memoryview_and_empty() -> None:
+    with trio.fail_after(10):
+        async with tls_pair("memory") as (client, server):
+            await handshake_both(client, server)
+            await client.send_all(b"")
+            await client.send_all(bytearray(b"ab"))
+            await client.send_all(memoryview(b"cd"))
+            await client.send_all(memoryview(bytearray(b"ef")))
+            await client.send_eof()
+            assert await receive_until_eof(server) == b"abcdef"
+
+
+async def test_key_errors_are_typed() -> None:
+    config = make_tls_config()
+    stranger = make_tls_config()
+    mismatched = type(config)(private_key=stranger.private_key, certificate_chain=config.certificate_chain)
+    client_transport, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(TLSError):
+        TLSStream(client_transport, mismatched, server_side=False)
+    empty = type(config)(private_key=config.private_key, certificate_chain=())
+    with pytest.raises(TLSError):
+        TLSStream(client_transport, empty, server_side=True)
+
+
+async def test_protocol_errors_are_broken_resource_errors() -> None:
+    # Generic trio code (a relay loop) sees TLS failures as a broken stream.
+    assert issubclass(TLSProtocolError, trio.BrokenResourceError)
+    assert issubclass(TLSTruncatedError, TLSProtocolError)
+
+
+async def test_open_tls_stream_both_roles_and_failure_closes_transport() -> None:
+    from proxy import TLSStream as ExportedTLSStream
+    from proxy import open_tls_stream
+
+    assert ExportedTLSStream is TLSStream
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    streams: dict[str, TLSStream] = {}
+
+    async def open_one(name: str, transport: trio.abc.Stream, server_side: bool) -> None:
+        streams[name] = await open_tls_stream(transport, make_tls_config(), server_side=server_side)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one, "client", client_transport, False)
+            nursery.start_soon(open_one, "server", server_transport, True)
+        assert streams["client"].handshake_done and streams["server"].handshake_done
+        ours, theirs = trio.testing.memory_stream_pair()
+        await theirs.send_all(b"not TLS at all, not even close" * 10)
+        with pytest.raises(TLSError):
+            await open_tls_stream(ours, make_tls_config(), server_side=True)
+        with pytest.raises(trio.ClosedResourceError):
+            await ours.send_all(b"x")  # closed by open_tls_stream
