@@ -10,10 +10,13 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.errors import TLSError, TLSProtocolError, TLSTruncatedError
+from proxy.certificates import certificate_node_id
+from proxy.errors import CertChainUnclaimed, CertificateChainError, TLSError, TLSProtocolError, TLSTruncatedError
 from proxy.tls import TLSStream
+from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
 from tests.proxy.test_tls_support import (
     handshake_both,
+    make_foreign_tls_config,
     make_tls_config,
     memory_tls_pair,
     random_bytes,
@@ -196,8 +199,8 @@ async def test_send_accepts_bytearray_memoryview_and_empty() -> None:
 
 
 async def test_key_errors_are_typed() -> None:
-    config = make_tls_config()
-    stranger = make_tls_config()
+    config = make_foreign_tls_config()
+    stranger = make_foreign_tls_config()
     mismatched = type(config)(private_key=stranger.private_key, certificate_chain=config.certificate_chain)
     client_transport, _ = trio.testing.memory_stream_pair()
     with pytest.raises(TLSError):
@@ -235,3 +238,33 @@ async def test_open_tls_stream_both_roles_and_failure_closes_transport() -> None
             await open_tls_stream(ours, make_tls_config(), server_side=True)
         with pytest.raises(trio.ClosedResourceError):
             await ours.send_all(b"x")  # closed by open_tls_stream
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_each_side_verifies_the_other_with_proxy_verification(transport: str) -> None:
+    client_config = make_tls_config(2)
+    server_config = make_tls_config(3)
+    with trio.fail_after(10):
+        async with tls_pair(transport, client_config, server_config) as (client, server):
+            await handshake_both(client, server)
+            server_chain = client.peer_certificate_chain
+            # The forward side knows whom it wants: the current key, or an older
+            # key of the same node further up the rotation chain.
+            assert verify_server_certificate_chain([server_config.node_id], server_chain) == server_config.node_id
+            root_id = certificate_node_id(server_config.certificate_chain[-1])
+            assert verify_server_certificate_chain([root_id], server_chain) == root_id
+            # The reverse side learns who called.
+            assert verify_client_certificate_chain(server.peer_certificate_chain) == client_config.node_id
+
+
+async def test_wrong_chain_passes_tls_but_fails_verification() -> None:
+    """The TLS layer accepts any chain (by design); verification rejects it."""
+    foreign = make_foreign_tls_config(2)
+    stranger = make_tls_config()
+    with trio.fail_after(10):
+        async with tls_pair("tcp", foreign, stranger) as (client, server):
+            await handshake_both(client, server)
+            with pytest.raises(CertChainUnclaimed):
+                verify_server_certificate_chain([make_tls_config().node_id], client.peer_certificate_chain)
+            with pytest.raises(CertificateChainError):
+                verify_client_certificate_chain(server.peer_certificate_chain)

@@ -19,12 +19,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from proxy.certificates import rotate_key
 from proxy.tls import TLSStream
+from proxy.tls_config import TLSConfig
 
 
 @dataclass(frozen=True)
 class LocalTLSConfig:
-    """Key and chain (leaf first), shaped like proxy.tls_config.TLSConfig."""
+    """Key and chain (leaf first), duck-typed like proxy.tls_config.TLSConfig but
+    without its checks, to feed TLSStream certificates TLSConfig would refuse."""
 
     private_key: Ed25519PrivateKey
     certificate_chain: tuple[x509.Certificate, ...]
@@ -50,9 +53,19 @@ def _certificate(subject_key: Ed25519PrivateKey, issuer_key: Ed25519PrivateKey) 
     )
 
 
-def make_tls_config(chain_length: int = 1) -> LocalTLSConfig:
-    """A chain after ``chain_length - 1`` key rotations: chain[i] is issued and
-    signed by chain[i+1]'s key; the last one is self-signed."""
+def make_tls_config(chain_length: int = 1) -> TLSConfig:
+    """A node identity after ``chain_length - 1`` key rotations (proxy.certificates):
+    chain[i] is issued and signed by chain[i+1]'s key; the last one self-signed."""
+    config = TLSConfig.generate()
+    key, chain = config.private_key, list(config.certificate_chain)
+    for _ in range(chain_length - 1):
+        key, chain = rotate_key(key, chain)
+    return TLSConfig(key, tuple(chain))
+
+
+def make_foreign_tls_config(chain_length: int = 1) -> LocalTLSConfig:
+    """Plain Ed25519 certificates that are not Polykey/keynode identities (no NodeId
+    CN, no node signature): TLS accepts them, proxy.verification must not."""
     key = Ed25519PrivateKey.generate()
     chain = [_certificate(key, key)]
     for _ in range(chain_length - 1):
@@ -124,8 +137,8 @@ async def receive_until_eof(stream: trio.abc.ReceiveStream, limit: int = 64 << 2
 # --- checks of the helpers themselves ------------------------------------------------
 
 
-def test_rotated_chain_links() -> None:
-    config = make_tls_config(3)
+def test_foreign_chain_links() -> None:
+    config = make_foreign_tls_config(3)
     chain = config.certificate_chain
     assert len(chain) == 3
     assert chain[0].public_key().public_bytes_raw() == config.private_key.public_key().public_bytes_raw()
@@ -140,3 +153,10 @@ async def test_tcp_transport_pair_connects() -> None:
         async with tcp_transport_pair() as (client, server):
             await client.send_all(b"ping")
             assert await server.receive_some(4) == b"ping"
+
+
+def test_rotated_identity_chain() -> None:
+    config = make_tls_config(3)
+    assert len(config.certificate_chain) == 3
+    for child, parent in zip(config.certificate_chain, config.certificate_chain[1:]):
+        child.verify_directly_issued_by(parent)
