@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import random
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -160,3 +166,80 @@ def test_rotated_identity_chain() -> None:
     assert len(config.certificate_chain) == 3
     for child, parent in zip(config.certificate_chain, config.certificate_chain[1:]):
         child.verify_directly_issued_by(parent)
+
+
+# --- Node TLS peers (tests/node/tls_echo_peer.js) ------------------------------------
+
+NODE = "/usr/bin/node"
+NODE_DIR = Path(__file__).resolve().parent.parent / "node"
+NODE_TLS_PEER = NODE_DIR / "tls_echo_peer.js"
+
+
+def require_node() -> str:
+    """Node is a prerequisite: a missing one fails loudly, never skips."""
+    node = NODE if Path(NODE).exists() else shutil.which("node")
+    if node is None:
+        raise AssertionError("Node (/usr/bin/node) is required for the TLS interop tests: run `make`")
+    if not (NODE_DIR / "node_modules").is_dir():
+        raise AssertionError(f"{NODE_DIR}/node_modules is missing: run `make` (npm ci in tests/node)")
+    return node
+
+
+class NodePeer:
+    """A running tls_echo_peer.js; reads its JSON report lines."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = bytearray()
+
+    async def next_report(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some()
+            if not chunk:
+                raise AssertionError(f"the Node peer exited early: {bytes(self._buffer)!r}")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        report = json.loads(line)
+        if report.get("event") == "error":
+            raise AssertionError(f"the Node peer failed: {report['message']}")
+        return report
+
+    async def expect(self, event: str) -> dict[str, Any]:
+        report = await self.next_report()
+        assert report["event"] == event, report
+        return report
+
+
+@asynccontextmanager
+async def node_tls_peer(
+    role: str, config: TLSConfig, tmp_path: Path, transport: str = "tcp", *args: str
+) -> AsyncIterator[NodePeer]:
+    """Start the Node peer with ``config`` saved as PEM files; killed on exit."""
+    node = require_node()
+    key_path, chain_path = tmp_path / f"node-{role}.key", tmp_path / f"node-{role}.pem"
+    config.save(key_path, chain_path)
+    command = [node, str(NODE_TLS_PEER), role, str(key_path), str(chain_path), transport, *args]
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(trio.run_process, command, stdout=subprocess.PIPE, check=False, cwd=NODE_DIR)
+        )
+        try:
+            yield NodePeer(process)
+        finally:
+            nursery.cancel_scope.cancel()  # run_process kills the peer
+
+
+async def echo_through(stream: TLSStream, data: bytes, chunk: int = 64 * 1024) -> bytes:
+    """Send ``data`` and close_notify while reading the echo until the peer's
+    close_notify; return what came back."""
+    echoed: list[bytes] = []
+
+    async def collect() -> None:
+        echoed.append(await receive_until_eof(stream, limit=len(data) + 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        await send_all_then_eof(stream, data, chunk)
+    return echoed[0]
