@@ -159,6 +159,7 @@ class UtpConnection:
         self._probe_ok = False
         self._last_send = now
         self._syn_last_sent = -1.0
+        self._syn_fast_resends = 0
         self._synack_due = False
         self._reset_due = False
         self._linger_until: float | None = None
@@ -288,9 +289,6 @@ class UtpConnection:
         """
         if self.state is _CLOSED or self.state is _RESET:
             return
-        if self.state is _SYN_SENT:
-            self.abort()
-            return
         self._close_requested = True
         self._rbuf.clear()
         self._reorder.clear()
@@ -392,13 +390,13 @@ class UtpConnection:
                 self._ack_due = False
                 out.append((self._header(ST_STATE, self._snd_nxt, now_us, None), addr))
             return
+        if self._close_requested and self._close_deadline is None:
+            self._close_deadline = now + self._config.close_timeout
         if state is _SYN_SENT:
             rec = self._outstanding.get(self._isn)
             if rec is not None and not rec.in_flight:
                 self._transmit_syn(rec, now, now_us, out)
             return
-        if self._close_requested and self._close_deadline is None:
-            self._close_deadline = now + self._config.close_timeout
         sack = self._build_sack()
         sent = 0
         if self._synack_due:
@@ -675,9 +673,10 @@ class UtpConnection:
             return
         if ptype != ST_STATE:
             # The acceptor spoke before its SYN-ACK reached us: ask for it again.
-            if ptype in (ST_DATA, ST_FIN) and now - self._syn_last_sent >= 0.05:
+            if ptype in (ST_DATA, ST_FIN) and self._syn_fast_resends < 3:
                 rec = self._outstanding.get(self._isn)
                 if rec is not None and rec.in_flight:
+                    self._syn_fast_resends += 1
                     rec.in_flight = False
                     self._mux._dirty.add(self)
             return
@@ -928,6 +927,11 @@ class UtpConnection:
     def _on_duplicate_syn(self, now: float) -> None:
         if self.state is _SYN_RECV:
             self._synack_due = True
+            # The initiator never got our SYN-ACK, so it dropped any DATA we
+            # sent: send it again right after the SYN-ACK (no RTO wait).
+            for rec in self._outstanding.values():
+                if rec.in_flight:
+                    self._mark_lost(rec)
         else:
             self._ack_due = True
         self._mux._dirty.add(self)

@@ -1,0 +1,101 @@
+"""Microbenchmark of the sans-IO uTP core alone: two multiplexers in one process
+pumping datagrams through memory (no loss), one-way bulk transfer.
+
+Prints MiB/s and packets/s with both ends' work included (this is the budget
+left for the trio driver and TLS). ``--profile`` runs it under cProfile.
+
+    .venv/bin/python bench/utp_core.py [--mib 64] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import time
+
+from nat.utp.events import IncomingConnection
+from nat.utp.multiplexer import UtpMultiplexer
+
+A = ("127.0.0.1", 1)
+B = ("127.0.0.1", 2)
+
+
+def run(total: int, batch: int) -> tuple[float, int, int]:
+    a = UtpMultiplexer(rng=random.Random(1))
+    b = UtpMultiplexer(rng=random.Random(2))
+    clock = time.perf_counter
+    conn = a.connect(B, clock())
+    for data, addr in a.datagrams_to_send(clock()):
+        b.receive_datagram(data, A, clock())
+    event = b.next_event()
+    assert isinstance(event, IncomingConnection)
+    server = event.conn
+    for data, addr in b.datagrams_to_send(clock()):
+        a.receive_datagram(data, B, clock())
+    chunk = bytes(range(256)) * 64  # 16 KiB, like a TLS record
+    sent = received = 0
+    packets = 0
+    queue: list = []
+    start = clock()
+    while received < total:
+        now = clock()
+        while sent < total:
+            taken = conn.send(chunk)
+            sent += taken
+            if taken < len(chunk):
+                break
+        queue.extend(a.datagrams_to_send(now))
+        # the receiver handles one socket batch, reads, and answers (its ACKs)
+        delivered = queue[:batch]
+        del queue[:batch]
+        packets += len(delivered)
+        for data, addr in delivered:
+            b.receive_datagram(data, A, now)
+        while True:
+            data = server.read(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        back = b.datagrams_to_send(now)
+        packets += len(back)
+        for data, addr in back:
+            a.receive_datagram(data, B, now)
+        timer = a.get_timer()
+        if timer is not None and timer <= now:
+            a.handle_timer(now)
+        timer = b.get_timer()
+        if timer is not None and timer <= now:
+            b.handle_timer(now)
+        while a.next_event() is not None:
+            pass
+        while b.next_event() is not None:
+            pass
+    elapsed = clock() - start
+    return elapsed, packets, a.stats.retransmits + b.stats.retransmits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="datagrams per receive batch")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    total = args.mib << 20
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+    elapsed, packets, retransmits = run(total, args.batch)
+    if args.profile:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    print(
+        f"uTP core, one process, both ends: {args.mib} MiB in {elapsed:.2f} s = "
+        f"{args.mib / elapsed:.1f} MiB/s, {packets / elapsed:,.0f} datagrams/s "
+        f"({packets} datagrams, {retransmits} retransmits, batch {args.batch})"
+    )
+
+
+if __name__ == "__main__":
+    main()
