@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from .errors import LabCommandError, LabToolMissing
 
-REQUIRED_TOOLS = ("ip", "nft", "iptables", "tc", "conntrack", "sysctl", "timeout")
+REQUIRED_TOOLS = ("ip", "nft", "iptables", "tc", "conntrack", "timeout")
 COMMAND_TIMEOUT = 15.0
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"
@@ -77,7 +77,7 @@ def entered_netns(netns: str) -> Iterator[None]:
     block lives in the lab host for good, while the thread returns home after it.
     Only this thread moves; keep the block short and free of awaits.
     """
-    home = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
         try:

@@ -7,12 +7,14 @@ and stopping kills the whole process group.
 
 from __future__ import annotations
 
+import json
 import os
-import selectors
+import select
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .commands import netns_argv
 from .errors import LabProcessError
@@ -24,12 +26,14 @@ class LabProcess:
         self.argv = list(argv)
         self.lifetime = lifetime
         self._output: list[str] = []
+        self._pending = b""
+        # stderr goes to a file: a chatty process can never block on a full pipe.
+        self._stderr = tempfile.TemporaryFile()
         self._popen = subprocess.Popen(
             netns_argv(netns, ["timeout", "-k", "2", f"{lifetime:.0f}", *self.argv]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=self._stderr,
             start_new_session=True,
         )
 
@@ -41,28 +45,55 @@ class LabProcess:
     def returncode(self) -> int | None:
         return self._popen.poll()
 
-    def wait_line(self, expected: str, timeout: float = 10.0) -> None:
+    def wait_line(self, expected: str, timeout: float = 10.0) -> str:
         """Read stdout until a line equal to `expected` (e.g. "ready") appears."""
+        return self.wait_for(lambda line: line.strip() == expected, expected, timeout)
+
+    def wait_event(self, event: str, timeout: float = 10.0) -> dict[str, object]:
+        """Read stdout until a JSON line {"event": event, ...} appears; returns it."""
+
+        def matches(line: str) -> bool:
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(parsed, dict) and parsed.get("event") == event
+
+        found: dict[str, object] = json.loads(self.wait_for(matches, f"event {event}", timeout))
+        return found
+
+    def wait_for(self, matches: Callable[[str], bool], what: str, timeout: float) -> str:
+        """Read stdout lines until one `matches`; returns that line.
+
+        Reads the raw pipe (no buffered reader) so select() never misses lines
+        that a buffered reader would already hold.
+        """
         stdout = self._popen.stdout
         assert stdout is not None
         deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
-            selector.register(stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not selector.select(max(0.0, deadline - time.monotonic())):
-                    continue
-                line = stdout.readline()
-                if line == "":
-                    self.stop()
-                    raise LabProcessError(
-                        f"{' '.join(self.argv)} in {self.netns} ended before {expected!r}: "
-                        f"{self.stderr_text()}"
-                    )
+        while True:
+            while b"\n" in self._pending:
+                raw, self._pending = self._pending.split(b"\n", 1)
+                line = raw.decode(errors="replace") + "\n"
                 self._output.append(line)
-                if line.strip() == expected:
-                    return
+                if matches(line):
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([stdout], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                self.stop()
+                raise LabProcessError(
+                    f"{' '.join(self.argv)} in {self.netns} ended before {what!r}: "
+                    f"{self.stderr_text()}"
+                )
+            self._pending += chunk
         self.stop()
-        raise LabProcessError(f"{' '.join(self.argv)} in {self.netns}: no {expected!r} in {timeout}s")
+        raise LabProcessError(f"{' '.join(self.argv)} in {self.netns}: no {what!r} in {timeout}s")
 
     def stop(self, grace: float = 3.0) -> int:
         """SIGTERM the process group, SIGKILL after `grace`; returns the exit status."""
@@ -86,14 +117,15 @@ class LabProcess:
         if self._popen.poll() is None:
             raise LabProcessError("output() needs the process to have ended; call stop() first")
         assert self._popen.stdout is not None
-        return "".join(self._output) + self._popen.stdout.read()
+        rest = self._pending + self._popen.stdout.read()
+        self._pending = b""
+        return "".join(self._output) + rest.decode(errors="replace")
 
     def stderr_text(self) -> str:
-        if self._popen.poll() is None or self._popen.stderr is None:
-            return ""
-        return self._popen.stderr.read()
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
 
     def close_pipes(self) -> None:
-        for pipe in (self._popen.stdout, self._popen.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self._popen.stdout is not None:
+            self._popen.stdout.close()
+        self._stderr.close()

@@ -60,7 +60,9 @@ class Namespace:
             yield
 
     def sysctl(self, key: str, value: str) -> None:
-        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
+        """Set a per-namespace sysctl (net.*) by writing /proc/sys from inside the namespace."""
+        with entered_netns(self.netns), open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+            f.write(value)
 
 
 class Link:
