@@ -207,9 +207,12 @@ def node_id_argument(text: str) -> Any:
 
 
 def forward_target_argument(text: str) -> Any:
+    """NODEID@HOST:PORT, or NODEID alone (its address then comes from [peers])."""
     from proxy.port_forward import parse_forward_target
 
     try:
+        if "@" not in text:
+            return node_id_argument(text)
         return parse_forward_target(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
@@ -278,7 +281,21 @@ def command_status(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
+    """Where NODEID's proxy listens, from the config's [peers] address book."""
+    config = resolve_config(args, read_auth=False)
+    address = config.peers.get(node_id)
+    if address is None:
+        raise CommandError(
+            f"{node_id} is not in the [peers] address book of {config.path}; give HOST:PORT",
+            ExitCode.USAGE,
+        )
+    return address
+
+
 def command_open_forward(args: argparse.Namespace) -> int:
+    if args.address is None:
+        args.address = peer_address(args, args.node_id)
     body = {"node_id": str(args.node_id), "host": args.address.host, "port": args.address.port}
     answer = _control(args, "POST", "/v1/forward", body)
     if args.json:
@@ -321,7 +338,13 @@ def command_lookup(args: argparse.Namespace) -> int:
 def command_forward(args: argparse.Namespace) -> int:
     from proxy.port_forward import serve_port_forward
 
+    from proxy.node_id import NodeId
+    from proxy.port_forward import ForwardTarget
+
     config = resolve_config(args)
+    if isinstance(args.target, NodeId):
+        address = peer_address(args, args.target)
+        args.target = ForwardTarget(args.target, address.host, address.port)
     via: HostPort | None = args.via
     if via is None:
         if config.forward.port != 0:
@@ -448,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     open_forward = _add_command(
         subparsers, "open-forward", command_open_forward,
         "open (punch and verify) a forward connection to NODEID at HOST:PORT",
-        "  keynode open-forward v0abc...xyz 198.51.100.7:4000", client,
+        "  keynode open-forward v0abc...xyz 198.51.100.7:4000\n"
+        "  keynode open-forward v0abc...xyz     # address from the config's [peers]", client,
     )
     open_forward.add_argument("node_id", metavar="NODEID", type=node_id_argument)
-    open_forward.add_argument("address", metavar="HOST:PORT", type=host_port_argument,
-                              help="the remote node's proxy (UDP) address")
+    open_forward.add_argument("address", metavar="HOST:PORT", type=host_port_argument, nargs="?",
+                              help="the remote node's proxy (UDP) address (default: from [peers])")
     open_reverse = _add_command(
         subparsers, "open-reverse", command_open_reverse,
         "open a reverse connection (punch from this side, for NAT) to HOST:PORT",
@@ -477,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "forward", command_forward,
         "listen locally and tunnel every connection to NODEID's server (like ssh -L)",
         "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz@198.51.100.7:4000\n"
+        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz   # address from [peers]\n"
         "  ssh -p 2222 localhost                # reaches the server behind that node",
         [common, node_dir, config, control],
     )
@@ -485,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--via", metavar="HOST:PORT", type=host_port_argument,
                          help="the local node's CONNECT port (default: from config or status)")
     forward.add_argument("target", metavar="NODEID@HOST:PORT", type=forward_target_argument,
-                         help="remote NodeId and its proxy (UDP) address")
+                         help="remote NodeId and its proxy (UDP) address (NODEID alone: from [peers])")
     demo = _add_command(
         subparsers, "demo", command_demo,
         "two nodes with fresh identities, gRPC echo through the tunnel, figures, PASS/FAIL",

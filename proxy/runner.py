@@ -120,16 +120,31 @@ class ConnectionTable:
 
     def __init__(self) -> None:
         self._first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self.proxy: Any = None  # set once the Proxy runs
 
-    def rows(self, proxy: Any) -> list[dict[str, Any]]:
+    @staticmethod
+    def _connections(proxy: Any) -> list[Any]:
         listing = getattr(proxy, "connections", None)
         if callable(listing):
-            connections = list(listing())
-        else:
-            connections = [*getattr(proxy, "_forward", ()), *getattr(proxy, "_reverse", ())]
+            return list(listing())
+        return [*getattr(proxy, "_forward", ()), *getattr(proxy, "_reverse", ())]
+
+    def observe(self) -> None:
+        """Note the start time of connections not seen before (called when one is
+        established, so ages count from then)."""
+        if self.proxy is None:
+            return
+        now = time.monotonic()
+        for connection in self._connections(self.proxy):
+            try:
+                self._first_seen.setdefault(connection, now)
+            except TypeError:  # not weak-referenceable: its age counts from a status call
+                pass
+
+    def rows(self, proxy: Any) -> list[dict[str, Any]]:
         now = time.monotonic()
         rows = []
-        for connection in connections:
+        for connection in self._connections(proxy):
             try:
                 first_seen = self._first_seen.setdefault(connection, now)
             except TypeError:  # not weak-referenceable: age from now
@@ -170,12 +185,12 @@ def info_document(info: Any) -> dict[str, Any]:
 class NodeController:
     """The control socket's view of a running Proxy."""
 
-    def __init__(self, proxy: Any, config: Config, node_id: NodeId) -> None:
+    def __init__(self, proxy: Any, config: Config, node_id: NodeId, table: ConnectionTable) -> None:
         self.proxy = proxy
         self.config = config
         self.node_id = node_id
         self.started = time.monotonic()
-        self.table = ConnectionTable()
+        self.table = table
 
     def addresses(self) -> dict[str, Any]:
         proxy = self.proxy
@@ -242,6 +257,11 @@ async def run_node(config: Config, tls_config: Any) -> int:
 
     setup_logging(config.log_level, config.log_format)
     events = ConnectionLog()
+    table = ConnectionTable()
+
+    def established(event: Any) -> None:
+        events.established(event)
+        table.observe()
     timeouts = config.timeouts
     server = config.server
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -261,11 +281,12 @@ async def run_node(config: Config, tls_config: Any) -> int:
                 conn_end_time=timeouts.conn_end_time,
                 conn_punch_interval_time=timeouts.conn_punch_interval_time,
                 conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
-                connection_established_callback=events.established,
+                connection_established_callback=established,
                 connection_lost_callback=events.lost,
             )
             async with proxy_block as proxy:
-                controller = NodeController(proxy, config, tls_config.node_id)
+                table.proxy = proxy
+                controller = NodeController(proxy, config, tls_config.node_id, table)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_control, config.control_socket, controller)
                     addresses = controller.addresses()

@@ -70,13 +70,19 @@ async def test_two_nodes_control_commands_forward_and_sigterm(tmp_path: Path) ->
             assert id_a in human.stdout.decode() and "no connections" in human.stdout.decode()
 
             # open-forward / close through the control socket
-            opened = await run_keynode_async("open-forward", id_b, b_proxy, "--dir", str(dir_a))
+            # (no HOST:PORT: A's [peers] address book says where B is)
+            opened = await run_keynode_async("open-forward", id_b, "--dir", str(dir_a))
             assert opened.returncode == 0, opened.stderr.decode()
             assert id_b in opened.stdout.decode()
+            unknown_peer = await run_keynode_async("open-forward", id_a, "--dir", str(dir_a))
+            assert unknown_peer.returncode == ExitCode.USAGE
+            assert "[peers]" in unknown_peer.stderr.decode()
             status = await keynode_json("status", "--dir", str(dir_a))
             assert [c["node_id"] for c in status["connections"]] == [id_b]
             assert status["connections"][0]["direction"] == "forward"
             assert status["connections"][0]["remote"] == b_proxy
+            assert status["connections"][0]["age"] >= 0
+            assert status["connection_forward_count"] == 1
             closed = await run_keynode_async("close", "forward", b_proxy, "--dir", str(dir_a))
             assert closed.returncode == 0, closed.stderr.decode()
             again = await run_keynode_async("close", "forward", b_proxy, "--dir", str(dir_a))
