@@ -378,6 +378,15 @@ async def wait_for_stop_signal() -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    try:
+        import grpc  # noqa: F401 (the demo's client and server)
+    except ImportError:
+        raise CommandError(
+            "the demo needs grpcio: pip install grpcio (or run `make demo`, which installs it)",
+            ExitCode.FAILURE,
+        ) from None
+    if args.calls < 1 or args.stream_mib < 1:
+        raise CommandError("--calls and --stream-mib must be at least 1", ExitCode.USAGE)
     from proxy.demo import run_demo
 
     passed = run_demo(calls=args.calls, stream_mib=args.stream_mib, keep=args.keep)

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import weakref
+from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -265,45 +266,47 @@ async def run_node(config: Config, tls_config: Any) -> int:
     timeouts = config.timeouts
     server = config.server
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            proxy_block = open_proxy(
-                tls_config=tls_config,
-                auth_token=config.auth.value,
-                forward_host=config.forward.host,
-                forward_port=config.forward.port,
-                proxy_host=config.proxy.host,
-                proxy_port=config.proxy.port,
-                server_host=None if server is None else server.host,
-                server_port=None if server is None else server.port,
-                address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
-                conn_connect_time=timeouts.conn_connect_time,
-                conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
-                conn_end_time=timeouts.conn_end_time,
-                conn_punch_interval_time=timeouts.conn_punch_interval_time,
-                conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
-                connection_established_callback=established,
-                connection_lost_callback=events.lost,
-            )
-            async with proxy_block as proxy:
-                table.proxy = proxy
-                controller = NodeController(proxy, config, tls_config.node_id, table)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(serve_control, config.control_socket, controller)
-                    addresses = controller.addresses()
-                    for name in ("node_id", "forward", "proxy", "server", "control_socket"):
-                        print(f"{name}: {addresses[name] or '-'}", flush=True)
-                    print("ready", flush=True)
-                    log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
-                    async for number in signals:
-                        log.info("stopping on %s", signal.Signals(number).name,
-                                 extra={"fields": {"event": "stopping", "signal": signal.Signals(number).name}})
-                        break
-                    nursery.cancel_scope.cancel()
-        except (OSError, BaseExceptionGroup) as error:
-            leaf = _single_leaf(error)
-            if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
-                raise BindError(config, leaf) from error
-            raise
+        proxy_block = open_proxy(
+            tls_config=tls_config,
+            auth_token=config.auth.value,
+            forward_host=config.forward.host,
+            forward_port=config.forward.port,
+            proxy_host=config.proxy.host,
+            proxy_port=config.proxy.port,
+            server_host=None if server is None else server.host,
+            server_port=None if server is None else server.port,
+            address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
+            conn_connect_time=timeouts.conn_connect_time,
+            conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
+            conn_end_time=timeouts.conn_end_time,
+            conn_punch_interval_time=timeouts.conn_punch_interval_time,
+            conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
+            connection_established_callback=established,
+            connection_lost_callback=events.lost,
+        )
+        async with AsyncExitStack() as stack:
+            try:
+                proxy = await stack.enter_async_context(proxy_block)
+            except (OSError, BaseExceptionGroup) as error:
+                # Only start-up failures are binding problems; later ones keep their own type.
+                leaf = _single_leaf(error)
+                if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
+                    raise BindError(config, leaf) from error
+                raise
+            table.proxy = proxy
+            controller = NodeController(proxy, config, tls_config.node_id, table)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_control, config.control_socket, controller)
+                addresses = controller.addresses()
+                for name in ("node_id", "forward", "proxy", "server", "control_socket"):
+                    print(f"{name}: {addresses[name] or '-'}", flush=True)
+                print("ready", flush=True)
+                log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
+                async for number in signals:
+                    name = signal.Signals(number).name
+                    log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
+                    break
+                nursery.cancel_scope.cancel()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
     return 0
 

@@ -7,11 +7,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.control import control_request, format_status, serve_control
+from proxy.control import _dispatch, control_request, format_status, serve_control
 from proxy.errors import (
     ConnectionNotFound,
     ConnectionStartTimeout,
@@ -186,3 +189,35 @@ def test_format_status_table() -> None:
     reverse = next(line for line in lines if line.startswith("reverse "))
     assert "[::1]:4001" in reverse and reverse.rstrip().endswith("-")
     assert "no connections" in format_status({**STATUS, "connections": []})
+
+
+# --- hostile requests: any method, path and JSON body gets a JSON answer, never a crash ----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+bodies = st.dictionaries(
+    st.sampled_from(["node_id", "host", "port", "direction", "x"]),
+    json_values | st.just(str(NODE_ID)) | st.integers(0, 70000) | st.sampled_from(["forward", "reverse", "::1"]),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+    path=st.sampled_from(["/v1/status", "/v1/forward", "/v1/reverse", "/v1/close", "/v1/lookup", "/x"]),
+    query=st.text(alphabet="abcdefhopstr=&:.%0123456789", max_size=30),
+    body=bodies | json_values,
+)
+def test_dispatch_never_raises(method: str, path: str, query: str, body: object) -> None:
+    import json
+
+    request = h11.Request(method=method, target=f"{path}?{query}", headers=[("Host", "k")])
+    status, document = trio.run(_dispatch, RecordingHandler(), request, json.dumps(body).encode())
+    assert status in (200, 400, 404, 405, 500, 504)
+    json.dumps(document)  # always serialisable
+    if status != 200:
+        assert set(document) == {"error", "message"}
