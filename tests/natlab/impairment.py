@@ -132,6 +132,11 @@ class Direction:
         if old.rate_bit != impairment.rate_bit:
             self._apply_rate()
 
+    @property
+    def delay_daemon(self) -> LabProcess | None:
+        """The running delay daemon of this direction, if any."""
+        return self._daemon
+
     def cut(self, is_cut: bool) -> None:
         self.is_cut = is_cut
         self._apply_ingress()

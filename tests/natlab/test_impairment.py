@@ -151,3 +151,14 @@ def test_rate_limit_queues_and_drops_a_burst(pair: Pair, sock: socket.socket) ->
     print(f"2 Mbit/s tbf: {limited}/{burst} of a burst delivered, {clean}/{burst} without it")
     assert 0 < limited < burst
     assert clean == burst
+
+
+@pytest.mark.netns
+def test_a_dead_delay_daemon_lets_packets_bypass(pair: Pair, sock: socket.socket) -> None:
+    pair.link.impair(Impairment(delay=0.050), b_to_a=False)
+    daemon = pair.link.a_to_b.delay_daemon
+    assert daemon is not None
+    pair.client.lab.stop_process(daemon)  # the NFQUEUE rule stays, nobody serves the queue
+    rules = pair.server.run(["iptables", "-t", "mangle", "-S", "PREROUTING"]).stdout
+    assert "--queue-bypass" in rules
+    assert len(_exchange(sock, pair.target, 50)) == 50, "queued packets were black-holed"
