@@ -268,3 +268,39 @@ async def test_wrong_chain_passes_tls_but_fails_verification() -> None:
                 verify_server_certificate_chain([make_tls_config().node_id], client.peer_certificate_chain)
             with pytest.raises(CertificateChainError):
                 verify_client_certificate_chain(server.peer_certificate_chain)
+
+
+class OneWayClosingStream(trio.abc.Stream):
+    """A transport that cannot half-close (a plain trio Stream)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_half_close_over_a_transport_that_cannot_half_close() -> None:
+    """close_notify alone carries the EOF: the transport stays open both ways."""
+    a, b = trio.testing.memory_stream_pair()
+    client = TLSStream(OneWayClosingStream(a), make_tls_config(), server_side=False)
+    server = TLSStream(OneWayClosingStream(b), make_tls_config(), server_side=True)
+    with trio.fail_after(10):
+        await handshake_both(client, server)
+        await client.send_all(b"question")
+        await client.send_eof()
+        assert await receive_until_eof(server) == b"question"
+        await server.send_all(b"answer")
+        await server.send_eof()
+        assert await receive_until_eof(client) == b"answer"
+        await client.aclose()
+        await server.aclose()
