@@ -243,13 +243,20 @@ def command_id(args: argparse.Namespace) -> int:
 
 def command_rotate(args: argparse.Namespace) -> int:
     old, new = rotate(node_dir_from(args))
+    # A running node switches to the new key for connections it starts from now on.
+    try:
+        _control(args, "POST", "/v1/reload-identity", {})
+        reloaded = True
+    except ControlUnreachable:
+        reloaded = False
     if args.json:
-        print_json({**identity_document(new), "previous_node_id": str(old.node_id)})
+        print_json({**identity_document(new), "previous_node_id": str(old.node_id), "reloaded": reloaded})
     else:
         print(new.node_id)
+        running = "the running node now uses it" if reloaded else "no running node to tell"
         print(
             f"rotated from {old.node_id}; the chain ({len(new.certificate_chain)} certificates) "
-            "still proves the old NodeId. Restart `keynode run` to use the new key.",
+            f"still proves the old NodeId; {running}",
             file=sys.stderr,
         )
     return ExitCode.OK
@@ -462,8 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(
         subparsers, "rotate", command_rotate,
-        "new key, its certificate issued by the old key (the chain still proves the old NodeId)",
-        "  keynode rotate\n  keynode rotate --dir /srv/keynode-a", [common, node_dir, json_output],
+        "new key, its certificate issued by the old key (the chain still proves the old NodeId); "
+        "a running node switches to it for new connections",
+        "  keynode rotate\n  keynode rotate --dir /srv/keynode-a",
+        [common, node_dir, config, control, json_output],
     )
     _add_command(
         subparsers, "run", command_run,

@@ -9,6 +9,7 @@ HTTP/1.1 (h11) with JSON bodies, one request per connection:
     POST /v1/close    {"direction": "forward" | "reverse", "host", "port"} -> {}
     GET  /v1/lookup?host=H&port=P               -> the connection whose local TCP
                                                    address is H:P (who is calling)
+    POST /v1/reload-identity                    -> {"node_id": ...} (after `keynode rotate`)
 
 Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
 server never trusts the request: size and time are bounded, bodies are validated,
@@ -63,6 +64,8 @@ class ControlHandler(Protocol):
     async def close(self, direction: str, host: str, port: int) -> dict[str, Any]: ...
 
     async def lookup(self, host: str, port: int) -> dict[str, Any]: ...
+
+    async def reload_identity(self) -> dict[str, Any]: ...
 
 
 class BadControlRequest(ValueError):
@@ -191,6 +194,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
         ("POST", "/v1/reverse"): _route_reverse,
         ("POST", "/v1/close"): _route_close,
         ("GET", "/v1/lookup"): _route_lookup,
+        ("POST", "/v1/reload-identity"): _route_reload_identity,
     }
     route = routes.get((method, url.path))
     if route is None:
@@ -265,6 +269,10 @@ async def _route_close(handler: ControlHandler, arguments: dict[str, Any]) -> An
 
 async def _route_lookup(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
     return await handler.lookup(*_host_port_arguments(arguments))
+
+
+async def _route_reload_identity(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.reload_identity()
 
 
 # --- client ---------------------------------------------------------------------

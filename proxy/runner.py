@@ -238,6 +238,19 @@ class NodeController:
         proxy = self.proxy
         return proxy.connection_forward_count if direction == "forward" else proxy.connection_reverse_count
 
+    async def reload_identity(self) -> dict[str, Any]:
+        """Use the key and chain now in the node directory (after `keynode rotate`) for
+        connections started from now on; live connections keep their session."""
+        from proxy.tls_config import TLSConfig
+
+        tls_config = TLSConfig.load(self.config.key_path, self.config.chain_path)
+        self.proxy.set_tls_config(tls_config)
+        previous, self.node_id = self.node_id, tls_config.node_id
+        log.info("identity reloaded: %s (was %s)", self.node_id, previous,
+                 extra={"fields": {"event": "identity_reloaded", "node_id": str(self.node_id),
+                                   "previous_node_id": str(previous)}})
+        return {"node_id": str(self.node_id), "previous_node_id": str(previous)}
+
     async def lookup(self, host: str, port: int) -> dict[str, Any]:
         info = self.proxy.get_connection_info_by_reverse(host, port)
         if info is None:

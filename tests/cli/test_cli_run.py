@@ -131,6 +131,16 @@ async def test_two_nodes_control_commands_forward_and_sigterm(tmp_path: Path) ->
             unknown = await run_keynode_async("lookup", "127.0.0.1:1", "--dir", str(dir_b))
             assert unknown.returncode == ExitCode.REQUEST_FAILED
 
+            # rotate B while it runs: it switches keys; A, knowing only the old
+            # NodeId, still accepts it because the chain links the new key to the old.
+            rotated = await keynode_json("rotate", "--dir", str(dir_b))
+            assert rotated["reloaded"] is True and rotated["previous_node_id"] == id_b
+            status_b = await keynode_json("status", "--dir", str(dir_b))
+            assert status_b["node_id"] == rotated["node_id"] != id_b
+            opened = await run_keynode_async("open-forward", id_b, b_proxy, "--dir", str(dir_a))
+            assert opened.returncode == 0, opened.stderr.decode()
+            assert id_b in opened.stdout.decode()
+
             assert await node_a.stop() == 0
             assert await node_b.stop() == 0
             nursery.cancel_scope.cancel()

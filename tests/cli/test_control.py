@@ -67,6 +67,10 @@ class RecordingHandler:
     async def lookup(self, host: str, port: int) -> dict[str, Any]:
         raise RuntimeError("a bug in the handler")
 
+    async def reload_identity(self) -> dict[str, Any]:
+        self.calls.append(("reload",))
+        return {"node_id": str(NODE_ID)}
+
 
 @pytest.fixture
 def socket_path(tmp_path: Path) -> Path:
@@ -100,6 +104,7 @@ async def test_requests_round_trip(socket_path: Path) -> None:
             with pytest.raises(ControlRequestFailed) as info:
                 await control_request(socket_path, "GET", "/v1/lookup?host=127.0.0.1&port=5")
             assert info.value.status == 500  # the handler's bug, reported, server still up
+            assert await control_request(socket_path, "POST", "/v1/reload-identity", {}) == {"node_id": str(NODE_ID)}
             assert await control_request(socket_path, "GET", "/v1/status") == STATUS
             nursery.cancel_scope.cancel()
     assert handler.calls == [
@@ -107,6 +112,7 @@ async def test_requests_round_trip(socket_path: Path) -> None:
         ("reverse", "127.0.0.1", 4001),
         ("forward", NODE_ID, "h", 9),
         ("close", "forward", "h", 1),
+        ("reload",),
     ]
     assert not socket_path.exists()  # removed on exit
 
@@ -208,7 +214,9 @@ bodies = st.dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     method=st.sampled_from(["GET", "POST", "PUT"]),
-    path=st.sampled_from(["/v1/status", "/v1/forward", "/v1/reverse", "/v1/close", "/v1/lookup", "/x"]),
+    path=st.sampled_from(
+        ["/v1/status", "/v1/forward", "/v1/reverse", "/v1/close", "/v1/lookup", "/v1/reload-identity", "/x"]
+    ),
     query=st.text(alphabet="abcdefhopstr=&:.%0123456789", max_size=30),
     body=bodies | json_values,
 )
