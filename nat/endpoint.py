@@ -1,0 +1,548 @@
+"""The UDP endpoint: one socket shared by uTP connections and out-of-band messages.
+
+Layers: ``UtpMultiplexer`` (sans-IO, nat/utp/) owns every uTP connection on the
+socket; this module is its trio driver. It owns the socket, the clock and the
+timer, turns multiplexer events into wake-ups of ``UtpStream`` tasks, and hands
+out-of-band messages (nat/message.py) to subscribers.
+
+Performance (see notes/performance.md): every awaited trio socket call costs a
+scheduler pass, several times the cost of the syscall. So the receive task calls
+the plain non-blocking socket in a loop, feeds the multiplexer a batch of
+datagrams, then flushes what the multiplexer wants to send and re-arms one timer.
+It only awaits ``wait_readable`` when the socket is empty, and yields to the
+scheduler every ``RECEIVE_BATCH`` datagrams. Application tasks (send_all,
+receive_some) also flush synchronously after acting on a connection, so data goes
+out without a task switch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket as stdlib_socket
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from nat.errors import EndpointClosed, NatError, UtpConnectionRefused
+from nat.message import classify_datagram, decode_message, encode_message
+from nat.utp.events import (
+    ConnectionClosed,
+    Connected,
+    DataAvailable,
+    EofReceived,
+    IncomingConnection,
+    SendSpaceAvailable,
+)
+from nat.utp.multiplexer import UtpMultiplexer
+
+from nat.stream import UtpStream
+
+if TYPE_CHECKING:
+    from nat.utp.connection import UtpConnection
+    from nat.utp.config import UtpConfig
+
+__all__ = ["Endpoint", "EndpointStats", "open_endpoint", "Address"]
+
+Address = tuple[Any, ...]
+
+# Large kernel buffers: the original lost most of its throughput to receive
+# buffer overflow (208 KiB default). The kernel caps these at rmem_max/wmem_max
+# unless we are privileged (SO_RCVBUFFORCE), which we try first.
+DEFAULT_SOCKET_BUFFER_SIZE = 8 * 1024 * 1024
+RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
+MAX_DATAGRAM_SIZE = 65535
+SEND_BACKLOG_LIMIT = 4096  # datagrams queued while the socket would block
+ACCEPT_BACKLOG = 128  # accepted connections waiting for accept()
+SUBSCRIBER_BUFFER = 256  # messages buffered per subscriber before dropping
+_SO_RCVBUFFORCE = getattr(stdlib_socket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE = getattr(stdlib_socket, "SO_SNDBUFFORCE", 32)
+
+
+@dataclass
+class EndpointStats:
+    """Counters of one endpoint (monotonic, for tests and diagnostics)."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    utp_datagrams_received: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
+    junk_dropped: int = 0
+    malformed_utp: int = 0  # uTP-looking datagrams the multiplexer rejected
+    messages_dropped: int = 0  # a subscriber's buffer was full
+    send_errors: int = 0  # sendto failed (unreachable, bad address, ...)
+    send_dropped: int = 0  # send backlog full: datagram dropped (uTP resends)
+    receive_errors: int = 0
+    accept_overflow: int = 0  # incoming connections refused: nobody accepting
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _set_buffer(sock: stdlib_socket.socket, forced: int, normal: int, size: int) -> None:
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, forced, size)
+    except OSError:
+        # Unprivileged: the kernel silently caps at net.core.[rw]mem_max.
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, normal, size)
+
+
+async def _bind_socket(
+    host: str, port: int, dual_stack: bool, buffer_size: int
+) -> stdlib_socket.socket:
+    if dual_stack:
+        if host in ("", "0.0.0.0", "::"):
+            host = "::"
+        elif ipaddress.ip_address(host).version != 6:
+            raise ValueError(f"dual_stack needs an IPv6 (or wildcard) host, not {host!r}")
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=stdlib_socket.SOCK_DGRAM, flags=stdlib_socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
+    try:
+        if family == stdlib_socket.AF_INET6:
+            sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, not dual_stack)
+        _set_buffer(sock, _SO_RCVBUFFORCE, stdlib_socket.SO_RCVBUF, buffer_size)
+        _set_buffer(sock, _SO_SNDBUFFORCE, stdlib_socket.SO_SNDBUF, buffer_size)
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class Endpoint:
+    """One UDP socket: uTP connections (accept/connect) plus out-of-band messages.
+
+    Created by ``open_endpoint``; leaving that context aborts every connection
+    (RESET), wakes every waiting task with an error and ends the endpoint's tasks.
+    """
+
+    def __init__(
+        self,
+        sock: stdlib_socket.socket,
+        multiplexer: UtpMultiplexer,
+        *,
+        close_timeout: float,
+    ) -> None:
+        self._sock = sock
+        self._mux = multiplexer
+        self._family = sock.family
+        self._ipv6 = sock.family == stdlib_socket.AF_INET6
+        self._dual_stack = self._ipv6 and not sock.getsockopt(
+            stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY
+        )
+        bound = sock.getsockname()
+        self.address: Address = (bound[0], bound[1])
+        self.stats = EndpointStats()
+        self.close_timeout = close_timeout
+        self._streams: dict[int, UtpStream] = {}
+        self._accept_send, self._accept_receive = trio.open_memory_channel[UtpStream](
+            ACCEPT_BACKLOG
+        )
+        self._subscribers: list[trio.MemorySendChannel[tuple[int, Address]]] = []
+        self._send_backlog: deque[tuple[bytes, Address]] = deque()
+        self._backlog_waiting = trio.Event()
+        self._timer_deadline = math.inf
+        self._wait_scope: trio.CancelScope | None = None
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._multiplexer_accepting = True
+        self._mux.accepting = True
+
+    # ---- public API -------------------------------------------------------
+
+    @property
+    def multiplexer(self) -> UtpMultiplexer:
+        return self._mux
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def accepting(self) -> bool:
+        return self._multiplexer_accepting
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._multiplexer_accepting = bool(value)
+        self._mux.accepting = bool(value)
+
+    async def connect(self, address: Address) -> UtpStream:
+        """Open a uTP connection; UtpConnectionRefused / UtpTimeout on failure."""
+        self._check_open()
+        resolved = await self._resolve(address)
+        self._check_open()
+        now = trio.current_time()
+        conn = self._mux.connect(resolved, now)
+        stream = UtpStream(self, conn, connected=False)
+        self._streams[id(conn)] = stream
+        self._service(now)
+        try:
+            await stream._wait_connected()
+        except BaseException:
+            stream._abort_quietly()
+            raise
+        return stream
+
+    async def accept(self) -> UtpStream:
+        """Wait for the next incoming connection (EndpointClosed once closed)."""
+        try:
+            return await self._accept_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise EndpointClosed("endpoint is closed") from None
+
+    def send_message(self, message: int | bytes, address: Address) -> None:
+        """Send one out-of-band datagram now; best effort, never blocks.
+
+        ``message`` is a message value (PING, PONG) or already encoded bytes of a
+        non-uTP format. Unreachable or unsendable addresses are counted in
+        ``stats.send_errors``, not raised (UDP gives no delivery promise anyway).
+        """
+        self._check_open()
+        if isinstance(message, int):
+            data = encode_message(message)
+        else:
+            data = bytes(message)
+            if classify_datagram(data) == "utp":
+                raise ValueError("an out-of-band message must not look like uTP")
+        try:
+            self._sock.sendto(data, self._socket_address(address))
+        except BlockingIOError:
+            self.stats.send_dropped += 1
+            return
+        except OSError:
+            self.stats.send_errors += 1
+            return
+        self.stats.messages_sent += 1
+        self.stats.datagrams_sent += 1
+
+    @contextmanager
+    def subscribe_messages(
+        self, buffer_size: int = SUBSCRIBER_BUFFER
+    ) -> Iterator[trio.MemoryReceiveChannel[tuple[int, Address]]]:
+        """Receive every out-of-band message as ``(message, sender_address)``.
+
+        Each subscriber gets every message; a subscriber whose buffer is full
+        loses messages (counted in ``stats.messages_dropped``). The channel ends
+        (EndOfChannel) when the endpoint closes.
+        """
+        send, receive = trio.open_memory_channel[tuple[int, Address]](buffer_size)
+        self._subscribers.append(send)
+        try:
+            with receive:
+                yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._streams)
+
+    # ---- the driver ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EndpointClosed("endpoint is closed")
+
+    async def _resolve(self, address: Address) -> Address:
+        host, port = address[0], address[1]
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"bad port in {address!r}")
+        if _is_ip_literal(host):
+            return self._user_address(self._socket_address((host, port)))
+        family = stdlib_socket.AF_UNSPEC if self._dual_stack else self._family
+        infos = await trio.socket.getaddrinfo(host, port, family=family, type=stdlib_socket.SOCK_DGRAM)
+        if not infos:
+            raise UtpConnectionRefused(f"cannot resolve {host!r}")
+        return self._user_address(infos[0][4])
+
+    def _user_address(self, sockaddr: Address) -> Address:
+        """The address as users see it: (host, port); IPv4-mapped IPv6 unmapped."""
+        if not self._ipv6:
+            return sockaddr
+        host = sockaddr[0]
+        if host.startswith("::ffff:") and "." in host:
+            return (host[7:], sockaddr[1])
+        if len(sockaddr) > 3 and sockaddr[3]:
+            return (host, sockaddr[1], sockaddr[2], sockaddr[3])
+        return (host, sockaddr[1])
+
+    def _socket_address(self, address: Address) -> Address:
+        if self._ipv6 and self._dual_stack and ":" not in address[0]:
+            return ("::ffff:" + address[0], address[1])
+        return address
+
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        recvfrom = sock.recvfrom
+        receive_datagram = self._mux.receive_datagram
+        user_address = self._user_address if self._ipv6 else None
+        stats = self.stats
+        current_time = trio.current_time
+        while True:
+            now = current_time()
+            received = utp = junk = errors = 0
+            would_block = False
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    data, addr = recvfrom(MAX_DATAGRAM_SIZE)
+                except BlockingIOError:
+                    would_block = True
+                    break
+                except OSError:
+                    # e.g. ICMP errors reported on the socket: not fatal for UDP.
+                    errors += 1
+                    continue
+                received += 1
+                if user_address is not None:
+                    addr = user_address(addr)
+                size = len(data)
+                first = data[0] if size else 0xFF
+                if size >= 20 and first & 0x0F == 1 and first >> 4 <= 4:
+                    utp += 1
+                    try:
+                        receive_datagram(data, addr, now)
+                    except NatError:
+                        # The core counts malformed input itself; this guards the
+                        # driver should a typed error escape anyway.
+                        stats.malformed_utp += 1
+                elif size == 4 and first == 0:
+                    self._deliver_message(data, addr)
+                else:
+                    junk += 1
+            stats.datagrams_received += received
+            stats.utp_datagrams_received += utp
+            stats.junk_dropped += junk
+            stats.receive_errors += errors
+            if utp or errors or self._timer_deadline <= now:
+                self._service(current_time())
+            if not would_block:
+                await trio.lowlevel.checkpoint()
+                continue
+            if self._timer_deadline <= current_time():
+                self._service(current_time())
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope(deadline=self._timer_deadline) as scope:
+                self._wait_scope = scope
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                finally:
+                    self._wait_scope = None
+            if scope.cancelled_caught:
+                self._service(current_time())
+
+    async def _send_backlog_loop(self) -> None:
+        """Drain datagrams that met a full socket send buffer."""
+        sock = self._sock
+        backlog = self._send_backlog
+        while True:
+            await self._backlog_waiting.wait()
+            while backlog:
+                await trio.lowlevel.wait_writable(sock)
+                while backlog:
+                    data, sockaddr = backlog[0]
+                    try:
+                        sock.sendto(data, sockaddr)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        self.stats.send_errors += 1
+                    else:
+                        self.stats.datagrams_sent += 1
+                    backlog.popleft()
+            self._backlog_waiting = trio.Event()
+            self._service(trio.current_time())
+
+    def _service(self, now: float) -> None:
+        """Run due timers, dispatch events, send what is queued, re-arm the timer.
+
+        Synchronous: called by the receive task after a batch and by stream
+        methods after they act on a connection.
+        """
+        if self._closed:
+            return
+        mux = self._mux
+        timer = mux.get_timer()
+        if timer is not None and timer <= now:
+            mux.handle_timer(now)
+        self._dispatch_events()
+        self._flush(now)
+        self._dispatch_events()
+        timer = mux.get_timer()
+        deadline = math.inf if timer is None else timer
+        if deadline != self._timer_deadline:
+            self._timer_deadline = deadline
+            if self._wait_scope is not None:
+                self._wait_scope.deadline = deadline
+
+    def _flush(self, now: float) -> None:
+        datagrams = self._mux.datagrams_to_send(now)
+        if not datagrams:
+            return
+        sock = self._sock
+        sendto = sock.sendto
+        to_socket = self._socket_address if self._dual_stack else None
+        backlog = self._send_backlog
+        sent = errors = 0
+        for index, (data, addr) in enumerate(datagrams):
+            if to_socket is not None:
+                addr = to_socket(addr)
+            if backlog:
+                self._queue_backlog(datagrams, index)
+                break
+            try:
+                sendto(data, addr)
+            except BlockingIOError:
+                self._queue_backlog(datagrams, index)
+                break
+            except OSError:
+                errors += 1
+            else:
+                sent += 1
+        self.stats.datagrams_sent += sent
+        self.stats.send_errors += errors
+
+    def _queue_backlog(self, datagrams: list[tuple[bytes, Address]], start: int) -> None:
+        backlog = self._send_backlog
+        to_socket = self._socket_address if self._dual_stack else None
+        for data, addr in datagrams[start:]:
+            if len(backlog) >= SEND_BACKLOG_LIMIT:
+                self.stats.send_dropped += 1
+                continue
+            backlog.append((data, to_socket(addr) if to_socket else addr))
+        self._backlog_waiting.set()
+
+    def _dispatch_events(self) -> None:
+        next_event = self._mux.next_event
+        streams = self._streams
+        while (event := next_event()) is not None:
+            kind = type(event)
+            conn = event.conn
+            if kind is IncomingConnection:
+                self._on_incoming(conn)
+                continue
+            stream = streams.get(id(conn))
+            if stream is None:
+                continue
+            if kind is DataAvailable or kind is EofReceived:
+                stream._on_readable()
+            elif kind is SendSpaceAvailable:
+                stream._on_send_space()
+            elif kind is Connected:
+                stream._on_connected()
+            elif kind is ConnectionClosed:
+                del streams[id(conn)]
+                stream._on_finished(event.error)
+
+    def _on_incoming(self, conn: UtpConnection) -> None:
+        if not self._multiplexer_accepting:
+            conn.abort()
+            return
+        stream = UtpStream(self, conn, connected=True)
+        try:
+            self._accept_send.send_nowait(stream)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.stats.accept_overflow += 1
+            conn.abort()
+            return
+        self._streams[id(conn)] = stream
+
+    def _deliver_message(self, data: bytes, addr: Address) -> None:
+        self.stats.messages_received += 1
+        message = decode_message(data)
+        for subscriber in self._subscribers:
+            try:
+                subscriber.send_nowait((message, addr))
+            except trio.WouldBlock:
+                self.stats.messages_dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.stats.messages_dropped += 1
+
+    def _close(self) -> None:
+        """Abort every connection, wake every waiter, end the endpoint's tasks."""
+        if self._closed:
+            return
+        self.accepting = False
+        now = trio.current_time()
+        error = EndpointClosed("endpoint is closed")
+        for stream in list(self._streams.values()):
+            stream._on_finished(error)  # first: the abort below reports no error
+            stream._conn.abort()
+        # One last flush so peers get our RESETs.
+        self._dispatch_events()
+        self._flush(now)
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream._on_finished(error)
+        self._streams.clear()
+        self._accept_send.close()
+        # Streams accepted but never taken by accept(): nobody else will close them.
+        while True:
+            try:
+                pending = self._accept_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            pending._on_finished(error)
+        for subscriber in self._subscribers:
+            subscriber.close()
+        self._subscribers.clear()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_endpoint(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    dual_stack: bool = False,
+    config: UtpConfig | None = None,
+    socket_buffer_size: int = DEFAULT_SOCKET_BUFFER_SIZE,
+    close_timeout: float = 5.0,
+) -> AsyncIterator[Endpoint]:
+    """Bind one UDP socket and run a uTP endpoint on it for the block's duration.
+
+    ``dual_stack=True`` binds an IPv6 socket that also serves IPv4 (IPv4 peers
+    appear as plain ("a.b.c.d", port)). ``close_timeout`` bounds a stream's
+    graceful ``aclose`` before it resets the connection.
+    """
+    sock = await _bind_socket(host, port, dual_stack, socket_buffer_size)
+    body_error: BaseException | None = None
+    try:
+        endpoint = Endpoint(sock, UtpMultiplexer(config), close_timeout=close_timeout)
+        async with trio.open_nursery() as nursery:
+            endpoint._nursery = nursery
+            nursery.start_soon(endpoint._receive_loop)
+            nursery.start_soon(endpoint._send_backlog_loop)
+            try:
+                yield endpoint
+            except BaseException as exc:
+                # Re-raised below, outside the nursery, so callers see their own
+                # exception rather than an ExceptionGroup wrapping it.
+                body_error = exc
+            finally:
+                endpoint._close()
+    finally:
+        sock.close()
+    if body_error is not None:
+        raise body_error

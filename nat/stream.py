@@ -1,0 +1,295 @@
+"""UtpStream: one uTP connection as a trio HalfCloseableStream.
+
+The stream holds no data of its own: bytes live in the sans-IO connection's
+bounded send and receive buffers (nat/utp/connection.py), which is what gives
+backpressure end to end (a full receive buffer closes the advertised window, the
+peer stops, its send buffer fills, its ``send_all`` blocks). Tasks park on
+trio ParkingLots and are woken by the endpoint when the multiplexer reports
+DataAvailable / SendSpaceAvailable / EofReceived / ConnectionClosed.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+
+from nat.errors import NatError, UtpConnectionReset
+
+if TYPE_CHECKING:
+    from nat.endpoint import Endpoint
+    from nat.utp.connection import UtpConnection
+
+__all__ = ["UtpStream", "DEFAULT_RECEIVE_SIZE"]
+
+DEFAULT_RECEIVE_SIZE = 65536
+# send() is given at most this much at a time so a huge send_all does not copy
+# the whole buffer into a bytes object first.
+_SEND_CHUNK = 256 * 1024
+# Unread bytes discarded per event once the application closed the stream.
+_DISCARD_CHUNK = 1 << 20
+
+
+class UtpStream(trio.abc.HalfCloseableStream):
+    """A reliable, ordered byte stream over uTP. Made by ``Endpoint.connect/accept``."""
+
+    def __init__(self, endpoint: Endpoint, conn: UtpConnection, *, connected: bool) -> None:
+        self._endpoint = endpoint
+        self._conn = conn
+        self._receive_lot = ParkingLot()
+        self._send_lot = ParkingLot()
+        self._state_lot = ParkingLot()  # connect and close waiters
+        self._connected = connected
+        self._receiving = False
+        self._sending = False
+        self._send_full = False  # the last send() refused bytes; cleared by SendSpaceAvailable
+        self._closed = False  # aclose() was called
+        self._eof_sent = False
+        self._finished = False  # the connection is gone (ConnectionClosed or endpoint closed)
+        self._error: NatError | None = None
+
+    # ---- properties -----------------------------------------------------------
+
+    @property
+    def remote_address(self) -> tuple[Any, ...]:
+        return self._conn.remote_address
+
+    @property
+    def local_address(self) -> tuple[Any, ...]:
+        return self._endpoint.address
+
+    @property
+    def rtt(self) -> float:
+        return self._conn.rtt
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._conn.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._conn.bytes_received
+
+    @property
+    def connection(self) -> UtpConnection:
+        """The sans-IO connection (for diagnostics; do not drive it directly)."""
+        return self._conn
+
+    def __repr__(self) -> str:
+        return f"<UtpStream {self.local_address} -> {self.remote_address} recv_id={self._conn.recv_id}>"
+
+    # ---- receiving ------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        else:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await checkpoint_if_cancelled()
+            conn = self._conn
+            blocked = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                data = conn.read(max_bytes)
+                if data:
+                    # Reading reopens the advertised window: let the core say so.
+                    self._endpoint._service(trio.current_time())
+                    break
+                if conn.at_eof:
+                    break
+                if self._finished:
+                    if self._error is not None:
+                        raise trio.BrokenResourceError(str(self._error)) from self._error
+                    break  # closed cleanly without more data: EOF
+                blocked = True
+                await self._receive_lot.park()
+            if not blocked:
+                await cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    # ---- sending --------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called")
+        if self._finished:
+            error = self._error or UtpConnectionReset("connection is closed")
+            raise trio.BrokenResourceError(str(error)) from error
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            self._check_sendable()
+            view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+            total = len(view)
+            offset = 0
+            blocked = False
+            conn = self._conn
+            service = self._endpoint._service
+            while offset < total:
+                end = offset + _SEND_CHUNK
+                chunk = view[offset:end] if (offset or end < total) else view
+                try:
+                    taken = conn.send(chunk)
+                except NatError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if taken:
+                    offset += taken
+                    service(trio.current_time())
+                if offset < total and taken < len(chunk):
+                    self._send_full = True
+                    blocked = True
+                    while self._send_full:
+                        await self._send_lot.park()
+                        self._check_sendable()
+            if not blocked:
+                await cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            blocked = False
+            conn = self._conn
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._finished or self._eof_sent:
+                    break  # send_all would not block (it would raise at once)
+                if not self._send_full:
+                    if conn.send_buffer_free:
+                        break
+                    # Full without a refused send yet: a send() that takes
+                    # nothing (free is 0) arms SendSpaceAvailable.
+                    self._send_full = conn.send(b"\x00") == 0
+                    if not self._send_full:
+                        raise AssertionError("send() took a byte from a full buffer")
+                blocked = True
+                await self._send_lot.park()
+            if not blocked:
+                await cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if not self._eof_sent and not self._finished:
+            self._eof_sent = True
+            self._conn.send_eof()
+            self._endpoint._service(trio.current_time())
+        self._eof_sent = True
+        self._send_lot.unpark_all()
+        await cancel_shielded_checkpoint()
+
+    # ---- closing --------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close gracefully (FIN, wait for the close) within the endpoint's
+        ``close_timeout``, then reset. Cancelled: reset at once."""
+        if self._closed:
+            await checkpoint()
+            return
+        self._closed = True
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+        if self._finished:
+            await checkpoint()
+            return
+        self._discard_unread()
+        conn = self._conn
+        if conn.eof_sent and conn.all_data_acked:
+            # Our FIN is already acknowledged: the graceful part is done. The core
+            # would now wait (close_timeout) for an acknowledgement that never
+            # comes; end it now. The RESET tells a peer still sending that nobody
+            # reads any more (what TCP does for data arriving after close()).
+            self._abort_quietly()
+            await checkpoint()
+            return
+        try:
+            conn.close()
+            self._endpoint._service(trio.current_time())
+            with trio.move_on_after(self._endpoint.close_timeout):
+                while not self._finished:
+                    await self._state_lot.park()
+            if not self._finished:
+                self._abort_quietly()
+            await checkpoint()
+        except BaseException:
+            self._abort_quietly()
+            raise
+
+    def _abort_quietly(self) -> None:
+        """RESET the connection now (used on cancellation and timeouts)."""
+        if self._finished:
+            return
+        self._closed = True
+        self._conn.abort()
+        if not self._endpoint.closed:
+            self._endpoint._service(trio.current_time())
+        # The multiplexer reports ConnectionClosed for an abort; mark the stream
+        # finished regardless so nothing waits on it.
+        if not self._finished:
+            self._endpoint._streams.pop(id(self._conn), None)
+            self._on_finished(None)
+
+    # ---- connecting -----------------------------------------------------------
+
+    async def _wait_connected(self) -> None:
+        while not self._connected:
+            if self._finished:
+                error = self._error or UtpConnectionReset("connection closed while connecting")
+                raise error
+            await self._state_lot.park()
+
+    # ---- endpoint callbacks (synchronous, from _service) -------------------------
+
+    def _discard_unread(self) -> None:
+        while self._conn.read(_DISCARD_CHUNK):
+            pass
+
+    def _on_readable(self) -> None:
+        if self._closed:
+            # Nobody will read again: drop the bytes so the peer's FIN can land.
+            self._discard_unread()
+            return
+        self._receive_lot.unpark_all()
+
+    def _on_send_space(self) -> None:
+        self._send_full = False
+        self._send_lot.unpark_all()
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        self._state_lot.unpark_all()
+
+    def _on_finished(self, error: NatError | None) -> None:
+        self._finished = True
+        if self._error is None:
+            self._error = error
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+        self._state_lot.unpark_all()

@@ -1,0 +1,257 @@
+"""The UDP endpoint: demultiplexing, out-of-band messages, IPv6, closing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from nat import PING, PONG, EndpointClosed, UtpConnectionRefused, open_endpoint
+from nat.message import encode_message
+
+from .conftest import connect_pair, wait_until
+
+
+def raw_socket(family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0) if family == socket.AF_INET else ("::1", 0))
+    return sock
+
+
+def test_public_api_imports() -> None:
+    from nat import PING, PONG, Endpoint, UtpStream, open_endpoint  # noqa: F401
+
+
+async def test_messages_reach_every_subscriber_with_sender_address() -> None:
+    async with open_endpoint() as a, open_endpoint() as b:
+        with b.subscribe_messages() as first, b.subscribe_messages() as second:
+            a.send_message(PING, b.address)
+            a.send_message(PONG, b.address)
+            a.send_message(7, b.address)  # unknown value: still a message
+            with trio.fail_after(5):
+                for channel in (first, second):
+                    assert await channel.receive() == (PING, a.address)
+                    assert await channel.receive() == (PONG, a.address)
+                    assert await channel.receive() == (7, a.address)
+        assert b.stats.messages_received == 3
+        assert a.stats.messages_sent == 3
+
+
+async def test_junk_is_counted_and_ignored() -> None:
+    junk = [
+        b"",
+        b"\x00",
+        b"\x00\x00\x00",
+        b"\x00\x00\x00\x00\x00",  # reserved message space: not a 4-byte message
+        b"\x01\x00\x00\x00",  # 4 bytes not starting with 0
+        b"\x41" * 19,  # uTP-looking but shorter than a header
+        b"\x52" + bytes(30),  # version 2
+        b"\x61" + bytes(30),  # type 6
+        b"GET / HTTP/1.1\r\n\r\n",
+    ]
+    async with open_endpoint() as endpoint:
+        with endpoint.subscribe_messages() as messages, raw_socket() as sender:
+            for data in junk:
+                sender.sendto(data, endpoint.address)
+            sender.sendto(encode_message(PING), endpoint.address)
+            with trio.fail_after(5):
+                assert await messages.receive() == (PING, sender.getsockname())
+            await wait_until(lambda: endpoint.stats.datagrams_received == len(junk) + 1)
+            assert endpoint.stats.junk_dropped == len(junk)
+            assert endpoint.stats.messages_received == 1
+            with pytest.raises(trio.WouldBlock):
+                messages.receive_nowait()
+
+
+async def test_slow_subscriber_drops_and_counts() -> None:
+    async with open_endpoint() as a, open_endpoint() as b:
+        with b.subscribe_messages(buffer_size=2) as slow:
+            for _ in range(6):
+                a.send_message(PING, b.address)
+            await wait_until(lambda: b.stats.messages_received == 6)
+            assert b.stats.messages_dropped == 4
+            assert slow.receive_nowait() == (PING, a.address)
+            assert slow.receive_nowait() == (PING, a.address)
+
+
+async def test_send_message_is_best_effort() -> None:
+    async with open_endpoint() as endpoint:
+        endpoint.send_message(PING, ("::1", 9))  # wrong family: counted, not raised
+        assert endpoint.stats.send_errors == 1
+        with pytest.raises(ValueError):
+            endpoint.send_message(b"\x01" + bytes(19), ("127.0.0.1", 9))  # looks like uTP
+        with pytest.raises(ValueError):
+            endpoint.send_message(1 << 24, ("127.0.0.1", 9))
+
+
+async def test_ipv6_loopback_messages_and_transfer() -> None:
+    async with open_endpoint("::1") as a, open_endpoint("::1") as b:
+        assert a.address[0] == "::1"
+        with b.subscribe_messages() as messages:
+            a.send_message(PING, b.address)
+            with trio.fail_after(5):
+                assert await messages.receive() == (PING, a.address)
+        client, server = await connect_pair(a, b)
+        assert server.remote_address == a.address
+        assert client.remote_address == b.address
+        data = random.Random(6).randbytes(300_000)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_and_eof, client, data)
+                assert await _receive_all(server) == data
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_dual_stack_serves_ipv4_peers() -> None:
+    async with open_endpoint("::", dual_stack=True) as server_endpoint:
+        port = server_endpoint.address[1]
+        async with open_endpoint("127.0.0.1") as v4, open_endpoint("::1") as v6:
+            with server_endpoint.subscribe_messages() as messages:
+                v4.send_message(PING, ("127.0.0.1", port))
+                v6.send_message(PONG, ("::1", port))
+                with trio.fail_after(5):
+                    received = {await messages.receive(), await messages.receive()}
+                assert received == {(PING, v4.address), (PONG, v6.address)}
+            server_endpoint.send_message(PONG, v4.address)  # plain IPv4 address works
+            for client_endpoint in (v4, v6):
+                async with trio.open_nursery() as nursery:
+                    accepted: list = []
+
+                    async def accept_one() -> None:
+                        accepted.append(await server_endpoint.accept())
+
+                    nursery.start_soon(accept_one)
+                    host = "127.0.0.1" if client_endpoint is v4 else "::1"
+                    with trio.fail_after(10):
+                        client = await client_endpoint.connect((host, port))
+                        await client.send_all(b"hello")
+                await client.send_eof()
+                with trio.fail_after(10):
+                    assert await _receive_all(accepted[0]) == b"hello"
+                assert accepted[0].remote_address == client_endpoint.address
+                await client.aclose()
+                await accepted[0].aclose()
+
+
+async def test_refused_when_not_accepting() -> None:
+    async with open_endpoint() as a, open_endpoint() as b:
+        b.accepting = False
+        assert not b.accepting
+        with trio.fail_after(10), pytest.raises(UtpConnectionRefused):
+            await a.connect(b.address)
+
+
+async def _send_and_eof(stream, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    await stream.send_all(data)
+    await stream.send_eof()
+
+
+async def _receive_all(stream) -> bytes:  # type: ignore[no-untyped-def]
+    received = bytearray()
+    while chunk := await stream.receive_some():
+        received += chunk
+    return bytes(received)
+
+
+def _hostile_datagrams(rng: random.Random, protected_ids: set[int]) -> list[bytes]:
+    """Random junk plus uTP-shaped packets of every type on foreign connection ids."""
+    datagrams = []
+    for _ in range(200):
+        choice = rng.randrange(4)
+        if choice == 0:
+            datagrams.append(rng.randbytes(rng.randrange(0, 1500)))
+        elif choice == 1:
+            datagrams.append(b"\x00" + rng.randbytes(3))  # messages
+        else:
+            connection_id = rng.randrange(65536)
+            while connection_id in protected_ids:
+                connection_id = rng.randrange(65536)
+            header = bytes([rng.randrange(5) << 4 | 1, rng.choice([0, 1, 2, 7])])
+            body = connection_id.to_bytes(2, "big") + rng.randbytes(16)
+            datagrams.append(header + body + rng.randbytes(rng.randrange(0, 1400)))
+    return datagrams
+
+
+async def test_hostile_datagrams_during_transfer_change_nothing() -> None:
+    rng = random.Random(20261122)
+    data = rng.randbytes(4 * 1024 * 1024)
+    async with open_endpoint() as a, open_endpoint() as b:
+        client, server = await connect_pair(a, b)
+        protected = set()
+        for stream in (client, server):
+            for cid in (stream.connection.recv_id, stream.connection.send_id):
+                protected |= {cid - 1 & 0xFFFF, cid, cid + 1 & 0xFFFF}
+        attack_done = trio.Event()
+
+        async def attack() -> None:
+            with raw_socket() as attacker:
+                attacker.setblocking(False)
+                for round_number in range(20):
+                    for datagram in _hostile_datagrams(rng, protected):
+                        for target in (a.address, b.address):
+                            try:
+                                attacker.sendto(datagram, target)
+                            except BlockingIOError:
+                                pass
+                    await trio.sleep(0.01)
+            attack_done.set()
+
+        async def send_back() -> None:
+            await _send_and_eof(server, data[::-1])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                nursery.start_soon(_send_and_eof, client, data)
+                nursery.start_soon(send_back)
+                got_at_server = await _receive_all(server)
+                got_at_client = await _receive_all(client)
+                await attack_done.wait()
+        assert hashlib.sha256(got_at_server).digest() == hashlib.sha256(data).digest()
+        assert hashlib.sha256(got_at_client).digest() == hashlib.sha256(data[::-1]).digest()
+        assert a.stats.junk_dropped > 0 and b.stats.junk_dropped > 0
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_closing_the_endpoint_ends_everything() -> None:
+    tasks_before = trio.lowlevel.current_statistics().tasks_living
+    outcomes: dict[str, type[BaseException]] = {}
+
+    async def expect(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await fn()
+        except (trio.BrokenResourceError, trio.EndOfChannel, EndpointClosed) as exc:
+            outcomes[name] = type(exc)
+
+    async with open_endpoint() as peer:
+        with contextlib.ExitStack() as subscriptions:
+            async with trio.open_nursery() as waiters:
+                async with open_endpoint() as endpoint:
+                    client, server = await connect_pair(peer, endpoint)
+                    # Entered here, left after the endpoint: it outlives it.
+                    messages = subscriptions.enter_context(endpoint.subscribe_messages())
+                    waiters.start_soon(expect, "receive", server.receive_some)
+                    waiters.start_soon(expect, "accept", endpoint.accept)
+                    waiters.start_soon(expect, "messages", messages.receive)
+                    await trio.testing.wait_all_tasks_blocked()
+                # Leaving the endpoint woke every waiter with an error.
+        assert outcomes == {
+            "receive": trio.BrokenResourceError,
+            "accept": EndpointClosed,
+            "messages": trio.EndOfChannel,
+        }
+        # The peer saw our RESET.
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            while await client.receive_some():
+                pass
+        await client.aclose()
+        with pytest.raises(EndpointClosed):
+            await endpoint.connect(peer.address)
+    assert trio.lowlevel.current_statistics().tasks_living == tasks_before
