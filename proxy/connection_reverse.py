@@ -1,0 +1,208 @@
+"""A reverse connection: a remote node -> uTP + TLS server -> the local TCP server.
+
+Start sequence (bounded by ``conn_connect_time``): connect TCP to the server, use
+the shared Peer for the remote proxy address (PING every
+``conn_punch_interval_time`` until the peer is heard), then, once the uTP
+connection is there, run the TLS server handshake (client certificate required)
+and verify the client's chain. ``open_connection_reverse`` runs the first part
+ahead of time (punching a NAT hole for an expected caller); the next uTP
+connection from that address then completes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import trio
+
+from proxy.connection_forward import start_error, until_peer_dies
+from proxy.connection_tunnel import (
+    ConnectionEvent,
+    ConnectionInfo,
+    Direction,
+    EndReason,
+    call_callback,
+    close_streams,
+    pipe,
+    reset_error_for,
+)
+from proxy.errors import ConnectionKeepAliveTimeout, ConnectionStartError
+from proxy.node_id import NodeId
+from proxy.peer import Address, Peer
+from proxy.tls import TLSStream
+from proxy.verification import verify_client_certificate_chain
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from nat.stream import UtpStream
+    from proxy.proxy import Proxy
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionReverse:
+    """One uTP+TLS tunnel stream from a remote proxy, joined to one TCP connection to the server."""
+
+    direction = Direction.REVERSE
+
+    def __init__(self, proxy: Proxy, address: Address) -> None:
+        self.proxy = proxy
+        self.address = address
+        self.node_id: NodeId | None = None
+        self.certificates: tuple[x509.Certificate, ...] = ()
+        self.server: trio.SocketStream | None = None
+        self.server_local_address: tuple[str, int] | None = None
+        self.utp: UtpStream | None = None
+        self.tls: TLSStream | None = None
+        self.peer: Peer | None = None
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()
+        self.end_reason: EndReason | None = None
+        self.end_error: BaseException | None = None
+        self._utp_ready = trio.Event()
+        self._exit_stack = AsyncExitStack()
+
+    @property
+    def composed(self) -> bool:
+        return self._utp_ready.is_set()
+
+    @property
+    def usable(self) -> bool:
+        """Prepared by open_connection_reverse, still waiting for its uTP connection."""
+        return (
+            self.server is not None
+            and not self.composed
+            and not self.ended.is_set()
+            and not self.scope.cancel_called
+            and self.peer is not None
+            and not self.peer.died.is_set()
+        )
+
+    def info(self) -> ConnectionInfo | None:
+        if self.node_id is None:
+            return None
+        local = self.server_local_address
+        return ConnectionInfo(
+            remote_node_id=self.node_id,
+            remote_certificates=self.certificates,
+            local_host=self.proxy.proxy_host,
+            local_port=self.proxy.proxy_port,
+            remote_host=self.address[0],
+            remote_port=self.address[1],
+            direction=self.direction,
+            tcp_host=local[0] if local else None,
+            tcp_port=local[1] if local else None,
+        )
+
+    async def prepare(self) -> None:
+        """Connect to the server and punch until the peer is heard (bounded)."""
+        proxy = self.proxy
+        what = f"reverse from {self.address[0]}:{self.address[1]}"
+        try:
+            with trio.fail_after(proxy.conn_connect_time):
+                if proxy.server_port is None or proxy.server_host is None:
+                    raise ConnectionStartError("no server configured for reverse connections")
+                self.server = await trio.open_tcp_stream(proxy.server_host, proxy.server_port)
+                sockname = self.server.socket.getsockname()
+                self.server_local_address = (sockname[0], sockname[1])
+                self.peer = peer = await self._exit_stack.enter_async_context(proxy.peers.use(self.address))
+                await peer.wait_heard()
+        except BaseException as error:
+            await self._abandon()
+            if isinstance(error, Exception):
+                raise start_error(error, what) from error
+            raise
+
+    async def _abandon(self) -> None:
+        await close_streams(self.tls or self.utp, self.server, graceful=False, end_time=0)
+        self.tls = None
+        self.server = None
+        with trio.CancelScope(shield=True):
+            await self._exit_stack.aclose()
+
+    def attach_utp(self, utp: UtpStream) -> None:
+        self.utp = utp
+        self._utp_ready.set()
+
+    async def _complete(self) -> None:
+        """TLS server handshake and client chain verification, bounded by conn_connect_time."""
+        proxy = self.proxy
+        what = f"reverse from {self.address[0]}:{self.address[1]}"
+        assert self.utp is not None and self.peer is not None
+        try:
+            with trio.fail_after(proxy.conn_connect_time):
+                self.tls = TLSStream(self.utp, proxy.tls_config, server_side=True)
+                await until_peer_dies(self.peer, self.tls.do_handshake)
+            chain = self.tls.peer_certificate_chain
+            self.node_id = verify_client_certificate_chain(chain)
+            self.certificates = tuple(chain)
+        except Exception as error:
+            raise start_error(error, what) from error
+
+    async def run(self, utp: UtpStream | None = None, *, prepared: bool = False) -> None:
+        """The whole life of a reverse connection; runs in the proxy's connection nursery.
+
+        ``utp`` given: an incoming connection (start now). ``prepared``: opened by
+        open_connection_reverse, wait for an incoming uTP connection.
+        """
+        reason, error, graceful = EndReason.CLOSED_LOCALLY, None, True
+        established = False
+        try:
+            with self.scope:
+                if utp is not None:
+                    self.attach_utp(utp)
+                if not prepared:
+                    await self.prepare()
+                assert self.peer is not None
+                if not self.composed:
+                    try:
+                        await until_peer_dies(self.peer, self._utp_ready.wait)
+                    except ConnectionKeepAliveTimeout as death:
+                        reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
+                        return
+                await self._complete()
+                assert self.node_id is not None and self.tls is not None and self.server is not None
+                established = True
+                self.proxy._connection_established(self)
+                outcome = await pipe(self.server, self.tls, self.peer)
+                reason, error = outcome.reason, reset_error_for(outcome)
+                graceful = outcome.error is None
+        except ConnectionStartError as start_failure:
+            log.info("%s", start_failure)
+            reason, error, graceful = EndReason.RESET, start_failure, False
+        except ConnectionKeepAliveTimeout as death:
+            reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
+        except Exception as bug:  # a defect must end this connection, never the proxy
+            log.exception("reverse connection from %s failed", self.address)
+            reason, error, graceful = EndReason.RESET, bug, False
+        finally:
+            await self.finish(reason, error, graceful=graceful, established=established)
+
+    async def finish(self, reason: EndReason, error: BaseException | None, *, graceful: bool, established: bool) -> None:
+        if self.ended.is_set():
+            return
+        self.end_reason, self.end_error = reason, error
+        with trio.CancelScope(shield=True):
+            await close_streams(self.tls or self.utp, self.server, graceful=graceful, end_time=self.proxy.conn_end_time)
+            await self._exit_stack.aclose()
+        self.ended.set()
+        self.proxy._connection_ended(self)
+        if established and self.node_id is not None:
+            call_callback(
+                self.proxy.connection_lost_callback,
+                ConnectionEvent(self.node_id, self.address[0], self.address[1], self.direction, reason, error),
+            )
+
+    async def finish_unstarted(self) -> None:
+        """Drop a prepared connection that was never registered (the proxy is stopping)."""
+        await self._abandon()
+        self.ended.set()
+
+    def close(self) -> None:
+        self.scope.cancel()
+
+    def __repr__(self) -> str:
+        return f"<ConnectionReverse {self.address} node={self.node_id} server={self.server_local_address}>"

@@ -1,0 +1,450 @@
+"""The Proxy: HTTP CONNECT forward proxy + reverse proxy over one UDP endpoint.
+
+``open_proxy(...)`` binds the UDP endpoint (uTP + out-of-band messages) and the
+CONNECT listener, runs everything in one nursery, and yields the running Proxy.
+Leaving the block (or ``await proxy.stop()``) stops it: new CONNECTs get 503,
+incoming uTP connections are refused, every connection ends within
+``conn_end_time``, and no task is left.
+
+Task tree::
+
+    open_proxy nursery
+      Proxy._run (service scope)
+        PeerRegistry.run            one message subscription, every Peer's ping task
+        _accept_forward             CONNECT listener -> _handle_client per TCP client
+        _accept_reverse             endpoint.accept() -> ConnectionReverse.run
+        connection nursery          every ConnectionForward/Reverse.run and client handler
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from nat import open_endpoint
+from nat.errors import EndpointClosed, NatError
+from proxy.address_book import AddressBook
+from proxy.connection_forward import ConnectionForward
+from proxy.connection_reverse import ConnectionReverse
+from proxy.connection_tunnel import (
+    TRANSPORT_ERRORS,
+    ConnectionCallback,
+    ConnectionEvent,
+    ConnectionInfo,
+    call_callback,
+    close_streams,
+)
+from proxy.errors import ConnectionStartError, KeynodeError, ProxyNotRunning
+from proxy.http_connect import ConnectTarget, HTTPConnectEdge
+from proxy.node_id import NodeId
+from proxy.peer import Address, PeerRegistry, PeerTimers, normalize_address
+from proxy.tls_config import TLSConfig
+
+log = logging.getLogger(__name__)
+
+MAX_CONN_CONNECT_TIME = 20.0
+
+
+class Proxy:
+    """A running proxy; create it with ``open_proxy``."""
+
+    def __init__(
+        self,
+        *,
+        tls_config: TLSConfig,
+        auth_token: str | None = None,
+        address_book: Mapping[NodeId, tuple[str, int]] | None = None,
+        server_host: str | None = None,
+        server_port: int | None = None,
+        conn_connect_time: float = 2.0,
+        conn_keep_alive_timeout_time: float = 20.0,
+        conn_end_time: float = 1.0,
+        conn_punch_interval_time: float = 0.05,
+        conn_keep_alive_interval_time: float = 1.0,
+        connection_established_callback: ConnectionCallback | None = None,
+        connection_lost_callback: ConnectionCallback | None = None,
+    ) -> None:
+        if not 0 < conn_connect_time <= MAX_CONN_CONNECT_TIME:
+            raise ValueError(f"conn_connect_time must be in (0, {MAX_CONN_CONNECT_TIME}]")
+        for name, value in (
+            ("conn_keep_alive_timeout_time", conn_keep_alive_timeout_time),
+            ("conn_end_time", conn_end_time),
+            ("conn_punch_interval_time", conn_punch_interval_time),
+            ("conn_keep_alive_interval_time", conn_keep_alive_interval_time),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        self.tls_config = tls_config
+        self.auth_token = auth_token
+        self.address_book: Mapping[NodeId, tuple[str, int]] = address_book if address_book is not None else AddressBook()
+        self.server_host = server_host
+        self.server_port = server_port
+        self.conn_connect_time = conn_connect_time
+        self.conn_keep_alive_timeout_time = conn_keep_alive_timeout_time
+        self.conn_end_time = conn_end_time
+        self.conn_punch_interval_time = conn_punch_interval_time
+        self.conn_keep_alive_interval_time = conn_keep_alive_interval_time
+        self.connection_established_callback = connection_established_callback
+        self.connection_lost_callback = connection_lost_callback
+        # Set when running:
+        self.endpoint: Any = None
+        self.peers: PeerRegistry = None  # type: ignore[assignment]
+        self.forward_host = ""
+        self.forward_port = 0
+        self.proxy_host = ""
+        self.proxy_port = 0
+        self._forward: set[ConnectionForward] = set()
+        self._reverse: set[ConnectionReverse] = set()
+        self._handlers: set[trio.CancelScope] = set()
+        self._connection_nursery: trio.Nursery | None = None
+        self._service_scope = trio.CancelScope()
+        self._stopping = False
+        self._running = False
+        self._done = trio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running and not self._stopping
+
+    async def _run(
+        self,
+        endpoint: Any,
+        forward_host: str,
+        forward_port: int,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            with self._service_scope:
+                async with trio.open_nursery() as services:
+                    self.endpoint = endpoint
+                    self.proxy_host, self.proxy_port = endpoint.address[0], endpoint.address[1]
+                    self.peers = PeerRegistry(
+                        endpoint,
+                        PeerTimers(
+                            self.conn_punch_interval_time,
+                            self.conn_keep_alive_interval_time,
+                            self.conn_keep_alive_timeout_time,
+                        ),
+                    )
+                    await services.start(self.peers.run)
+                    listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
+                    sockname = listeners[0].socket.getsockname()
+                    self.forward_host, self.forward_port = sockname[0], sockname[1]
+                    self._connection_nursery = await services.start(self._run_connection_nursery)
+                    for listener in listeners:
+                        services.start_soon(self._accept_forward, listener)
+                    services.start_soon(self._accept_reverse)
+                    endpoint.accepting = self.server_port is not None
+                    self._running = True
+                    task_status.started()
+        finally:
+            self._running = False
+            self._connection_nursery = None
+            self._done.set()
+
+    async def _run_connection_nursery(self, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
+
+    async def stop(self) -> None:
+        """New CONNECTs get 503, uTP refused, connections end within conn_end_time, tasks end."""
+        if self._done.is_set():
+            return
+        if not self._stopping:
+            self._stopping = True
+            if self.endpoint is not None:
+                self.endpoint.accepting = False
+            for scope in list(self._handlers):
+                scope.cancel()
+            connections: list[ConnectionForward | ConnectionReverse] = [*self._forward, *self._reverse]
+            for connection in connections:
+                connection.close()
+            # Each connection's own close is bounded by conn_end_time; the margin
+            # only covers scheduling.
+            with trio.move_on_after(self.conn_end_time + 0.5):
+                for connection in connections:
+                    await connection.ended.wait()
+            self._service_scope.cancel()
+        await self._done.wait()
+
+    # --- registry -------------------------------------------------------------------
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._connection_nursery is None:
+            raise ProxyNotRunning("proxy is not running")
+        self._connection_nursery.start_soon(fn, *args)
+
+    def _connection_established(self, connection: ConnectionForward | ConnectionReverse) -> None:
+        assert connection.node_id is not None
+        call_callback(
+            self.connection_established_callback,
+            ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
+        )
+
+    def _connection_ended(self, connection: ConnectionForward | ConnectionReverse) -> None:
+        if isinstance(connection, ConnectionForward):
+            self._forward.discard(connection)
+        else:
+            self._reverse.discard(connection)
+
+    @property
+    def connection_forward_count(self) -> int:
+        return len(self._forward)
+
+    @property
+    def connection_reverse_count(self) -> int:
+        return len(self._reverse)
+
+    def set_tls_config(self, tls_config: TLSConfig) -> None:
+        """Use a new key/chain for connections started from now on."""
+        self.tls_config = tls_config
+
+    # --- forward ----------------------------------------------------------------------
+
+    async def _resolve(self, host: str, port: int) -> Address:
+        if not 0 < port < 65536:
+            raise ConnectionStartError(f"cannot connect to port {port}")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if ip.is_unspecified:
+                raise ConnectionStartError(f"cannot connect to wildcard host {host}")
+            return normalize_address((str(ip), port))
+        if self.proxy_host == "::":
+            family = trio.socket.AF_UNSPEC  # dual stack
+        elif ":" in self.proxy_host:
+            family = trio.socket.AF_INET6
+        else:
+            family = trio.socket.AF_INET
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=family, type=trio.socket.SOCK_DGRAM)
+        except OSError as error:
+            raise ConnectionStartError(f"cannot resolve {host}: {error}") from error
+        for _, _, _, _, sockaddr in infos:
+            return normalize_address(sockaddr)
+        raise ConnectionStartError(f"no usable address for {host}")
+
+    async def _connect_forward(
+        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool
+    ) -> ConnectionForward:
+        """An idle pre-opened connection to ``address`` claiming one of node_ids, or a new one.
+
+        ``claim``: for a CONNECT, which takes the connection for itself.
+        """
+        for connection in self._forward:
+            if connection.address == address and connection.usable and connection.node_id in node_ids:
+                connection.claimed = claim
+                return connection
+        connection = ConnectionForward(self, address, node_ids)
+        connection.claimed = claim
+        await connection.start()
+        if self._stopping:
+            await connection.finish_unstarted()
+            raise ProxyNotRunning("proxy is stopping")
+        self._forward.add(connection)
+        self._spawn(connection.run)
+        self._connection_established(connection)
+        return connection
+
+    async def open_connection_forward(self, node_ids: NodeId | Iterable[NodeId], host: str, port: int) -> NodeId:
+        """Start a forward connection ahead of a CONNECT; returns the verified NodeId."""
+        if not self.running:
+            raise ProxyNotRunning("proxy is not running")
+        wanted = (node_ids,) if isinstance(node_ids, NodeId) else tuple(node_ids)
+        address = await self._resolve(host, port)
+        connection = await self._connect_forward(wanted, address, claim=False)
+        assert connection.node_id is not None
+        return connection.node_id
+
+    async def close_connection_forward(self, host: str, port: int) -> None:
+        await self._close_all([c for c in self._forward if c.address == normalize_address((host, port))])
+
+    async def _close_all(self, connections: list[Any]) -> None:
+        for connection in connections:
+            connection.close()
+        with trio.move_on_after(self.conn_end_time + 0.5):
+            for connection in connections:
+                await connection.ended.wait()
+
+    async def _accept_forward(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            while True:
+                try:
+                    client = await listener.accept()
+                except OSError as error:  # e.g. EMFILE: back off, keep serving
+                    log.warning("CONNECT listener accept failed: %s", error)
+                    await trio.sleep(0.1)
+                    continue
+                self._spawn(self._handle_client, client)
+
+    async def _handle_client(self, client: trio.SocketStream) -> None:
+        scope = trio.CancelScope()
+        self._handlers.add(scope)
+        handed_over = False
+        try:
+            with scope:
+                handed_over = await self._serve_connect(client)
+        except TRANSPORT_ERRORS as error:
+            log.debug("CONNECT client went away: %s", error)
+        except Exception:  # a defect must drop this client, never the proxy
+            log.exception("CONNECT handler failed")
+        finally:
+            self._handlers.discard(scope)
+            if not handed_over:
+                await close_streams(client, graceful=False, end_time=0)
+
+    async def _serve_connect(self, client: trio.SocketStream) -> bool:
+        """Answer one CONNECT; True when the client now belongs to a connection."""
+        edge = HTTPConnectEdge(client)
+        request = None
+        with trio.move_on_after(self.conn_connect_time):
+            try:
+                request = await edge.receive_request()
+            except KeynodeError as error:
+                await edge.send_error_for(error)
+                return False
+        if request is None:
+            return False  # slow, incomplete or abandoned request: dropped
+        connection: ConnectionForward | None = None
+        try:
+            target: ConnectTarget = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
+            if not self.running:
+                raise ProxyNotRunning("proxy is stopping")
+            address = await self._resolve(target.host, target.port)
+            connection = await self._connect_forward(target.node_ids, address, claim=True)
+        except KeynodeError as error:
+            await edge.send_error_for(error)
+            return False
+        except TRANSPORT_ERRORS:
+            raise
+        except Exception as error:  # "other": answer 500 and say what happened
+            log.exception("CONNECT to %r failed", edge.request.target if edge.request else None)
+            await edge.send_error_for(error)
+            return False
+        try:
+            await edge.send_established()
+        except TRANSPORT_ERRORS:
+            connection.close()
+            return False
+        sockname = client.socket.getpeername()
+        connection.attach_client(client, normalize_address(sockname), edge.trailing_data)
+        return True
+
+    # --- reverse ----------------------------------------------------------------------
+
+    async def _accept_reverse(self) -> None:
+        while True:
+            try:
+                utp = await self.endpoint.accept()
+            except (EndpointClosed, trio.ClosedResourceError):
+                return
+            except NatError as error:
+                log.debug("uTP accept failed: %s", error)
+                continue
+            if self._stopping or self._connection_nursery is None:
+                await close_streams(utp, graceful=False, end_time=0)
+                continue
+            address = normalize_address(utp.remote_address)
+            for connection in self._reverse:
+                if connection.address == address and connection.usable:
+                    connection.attach_utp(utp)
+                    break
+            else:
+                connection = ConnectionReverse(self, address)
+                self._reverse.add(connection)
+                self._spawn(connection.run, utp)
+
+    async def open_connection_reverse(self, host: str, port: int) -> None:
+        """Connect to the server and punch towards (host, port) ahead of its uTP connection."""
+        if not self.running:
+            raise ProxyNotRunning("proxy is not running")
+        address = await self._resolve(host, port)
+        for connection in self._reverse:
+            if connection.address == address and connection.usable:
+                return
+        connection = ConnectionReverse(self, address)
+        await connection.prepare()
+        if self._stopping:
+            await connection.finish_unstarted()
+            raise ProxyNotRunning("proxy is stopping")
+        self._reverse.add(connection)
+        self._spawn(functools.partial(connection.run, prepared=True))
+
+    async def close_connection_reverse(self, host: str, port: int) -> None:
+        await self._close_all([c for c in self._reverse if c.address == normalize_address((host, port))])
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def get_connection_info_by_client(self, client_host: str, client_port: int) -> ConnectionInfo | None:
+        """The forward connection serving the CONNECT client at that TCP address."""
+        key = normalize_address((client_host, client_port))
+        for connection in self._forward:
+            if connection.client_address == key:
+                return connection.info()
+        return None
+
+    def get_connection_info_by_reverse(self, host: str, port: int) -> ConnectionInfo | None:
+        """The reverse connection whose TCP socket to the server has that local address
+        (what the server sees as its peer)."""
+        key = normalize_address((host, port))
+        for connection in self._reverse:
+            if connection.server_local_address is not None and normalize_address(connection.server_local_address) == key:
+                return connection.info()
+        return None
+
+    def get_connection_info_by_proxy(self, proxy_host: str, proxy_port: int) -> ConnectionInfo | None:
+        """A connection (either direction) to or from the remote proxy at that address."""
+        key = normalize_address((proxy_host, proxy_port))
+        for connection in [*self._forward, *self._reverse]:
+            if connection.address == key and connection.node_id is not None:
+                return connection.info()
+        return None
+
+
+@asynccontextmanager
+async def open_proxy(
+    *,
+    tls_config: TLSConfig,
+    auth_token: str | None = None,
+    forward_host: str = "127.0.0.1",
+    forward_port: int = 0,
+    proxy_host: str = "0.0.0.0",
+    proxy_port: int = 0,
+    server_host: str | None = None,
+    server_port: int | None = None,
+    address_book: Mapping[NodeId, tuple[str, int]] | None = None,
+    utp_config: Any = None,
+    **options: Any,
+) -> AsyncIterator[Proxy]:
+    """Run a Proxy for the duration of the block (options: see ``Proxy``)."""
+    proxy = Proxy(
+        tls_config=tls_config,
+        auth_token=auth_token,
+        address_book=address_book,
+        server_host=server_host,
+        server_port=server_port,
+        **options,
+    )
+    dual_stack = proxy_host == "::"
+    async with open_endpoint(
+        proxy_host, proxy_port, dual_stack=dual_stack, config=utp_config, close_timeout=proxy.conn_end_time
+    ) as endpoint:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy._run, endpoint, forward_host, forward_port)
+            try:
+                yield proxy
+            finally:
+                with trio.CancelScope(shield=True):
+                    await proxy.stop()

@@ -1,0 +1,278 @@
+"""Helpers for the Proxy tests: CONNECT client (h11), TCP servers, raw uTP peers, proxy pairs.
+
+No tests here; the module name keeps it inside the proxy tests' files.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import trio
+
+from nat import PING, PONG, open_endpoint
+from nat.errors import NatError
+from proxy.errors import KeynodeError
+from proxy.connection_tunnel import ConnectionEvent
+from proxy.node_id import NodeId
+from proxy.proxy import Proxy, open_proxy
+from proxy.tls import TLSStream
+from proxy.tls_config import TLSConfig
+
+TOKEN = "s3cret-token"
+FAST = dict(
+    conn_connect_time=2.0,
+    conn_end_time=0.5,
+    conn_punch_interval_time=0.02,
+    conn_keep_alive_interval_time=0.2,
+    conn_keep_alive_timeout_time=5.0,
+)
+
+
+def target_for(proxy: Proxy, node_id: NodeId, host: str = "127.0.0.1") -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"{h}:{proxy.proxy_port}?nodeId={node_id}"
+
+
+@dataclass
+class ConnectReply:
+    status: int
+    headers: dict[bytes, bytes]
+    stream: trio.SocketStream
+    leftover: bytes  # tunnel bytes that arrived with the response
+
+
+async def http_connect(
+    proxy: Proxy,
+    target: str,
+    *,
+    token: str | None = TOKEN,
+    early_data: bytes = b"",
+    method: str = "CONNECT",
+) -> ConnectReply:
+    """Send one CONNECT (plus optional bytes right after it) and read the response with h11."""
+    stream = await trio.open_tcp_stream(proxy.forward_host, proxy.forward_port)
+    client = h11.Connection(h11.CLIENT)
+    headers = [("Host", target)]
+    if token is not None:
+        headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(token.encode()).decode()))
+    await stream.send_all(client.send(h11.Request(method=method, target=target, headers=headers)) + early_data)
+    if method != "CONNECT":
+        await stream.send_all(client.send(h11.EndOfMessage()))
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            client.receive_data(data)
+            continue
+        assert isinstance(event, h11.Response), event
+        leftover = b""
+        if event.status_code == 200:
+            leftover = bytes(client.trailing_data[0])
+        return ConnectReply(event.status_code, dict(event.headers), stream, leftover)
+
+
+async def connect_ok(proxy: Proxy, target: str, **kwargs: Any) -> trio.SocketStream:
+    reply = await http_connect(proxy, target, **kwargs)
+    assert reply.status == 200, reply.status
+    assert reply.leftover == b""
+    return reply.stream
+
+
+async def receive_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 30) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(1 << 16):
+        data += chunk
+        assert len(data) <= limit
+    return bytes(data)
+
+
+async def connection_ended(stream: trio.abc.ReceiveStream) -> bool:
+    """True when the stream reaches EOF or breaks (its data is discarded)."""
+    try:
+        while await stream.receive_some(1 << 16):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    return True
+
+
+@dataclass
+class Server:
+    """A TCP server on loopback: echo (default) or a custom handler; records peers."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    streams: list[trio.SocketStream] = field(default_factory=list)
+    accepted: trio.Event = field(default_factory=trio.Event)
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back (keeps half-close semantics visible)."""
+    while data := await stream.receive_some(1 << 16):
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+async def digest_after_eof(stream: trio.SocketStream) -> None:
+    """Read to EOF, then send sha256 of everything received and close."""
+    digest = hashlib.sha256()
+    while data := await stream.receive_some(1 << 16):
+        digest.update(data)
+    await stream.send_all(digest.hexdigest().encode())
+
+
+@asynccontextmanager
+async def tcp_server(handler: Any = echo, host: str = "127.0.0.1") -> AsyncIterator[Server]:
+    server = Server(host=host)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        peer = stream.socket.getpeername()
+        server.peers.append((peer[0], peer[1]))
+        server.streams.append(stream)
+        server.accepted.set()
+        try:
+            async with stream:
+                await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(lambda task_status: trio.serve_tcp(serve, 0, host=host, task_status=task_status))
+        server.port = listeners[0].socket.getsockname()[1]
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Events:
+    established: list[ConnectionEvent] = field(default_factory=list)
+    lost: list[ConnectionEvent] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def on_established(self, event: ConnectionEvent) -> None:
+        self.established.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def on_lost(self, event: ConnectionEvent) -> None:
+        self.lost.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_lost(self, count: int = 1) -> list[ConnectionEvent]:
+        while len(self.lost) < count:
+            await self.changed.wait()
+        return self.lost
+
+
+@dataclass
+class Node:
+    proxy: Proxy
+    tls_config: TLSConfig
+    events: Events
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.tls_config.node_id
+
+
+@asynccontextmanager
+async def running_node(server_port: int | None = None, *, proxy_host: str = "127.0.0.1", **options: Any) -> AsyncIterator[Node]:
+    tls_config = options.pop("tls_config", None) or TLSConfig.generate()
+    events = Events()
+    server_host = options.pop("server_host", "127.0.0.1")
+    settings = {**FAST, "auth_token": TOKEN, **options}
+    async with open_proxy(
+        tls_config=tls_config,
+        proxy_host=proxy_host,
+        server_host=server_host,
+        server_port=server_port,
+        connection_established_callback=events.on_established,
+        connection_lost_callback=events.on_lost,
+        **settings,
+    ) as proxy:
+        yield Node(proxy, tls_config, events)
+
+
+# --- raw uTP peers that are not proxies (to misbehave on purpose) ---------------------
+
+
+@dataclass
+class RawPeer:
+    """A bare endpoint: answers pings only while ``responsive``; keeps accepted streams."""
+
+    endpoint: Any
+    responsive: bool = True
+    streams: list[Any] = field(default_factory=list)
+    accepted: trio.Event = field(default_factory=trio.Event)
+    errors: list[BaseException] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.address[1])
+
+
+@asynccontextmanager
+async def raw_peer(handler: Any = None, *, responsive: bool = True, ping_first: bool = True) -> AsyncIterator[RawPeer]:
+    """``handler(peer, utp_stream)`` runs per accepted uTP connection."""
+    async with open_endpoint("127.0.0.1", 0) as endpoint:
+        peer = RawPeer(endpoint, responsive)
+        async with trio.open_nursery() as nursery:
+
+            async def answer_messages(task_status: trio.TaskStatus[None]) -> None:
+                with endpoint.subscribe_messages() as messages:
+                    task_status.started()
+                    async for message, address in messages:
+                        if not peer.responsive:
+                            continue
+                        if message == PING:
+                            endpoint.send_message(PONG, address)
+                            if ping_first:
+                                endpoint.send_message(PING, address)
+
+            async def accept() -> None:
+                while True:
+                    stream = await endpoint.accept()
+                    peer.streams.append(stream)
+                    peer.accepted.set()
+                    if handler is not None:
+                        nursery.start_soon(handler, peer, stream)
+
+            await nursery.start(answer_messages)
+            nursery.start_soon(accept)
+            yield peer
+            nursery.cancel_scope.cancel()
+
+
+async def tls_server_handler(peer: RawPeer, stream: Any, tls_config: TLSConfig | None = None) -> None:
+    """Accept TLS as a proper node would (then echo), but never run a proxy."""
+    tls = TLSStream(stream, tls_config or TLSConfig.generate(), server_side=True)
+    try:
+        await tls.do_handshake()
+        while data := await tls.receive_some(65536):
+            await tls.send_all(data)
+    except (KeynodeError, NatError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        peer.errors.append(error)
+
+
+def stdlib_tls_context(server_side: bool) -> ssl.SSLContext:
+    """A TLS context with no certificate at all (the "missing certificates" cases)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if not server_side:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def random_payload(size: int) -> bytes:
+    return os.urandom(size)
