@@ -304,3 +304,37 @@ async def test_half_close_over_a_transport_that_cannot_half_close() -> None:
         assert await receive_until_eof(client) == b"answer"
         await client.aclose()
         await server.aclose()
+
+
+async def test_many_concurrent_connections_over_tcp() -> None:
+    """One TLS server config, one client config, many connections at once (the
+    proxy's shape): each echoes its own data back intact."""
+    client_config, server_config = make_tls_config(2), make_tls_config()
+    count = 40
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    echoed: dict[int, bytes] = {}
+
+    async def serve(transport: trio.SocketStream) -> None:
+        async with TLSStream(transport, server_config, server_side=True) as stream:
+            while chunk := await stream.receive_some():
+                await stream.send_all(chunk)
+            await stream.send_eof()
+
+    async def call(index: int) -> None:
+        transport = await trio.open_tcp_stream("127.0.0.1", port)
+        async with TLSStream(transport, client_config, server_side=False) as stream:
+            data = random_bytes(50_000 + index, seed=100 + index)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_then_eof, stream, data, 7_000)
+                echoed[index] = await receive_until_eof(stream)
+            assert echoed[index] == data
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as server_nursery:
+            await server_nursery.start(trio.serve_listeners, serve, listeners)
+            async with trio.open_nursery() as nursery:
+                for index in range(count):
+                    nursery.start_soon(call, index)
+            server_nursery.cancel_scope.cancel()
+    assert len(echoed) == count
