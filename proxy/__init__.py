@@ -7,3 +7,4 @@ from proxy.certificates import generate_certificate, renew_certificate, rotate_k
 from proxy.tls_config import TLSConfig  # noqa: F401
 from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain  # noqa: F401
 from proxy.tls import TLSStream, open_tls_stream  # noqa: F401
+from proxy.proxy import Proxy, open_proxy  # noqa: F401
