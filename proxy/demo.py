@@ -307,12 +307,14 @@ def _run(
 
     server, server_port = start_echo_server(lambda peer: lookup_caller(node_b.directory / "control.sock", peer))
     resources["server"] = server
-    write_config(node_b, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[server]\nhost = "127.0.0.1"\nport = {server_port}\n')
+    # conn_connect_time 5 s (default 2): room for a busy machine, no effect on the figures.
+    timeouts = "[timeouts]\nconn_connect_time = 5.0\n"
+    write_config(node_b, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[server]\nhost = "127.0.0.1"\nport = {server_port}\n{timeouts}')
     nodes.append(node_b)
     node_b.start()
     b_proxy = node_b.info["proxy"]
     b_id = node_b.info["node_id"]
-    write_config(node_a, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[peers]\n"{b_id}" = "{b_proxy}"\n')
+    write_config(node_a, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n{timeouts}[peers]\n"{b_id}" = "{b_proxy}"\n')
     nodes.append(node_a)
     node_a.start()
     a_id = node_a.info["node_id"]
