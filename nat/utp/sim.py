@@ -171,6 +171,7 @@ class StreamApp:
         self.write_chunk = write_chunk
         self.received = bytearray()
         self.events: list = []
+        self.paused = False  # a reader that stopped reading
 
     @property
     def sent_all(self) -> bool:
@@ -198,6 +199,8 @@ class StreamApp:
         self._read()
 
     def _read(self) -> None:
+        if self.paused:
+            return
         budget = self.read_budget
         if budget is None:
             while True:
