@@ -56,6 +56,7 @@ Address = tuple[Any, ...]
 DEFAULT_SOCKET_BUFFER_SIZE = 8 * 1024 * 1024
 RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
 MAX_DATAGRAM_SIZE = 65535
+TIMER_GRANULARITY = 0.0005  # shortest wait for a timer, in seconds
 SEND_BACKLOG_LIMIT = 4096  # datagrams queued while the socket would block
 ACCEPT_BACKLOG = 128  # accepted connections waiting for accept()
 SUBSCRIBER_BUFFER = 256  # messages buffered per subscriber before dropping
@@ -293,7 +294,11 @@ class Endpoint:
 
     async def _receive_loop(self) -> None:
         sock = self._sock
-        recvfrom = sock.recvfrom
+        # recvfrom_into a reused buffer plus one exact-size copy is cheaper than
+        # recvfrom(65535), which allocates 64 KiB per datagram and shrinks it.
+        buffer = bytearray(MAX_DATAGRAM_SIZE)
+        view = memoryview(buffer)
+        recvfrom_into = sock.recvfrom_into
         receive_datagram = self._mux.receive_datagram
         user_address = self._user_address if self._ipv6 else None
         stats = self.stats
@@ -304,7 +309,7 @@ class Endpoint:
             would_block = False
             for _ in range(RECEIVE_BATCH):
                 try:
-                    data, addr = recvfrom(MAX_DATAGRAM_SIZE)
+                    size, addr = recvfrom_into(buffer)
                 except BlockingIOError:
                     would_block = True
                     break
@@ -315,18 +320,18 @@ class Endpoint:
                 received += 1
                 if user_address is not None:
                     addr = user_address(addr)
-                size = len(data)
-                first = data[0] if size else 0xFF
+                first = buffer[0] if size else 0xFF
                 if size >= 20 and first & 0x0F == 1 and first >> 4 <= 4:
                     utp += 1
                     try:
-                        receive_datagram(data, addr, now)
+                        # A copy: the core may keep slices of what it is given.
+                        receive_datagram(bytes(view[:size]), addr, now)
                     except NatError:
                         # The core counts malformed input itself; this guards the
                         # driver should a typed error escape anyway.
                         stats.malformed_utp += 1
                 elif size == 4 and first == 0:
-                    self._deliver_message(data, addr)
+                    self._deliver_message(bytes(view[:4]), addr)
                 else:
                     junk += 1
             stats.datagrams_received += received
@@ -338,11 +343,12 @@ class Endpoint:
             if not would_block:
                 await trio.lowlevel.checkpoint()
                 continue
-            if self._timer_deadline <= current_time():
-                self._service(current_time())
-                await trio.lowlevel.checkpoint()
-                continue
-            with trio.CancelScope(deadline=self._timer_deadline) as scope:
+            now = current_time()
+            if self._timer_deadline <= now:
+                self._service(now)
+            # A deadline the core left in the past must not make this spin.
+            deadline = max(self._timer_deadline, now + TIMER_GRANULARITY)
+            with trio.CancelScope(deadline=deadline) as scope:
                 self._wait_scope = scope
                 try:
                     await trio.lowlevel.wait_readable(sock)
@@ -382,8 +388,9 @@ class Endpoint:
         if self._closed:
             return
         mux = self._mux
-        timer = mux.get_timer()
-        if timer is not None and timer <= now:
+        # The cached deadline is current: every call into the core that can
+        # move it earlier is followed by a _service.
+        if self._timer_deadline <= now:
             mux.handle_timer(now)
         self._dispatch_events()
         self._flush(now)

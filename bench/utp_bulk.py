@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""uTP bulk throughput and 1-byte echo latency over loopback: ours vs libutp.
+
+    .venv/bin/python bench/utp_bulk.py            # the table (well under 2 minutes)
+    .venv/bin/python bench/utp_bulk.py --profile  # cProfile of ours->ours, one process
+
+Rows: ours->ours, utp-native->utp-native (libutp under Node, default socket buffers
+as the original ran, and with 8 MiB buffers) and both cross pairs; each with sender
+and receiver in one process (same-language pairs only) and in two processes. All
+at libutp's 1402-byte UDP payload ceiling (1382 payload + 20 header). Receivers
+time from the accepted connection to the sender's FIN. Figures are MiB/s (MiB =
+2**20 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import trio  # noqa: E402
+
+from nat import UtpStream, open_endpoint  # noqa: E402
+
+NODE_DIR = ROOT / "tests" / "node"
+MIB = 1024 * 1024
+CHUNK = b"\x5a" * 65536
+RECEIVE_SIZE = 1 << 20
+ROW_TIMEOUT = 30.0
+LARGE_SOCKBUF = 8 * MIB
+
+
+# ---- our side, as roles (also run as subprocesses) -----------------------------------
+
+
+def report(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def send_bytes(stream: UtpStream, total: int) -> None:
+    left = total
+    while left > 0:
+        size = min(left, len(CHUNK))
+        await stream.send_all(CHUNK if size == len(CHUNK) else CHUNK[:size])
+        left -= size
+    await stream.send_eof()
+
+
+async def receive_counting(stream: UtpStream) -> tuple[int, float]:
+    started = time.perf_counter()
+    count = 0
+    while chunk := await stream.receive_some(RECEIVE_SIZE):
+        count += len(chunk)
+    return count, time.perf_counter() - started
+
+
+async def role_receive() -> None:
+    async with open_endpoint() as endpoint:
+        report({"event": "listening", "port": endpoint.address[1]})
+        stream = await endpoint.accept()
+        count, seconds = await receive_counting(stream)
+        report({"event": "received", "bytes": count, "seconds": seconds})
+        await stream.send_eof()
+        with trio.move_on_after(2):
+            await stream.aclose()
+
+
+async def role_send(host: str, port: int, total: int) -> None:
+    async with open_endpoint() as endpoint:
+        stream = await endpoint.connect((host, port))
+        await send_bytes(stream, total)
+        with trio.move_on_after(10):
+            while await stream.receive_some():
+                pass
+            await stream.aclose()
+        report({"event": "sent"})
+
+
+async def ours_one_process(total: int) -> tuple[int, float]:
+    async with open_endpoint() as a, open_endpoint() as b:
+        result: list[tuple[int, float]] = []
+
+        async def receiver() -> None:
+            stream = await b.accept()
+            result.append(await receive_counting(stream))
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            client = await a.connect(b.address)
+            await send_bytes(client, total)
+        await client.aclose()
+        return result[0]
+
+
+async def ours_rtt(count: int, address: tuple[str, int] | None = None) -> list[float]:
+    """1-byte echo round trips; in-process echo server unless address is given."""
+    samples: list[float] = []
+    async with open_endpoint() as a, open_endpoint() as b:
+
+        async def echo() -> None:
+            stream = await b.accept()
+            while chunk := await stream.receive_some():
+                await stream.send_all(chunk)
+
+        async with trio.open_nursery() as nursery:
+            if address is None:
+                nursery.start_soon(echo)
+                address = b.address
+            client = await a.connect(address)
+            for index in range(count + 50):
+                started = time.perf_counter()
+                await client.send_all(b"x")
+                reply = await client.receive_some(1)
+                if index >= 50:  # warm-up excluded
+                    samples.append((time.perf_counter() - started) * 1e6)
+                assert reply == b"x"
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    return samples
+
+
+# ---- process plumbing ----------------------------------------------------------------
+
+
+def node() -> str:
+    executable = shutil.which("node")
+    if executable is None or not (NODE_DIR / "node_modules" / "utp-native").is_dir():
+        sys.exit("Node or tests/node/node_modules/utp-native missing: run `make node`")
+    return executable
+
+
+def spawn(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def read_event(process: subprocess.Popen[str], deadline: float) -> dict[str, Any]:
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{process.args} exited ({process.wait()})")
+        event = json.loads(line)
+        if event.get("event") == "error":
+            raise RuntimeError(f"{process.args}: {event}")
+        return event
+    raise TimeoutError(process.args)
+
+
+def python_role(*args: object) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--role", *map(str, args)]
+
+
+def node_script(*args: object) -> list[str]:
+    return [node(), str(NODE_DIR / "utp_bulk.js"), *map(str, args)]
+
+
+def two_processes(receiver: list[str], sender_of_port: Any) -> tuple[int, float]:
+    deadline = time.monotonic() + ROW_TIMEOUT
+    processes = [spawn(receiver)]
+    try:
+        listening = read_event(processes[0], deadline)
+        processes.append(spawn(sender_of_port(listening["port"])))
+        with_alarm = read_event(processes[0], deadline)  # "received"
+        return int(with_alarm["bytes"]), float(with_alarm["seconds"])
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def node_one_process(total: int, sockbuf: int) -> tuple[int, float]:
+    process = spawn(node_script("local", total, sockbuf))
+    try:
+        event = read_event(process, time.monotonic() + ROW_TIMEOUT)
+        return int(event["bytes"]), float(event["seconds"])
+    finally:
+        process.kill()
+        process.wait()
+
+
+def node_rtt(count: int) -> list[float]:
+    process = spawn(node_script("rtt", count + 50))
+    try:
+        return list(read_event(process, time.monotonic() + ROW_TIMEOUT)["microseconds"])[50:]
+    finally:
+        process.kill()
+        process.wait()
+
+
+def node_echo_rtt(count: int) -> list[float]:
+    process = spawn([node(), str(NODE_DIR / "utp_echo_server.js"), "127.0.0.1", 0])
+    try:
+        port = read_event(process, time.monotonic() + ROW_TIMEOUT)["port"]
+        return trio.run(ours_rtt, count, ("127.0.0.1", port))
+    finally:
+        process.kill()
+        process.wait()
+
+
+# ---- the table ----------------------------------------------------------------------
+
+
+def rate(result: tuple[int, float], expected: int) -> str:
+    count, seconds = result
+    if count != expected:
+        return f"FAILED ({count} of {expected} bytes)"
+    return f"{count / MIB / seconds:8.1f}"
+
+
+def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count: int) -> None:
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, one: str, two: str) -> None:
+        rows.append((name, one, two))
+        print(f"  {name:<40} {one:>12} {two:>12}", flush=True)
+
+    print(f"uTP bulk over loopback, MiB/s (1402-byte datagrams); python {sys.version.split()[0]}")
+    print(f"  {'sender -> receiver':<40} {'1 process':>12} {'2 processes':>12}")
+    one = rate(trio.run(ours_one_process, size_ours), size_ours)
+    two = rate(
+        two_processes(python_role("receive"), lambda port: python_role("send", "127.0.0.1", port, size_ours)),
+        size_ours,
+    )
+    row(f"ours -> ours ({size_ours // MIB} MiB)", one, two)
+    one = rate(node_one_process(size_native, 0), size_native)
+    two = rate(
+        two_processes(
+            node_script("receive", 0),
+            lambda port: node_script("send", "127.0.0.1", port, size_native_slow, 0),
+        ),
+        size_native_slow,
+    )
+    row(f"utp-native -> utp-native ({size_native // MIB}/{size_native_slow // MIB} MiB)", one, two)
+    one = rate(node_one_process(size_native, LARGE_SOCKBUF), size_native)
+    two = rate(
+        two_processes(
+            node_script("receive", LARGE_SOCKBUF),
+            lambda port: node_script("send", "127.0.0.1", port, size_native, LARGE_SOCKBUF),
+        ),
+        size_native,
+    )
+    row(f"utp-native, 8 MiB sockbufs ({size_native // MIB} MiB)", one, two)
+    two = rate(
+        two_processes(
+            node_script("receive", 0),
+            lambda port: python_role("send", "127.0.0.1", port, size_native_slow),
+        ),
+        size_native_slow,
+    )
+    row(f"ours -> utp-native ({size_native_slow // MIB} MiB)", "n/a", two)
+    two = rate(
+        two_processes(
+            python_role("receive"),
+            lambda port: node_script("send", "127.0.0.1", port, size_native, 0),
+        ),
+        size_native,
+    )
+    row(f"utp-native -> ours ({size_native // MIB} MiB)", "n/a", two)
+
+    print(f"\n1-byte echo round trip, microseconds ({rtt_count} samples)")
+    print(f"  {'client -> echo server':<40} {'median':>12} {'p99':>12}")
+    for name, samples in (
+        ("ours -> ours (1 process)", trio.run(ours_rtt, rtt_count)),
+        ("utp-native -> utp-native (1 process)", node_rtt(rtt_count)),
+        ("ours -> utp-native (2 processes)", node_echo_rtt(rtt_count)),
+    ):
+        samples.sort()
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        print(f"  {name:<40} {statistics.median(samples):12.0f} {p99:12.0f}", flush=True)
+
+
+def run_profile(total: int) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    count, seconds = trio.run(ours_one_process, total)
+    profiler.disable()
+    print(f"ours -> ours, one process, under cProfile: {count / MIB / seconds:.1f} MiB/s")
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(25)
+    print(out.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=64, help="MiB for fast rows (default 64)")
+    parser.add_argument("--slow-size", type=int, default=16, help="MiB for default-buffer libutp rows")
+    parser.add_argument("--rtt-count", type=int, default=2000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.role:
+        role, *rest = args.role
+        if role == "receive":
+            trio.run(role_receive)
+        elif role == "send":
+            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]))
+        else:
+            sys.exit(f"unknown role {role}")
+        return
+    if args.profile:
+        run_profile(args.size * MIB)
+        return
+    started = time.monotonic()
+    run_table(args.size * MIB, args.size * MIB, args.slow_size * MIB, args.rtt_count)
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
