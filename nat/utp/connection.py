@@ -50,8 +50,6 @@ Where we do better than libutp (documented deviations):
 
 from __future__ import annotations
 
-import enum
-import heapq
 from typing import TYPE_CHECKING
 
 from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
@@ -62,52 +60,29 @@ from nat.utp.events import (
     Connected,
     DataAvailable,
     EofReceived,
-    SendSpaceAvailable,
 )
-from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN
+from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_STATE
 from nat.utp.rtt import RttEstimator
+from nat.utp.sending import SendSide
+from nat.utp.states import (
+    CLOSED as _CLOSED,
+    CONNECTED as _CONNECTED,
+    MASK16 as _MASK16,
+    MASK32 as _MASK32,
+    MAX_PROBE_INTERVAL as _MAX_PROBE_INTERVAL,
+    RESET as _RESET,
+    SYN_RECV as _SYN_RECV,
+    SYN_SENT as _SYN_SENT,
+    VERSION as _VERSION,
+    OutgoingPacket as _Outgoing,
+    UtpState,
+)
 
 if TYPE_CHECKING:
     from nat.utp.multiplexer import UtpMultiplexer
 
-_MASK16 = 0xFFFF
-_MASK32 = 0xFFFFFFFF
-_VERSION = 1
-_SACK_PREFIX = b"\x00\x04"  # next extension 0, length 4
-_DUP_ACK_THRESHOLD = 3
-_MAX_PROBE_INTERVAL = 15.0
 
-
-class UtpState(enum.Enum):
-    SYN_SENT = "SYN_SENT"
-    SYN_RECV = "SYN_RECV"
-    CONNECTED = "CONNECTED"
-    CLOSED = "CLOSED"
-    RESET = "RESET"
-
-
-_SYN_SENT = UtpState.SYN_SENT
-_SYN_RECV = UtpState.SYN_RECV
-_CONNECTED = UtpState.CONNECTED
-_CLOSED = UtpState.CLOSED
-_RESET = UtpState.RESET
-
-
-class _Outgoing:
-    """A packet that consumed a sequence number and awaits its ACK."""
-
-    __slots__ = ("seq", "ptype", "payload", "sent_at", "transmissions", "in_flight")
-
-    def __init__(self, seq: int, ptype: int, payload: bytes) -> None:
-        self.seq = seq
-        self.ptype = ptype
-        self.payload = payload
-        self.sent_at = 0.0
-        self.transmissions = 0
-        self.in_flight = False
-
-
-class UtpConnection:
+class UtpConnection(SendSide):
     """A uTP connection. Created only by :class:`UtpMultiplexer`."""
 
     def __init__(
@@ -347,183 +322,6 @@ class UtpConnection:
 
     # ---- outgoing
 
-    def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
-        wnd = self._free_window()
-        self._last_adv_wnd = wnd
-        return HEADER.pack(
-            (ptype << 4) | _VERSION,
-            1 if sack is not None else 0,
-            self.send_id,
-            now_us,
-            self._reply_micro,
-            wnd,
-            seq & _MASK16,
-            (self._rcv_nxt - 1) & _MASK16,
-        )
-
-    def _build_sack(self) -> bytes | None:
-        reorder = self._reorder
-        if not reorder:
-            return None
-        base = self._rcv_nxt + 1
-        mask = 0
-        for seq in reorder:
-            offset = seq - base
-            if 0 <= offset < 32:
-                mask |= 1 << offset
-        if not mask:
-            return None
-        # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per byte
-        return mask.to_bytes(4, "little")
-
-    def _flush(self, now: float, out: list) -> None:
-        """Append every datagram this connection wants to send now."""
-        state = self.state
-        addr = self.remote_address
-        now_us = int(now * 1_000_000) & _MASK32
-        if state is _CLOSED or state is _RESET:
-            if self._reset_due:
-                self._reset_due = False
-                out.append((self._reset_datagram(now_us), addr))
-                self._mux.stats.resets_sent += 1
-            elif self._ack_due:
-                self._ack_due = False
-                out.append((self._header(ST_STATE, self._snd_nxt, now_us, None), addr))
-            return
-        if self._close_requested and self._close_deadline is None:
-            self._close_deadline = now + self._config.close_timeout
-        if state is _SYN_SENT:
-            rec = self._outstanding.get(self._isn)
-            if rec is not None and not rec.in_flight:
-                self._transmit_syn(rec, now, now_us, out)
-            return
-        sack = self._build_sack()
-        sent = 0
-        if self._synack_due:
-            self._synack_due = False
-            out.append((self._header(ST_STATE, self._isn, now_us, sack), addr))
-            sent += 1
-        outstanding = self._outstanding
-        cwnd = self._cc.cwnd
-        peer_wnd = self._peer_wnd
-        window = cwnd if cwnd < peer_wnd else peer_wnd
-        mss = self._mss
-        # 1. retransmissions first
-        resend = self._resend
-        while resend:
-            seq = resend[0]
-            rec = outstanding.get(seq)
-            if rec is None or rec.in_flight:
-                heapq.heappop(resend)
-                continue
-            size = len(rec.payload)
-            if self._flight + size > window and self._flight > 0:
-                break
-            heapq.heappop(resend)
-            self._transmit(rec, now, now_us, sack, out)
-            self.retransmits += 1
-            self._mux.stats.retransmits += 1
-            sent += 1
-        # 2. new data
-        sendbuf = self._sendbuf
-        if sendbuf and not resend:
-            max_packets = self._config.max_packets_in_flight
-            while sendbuf:
-                size = len(sendbuf)
-                if size > mss:
-                    size = mss
-                if self._flight + size > window:
-                    if self._flight == 0 and self._probe_ok:
-                        self._probe_ok = False  # one zero-window probe
-                    else:
-                        if self._flight == 0 and self._probe_deadline is None:
-                            self._probe_deadline = now + self._probe_interval
-                        break
-                if len(outstanding) >= max_packets:
-                    break
-                if size == len(sendbuf):
-                    payload = bytes(sendbuf)
-                    sendbuf.clear()
-                else:
-                    payload = bytes(sendbuf[:size])
-                    del sendbuf[:size]
-                seq = self._snd_nxt
-                self._snd_nxt = seq + 1
-                rec = _Outgoing(seq, ST_DATA, payload)
-                outstanding[seq] = rec
-                self._outstanding_bytes += size
-                self._transmit(rec, now, now_us, sack, out)
-                sent += 1
-        if peer_wnd >= mss:
-            self._probe_deadline = None
-            self._probe_interval = self._config.zero_window_probe
-        # 3. FIN once everything before it is packetized
-        if self._eof_requested and not self._fin_sent and not sendbuf:
-            self._fin_sent = True
-            seq = self._snd_nxt
-            self._snd_nxt = seq + 1
-            rec = _Outgoing(seq, ST_FIN, b"")
-            outstanding[seq] = rec
-            self._transmit(rec, now, now_us, sack, out)
-            sent += 1
-        # 4. a bare ACK if nothing above carried one
-        if self._ack_due and not sent:
-            self._send_state(now, now_us, sack, out)
-
-    def _send_state(self, now: float, now_us: int, sack: bytes | None, out: list) -> None:
-        # In SYN_RECV every STATE is a SYN-ACK (seq = ISN): see the module docstring.
-        seq = self._isn if self.state is _SYN_RECV else self._snd_nxt
-        header = self._header(ST_STATE, seq, now_us, sack)
-        out.append((header + _SACK_PREFIX + sack if sack is not None else header, self.remote_address))
-        self._ack_due = False
-        self._ack_deadline = None
-        self._unacked = 0
-        self._last_send = now
-
-    def _transmit(self, rec: _Outgoing, now: float, now_us: int, sack: bytes | None, out: list) -> None:
-        header = self._header(rec.ptype, rec.seq, now_us, sack)
-        if sack is not None:
-            datagram = header + _SACK_PREFIX + sack + rec.payload
-        else:
-            datagram = header + rec.payload
-        out.append((datagram, self.remote_address))
-        rec.sent_at = now
-        rec.transmissions += 1
-        rec.in_flight = True
-        self._flight += len(rec.payload)
-        self.bytes_sent += len(rec.payload) if rec.transmissions == 1 else 0
-        if self._rto_deadline is None:
-            self._rto_deadline = now + self._rtt.rto
-        self._ack_due = False
-        self._ack_deadline = None
-        self._unacked = 0
-        self._last_send = now
-
-    def _transmit_syn(self, rec: _Outgoing, now: float, now_us: int, out: list) -> None:
-        header = HEADER.pack(
-            (ST_SYN << 4) | _VERSION, 0, self.recv_id, now_us, 0, self._free_window(), rec.seq & _MASK16, 0
-        )
-        out.append((header, self.remote_address))
-        rec.sent_at = now
-        rec.transmissions += 1
-        rec.in_flight = True
-        self._syn_last_sent = now
-        if self._rto_deadline is None:
-            self._rto_deadline = now + self._rtt.rto
-        self._last_send = now
-
-    def _reset_datagram(self, now_us: int) -> bytes:
-        return HEADER.pack(
-            (ST_RESET << 4) | _VERSION,
-            0,
-            self.send_id,
-            now_us,
-            self._reply_micro,
-            0,
-            self._snd_nxt & _MASK16,
-            (self._rcv_nxt - 1) & _MASK16,
-        )
-
     # ---- timers
 
     def _next_deadline(self) -> float | None:
@@ -593,35 +391,6 @@ class UtpConnection:
             )
             mux._pending.append((header, self.remote_address))
             self._last_send = now
-
-    def _on_rto(self, now: float) -> None:
-        mux = self._mux
-        self._rto_deadline = None
-        if not self._outstanding:
-            return
-        self._consecutive_timeouts += 1
-        mux.stats.timeouts += 1
-        if self.state is _SYN_SENT:
-            if self._consecutive_timeouts >= self._config.syn_retries:
-                self._die(UtpTimeout("connect: no answer to SYN"))
-                return
-        elif self._consecutive_timeouts > self._config.max_retransmits:
-            self._reset_due = True
-            self._die(UtpTimeout("retransmissions exhausted"), _RESET)
-            return
-        self._rtt.backoff()
-        if self.state is not _SYN_SENT:
-            self._cc.on_timeout(now)
-            self._recovery_seq = self._snd_nxt
-        for rec in self._outstanding.values():
-            if rec.in_flight:
-                rec.in_flight = False
-                self._flight -= len(rec.payload)
-                heapq.heappush(self._resend, rec.seq)
-        self._dup_acks = 0
-        if self.state is _SYN_RECV:
-            self._synack_due = True
-        mux._dirty.add(self)
 
     # ---- incoming
 
@@ -707,138 +476,6 @@ class UtpConnection:
             # new data after our close(): nobody will read it
             self._reset_due = True
         self._mux._dirty.add(self)
-
-    def _on_ack(
-        self,
-        ptype: int,
-        ack: int,
-        off: int,
-        sack: bytes | None,
-        wnd: int,
-        ts_diff: int,
-        now: float,
-    ) -> None:
-        outstanding = self._outstanding
-        self._peer_wnd = wnd
-        if wnd < self._mss:
-            # the peer is alive, just full: timeouts here are not a dead path
-            self._consecutive_timeouts = 0
-        acked_bytes = 0
-        flight_before = self._flight
-        newest_rtt_sent = -1.0
-        lost = False
-        if off > 0:
-            self._dup_acks = 0
-            una = self._snd_una
-            latest = self._latest_delivered_sent_at
-            for seq in range(una, ack + 1):
-                rec = outstanding.pop(seq, None)
-                if rec is None:
-                    continue
-                size = len(rec.payload)
-                acked_bytes += size
-                self._outstanding_bytes -= size
-                if rec.in_flight:
-                    self._flight -= size
-                if rec.transmissions == 1 and rec.sent_at > newest_rtt_sent:
-                    newest_rtt_sent = rec.sent_at
-                if rec.sent_at > latest:
-                    latest = rec.sent_at
-                if rec.ptype == ST_FIN:
-                    self._fin_acked = True
-            self._latest_delivered_sent_at = latest
-            una = ack + 1
-            nxt = self._snd_nxt
-            while una < nxt and una not in outstanding:
-                una += 1
-            self._snd_una = una
-            self._consecutive_timeouts = 0
-            self._rto_deadline = now + self._rtt.rto if outstanding else None
-        elif ptype == ST_STATE and outstanding:
-            self._dup_acks += 1
-            if self._dup_acks == _DUP_ACK_THRESHOLD:
-                rec = outstanding.get(self._snd_una)
-                if rec is not None and rec.in_flight:
-                    self._mark_lost(rec)
-                    lost = True
-        if sack is not None and outstanding:
-            sacked_bytes, sack_lost = self._on_sack(ack, sack)
-            acked_bytes += sacked_bytes
-            lost = lost or sack_lost
-        if newest_rtt_sent >= 0.0:
-            self._rtt.sample(now - newest_rtt_sent)
-        if lost:
-            self._mux.stats.fast_retransmits += 1
-            if self._snd_una >= self._recovery_seq:
-                self._cc.on_loss(now)
-                self._recovery_seq = self._snd_nxt
-        if acked_bytes:
-            delay = None
-            if ts_diff:
-                delay = self._delay.add(ts_diff, now)
-                # a queuing delay cannot exceed the round trip (clock skew guard)
-                limit = int(self._rtt.srtt * 1_000_000) if self._rtt.has_sample else 1_000_000
-                if delay > limit:
-                    delay = limit
-            self._cc.on_ack(acked_bytes, delay, flight_before, now)
-            if self._send_blocked and self.send_buffer_free >= (self._send_buffer_size >> 2):
-                self._send_blocked = False
-                self._emit(SendSpaceAvailable(self))
-            self._mux._dirty.add(self)
-        elif lost or wnd >= self._mss:
-            self._mux._dirty.add(self)
-        if self._fin_acked and not outstanding:
-            if self._close_requested or self._eof_reached:
-                self._finish()
-
-    def _on_sack(self, ack: int, sack: bytes) -> tuple[int, bool]:
-        """Apply a selective ACK; return (bytes newly acked, a loss was detected)."""
-        outstanding = self._outstanding
-        base = ack + 2
-        nxt = self._snd_nxt
-        sacked: list[int] = []
-        acked_bytes = 0
-        latest = self._latest_delivered_sent_at
-        bits = int.from_bytes(sack, "little")
-        index = 0
-        while bits:
-            if bits & 1:
-                seq = base + index
-                if seq >= nxt:
-                    break
-                sacked.append(seq)
-                rec = outstanding.pop(seq, None)
-                if rec is not None:
-                    size = len(rec.payload)
-                    acked_bytes += size
-                    self._outstanding_bytes -= size
-                    if rec.in_flight:
-                        self._flight -= size
-                    if rec.sent_at > latest:
-                        latest = rec.sent_at
-                    if rec.ptype == ST_FIN:
-                        self._fin_acked = True
-            bits >>= 1
-            index += 1
-        self._latest_delivered_sent_at = latest
-        if len(sacked) < _DUP_ACK_THRESHOLD:
-            return acked_bytes, False
-        # A hole is lost once 3 packets above it are SACKed and something sent
-        # after its last transmission was delivered (so a retransmission is not
-        # declared lost again by the same old SACK bits).
-        lost = False
-        limit = sacked[-_DUP_ACK_THRESHOLD]
-        for seq in range(self._snd_una, limit):
-            rec = outstanding.get(seq)
-            if rec is not None and rec.in_flight and rec.sent_at < latest:
-                self._mark_lost(rec)
-                lost = True
-        return acked_bytes, lost
-
-    def _mark_lost(self, rec: _Outgoing) -> None:
-        rec.in_flight = False
-        self._flight -= len(rec.payload)
-        heapq.heappush(self._resend, rec.seq)
 
     def _on_data(self, ptype: int, seq16: int, data: bytes, offset: int, now: float) -> None:
         rcv_nxt = self._rcv_nxt

@@ -58,7 +58,8 @@ from collections import deque
 
 from nat.errors import MalformedPacket
 from nat.utp.config import UtpConfig, UtpStats
-from nat.utp.connection import UtpConnection, UtpState, _Outgoing
+from nat.utp.connection import UtpConnection, UtpState
+from nat.utp.states import OutgoingPacket
 from nat.utp.events import IncomingConnection
 from nat.utp.packet import HEADER, ST_RESET, ST_SYN, parse_datagram
 
@@ -104,7 +105,7 @@ class UtpMultiplexer:
             self, addr, recv_id, (recv_id + 1) & _MASK16, isn, UtpState.SYN_SENT, self.config, now
         )
         # the SYN consumes the ISN
-        conn._outstanding[isn] = _Outgoing(isn, ST_SYN, b"")
+        conn._outstanding[isn] = OutgoingPacket(isn, ST_SYN, b"")
         conn._snd_nxt = isn + 1
         conns[(addr, recv_id)] = conn
         self._dirty.add(conn)
