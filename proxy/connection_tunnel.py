@@ -208,11 +208,14 @@ async def close_streams(*streams: trio.abc.AsyncResource | None, graceful: bool,
 
 
 def reset_error_for(outcome: PipeOutcome) -> BaseException | None:
-    if outcome.error is None or isinstance(outcome.error, KeynodeError):
-        return outcome.error
-    error = ConnectionResetByPeer(str(outcome.error) or type(outcome.error).__name__)
-    error.__cause__ = outcome.error
-    return error
+    """The error given to connection_lost_callback: the keep-alive timeout as is,
+    anything else as ConnectionResetByPeer caused by the underlying error."""
+    error = outcome.error
+    if error is None or isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer):
+        return error
+    wrapped = ConnectionResetByPeer(f"{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def remaining(deadline: float) -> float:

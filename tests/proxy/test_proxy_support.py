@@ -276,3 +276,54 @@ def stdlib_tls_context(server_side: bool) -> ssl.SSLContext:
 
 def random_payload(size: int) -> bytes:
     return os.urandom(size)
+
+
+# --- a UDP middlebox that can black-hole the path ------------------------------------------
+
+
+@dataclass
+class UdpRelay:
+    """Forwards datagrams between one local peer and a remote address; ``drop`` cuts the path."""
+
+    port: int = 0
+    drop: bool = False
+    forwarded: int = 0
+    dropped: int = 0
+
+
+@asynccontextmanager
+async def udp_relay(remote: tuple[str, int]) -> AsyncIterator[UdpRelay]:
+    relay = UdpRelay()
+    front = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    back = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with front, back:
+        await front.bind(("127.0.0.1", 0))
+        await back.bind(("127.0.0.1", 0))
+        relay.port = front.getsockname()[1]
+        local: list[Any] = []
+
+        async def front_to_back() -> None:
+            while True:
+                data, address = await front.recvfrom(65536)
+                if not local:
+                    local.append(address)
+                if relay.drop:
+                    relay.dropped += 1
+                    continue
+                relay.forwarded += 1
+                await back.sendto(data, remote)
+
+        async def back_to_front() -> None:
+            while True:
+                data, _ = await back.recvfrom(65536)
+                if relay.drop or not local:
+                    relay.dropped += 1
+                    continue
+                relay.forwarded += 1
+                await front.sendto(data, local[0])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front_to_back)
+            nursery.start_soon(back_to_front)
+            yield relay
+            nursery.cancel_scope.cancel()

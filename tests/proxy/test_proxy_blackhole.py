@@ -1,0 +1,108 @@
+"""A path that goes dark (a UDP middlebox dropping everything), and a peer that resets."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+
+from proxy.connection_tunnel import EndReason
+from proxy.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
+from proxy.tls import TLSStream
+from proxy.tls_config import TLSConfig
+from tests.proxy.test_proxy_support import (
+    connect_ok,
+    connection_ended,
+    http_connect,
+    raw_peer,
+    running_node,
+    tcp_server,
+    udp_relay,
+)
+
+
+async def echo_round(stream: trio.SocketStream, payload: bytes) -> None:
+    await stream.send_all(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        received += chunk
+    assert received == payload
+
+
+async def test_503_while_stopping_and_connections_end_within_conn_end_time() -> None:
+    end_time = 1.0
+    with trio.fail_after(20):
+        async with tcp_server() as server, running_node(server.port) as remote:
+            async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
+                async with running_node(conn_end_time=end_time) as local:
+                    target = f"127.0.0.1:{relay.port}?nodeId={remote.node_id}"
+                    client = await connect_ok(local.proxy, target)
+                    await echo_round(client, b"before the dark")
+                    relay.drop = True  # the graceful close can no longer complete
+                    stopped_after: list[float] = []
+
+                    async def stop() -> None:
+                        start = trio.current_time()
+                        await local.proxy.stop()
+                        stopped_after.append(trio.current_time() - start)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(stop)
+                        await trio.sleep(0.1)
+                        reply = await http_connect(local.proxy, target)
+                        assert reply.status == 503
+                        await reply.stream.aclose()
+                    # Bounded by conn_end_time (plus scheduling), not by the dead path.
+                    assert stopped_after[0] < end_time + 0.6
+                    assert local.proxy.connection_forward_count == 0
+                    assert await connection_ended(client)
+                    (lost,) = local.events.lost
+                    assert lost.reason == EndReason.CLOSED_LOCALLY
+                    await client.aclose()
+
+
+async def test_keep_alive_timeout_between_two_proxies() -> None:
+    options: dict[str, Any] = dict(conn_keep_alive_timeout_time=0.6, conn_keep_alive_interval_time=0.1)
+    with trio.fail_after(20):
+        async with tcp_server() as server, running_node(server.port, **options) as remote:
+            async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
+                async with running_node(**options) as local:
+                    client = await connect_ok(local.proxy, f"127.0.0.1:{relay.port}?nodeId={remote.node_id}")
+                    await echo_round(client, b"alive")
+                    # Quiet but alive: keep-alive pings keep both sides up past the timeout.
+                    await trio.sleep(1.0)
+                    await echo_round(client, b"still alive")
+                    assert local.events.lost == [] and remote.events.lost == []
+                    relay.drop = True
+                    assert await connection_ended(client)
+                    (local_lost,) = await local.events.wait_lost(1)
+                    (remote_lost,) = await remote.events.wait_lost(1)
+                    for lost in (local_lost, remote_lost):
+                        assert lost.reason == EndReason.KEEP_ALIVE_TIMEOUT
+                        assert isinstance(lost.error, ConnectionKeepAliveTimeout)
+                    assert local.proxy.connection_forward_count == 0
+                    assert remote.proxy.connection_reverse_count == 0
+                    await client.aclose()
+
+
+async def test_reset_by_peer_mid_transfer_is_reported_as_reset() -> None:
+    config = TLSConfig.generate()
+
+    async def reset_after_first_bytes(peer: Any, stream: Any) -> None:
+        tls = TLSStream(stream, config, server_side=True)
+        await tls.do_handshake()
+        await tls.receive_some(10)
+        await trio.aclose_forcefully(stream)  # uTP RESET, no TLS goodbye
+
+    with trio.fail_after(15):
+        async with raw_peer(partial(reset_after_first_bytes)) as remote, running_node() as local:
+            client = await connect_ok(local.proxy, f"127.0.0.1:{remote.port}?nodeId={config.node_id}")
+            await client.send_all(b"some bytes")
+            assert await connection_ended(client)
+            (lost,) = await local.events.wait_lost(1)
+            assert lost.reason == EndReason.RESET
+            assert isinstance(lost.error, ConnectionResetByPeer)
+            await client.aclose()
