@@ -113,6 +113,19 @@ async def test_ipv6_proxies_and_bracketed_target() -> None:
                     await client.aclose()
 
 
+async def test_dual_stack_proxies_serve_ipv4_and_ipv6_callers() -> None:
+    with trio.fail_after(20):
+        async with tcp_server() as server, running_node(server.port, proxy_host="::") as remote:
+            for family_host in ("127.0.0.1", "::1"):
+                async with running_node(proxy_host=family_host) as local:
+                    client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id, host=family_host))
+                    await client.send_all(family_host.encode())
+                    assert await client.receive_some(100) == family_host.encode()
+                    info = remote.proxy.get_connection_info_by_proxy(family_host, local.proxy.proxy_port)
+                    assert info is not None and info.remote_node_id == local.node_id
+                    await client.aclose()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:
