@@ -4,6 +4,10 @@
     .venv/bin/python bench/utp_bulk.py            # the table (well under 2 minutes)
     .venv/bin/python bench/utp_bulk.py --profile  # cProfile of ours->ours, one process
 
+Peer roles (JSON lines on stdout; used by this script, and usable from network
+namespaces, e.g. by the natlab benches): `--role receive [--bind HOST]`,
+`--role echo [--bind HOST]`, `--role send HOST PORT NBYTES [--bind HOST]`.
+
 Rows: ours->ours, utp-native->utp-native (libutp under Node, default socket buffers
 as the original ran, and with 8 MiB buffers) and both cross pairs; each with sender
 and receiver in one process (same-language pairs only) and in two processes. All
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import io
 import json
 import pstats
@@ -66,8 +71,8 @@ async def receive_counting(stream: UtpStream) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
-async def role_receive() -> None:
-    async with open_endpoint() as endpoint:
+async def role_receive(bind: str) -> None:
+    async with open_endpoint(bind) as endpoint:
         report({"event": "listening", "port": endpoint.address[1]})
         stream = await endpoint.accept()
         count, seconds = await receive_counting(stream)
@@ -77,8 +82,8 @@ async def role_receive() -> None:
             await stream.aclose()
 
 
-async def role_send(host: str, port: int, total: int) -> None:
-    async with open_endpoint() as endpoint:
+async def role_send(host: str, port: int, total: int, bind: str) -> None:
+    async with open_endpoint(bind) as endpoint:
         stream = await endpoint.connect((host, port))
         await send_bytes(stream, total)
         with trio.move_on_after(10):
@@ -86,6 +91,23 @@ async def role_send(host: str, port: int, total: int) -> None:
                 pass
             await stream.aclose()
         report({"event": "sent"})
+
+
+async def role_echo(bind: str) -> None:
+    """Echo one connection to its EOF, then report sha256 of what passed through."""
+    async with open_endpoint(bind) as endpoint:
+        report({"event": "listening", "host": endpoint.address[0], "port": endpoint.address[1]})
+        stream = await endpoint.accept()
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := await stream.receive_some(RECEIVE_SIZE):
+            digest.update(chunk)
+            count += len(chunk)
+            await stream.send_all(chunk)
+        await stream.send_eof()
+        report({"event": "echoed", "bytes": count, "sha256": digest.hexdigest()})
+        with trio.move_on_after(5):
+            await stream.aclose()
 
 
 async def ours_one_process(total: int) -> tuple[int, float]:
@@ -301,13 +323,20 @@ def main() -> None:
     parser.add_argument("--slow-size", type=int, default=16, help="MiB for default-buffer libutp rows")
     parser.add_argument("--rtt-count", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address the --role peers bind (e.g. inside a network namespace)",
+    )
     args = parser.parse_args()
     if args.role:
         role, *rest = args.role
         if role == "receive":
-            trio.run(role_receive)
+            trio.run(role_receive, args.bind)
+        elif role == "echo":
+            trio.run(role_echo, args.bind)
         elif role == "send":
-            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]))
+            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]), args.bind)
         else:
             sys.exit(f"unknown role {role}")
         return

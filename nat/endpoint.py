@@ -399,8 +399,12 @@ class Endpoint:
         deadline = math.inf if timer is None else timer
         if deadline != self._timer_deadline:
             self._timer_deadline = deadline
-            if self._wait_scope is not None:
-                self._wait_scope.deadline = deadline
+            scope = self._wait_scope
+            # Only ever pull the receive task's wake-up earlier: moving a trio
+            # deadline costs a few microseconds, and a wake-up that comes too
+            # early just re-arms.
+            if scope is not None and deadline < scope.deadline:
+                scope.deadline = deadline
 
     def _flush(self, now: float) -> None:
         datagrams = self._mux.datagrams_to_send(now)

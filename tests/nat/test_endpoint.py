@@ -255,3 +255,23 @@ async def test_closing_the_endpoint_ends_everything() -> None:
         with pytest.raises(EndpointClosed):
             await endpoint.connect(peer.address)
     assert trio.lowlevel.current_statistics().tasks_living == tasks_before
+
+
+async def test_connect_to_a_silent_address_times_out() -> None:
+    from nat import UtpTimeout
+    from nat.utp.config import UtpConfig
+
+    quick = UtpConfig(initial_rto=0.1, min_rto=0.1, syn_retries=2)
+    with raw_socket() as silent:  # bound, never answers
+        async with open_endpoint(config=quick) as endpoint:
+            with trio.fail_after(10), pytest.raises(UtpTimeout):
+                await endpoint.connect(silent.getsockname())
+            assert endpoint.connection_count == 0
+
+
+async def test_connect_validates_the_address() -> None:
+    async with open_endpoint() as endpoint:
+        with pytest.raises(ValueError):
+            await endpoint.connect(("127.0.0.1", 0))
+        with pytest.raises(ValueError):
+            await endpoint.connect(("127.0.0.1", 70000))
