@@ -294,7 +294,7 @@ class Lab:
 
 
 @contextmanager
-def open_lab(*, prefix: str = DEFAULT_PREFIX, stale_after: float = 600.0,
+def open_lab(*, prefix: str = DEFAULT_PREFIX, stale_after: float = 1800.0,
              process_lifetime: float = 600.0) -> Iterator[Lab]:
     """Build a lab; everything it made is removed on exit, also on error or Ctrl-C.
 
