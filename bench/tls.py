@@ -12,7 +12,8 @@ server in this one process (so each figure is the CPU of both ends together):
   over three transports: trio.testing.memory_stream_pair (unbounded buffer: a
   sender that outruns the receiver piles up megabytes that every later append
   moves, so it penalises many small sends), a bounded in-memory stream (trio
-  memory channels, backpressure like a socket), and TCP on loopback;
+  memory channels, backpressure like a socket), TCP on loopback, and our uTP
+  (nat.open_endpoint) on loopback with a sixth of the bytes;
 * the same two without trio (bare pyOpenSSL Connection vs ssl.SSLObject pumped by
   hand), to show what the crypto itself costs and what the stream layer adds.
 
@@ -22,6 +23,7 @@ Bounded: about 15-30 s on a busy 2-core machine, hard limit 60 s (--quick: secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import ssl
 import statistics
@@ -47,6 +49,7 @@ SEND_CHUNK = 1 * MiB
 RECEIVE_SIZE = 64 * 1024
 
 StreamPair = tuple[trio.abc.Stream, trio.abc.Stream]
+exits: contextlib.AsyncExitStack  # holds transports' resources (uTP endpoints) for the run
 
 
 # --- the standard library's side -------------------------------------------------
@@ -165,6 +168,7 @@ async def bulk_rate(make_pair: Callable[[], Awaitable[StreamPair]], total: int) 
         nursery.start_soon(client.do_handshake)  # type: ignore[attr-defined]
         nursery.start_soon(server.do_handshake)  # type: ignore[attr-defined]
     chunk = os.urandom(SEND_CHUNK)
+    total = max(1, total // SEND_CHUNK) * SEND_CHUNK  # whole chunks only
     received = 0
 
     async def send() -> None:
@@ -327,10 +331,28 @@ async def main() -> None:
     async def over_channel_stream() -> StreamPair:
         return channel_stream_pair()
 
+    from nat import open_endpoint
+
+    async def over_utp() -> StreamPair:
+        # Two endpoints kept open until the run ends (closed by `exits`).
+        client_end = await exits.enter_async_context(open_endpoint())
+        server_end = await exits.enter_async_context(open_endpoint())
+        accepted: list[trio.abc.Stream] = []
+        async with trio.open_nursery() as nursery:
+
+            async def accept() -> None:
+                accepted.append(await server_end.accept())
+
+            nursery.start_soon(accept)
+            client = await client_end.connect(server_end.address)
+        return client, accepted[0]
+
+    # (name, maker, bytes per round): our uTP in Python is far slower than TCP.
     transports = [
-        ("memory_stream_pair", over_memory_stream),
-        ("bounded memory", over_channel_stream),
-        ("TCP loopback", tcp_stream_pair),
+        ("memory_stream_pair", over_memory_stream, bulk_total),
+        ("bounded memory", over_channel_stream, bulk_total),
+        ("TCP loopback", tcp_stream_pair, bulk_total),
+        ("uTP loopback (nat)", over_utp, bulk_total // 6),
     ]
 
     rows: list[tuple[str, str, str]] = []
@@ -353,13 +375,13 @@ async def main() -> None:
         )
 
     bulk_rows: list[tuple[str, str]] = []
-    for transport_name, make_transport in transports:
+    for transport_name, make_transport, total in transports:
         for label, wrap in (("TLSStream (pyOpenSSL)", ours), ("trio.SSLStream (ssl)", stdlib)):
 
             async def make(wrap: Callable[[StreamPair], StreamPair] = wrap, make_transport=make_transport) -> StreamPair:
                 return wrap(await make_transport())
 
-            rates = [await bulk_rate(make, bulk_total) for _ in range(rounds)]
+            rates = [await bulk_rate(make, total) for _ in range(rounds)]
             bulk_rows.append((f"bulk, {transport_name}: {label}", f"{statistics.median(rates):.0f} MiB/s"))
     for label, function in (
         ("pyOpenSSL memory BIO", lambda: bare_pyopenssl_bulk(client_config, server_config, bulk_total)),
@@ -384,8 +406,10 @@ async def main() -> None:
 
 
 async def bounded_main() -> None:
+    global exits
     with trio.fail_after(60):  # a bench must never hang a CI job
-        await main()
+        async with contextlib.AsyncExitStack() as exits:
+            await main()
 
 
 if __name__ == "__main__":

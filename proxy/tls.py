@@ -435,23 +435,31 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return first
         # One SSL_read yields one record; more whole records may be buffered
         # already: hand them over in this call rather than one call per record.
-        gathered: bytearray | None = None
-        while True:
+        try:
+            second = connection.recv(max_bytes - len(first))
+        except SSL.ZeroReturnError:
+            self._eof_received = True
+            return first
+        except SSL.Error:
+            # WantRead, or a failure: return the good data now; a failure
+            # shows again on the next call (OpenSSL stays failed).
+            return first
+        gathered = bytearray(max_bytes)
+        filled = len(first) + len(second)
+        gathered[: len(first)] = first
+        gathered[len(first) : filled] = second
+        view = memoryview(gathered)
+        while filled < max_bytes:
             try:
-                more = connection.recv(max_bytes - len(gathered or first))
+                filled += connection.recv_into(view[filled:])
             except SSL.ZeroReturnError:
                 self._eof_received = True
                 break
             except SSL.Error:
-                # WantRead, or a failure: return the good data now; a failure
-                # shows again on the next call (OpenSSL stays failed).
                 break
-            if gathered is None:
-                gathered = bytearray(first)
-            gathered += more
-            if len(gathered) >= max_bytes:
-                break
-        return first if gathered is None else gathered
+        view.release()
+        del gathered[filled:]
+        return gathered
 
 
 async def open_tls_stream(
