@@ -183,6 +183,8 @@ class Setting:
 
 def _measure(setting: Setting, receive_argv: list[str], send_argv: list[str]) -> float:
     """Start the receiver, then the sender; return goodput in Mbit/s."""
+    from tests.natlab import LabProcessError
+
     lab = setting.receiver.lab  # type: ignore[attr-defined]
     bound = setting.seconds + 40
     receiver = setting.receiver.spawn(receive_argv, lifetime=bound)  # type: ignore[attr-defined]
@@ -190,7 +192,12 @@ def _measure(setting: Setting, receive_argv: list[str], send_argv: list[str]) ->
     try:
         receiver.wait_event("listening", timeout=15)
         sender = setting.sender.spawn(send_argv, lifetime=bound)  # type: ignore[attr-defined]
-        result = receiver.wait_event("received", timeout=bound)
+        try:
+            result = receiver.wait_event("received", timeout=bound)
+        except LabProcessError as exc:
+            sender.stop()
+            tail = sender.stderr_text().strip().splitlines()[-3:]
+            raise LabProcessError(f"{exc}; sender stderr: {' | '.join(tail)}") from exc
         seconds = float(result["seconds"])  # type: ignore[arg-type]
         return float(result["bytes"]) * 8 / seconds / 1e6 if seconds > 0 else 0.0  # type: ignore[arg-type]
     finally:
@@ -332,7 +339,8 @@ def main() -> int:
                     results[(name, loss)] = f"{measure(setting):.2f}"
                 except Exception as exc:  # noqa: BLE001 - a failed cell is reported, the bench goes on
                     results[(name, loss)] = "failed"
-                    print(f"  {name} at {loss:g}% failed: {exc}", file=sys.stderr, flush=True)
+                    summary = " | ".join(str(exc).strip().splitlines()[-4:])
+                    print(f"  {name} at {loss:g}% failed: {summary}", file=sys.stderr, flush=True)
                 print(f"  {name:34s} {loss:4g}% loss: {results[(name, loss)]} Mbit/s", flush=True)
     width = max(len(name) for name, _, _ in rows)
     print()
