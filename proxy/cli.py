@@ -10,7 +10,6 @@ import argparse
 import enum
 import json
 import logging
-import os
 import secrets
 import signal
 import sys

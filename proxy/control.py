@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from proxy.config import format_host_port, validate_host, validate_port
+from proxy.config import validate_host, validate_port
 from proxy.errors import (
     ConnectionNotFound,
     ControlError,

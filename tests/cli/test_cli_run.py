@@ -15,7 +15,7 @@ import trio
 
 from proxy.cli import ExitCode, keygen
 
-from tests.cli.helpers import RunningNode, run_keynode, run_keynode_async, start_keynode, start_node
+from tests.cli.helpers import run_keynode, run_keynode_async, start_keynode, start_node
 
 
 async def serve_digest_server(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
