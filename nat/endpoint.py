@@ -217,6 +217,9 @@ class Endpoint:
         ``stats.send_errors``, not raised (UDP gives no delivery promise anyway).
         """
         self._check_open()
+        if not _is_ip_literal(address[0]):
+            # sendto would resolve a name synchronously, blocking the event loop.
+            raise ValueError(f"send_message needs an IP address, not {address[0]!r}")
         if isinstance(message, int):
             data = encode_message(message)
         else:
@@ -269,12 +272,20 @@ class Endpoint:
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"bad port in {address!r}")
         if _is_ip_literal(host):
+            self._check_family(host)
             return self._user_address(self._socket_address((host, port)))
         family = stdlib_socket.AF_UNSPEC if self._dual_stack else self._family
         infos = await trio.socket.getaddrinfo(host, port, family=family, type=stdlib_socket.SOCK_DGRAM)
         if not infos:
             raise UtpConnectionRefused(f"cannot resolve {host!r}")
         return self._user_address(infos[0][4])
+
+    def _check_family(self, host: str) -> None:
+        version = ipaddress.ip_address(host.split("%", 1)[0]).version
+        if version == 6 and not self._ipv6:
+            raise ValueError(f"{host} is IPv6 but this endpoint is bound to IPv4")
+        if version == 4 and self._ipv6 and not self._dual_stack:
+            raise ValueError(f"{host} is IPv4 but this endpoint is IPv6-only (dual_stack=False)")
 
     def _user_address(self, sockaddr: Address) -> Address:
         """The address as users see it: (host, port); IPv4-mapped IPv6 unmapped."""

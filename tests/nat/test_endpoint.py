@@ -275,3 +275,10 @@ async def test_connect_validates_the_address() -> None:
             await endpoint.connect(("127.0.0.1", 0))
         with pytest.raises(ValueError):
             await endpoint.connect(("127.0.0.1", 70000))
+        with pytest.raises(ValueError):
+            await endpoint.connect(("::1", 9))  # IPv6 peer, IPv4 socket
+        with pytest.raises(ValueError):
+            endpoint.send_message(PING, ("localhost", 9))  # would block on DNS
+    async with open_endpoint("::1") as v6_only:
+        with pytest.raises(ValueError):
+            await v6_only.connect(("127.0.0.1", 9))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
 import trio
 
 from nat import UtpStream, open_endpoint
+
+pytestmark = pytest.mark.node
 
 from .conftest import node_peer, utp_native_echo_server
 
