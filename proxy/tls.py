@@ -318,6 +318,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _mark_broken(self, exc: BaseException) -> None:
         if self._broken is None and not self._closed:
+            if isinstance(exc, trio.Cancelled):
+                # Keep a plain record, not trio's Cancelled (it belongs to its scope).
+                exc = TLSError("an operation was cancelled midway; TLS state is unknown")
             self._broken = exc
 
     def _drain_outgoing(self) -> bytes:

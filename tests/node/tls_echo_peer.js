@@ -3,6 +3,7 @@
 //
 //   node tls_echo_peer.js server <key.pem> <chain.pem> <tcp|utp> [host]
 //   node tls_echo_peer.js client <key.pem> <chain.pem> <tcp|utp> <host> <port>
+//   (key and chain "-": no certificate at all)
 //
 // Both roles present our certificates (PEM chain, leaf first), require and accept
 // any peer chain (rejectUnauthorized: false; the Python side verifies), echo every
@@ -26,9 +27,10 @@ function fail (err) {
   process.exit(1)
 }
 
+// A key path of "-" means: present no certificate (to test that it is refused).
+const identity = keyPath === '-' ? {} : { key: fs.readFileSync(keyPath), cert: fs.readFileSync(chainPath) }
 const options = {
-  key: fs.readFileSync(keyPath),
-  cert: fs.readFileSync(chainPath),
+  ...identity,
   minVersion: 'TLSv1.3',
   maxVersion: 'TLSv1.3',
   requestCert: true,

@@ -201,3 +201,28 @@ async def test_handshake_bounded_by_callers_cancel_scope() -> None:
         await stream.aclose()
         with pytest.raises(trio.ClosedResourceError):
             await stream.receive_some()
+
+
+async def test_cancelled_receive_loses_nothing_and_breaks_nothing() -> None:
+    with trio.fail_after(5):
+        client, server = memory_tls_pair()
+        await handshake_both(client, server)
+        with trio.move_on_after(0.05) as scope:
+            await server.receive_some()  # nothing sent yet
+        assert scope.cancelled_caught
+        await client.send_all(b"after the cancel")
+        assert await server.receive_some() == b"after the cancel"
+
+
+async def test_cancelled_send_midway_breaks_the_stream() -> None:
+    with trio.fail_after(5):
+        client, server = memory_tls_pair(pair_maker=trio.testing.lockstep_stream_pair)
+        await handshake_both(client, server)
+        with trio.move_on_after(0.05) as scope:
+            await client.send_all(b"z" * 100_000)  # nobody reads: blocks in the transport
+        assert scope.cancelled_caught
+        # Part of a record may be on the wire: the stream cannot go on.
+        with pytest.raises(trio.BrokenResourceError, match="cancelled midway"):
+            await client.send_all(b"more")
+        await client.aclose()
+        await server.aclose()

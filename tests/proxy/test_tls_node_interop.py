@@ -16,6 +16,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.errors import TLSHandshakeError
 from proxy.tls import TLSStream
 from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
 from tests.proxy.test_tls_support import echo_through, make_tls_config, node_tls_peer, random_bytes
@@ -80,3 +81,23 @@ async def test_node_client_against_our_server(tmp_path: Path, chain_length: int)
     assert [base64.b64decode(c) for c in secure["chain"]] == der_list(ours.certificate_chain)
     assert done["sha256"] == hashlib.sha256(data).hexdigest()
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+
+
+async def test_node_client_without_certificate_is_refused(tmp_path: Path) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        with trio.fail_after(30):
+            async with node_tls_peer("client", None, tmp_path, "tcp", "127.0.0.1", str(port)) as peer:
+                transport = await listeners[0].accept()
+                stream = TLSStream(transport, make_tls_config(), server_side=True)
+                with pytest.raises(TLSHandshakeError, match="(?i)certificate"):
+                    await stream.do_handshake()
+                await stream.aclose()
+                # Node's side learns it from our alert.
+                with pytest.raises(AssertionError, match="(?i)certificate required"):
+                    while True:
+                        await peer.next_report()
+    finally:
+        for listener in listeners:
+            await listener.aclose()

@@ -214,13 +214,18 @@ class NodePeer:
 
 @asynccontextmanager
 async def node_tls_peer(
-    role: str, config: TLSConfig, tmp_path: Path, transport: str = "tcp", *args: str
+    role: str, config: TLSConfig | None, tmp_path: Path, transport: str = "tcp", *args: str
 ) -> AsyncIterator[NodePeer]:
-    """Start the Node peer with ``config`` saved as PEM files; killed on exit."""
+    """Start the Node peer with ``config`` saved as PEM files (None: no
+    certificate); killed on exit."""
     node = require_node()
-    key_path, chain_path = tmp_path / f"node-{role}.key", tmp_path / f"node-{role}.pem"
-    config.save(key_path, chain_path)
-    command = [node, str(NODE_TLS_PEER), role, str(key_path), str(chain_path), transport, *args]
+    if config is None:  # the peer presents no certificate
+        key_arg = chain_arg = "-"
+    else:
+        key_path, chain_path = tmp_path / f"node-{role}.key", tmp_path / f"node-{role}.pem"
+        config.save(key_path, chain_path)
+        key_arg, chain_arg = str(key_path), str(chain_path)
+    command = [node, str(NODE_TLS_PEER), role, key_arg, chain_arg, transport, *args]
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             partial(trio.run_process, command, stdout=subprocess.PIPE, check=False, cwd=NODE_DIR)
