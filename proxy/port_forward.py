@@ -164,7 +164,12 @@ async def serve_port_forward(
     """Listen on `listen` and tunnel every connection to `target`; reports the bound
     addresses through `task_status`. `on_tunnel_end(client, sent, received, error)`
     is called when each tunnel ends (for logs and tests)."""
-    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    try:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    except OSError as error:
+        raise PortForwardError(
+            f"cannot listen on {listen}: {error.strerror or error} (choose another --listen address)"
+        ) from None
     bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
     connect_target = target.connect_target()
 

@@ -226,3 +226,13 @@ async def test_garbage_answer_is_a_typed_error() -> None:
             with pytest.raises(PortForwardError, match="invalid HTTP|without answering"):
                 await open_tunnel(HostPort("127.0.0.1", port), TOKEN, "x:1")
             nursery.cancel_scope.cancel()
+
+
+async def test_taken_listen_port_is_a_typed_error() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        with trio.fail_after(10), pytest.raises(PortForwardError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await serve_port_forward(
+                HostPort("127.0.0.1", port), HostPort("127.0.0.1", 1), TOKEN, ForwardTarget(NODE_ID, "h", 1)
+            )
