@@ -10,9 +10,9 @@ import trio
 
 from nat import UtpStream, open_endpoint
 
-pytestmark = pytest.mark.node
-
 from .conftest import node_peer, utp_native_echo_server
+
+pytestmark = pytest.mark.node
 
 SIZE = 16 * 1024 * 1024
 TIMEOUT = 120
