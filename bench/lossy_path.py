@@ -17,8 +17,9 @@ reports bytes received over that time. Rows:
 - utp-native (libutp, the original stack) with Node TLS over it;
 - keynode uTP (nat.open_endpoint), plain and with TLS (proxy.tls.TLSStream), when
   those modules import;
-- keynode tunnel: the slot `measure_keynode_tunnel` for the Proxy (HTTP CONNECT
-  -> uTP + TLS -> reverse proxy), not measured yet.
+- keynode tunnel (`measure_keynode_tunnel`): the Proxy end to end, TCP client ->
+  forward proxy (HTTP CONNECT) -> uTP + mutual TLS -> reverse proxy -> TCP sink,
+  one keynode process per namespace.
 
 Time bound: (transports x losses) x (seconds + setup); about 2 minutes by default.
 """
@@ -153,6 +154,85 @@ def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool) -
     trio.run(main)
 
 
+TUNNEL_TOKEN = "lossy-path-bench"
+
+
+def peer_tunnel_receive(host: str, sink_port: int, seconds: float) -> None:
+    """A keynode reverse side: Proxy on `host` whose server is a TCP sink on loopback."""
+    import trio
+
+    from proxy import open_proxy
+    from proxy.tls_config import TLSConfig
+
+    async def main() -> None:
+        tls_config = TLSConfig.generate()
+        listeners = await trio.open_tcp_listeners(sink_port, host="127.0.0.1")
+        done = trio.Event()
+        result: dict[str, float] = {}
+
+        async def sink(stream: trio.SocketStream) -> None:
+            received, started = 0, None
+            while True:
+                data = await stream.receive_some(CHUNK)
+                if not data:
+                    break
+                if started is None:
+                    started = trio.current_time()
+                received += len(data)
+                if trio.current_time() - started >= seconds:
+                    break
+            result.update(bytes=received, seconds=trio.current_time() - (started or 0.0))
+            done.set()
+
+        async with open_proxy(tls_config=tls_config, auth_token=TUNNEL_TOKEN, proxy_host=host,
+                              server_host="127.0.0.1", server_port=sink_port,
+                              conn_connect_time=20.0) as proxy, trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, sink, listeners)
+            _report(event="listening", port=proxy.proxy_port, node_id=str(tls_config.node_id))
+            with trio.fail_after(seconds + 35):
+                await done.wait()
+            _report(event="received", **result)
+            os._exit(0)  # measured: no graceful close needed
+
+    trio.run(main)
+
+
+def peer_tunnel_send(host: str, proxy_port: int, seconds: float, node_id: str) -> None:
+    """A keynode forward side: CONNECT through our own Proxy, then stream zeros."""
+    import base64
+
+    import trio
+
+    from proxy import open_proxy
+    from proxy.tls_config import TLSConfig
+
+    async def main() -> None:
+        async with open_proxy(tls_config=TLSConfig.generate(), auth_token=TUNNEL_TOKEN,
+                              conn_connect_time=20.0) as proxy:
+            stream = await trio.open_tcp_stream("127.0.0.1", proxy.forward_port)
+            target = f"{host}:{proxy_port}?nodeId={node_id}"
+            auth = base64.b64encode(TUNNEL_TOKEN.encode()).decode()
+            await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+                                  f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+            response = b""
+            with trio.fail_after(30):
+                while b"\r\n\r\n" not in response:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    response += data
+            if not response.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"CONNECT failed: {response[:100]!r}")
+            payload = bytes(CHUNK)
+            with trio.move_on_after(seconds):
+                while True:
+                    await stream.send_all(payload)
+            _report(event="sent")
+            os._exit(0)
+
+    trio.run(main)
+
+
 def run_peer(argv: list[str]) -> None:
     role, host, port, seconds, *rest = argv
     port_n, seconds_f = int(port), float(seconds)
@@ -164,6 +244,10 @@ def run_peer(argv: list[str]) -> None:
         peer_keynode_utp_receive(host, port_n, seconds_f, rest == ["tls"])
     elif role == "utp-send":
         peer_keynode_utp_send(host, port_n, seconds_f, rest == ["tls"])
+    elif role == "tunnel-recv":
+        peer_tunnel_receive(host, port_n, seconds_f)
+    elif role == "tunnel-send":
+        peer_tunnel_send(host, port_n, seconds_f, rest[0])
     else:
         raise SystemExit(f"unknown peer role {role}")
 
@@ -190,7 +274,9 @@ def _measure(setting: Setting, receive_argv: list[str], send_argv: list[str]) ->
     receiver = setting.receiver.spawn(receive_argv, lifetime=bound)  # type: ignore[attr-defined]
     sender = None
     try:
-        receiver.wait_event("listening", timeout=15)
+        listening = receiver.wait_event("listening", timeout=15)
+        # The sender may need what the receiver bound (e.g. the Proxy's port and NodeId).
+        send_argv = [arg.format(**listening) for arg in send_argv]
         sender = setting.sender.spawn(send_argv, lifetime=bound)  # type: ignore[attr-defined]
         try:
             result = receiver.wait_event("received", timeout=bound)
@@ -243,10 +329,12 @@ def measure_keynode_utp_tls(setting: Setting) -> float:
 
 
 def measure_keynode_tunnel(setting: Setting) -> float:
-    """SLOT for the Proxy: a TCP client -> forward proxy (HTTP CONNECT) -> uTP + mutual TLS
-    -> reverse proxy -> TCP server, sender and receiver as in measure_tcp. Fill in once
-    `from proxy import open_proxy` works; until then the row reads "not measured"."""
-    raise NotImplementedError("keynode tunnel (proxy.open_proxy) not integrated yet")
+    """The Proxy end to end: TCP client -> forward proxy (HTTP CONNECT) -> uTP + mutual TLS
+    -> reverse proxy -> TCP sink, one keynode process per namespace."""
+    address = setting.receiver.address  # type: ignore[attr-defined]
+    return _measure(setting, _python_peer("tunnel-recv", address, setting.port, setting.seconds),
+                    _python_peer("tunnel-send", address, "{port}", setting.seconds + 30,
+                                 "{node_id}"))
 
 
 def _importable(*modules: str) -> bool:
@@ -264,6 +352,7 @@ def transports() -> list[tuple[str, Callable[[Setting], float] | None, str]]:
     """(row name, measurer or None, why not measured)."""
     have_utp = _importable("nat") and hasattr(sys.modules["nat"], "open_endpoint")
     have_tls = have_utp and _importable("proxy.tls", "proxy.tls_config")
+    have_proxy = have_tls and _importable("proxy") and hasattr(sys.modules["proxy"], "open_proxy")
     default_cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     return [
         (f"kernel TCP ({default_cc}, default)", measure_tcp("default", False), ""),
@@ -274,7 +363,8 @@ def transports() -> list[tuple[str, Callable[[Setting], float] | None, str]]:
         ("keynode uTP", measure_keynode_utp if have_utp else None, "nat.open_endpoint missing"),
         ("keynode uTP + TLS", measure_keynode_utp_tls if have_tls else None,
          "nat.open_endpoint or proxy.tls missing"),
-        ("keynode tunnel (Proxy)", None, "slot: measure_keynode_tunnel"),
+        ("keynode tunnel (Proxy)", measure_keynode_tunnel if have_proxy else None,
+         "proxy.open_proxy missing"),
     ]
 
 
