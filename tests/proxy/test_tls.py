@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 import trio.testing
 
@@ -338,3 +340,46 @@ async def test_many_concurrent_connections_over_tcp() -> None:
                     nursery.start_soon(call, index)
             server_nursery.cancel_scope.cancel()
     assert len(echoed) == count
+
+
+CLIENT_FOR_PROPERTY, SERVER_FOR_PROPERTY = make_tls_config(), make_tls_config()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sends=st.lists(st.integers(min_value=0, max_value=70_000), max_size=12),
+    receive_sizes=st.lists(st.integers(min_value=1, max_value=100_000), min_size=1, max_size=8),
+)
+def test_any_chunking_delivers_the_same_bytes(sends: list[int], receive_sizes: list[int]) -> None:
+    """Whatever the send_all sizes and receive_some limits, bytes in == bytes out,
+    never more than max_bytes per call, and the EOF comes after the last byte."""
+
+    async def scenario() -> None:
+        client, server = memory_tls_pair(CLIENT_FOR_PROPERTY, SERVER_FOR_PROPERTY)
+        data = random_bytes(sum(sends), seed=len(sends))
+        received = bytearray()
+
+        async def send() -> None:
+            offset = 0
+            for size in sends:
+                await client.send_all(data[offset : offset + size])
+                offset += size
+            await client.send_eof()
+
+        async def receive() -> None:
+            for call in range(10_000):
+                limit = receive_sizes[call % len(receive_sizes)]
+                chunk = await server.receive_some(limit)
+                assert len(chunk) <= limit
+                if not chunk:
+                    return
+                received.extend(chunk)
+            raise AssertionError("no EOF")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+        assert bytes(received) == data
+
+    trio.run(scenario)
