@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+import pytest
 import trio
 import trio.testing
 
@@ -145,3 +146,21 @@ async def test_many_concurrent_streams() -> None:
         for client, server in pairs:
             await client.aclose()
             await server.aclose()
+
+
+async def test_aclose_after_our_eof_was_acknowledged_does_not_wait() -> None:
+    async with open_endpoint(close_timeout=30) as a, open_endpoint(close_timeout=30) as b:
+        client, server = await connect_pair(a, b)
+        await client.send_all(b"request")
+        await client.send_eof()
+        with trio.fail_after(5):
+            assert await _receive_all(server) == b"request"
+            while not client.connection.all_data_acked:  # our FIN acknowledged
+                await trio.sleep(0.001)
+            await client.aclose()  # nothing left to wait for
+            # The server, still writing, learns that nobody reads any more.
+            with pytest.raises(trio.BrokenResourceError):
+                for _ in range(1000):
+                    await server.send_all(b"x" * 1000)
+                    await trio.sleep(0.001)
+        await server.aclose()
