@@ -262,8 +262,9 @@ def command_rotate(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    # The identity first: without keygen, "no identity" is the useful message.
+    tls_config = load_identity(resolve_config(args, read_auth=False).node_dir)
     config = resolve_config(args)
-    tls_config = load_identity(config.node_dir)
     from proxy.runner import run_node  # imports the whole Proxy stack: only when running
 
     return trio.run(run_node, config, tls_config)

@@ -64,6 +64,8 @@ def test_errors_are_one_line_with_distinct_codes(tmp_path: Path) -> None:
     missing = run_keynode("id", "--dir", str(tmp_path / "none"))
     assert missing.returncode == ExitCode.IDENTITY and "keynode keygen" in missing.stderr
     assert len(missing.stderr.splitlines()) == 1
+    not_created = run_keynode("run", "--dir", str(tmp_path / "none"))
+    assert not_created.returncode == ExitCode.IDENTITY and "keynode keygen" in not_created.stderr
 
     unreachable = run_keynode("status", "--control", str(tmp_path / "no.sock"))
     assert unreachable.returncode == ExitCode.CONTROL_UNREACHABLE
