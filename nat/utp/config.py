@@ -33,7 +33,8 @@ class UtpConfig:
     close_timeout: float = 5.0
     # After a clean close the connection id is kept this long to re-ACK a
     # retransmitted FIN (a lost last ACK must not turn into a RESET).
-    linger_time: float = 3.0
+    # Each retransmitted FIN extends it.
+    linger_time: float = 10.0
     # First zero-window probe after this, doubling up to 15 s (libutp: 15 s).
     zero_window_probe: float = 1.0
     max_packets_in_flight: int = 1024

@@ -15,10 +15,13 @@ A controller owns ``cwnd`` (bytes allowed in flight). The connection calls:
 the window acknowledged, slow start until the delay reaches half the target,
 window halved on loss (BEP 29's revised factor 0.5), one packet after a timeout.
 
-``LossTolerantController`` keeps LEDBAT's delay-based growth but treats loss as
-congestion only when the queue has grown (measured delay above a quarter of the
-target): an isolated random loss on an uncongested path shrinks the window by
-an eighth instead of half. Timeouts still collapse the window.
+``LossTolerantController`` (config ``congestion="tolerant"``) keeps LEDBAT's
+delay target but treats loss as congestion only when the queue has grown
+(measured delay above a quarter of the target): an isolated random loss on an
+uncongested path shrinks the window by an eighth instead of half. Its gain
+scales with the window (up to a quarter window per RTT, times LEDBAT's
+off-target factor), so a window cut by random loss refills within a few RTTs
+while the delay target still bounds the queue. Timeouts still collapse it.
 
 ``DelayHistory`` tracks the base (minimum) one-way delay, wrap-aware on the
 32-bit microsecond clock, over 13 one-minute buckets as libutp does (clock
@@ -72,14 +75,17 @@ class LedbatController:
         if off_target < -1.0:
             off_target = -1.0
         window_factor = acked_bytes / cwnd if acked_bytes < cwnd else 1.0
-        gain = MAX_CWND_INCREASE_BYTES_PER_RTT * window_factor * off_target
+        gain = self._gain_per_rtt(cwnd) * window_factor * off_target
         if self.slow_start:
             if queuing_delay_us > target // 2:
                 self.slow_start = False
                 self.ssthresh = cwnd
                 cwnd += gain
             else:
-                ss_cwnd = cwnd + acked_bytes
+                # at most 16 packets per ACK (stretch ACKs after a recovery
+                # would otherwise open the window all at once)
+                limit = 16 * self.mss
+                ss_cwnd = cwnd + (acked_bytes if acked_bytes < limit else limit)
                 if ss_cwnd >= self.ssthresh:
                     self.slow_start = False
                 cwnd = ss_cwnd if ss_cwnd > cwnd + gain else cwnd + gain
@@ -91,6 +97,9 @@ class LedbatController:
         elif cwnd > self.max_cwnd:
             cwnd = self.max_cwnd
         self.cwnd = cwnd
+
+    def _gain_per_rtt(self, cwnd: int) -> float:
+        return MAX_CWND_INCREASE_BYTES_PER_RTT
 
     def on_loss(self, now: float) -> None:
         cwnd = self.cwnd // 2
@@ -109,6 +118,13 @@ class LossTolerantController(LedbatController):
     """Delay-based growth; random loss on an empty queue costs 1/8, not 1/2."""
 
     name = "tolerant"
+
+    def _gain_per_rtt(self, cwnd: int) -> float:
+        # Below the delay target grow by up to a quarter window per RTT (LEDBAT's
+        # fixed 3000 bytes cannot refill a window cut by random loss); the same
+        # scale applies downwards when the delay is above the target.
+        quarter = cwnd >> 2
+        return quarter if quarter > MAX_CWND_INCREASE_BYTES_PER_RTT else MAX_CWND_INCREASE_BYTES_PER_RTT
 
     def on_loss(self, now: float) -> None:
         if self.last_delay_us > self.target_us // 4:

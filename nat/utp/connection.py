@@ -132,6 +132,7 @@ class UtpConnection(SendSide):
         self._probe_deadline: float | None = None
         self._probe_interval = config.zero_window_probe
         self._probe_ok = False
+        self._rto_force = False
         self._last_send = now
         self._syn_last_sent = -1.0
         self._syn_fast_resends = 0
@@ -414,7 +415,7 @@ class UtpConnection(SendSide):
             self._on_packet_syn_sent(ptype, ts, ts_diff, wnd, seq16, ack16, now, now_us)
             return
         if state is _CLOSED or state is _RESET:
-            self._on_packet_closed(ptype, seq16)
+            self._on_packet_closed(ptype, seq16, now)
             return
         # ack_nr sanity (libutp): never accept an ACK of something not yet sent
         una = self._snd_una
@@ -465,9 +466,11 @@ class UtpConnection(SendSide):
         self._become_connected()
         self._mux._dirty.add(self)
 
-    def _on_packet_closed(self, ptype: int, seq16: int) -> None:
+    def _on_packet_closed(self, ptype: int, seq16: int, now: float) -> None:
         if ptype != ST_DATA and ptype != ST_FIN:
             return
+        if self._linger_until is not None:
+            self._linger_until = now + self._config.linger_time
         off = (seq16 - self._rcv_nxt) & _MASK16
         if off >= 0x8000 or self._eof_reached:
             # a retransmission of something we had (our last ACK was lost): re-ACK
@@ -574,6 +577,13 @@ class UtpConnection(SendSide):
         self._mux._dirty.add(self)
 
     def _on_reset(self) -> None:
+        if self._eof_reached and self._fin_sent and not self._sendbuf:
+            if all(rec.ptype == ST_FIN for rec in self._outstanding.values()):
+                # Every byte both ways was delivered; only the ACK of our FIN is
+                # missing (a peer that closed and forgot us, as libutp does).
+                self._die(None, _CLOSED)
+                self._mux._retire(self)
+                return
         if self.state is _SYN_SENT:
             self._die(UtpConnectionRefused("connection refused (RESET)"), _RESET)
         else:

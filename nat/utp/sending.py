@@ -21,7 +21,7 @@ from nat.utp.states import (
     MASK16 as _MASK16,
     MASK32 as _MASK32,
     RESET as _RESET,
-    SACK_PREFIX as _SACK_PREFIX,
+    SACK_BITS as _SACK_BITS,
     SYN_RECV as _SYN_RECV,
     SYN_SENT as _SYN_SENT,
     VERSION as _VERSION,
@@ -54,12 +54,15 @@ class SendSide:
         mask = 0
         for seq in reorder:
             offset = seq - base
-            if 0 <= offset < 32:
+            if 0 <= offset < _SACK_BITS:
                 mask |= 1 << offset
         if not mask:
             return None
-        # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per byte
-        return mask.to_bytes(4, "little")
+        # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per
+        # byte. libutp sends 4 bytes and reads any length; we send a multiple of
+        # 4 (BEP 29) up to 16 bytes so big windows see more than 32 packets.
+        size = ((mask.bit_length() + 31) >> 5) << 2
+        return bytes((0, size)) + mask.to_bytes(size, "little")
 
     def _flush(self, now: float, out: list) -> None:
         """Append every datagram this connection wants to send now."""
@@ -102,8 +105,9 @@ class SendSide:
                 heapq.heappop(resend)
                 continue
             size = len(rec.payload)
-            if self._flight + size > window and self._flight > 0:
+            if self._flight + size > window and self._flight > 0 and not self._rto_force:
                 break
+            self._rto_force = False
             heapq.heappop(resend)
             self._transmit(rec, now, now_us, sack, out)
             self.retransmits += 1
@@ -159,7 +163,7 @@ class SendSide:
         # In SYN_RECV every STATE is a SYN-ACK (seq = ISN): see the module docstring.
         seq = self._isn if self.state is _SYN_RECV else self._snd_nxt
         header = self._header(ST_STATE, seq, now_us, sack)
-        out.append((header + _SACK_PREFIX + sack if sack is not None else header, self.remote_address))
+        out.append((header + sack if sack is not None else header, self.remote_address))
         self._ack_due = False
         self._ack_deadline = None
         self._unacked = 0
@@ -168,7 +172,7 @@ class SendSide:
     def _transmit(self, rec: _Outgoing, now: float, now_us: int, sack: bytes | None, out: list) -> None:
         header = self._header(rec.ptype, rec.seq, now_us, sack)
         if sack is not None:
-            datagram = header + _SACK_PREFIX + sack + rec.payload
+            datagram = header + sack + rec.payload
         else:
             datagram = header + rec.payload
         out.append((datagram, self.remote_address))
@@ -224,15 +228,19 @@ class SendSide:
             self._reset_due = True
             self._die(UtpTimeout("retransmissions exhausted"), _RESET)
             return
+        # Lost: the oldest packet, and every packet older than one RTO by its
+        # own clock. Younger ones are still on their way (marking them too would
+        # resend a whole window after one lost retransmission).
+        overdue = now - self._rtt.rto
         self._rtt.backoff()
         if self.state is not _SYN_SENT:
             self._cc.on_timeout(now)
             self._recovery_seq = self._snd_nxt
+        oldest = self._outstanding.get(self._snd_una)
         for rec in self._outstanding.values():
-            if rec.in_flight:
-                rec.in_flight = False
-                self._flight -= len(rec.payload)
-                heapq.heappush(self._resend, rec.seq)
+            if rec.in_flight and (rec is oldest or rec.sent_at <= overdue):
+                self._mark_lost(rec)
+        self._rto_force = True
         self._dup_acks = 0
         if self.state is _SYN_RECV:
             self._synack_due = True

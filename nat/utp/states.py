@@ -7,7 +7,7 @@ import enum
 MASK16 = 0xFFFF
 MASK32 = 0xFFFFFFFF
 VERSION = 1
-SACK_PREFIX = b"\x00\x04"  # next extension 0, length 4
+SACK_BITS = 128  # packets past ack_nr + 1 our selective ACKs cover
 DUP_ACK_THRESHOLD = 3
 MAX_PROBE_INTERVAL = 15.0
 

@@ -367,3 +367,21 @@ def test_close_is_bounded_when_the_peer_vanishes() -> None:
     net.run(lambda: client.conn.is_closed, on_step=runner, max_time=30)
     assert isinstance(client.conn.error, UtpTimeout)
     assert net.now - start <= 2.5
+
+
+def test_reset_after_everything_was_delivered_is_a_clean_close() -> None:
+    # libutp forgets a connection once its FIN is acked; our FIN may then meet a RESET
+    net = SimNetwork(14, LinkProfile(delay=0.01))
+    a = net.add(A, UtpMultiplexer(rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(rng=random.Random(2)))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b"answer"))
+    client = runner.add(StreamApp(a.connect(B, net.now), b"question", send_eof=False))
+    net.run(lambda: client.conn.at_eof and client.conn.all_data_acked, on_step=runner)
+    net.filters.append(lambda src, dst, data: src != A or decode_packet(data).type != ST_FIN)
+    client.conn.send_eof()
+    net.flush()
+    server = next(app for app in runner.apps.values() if app is not client)
+    server.conn.abort()  # the peer forgets the connection
+    net.run(lambda: client.conn.is_closed, on_step=runner, max_time=10)
+    assert client.conn.error is None and client.conn.state is UtpState.CLOSED
+    assert a.connections == []

@@ -52,14 +52,22 @@ def test_clean_network_transfer() -> None:
     assert client.conn.rtt > 0.0
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(40))
 def test_lossy_network_transfer(seed: int) -> None:
     rng = random.Random(1000 + seed)
     profile = LinkProfile(
-        loss=rng.choice([0.01, 0.05, 0.1, 0.2]),
+        loss=rng.choice([0.0, 0.01, 0.05, 0.1, 0.2]),
         duplicate=rng.choice([0.0, 0.02, 0.1]),
         reorder=rng.choice([0.0, 0.05, 0.2]),
         delay=rng.choice([0.001, 0.02, 0.08]),
         jitter=rng.choice([0.0, 0.005, 0.03]),
+        rate=rng.choice([None, None, 3000.0]),
     )
-    run_transfer(seed, profile, rng.randrange(0, 300_000), rng.randrange(0, 200_000))
+    config = UtpConfig(congestion=rng.choice(["ledbat", "tolerant"]))
+    run_transfer(seed, profile, rng.randrange(0, 600_000), rng.randrange(0, 300_000), config=config)
+
+
+@pytest.mark.parametrize("congestion", ["ledbat", "tolerant"])
+def test_twenty_percent_loss_both_ways(congestion: str) -> None:
+    profile = LinkProfile(loss=0.2, duplicate=0.05, reorder=0.1, delay=0.02, jitter=0.01)
+    run_transfer(77, profile, 1_000_000, 1_000_000, config=UtpConfig(congestion=congestion), max_time=900)
