@@ -3,7 +3,7 @@
 
 Run as root from the repository (the lab needs namespaces and nftables):
 
-    .venv/bin/python bench/lossy_path.py [--seconds 6] [--losses 0,1,3] [--rate-mbit 100]
+    .venv/bin/python bench/lossy_path.py [--seconds 5] [--losses 0,1,3] [--rate-mbit 100]
 
 Two namespaces joined by one veth; each direction gets half the RTT of delay
 (NFQUEUE delay daemon), the same random loss (nftables numgen drop) and a tbf
@@ -15,13 +15,15 @@ reports bytes received over that time. Rows:
   which does not read random loss as congestion) and with CUBIC (loss-based),
   each plain and with TLS (Python ssl);
 - utp-native (libutp, the original stack) with Node TLS over it;
-- keynode uTP (nat.open_endpoint), plain and with TLS (proxy.tls.TLSStream), when
-  those modules import;
+- keynode uTP (nat.open_endpoint), plain and with TLS (proxy.tls.TLSStream), once
+  per registered uTP congestion controller (LEDBAT and the loss-tolerant one;
+  `--utp-congestion` picks), when those modules import;
 - keynode tunnel (`measure_keynode_tunnel`): the Proxy end to end, TCP client ->
   forward proxy (HTTP CONNECT) -> uTP + mutual TLS -> reverse proxy -> TCP sink,
-  one keynode process per namespace.
+  one keynode process per namespace, once per controller too.
 
-Time bound: (transports x losses) x (seconds + setup); about 2 minutes by default.
+Time bound: (rows x losses) x (seconds + setup, each cell capped at seconds + 40);
+about 4 minutes by default.
 """
 
 from __future__ import annotations
@@ -98,13 +100,20 @@ def peer_tcp_send(host: str, port: int, seconds: float, use_tls: bool, congestio
     _report(event="sent")
 
 
-def peer_keynode_utp_receive(host: str, port: int, seconds: float, use_tls: bool) -> None:
+def _utp_config(congestion: str) -> object:
+    from nat.utp.config import UtpConfig
+
+    return UtpConfig(congestion=congestion)
+
+
+def peer_keynode_utp_receive(host: str, port: int, seconds: float, use_tls: bool,
+                             congestion: str) -> None:
     import trio
 
     from nat import open_endpoint
 
     async def main() -> None:
-        async with open_endpoint(host, port) as endpoint:
+        async with open_endpoint(host, port, config=_utp_config(congestion)) as endpoint:
             _report(event="listening", port=endpoint.address[1])
             with trio.fail_after(seconds + 30):
                 stream = await endpoint.accept()
@@ -131,13 +140,14 @@ def peer_keynode_utp_receive(host: str, port: int, seconds: float, use_tls: bool
     trio.run(main)
 
 
-def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool) -> None:
+def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool,
+                          congestion: str) -> None:
     import trio
 
     from nat import open_endpoint
 
     async def main() -> None:
-        async with open_endpoint("0.0.0.0", 0) as endpoint:
+        async with open_endpoint("0.0.0.0", 0, config=_utp_config(congestion)) as endpoint:
             with trio.move_on_after(seconds):
                 stream = await endpoint.connect((host, port))
                 if use_tls:
@@ -157,7 +167,7 @@ def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool) -
 TUNNEL_TOKEN = "lossy-path-bench"
 
 
-def peer_tunnel_receive(host: str, sink_port: int, seconds: float) -> None:
+def peer_tunnel_receive(host: str, sink_port: int, seconds: float, congestion: str) -> None:
     """A keynode reverse side: Proxy on `host` whose server is a TCP sink on loopback."""
     import trio
 
@@ -186,6 +196,7 @@ def peer_tunnel_receive(host: str, sink_port: int, seconds: float) -> None:
 
         async with open_proxy(tls_config=tls_config, auth_token=TUNNEL_TOKEN, proxy_host=host,
                               server_host="127.0.0.1", server_port=sink_port,
+                              utp_config=_utp_config(congestion),
                               conn_connect_time=20.0) as proxy, trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, sink, listeners)
             _report(event="listening", port=proxy.proxy_port, node_id=str(tls_config.node_id))
@@ -197,7 +208,8 @@ def peer_tunnel_receive(host: str, sink_port: int, seconds: float) -> None:
     trio.run(main)
 
 
-def peer_tunnel_send(host: str, proxy_port: int, seconds: float, node_id: str) -> None:
+def peer_tunnel_send(host: str, proxy_port: int, seconds: float, node_id: str,
+                     congestion: str) -> None:
     """A keynode forward side: CONNECT through our own Proxy, then stream zeros."""
     import base64
 
@@ -208,6 +220,7 @@ def peer_tunnel_send(host: str, proxy_port: int, seconds: float, node_id: str) -
 
     async def main() -> None:
         async with open_proxy(tls_config=TLSConfig.generate(), auth_token=TUNNEL_TOKEN,
+                              utp_config=_utp_config(congestion),
                               conn_connect_time=20.0) as proxy:
             stream = await trio.open_tcp_stream("127.0.0.1", proxy.forward_port)
             target = f"{host}:{proxy_port}?nodeId={node_id}"
@@ -241,13 +254,13 @@ def run_peer(argv: list[str]) -> None:
     elif role == "tcp-send":
         peer_tcp_send(host, port_n, seconds_f, rest[0] == "tls", rest[1])
     elif role == "utp-recv":
-        peer_keynode_utp_receive(host, port_n, seconds_f, rest == ["tls"])
+        peer_keynode_utp_receive(host, port_n, seconds_f, rest[0] == "tls", rest[1])
     elif role == "utp-send":
-        peer_keynode_utp_send(host, port_n, seconds_f, rest == ["tls"])
+        peer_keynode_utp_send(host, port_n, seconds_f, rest[0] == "tls", rest[1])
     elif role == "tunnel-recv":
-        peer_tunnel_receive(host, port_n, seconds_f)
+        peer_tunnel_receive(host, port_n, seconds_f, rest[0])
     elif role == "tunnel-send":
-        peer_tunnel_send(host, port_n, seconds_f, rest[0])
+        peer_tunnel_send(host, port_n, seconds_f, rest[0], rest[1])
     else:
         raise SystemExit(f"unknown peer role {role}")
 
@@ -316,25 +329,32 @@ def measure_utp_native_tls(setting: Setting) -> float:
                     node + ["send", address, str(setting.port), str(setting.seconds + 30), "tls"])
 
 
-def measure_keynode_utp(setting: Setting) -> float:
-    address = setting.receiver.address  # type: ignore[attr-defined]
-    return _measure(setting, _python_peer("utp-recv", address, setting.port, setting.seconds),
-                    _python_peer("utp-send", address, setting.port, setting.seconds + 30))
+def measure_keynode_utp(congestion: str, use_tls: bool) -> Callable[[Setting], float]:
+    def measure(setting: Setting) -> float:
+        address = setting.receiver.address  # type: ignore[attr-defined]
+        tls = "tls" if use_tls else "plain"
+        return _measure(setting,
+                        _python_peer("utp-recv", address, setting.port, setting.seconds, tls,
+                                     congestion),
+                        _python_peer("utp-send", address, setting.port, setting.seconds + 30, tls,
+                                     congestion))
+
+    return measure
 
 
-def measure_keynode_utp_tls(setting: Setting) -> float:
-    address = setting.receiver.address  # type: ignore[attr-defined]
-    return _measure(setting, _python_peer("utp-recv", address, setting.port, setting.seconds, "tls"),
-                    _python_peer("utp-send", address, setting.port, setting.seconds + 30, "tls"))
-
-
-def measure_keynode_tunnel(setting: Setting) -> float:
+def measure_keynode_tunnel(congestion: str) -> Callable[[Setting], float]:
     """The Proxy end to end: TCP client -> forward proxy (HTTP CONNECT) -> uTP + mutual TLS
     -> reverse proxy -> TCP sink, one keynode process per namespace."""
-    address = setting.receiver.address  # type: ignore[attr-defined]
-    return _measure(setting, _python_peer("tunnel-recv", address, setting.port, setting.seconds),
-                    _python_peer("tunnel-send", address, "{port}", setting.seconds + 30,
-                                 "{node_id}"))
+
+    def measure(setting: Setting) -> float:
+        address = setting.receiver.address  # type: ignore[attr-defined]
+        return _measure(setting,
+                        _python_peer("tunnel-recv", address, setting.port, setting.seconds,
+                                     congestion),
+                        _python_peer("tunnel-send", address, "{port}", setting.seconds + 30,
+                                     "{node_id}", congestion))
+
+    return measure
 
 
 def _importable(*modules: str) -> bool:
@@ -348,24 +368,38 @@ def _importable(*modules: str) -> bool:
     return True
 
 
-def transports() -> list[tuple[str, Callable[[Setting], float] | None, str]]:
+def congestion_controllers() -> list[str]:
+    """Every uTP congestion controller keynode registers (LEDBAT, loss-tolerant, ...)."""
+    try:
+        from nat.utp.congestion import CONTROLLERS
+    except ImportError:
+        return ["ledbat"]
+    return sorted(CONTROLLERS)
+
+
+def transports(controllers: list[str]) -> list[tuple[str, Callable[[Setting], float] | None, str]]:
     """(row name, measurer or None, why not measured)."""
     have_utp = _importable("nat") and hasattr(sys.modules["nat"], "open_endpoint")
     have_tls = have_utp and _importable("proxy.tls", "proxy.tls_config")
     have_proxy = have_tls and _importable("proxy") and hasattr(sys.modules["proxy"], "open_proxy")
     default_cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    return [
+    rows: list[tuple[str, Callable[[Setting], float] | None, str]] = [
         (f"kernel TCP ({default_cc}, default)", measure_tcp("default", False), ""),
         (f"kernel TCP + TLS ({default_cc})", measure_tcp("default", True), ""),
         ("kernel TCP (cubic)", measure_tcp("cubic", False), ""),
         ("kernel TCP + TLS (cubic)", measure_tcp("cubic", True), ""),
         ("utp-native + Node TLS (original)", measure_utp_native_tls, ""),
-        ("keynode uTP", measure_keynode_utp if have_utp else None, "nat.open_endpoint missing"),
-        ("keynode uTP + TLS", measure_keynode_utp_tls if have_tls else None,
-         "nat.open_endpoint or proxy.tls missing"),
-        ("keynode tunnel (Proxy)", measure_keynode_tunnel if have_proxy else None,
-         "proxy.open_proxy missing"),
     ]
+    for cc in controllers:
+        rows += [
+            (f"keynode uTP ({cc})", measure_keynode_utp(cc, False) if have_utp else None,
+             "nat.open_endpoint missing"),
+            (f"keynode uTP + TLS ({cc})", measure_keynode_utp(cc, True) if have_tls else None,
+             "nat.open_endpoint or proxy.tls missing"),
+            (f"keynode tunnel ({cc})", measure_keynode_tunnel(cc) if have_proxy else None,
+             "proxy.open_proxy missing"),
+        ]
+    return rows
 
 
 def _write_certificate(directory: str) -> tuple[str, str]:
@@ -395,17 +429,21 @@ def _write_certificate(directory: str) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="goodput across a lossy 40 ms RTT lab link")
-    parser.add_argument("--seconds", type=float, default=6.0, help="measured time per cell")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per cell")
     parser.add_argument("--losses", default="0,1,3", help="loss percentages, each way")
     parser.add_argument("--rtt-ms", type=float, default=40.0)
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link rate cap, 0 = none")
     parser.add_argument("--only", default="", help="comma-separated row name prefixes to run")
+    parser.add_argument("--utp-congestion", default="",
+                        help="keynode uTP controllers to compare (default: every registered one)")
     args = parser.parse_args()
 
     from tests.natlab import Impairment, open_lab
 
     losses = [float(x) for x in args.losses.split(",") if x.strip()]
-    rows = [row for row in transports()
+    controllers = ([c.strip() for c in args.utp_congestion.split(",") if c.strip()]
+                   or congestion_controllers())
+    rows = [row for row in transports(controllers)
             if not args.only or any(row[0].startswith(p.strip()) for p in args.only.split(","))]
     results: dict[tuple[str, float], str] = {}
     rate = int(args.rate_mbit * 1e6) if args.rate_mbit > 0 else None
@@ -431,7 +469,7 @@ def main() -> int:
                     results[(name, loss)] = "failed"
                     summary = " | ".join(str(exc).strip().splitlines()[-4:])
                     print(f"  {name} at {loss:g}% failed: {summary}", file=sys.stderr, flush=True)
-                print(f"  {name:34s} {loss:4g}% loss: {results[(name, loss)]} Mbit/s", flush=True)
+                print(f"  {name:36s} {loss:4g}% loss: {results[(name, loss)]} Mbit/s", flush=True)
     width = max(len(name) for name, _, _ in rows)
     print()
     print(f"goodput, Mbit/s ({args.rtt_ms:.0f} ms RTT, loss each way)")
