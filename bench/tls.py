@@ -9,13 +9,17 @@ server in this one process (so each figure is the CPU of both ends together):
 * handshake: a fresh client/server pair over trio.testing.memory_stream_pair, time
   from start to both handshakes done (median and p99);
 * bulk: client -> server, send_all in 1 MiB chunks, receive_some(64 KiB), MiB/s,
-  over three transports: trio.testing.memory_stream_pair (unbounded buffer: a
+  over four transports: trio.testing.memory_stream_pair (unbounded buffer: a
   sender that outruns the receiver piles up megabytes that every later append
   moves, so it penalises many small sends), a bounded in-memory stream (trio
   memory channels, backpressure like a socket), TCP on loopback, and our uTP
   (nat.open_endpoint) on loopback with a sixth of the bytes;
 * the same two without trio (bare pyOpenSSL Connection vs ssl.SSLObject pumped by
   hand), to show what the crypto itself costs and what the stream layer adds.
+
+The two stacks alternate (handshakes in batches of 10, bulk round by round) so both
+see the same load on a shared machine; bulk also reports MiB per CPU-second of this
+process, steadier than wall time when other processes compete.
 
 Bounded: about 15-30 s on a busy 2-core machine, hard limit 60 s (--quick: seconds).
 """
