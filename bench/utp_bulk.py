@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -164,21 +165,24 @@ def node() -> str:
     return executable
 
 
-def spawn(command: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+def spawn(command: list[Any]) -> subprocess.Popen[str]:
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    # Bound every peer: a hung one is killed, which ends its readline() below.
+    watchdog = threading.Timer(ROW_TIMEOUT, process.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    return process
 
 
 def read_event(process: subprocess.Popen[str], deadline: float) -> dict[str, Any]:
     assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{process.args} exited ({process.wait()})")
-        event = json.loads(line)
-        if event.get("event") == "error":
-            raise RuntimeError(f"{process.args}: {event}")
-        return event
-    raise TimeoutError(process.args)
+    line = process.stdout.readline()
+    if not line or time.monotonic() > deadline:
+        raise RuntimeError(f"{process.args} exited ({process.wait()}) or timed out")
+    event = json.loads(line)
+    if event.get("event") == "error":
+        raise RuntimeError(f"{process.args}: {event}")
+    return event
 
 
 def python_role(*args: object) -> list[str]:
