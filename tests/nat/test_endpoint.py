@@ -282,3 +282,49 @@ async def test_connect_validates_the_address() -> None:
     async with open_endpoint("::1") as v6_only:
         with pytest.raises(ValueError):
             await v6_only.connect(("127.0.0.1", 9))
+
+
+class _SometimesFullSocket(socket.socket):
+    """A UDP socket whose send buffer reports full (EAGAIN) every few sends.
+
+    Loopback never fills a UDP send buffer, so this is how the endpoint's
+    backlog path (wait_writable, then resend in order) gets exercised.
+    """
+
+    refusals = 0
+    calls = 0
+
+    def sendto(self, data, *args):  # type: ignore[no-untyped-def, override]
+        self.calls += 1
+        if self.calls % 7 == 0:
+            self.refusals += 1
+            raise BlockingIOError(11, "pretend the send buffer is full")
+        return super().sendto(data, *args)
+
+
+async def test_send_backlog_when_the_socket_would_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nat.endpoint
+
+    real_bind = nat.endpoint._bind_socket
+    flaky: list[_SometimesFullSocket] = []
+
+    async def bind_flaky(*args):  # type: ignore[no-untyped-def]
+        sock = await real_bind(*args)
+        wrapped = _SometimesFullSocket(sock.family, sock.type, sock.proto, sock.detach())
+        flaky.append(wrapped)
+        return wrapped
+
+    monkeypatch.setattr(nat.endpoint, "_bind_socket", bind_flaky)
+    data = random.Random(8).randbytes(2 * 1024 * 1024)
+    async with open_endpoint() as a, open_endpoint() as b:
+        client, server = await connect_pair(a, b)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_and_eof, client, data)
+                nursery.start_soon(_send_and_eof, server, data[::-1])
+                assert await _receive_all(server) == data
+                assert await _receive_all(client) == data[::-1]
+        await client.aclose()
+        await server.aclose()
+    assert all(sock.refusals > 0 for sock in flaky)
+    assert a.stats.send_dropped == 0 and b.stats.send_dropped == 0
