@@ -120,7 +120,8 @@ class UtpConnection(SendSide):
         self._peer_wnd = config.recv_buffer_size
         self._dup_acks = 0
         self._recovery_seq = isn
-        self._latest_delivered_sent_at = 0.0
+        self._latest_delivered_order = 0
+        self._xmit_count = 0
         self._send_blocked = False
         self._eof_requested = False
         self._fin_sent = False
@@ -428,10 +429,17 @@ class UtpConnection(SendSide):
         self._reply_micro = (now_us - ts) & _MASK32 if ts else 0
         if state is _SYN_RECV:
             self._become_connected()
-        if off >= 0:
+        if off > 0 or sack is not None or ptype == ST_STATE:
             self._on_ack(ptype, una - 1 + off, off, sack, wnd, ts_diff, now)
             if self.state is not _CONNECTED:
                 return
+        elif off == 0:
+            # the common DATA packet of a one-way flow: nothing new acked
+            self._peer_wnd = wnd
+            if wnd < self._mss:
+                self._consecutive_timeouts = 0
+            elif self._sendbuf or self._resend:
+                self._mux._dirty.add(self)
         if ptype == ST_DATA or ptype == ST_FIN:
             self._on_data(ptype, seq16, data, offset, now)
 
@@ -483,6 +491,27 @@ class UtpConnection(SendSide):
     def _on_data(self, ptype: int, seq16: int, data: bytes, offset: int, now: float) -> None:
         rcv_nxt = self._rcv_nxt
         off = (seq16 - rcv_nxt) & _MASK16
+        if off == 0 and ptype == ST_DATA and not self._reorder and self._eof_seq is None:
+            # fast path: the next packet in order, nothing buffered out of order
+            rbuf = self._rbuf
+            size = len(data) - offset
+            if len(rbuf) + size <= self._recv_buffer_size + self._mss and not self._close_requested:
+                if size:
+                    rbuf += data[offset:]
+                    self.bytes_received += size
+                self._rcv_nxt = rcv_nxt + 1
+                unacked = self._unacked + 1
+                self._unacked = unacked
+                if unacked >= 2:
+                    if not self._ack_due:
+                        self._ack_due = True
+                        self._mux._dirty.add(self)
+                elif self._ack_deadline is None:
+                    self._ack_deadline = now + self._config.delayed_ack
+                if rbuf and not self._readable_signalled:
+                    self._readable_signalled = True
+                    self._emit(DataAvailable(self))
+                return
         if off >= 0x8000:  # already delivered: our ACK was lost
             self._ack_due = True
             self._mux._dirty.add(self)

@@ -4,7 +4,8 @@ Packetizing the send buffer, (re)transmission, the retransmission timer,
 cumulative and selective ACK processing, fast retransmit and the congestion
 controller's inputs. Loss rules (libutp): 3 duplicate ACKs (ST_STATE only) or 3
 packets selectively acknowledged past a hole; in addition a hole is declared
-lost again only if something sent after its last transmission was delivered,
+lost again only if something sent after its last transmission was delivered (by
+transmission order, so a hole and the packets past it sent in one batch count),
 so one old SACK cannot trigger a second retransmission of the same packet.
 """
 
@@ -89,7 +90,8 @@ class SendSide:
         sent = 0
         if self._synack_due:
             self._synack_due = False
-            out.append((self._header(ST_STATE, self._isn, now_us, sack), addr))
+            header = self._header(ST_STATE, self._isn, now_us, sack)
+            out.append((header + sack if sack is not None else header, addr))
             sent += 1
         outstanding = self._outstanding
         cwnd = self._cc.cwnd
@@ -116,19 +118,35 @@ class SendSide:
         # 2. new data
         sendbuf = self._sendbuf
         if sendbuf and not resend:
+            # The hot path: header fields computed once, packets built inline.
             max_packets = self._config.max_packets_in_flight
+            pack = HEADER.pack
+            append = out.append
+            first = (ST_DATA << 4) | _VERSION
+            ext = 1 if sack is not None else 0
+            tail = sack if sack is not None else b""
+            send_id = self.send_id
+            reply = self._reply_micro
+            wnd = self._free_window()
+            self._last_adv_wnd = wnd
+            ack16 = (self._rcv_nxt - 1) & _MASK16
+            flight = self._flight
+            seq = self._snd_nxt
+            count = len(outstanding)
+            total = 0
+            order = self._xmit_count
             while sendbuf:
                 size = len(sendbuf)
                 if size > mss:
                     size = mss
-                if self._flight + size > window:
-                    if self._flight == 0 and self._probe_ok:
+                if flight + size > window:
+                    if flight == 0 and self._probe_ok:
                         self._probe_ok = False  # one zero-window probe
                     else:
-                        if self._flight == 0 and self._probe_deadline is None:
+                        if flight == 0 and self._probe_deadline is None:
                             self._probe_deadline = now + self._probe_interval
                         break
-                if len(outstanding) >= max_packets:
+                if count >= max_packets:
                     break
                 if size == len(sendbuf):
                     payload = bytes(sendbuf)
@@ -136,13 +154,26 @@ class SendSide:
                 else:
                     payload = bytes(sendbuf[:size])
                     del sendbuf[:size]
-                seq = self._snd_nxt
-                self._snd_nxt = seq + 1
-                rec = _Outgoing(seq, ST_DATA, payload)
-                outstanding[seq] = rec
-                self._outstanding_bytes += size
-                self._transmit(rec, now, now_us, sack, out)
-                sent += 1
+                order += 1
+                outstanding[seq] = _Outgoing(seq, ST_DATA, payload, now, 1, True, order)
+                append((pack(first, ext, send_id, now_us, reply, wnd, seq & _MASK16, ack16) + tail + payload, addr))
+                seq += 1
+                flight += size
+                count += 1
+                total += size
+            if seq != self._snd_nxt:
+                sent += seq - self._snd_nxt
+                self._snd_nxt = seq
+                self._xmit_count = order
+                self._flight = flight
+                self._outstanding_bytes += total
+                self.bytes_sent += total
+                if self._rto_deadline is None:
+                    self._rto_deadline = now + self._rtt.rto
+                self._ack_due = False
+                self._ack_deadline = None
+                self._unacked = 0
+                self._last_send = now
         if peer_wnd >= mss:
             self._probe_deadline = None
             self._probe_interval = self._config.zero_window_probe
@@ -177,6 +208,8 @@ class SendSide:
             datagram = header + rec.payload
         out.append((datagram, self.remote_address))
         rec.sent_at = now
+        self._xmit_count += 1
+        rec.order = self._xmit_count
         rec.transmissions += 1
         rec.in_flight = True
         self._flight += len(rec.payload)
@@ -194,6 +227,8 @@ class SendSide:
         )
         out.append((header, self.remote_address))
         rec.sent_at = now
+        self._xmit_count += 1
+        rec.order = self._xmit_count
         rec.transmissions += 1
         rec.in_flight = True
         self._syn_last_sent = now
@@ -268,7 +303,7 @@ class SendSide:
         if off > 0:
             self._dup_acks = 0
             una = self._snd_una
-            latest = self._latest_delivered_sent_at
+            latest = self._latest_delivered_order
             for seq in range(una, ack + 1):
                 rec = outstanding.pop(seq, None)
                 if rec is None:
@@ -280,11 +315,11 @@ class SendSide:
                     self._flight -= size
                 if rec.transmissions == 1 and rec.sent_at > newest_rtt_sent:
                     newest_rtt_sent = rec.sent_at
-                if rec.sent_at > latest:
-                    latest = rec.sent_at
+                if rec.order > latest:
+                    latest = rec.order
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
-            self._latest_delivered_sent_at = latest
+            self._latest_delivered_order = latest
             una = ack + 1
             nxt = self._snd_nxt
             while una < nxt and una not in outstanding:
@@ -336,7 +371,7 @@ class SendSide:
         nxt = self._snd_nxt
         sacked: list[int] = []
         acked_bytes = 0
-        latest = self._latest_delivered_sent_at
+        latest = self._latest_delivered_order
         bits = int.from_bytes(sack, "little")
         index = 0
         while bits:
@@ -352,13 +387,13 @@ class SendSide:
                     self._outstanding_bytes -= size
                     if rec.in_flight:
                         self._flight -= size
-                    if rec.sent_at > latest:
-                        latest = rec.sent_at
+                    if rec.order > latest:
+                        latest = rec.order
                     if rec.ptype == ST_FIN:
                         self._fin_acked = True
             bits >>= 1
             index += 1
-        self._latest_delivered_sent_at = latest
+        self._latest_delivered_order = latest
         if len(sacked) < _DUP_ACK_THRESHOLD:
             return acked_bytes, False
         # A hole is lost once 3 packets above it are SACKed and something sent
@@ -368,7 +403,7 @@ class SendSide:
         limit = sacked[-_DUP_ACK_THRESHOLD]
         for seq in range(self._snd_una, limit):
             rec = outstanding.get(seq)
-            if rec is not None and rec.in_flight and rec.sent_at < latest:
+            if rec is not None and rec.in_flight and rec.order < latest:
                 self._mark_lost(rec)
                 lost = True
         return acked_bytes, lost

@@ -30,12 +30,24 @@ RESET = UtpState.RESET
 class OutgoingPacket:
     """A packet that consumed a sequence number and awaits its ACK."""
 
-    __slots__ = ("seq", "ptype", "payload", "sent_at", "transmissions", "in_flight")
+    __slots__ = ("seq", "ptype", "payload", "sent_at", "transmissions", "in_flight", "order")
 
-    def __init__(self, seq: int, ptype: int, payload: bytes) -> None:
+    def __init__(
+        self,
+        seq: int,
+        ptype: int,
+        payload: bytes,
+        sent_at: float = 0.0,
+        transmissions: int = 0,
+        in_flight: bool = False,
+        order: int = 0,
+    ) -> None:
         self.seq = seq
         self.ptype = ptype
         self.payload = payload
-        self.sent_at = 0.0
-        self.transmissions = 0
-        self.in_flight = False
+        self.sent_at = sent_at
+        self.transmissions = transmissions
+        self.in_flight = in_flight
+        # transmission order within the connection (a later send has a larger
+        # number, even within one batch sent at the same ``now``)
+        self.order = order

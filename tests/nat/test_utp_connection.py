@@ -385,3 +385,57 @@ def test_reset_after_everything_was_delivered_is_a_clean_close() -> None:
     net.run(lambda: client.conn.is_closed, on_step=runner, max_time=10)
     assert client.conn.error is None and client.conn.state is UtpState.CLOSED
     assert a.connections == []
+
+
+def _connected_pair(seed: int = 20):
+    a, b = pair(seed)
+    conn = a.connect(B, 0.0)
+    deliver(sent(a, 0.0), b, A, 0.0)
+    deliver(sent(b, 0.0), a, B, 0.0)
+    drain(a)
+    drain(b)
+    conn._cc.cwnd = 64 * 1382  # past slow start's first windows
+    return a, b, conn, b.connections[0]
+
+
+def test_fast_retransmit_on_three_duplicate_acks() -> None:
+    a, b, conn, server = _connected_pair()
+    conn.send(bytes(1382 * 6))
+    packets = sent(a, 0.01)
+    assert len(packets) == 6
+    lost, rest = packets[0], packets[1:]
+    ack16 = (server._rcv_nxt - 1) & 0xFFFF
+    # a peer without selective ACKs: three duplicate STATE packets
+    for _ in range(3):
+        a.receive_datagram(encode_packet(ST_STATE, conn.recv_id, 0, ack16, wnd_size=1 << 20), B, 0.02)
+    (resent,) = sent(a, 0.02)  # long before the 1 s RTO
+    assert resent.seq_nr == lost.seq_nr and resent.payload == lost.payload
+    assert a.stats.fast_retransmits == 1 and a.stats.timeouts == 0
+    deliver(rest + [resent], b, A, 0.03)
+    assert server.read() == bytes(1382 * 6)
+
+
+def test_fast_retransmit_on_selective_acks_past_a_hole() -> None:
+    a, b, conn, server = _connected_pair(21)
+    conn.send(bytes(range(256)) * 40)
+    packets = sent(a, 0.01)
+    lost = packets[1]
+    deliver([packets[0]] + packets[2:], b, A, 0.02)
+    acks = sent(b, 0.02)
+    assert acks[-1].sack is not None
+    deliver(acks, a, B, 0.03)
+    resent = [p for p in sent(a, 0.03) if p.type == ST_DATA]
+    assert [p.seq_nr for p in resent] == [lost.seq_nr]
+    deliver(resent, b, A, 0.04)
+    assert server.read() == bytes(range(256)) * 40
+    assert a.stats.timeouts == 0
+
+
+def test_duplicate_and_reordered_data_is_delivered_once() -> None:
+    a, b, conn, server = _connected_pair(22)
+    conn.send(b"".join(bytes([i]) * 1382 for i in range(5)))
+    packets = sent(a, 0.01)
+    shuffled = packets[::-1] + packets[2:4] + packets
+    deliver(shuffled, b, A, 0.02)
+    assert server.read() == b"".join(bytes([i]) * 1382 for i in range(5))
+    assert server.read() == b""
