@@ -102,7 +102,10 @@ class Proxy:
         self.proxy_port = 0
         self._forward: set[ConnectionForward] = set()
         self._reverse: set[ConnectionReverse] = set()
-        self._handlers: set[trio.CancelScope] = set()
+        self._starting: set[trio.CancelScope] = set()
+        # CONNECTs past their request, not yet answered: stop lets them answer.
+        self._answering = 0
+        self._answered = trio.Event()
         self._connection_nursery: trio.Nursery | None = None
         self._service_scope = trio.CancelScope()
         self._stopping = False
@@ -164,7 +167,7 @@ class Proxy:
             self._stopping = True
             if self.endpoint is not None:
                 self.endpoint.accepting = False
-            for scope in list(self._handlers):
+            for scope in list(self._starting):
                 scope.cancel()
             connections: list[ConnectionForward | ConnectionReverse] = [*self._forward, *self._reverse]
             for connection in connections:
@@ -174,6 +177,8 @@ class Proxy:
             with trio.move_on_after(self.conn_end_time + 0.5):
                 for connection in connections:
                     await connection.ended.wait()
+                while self._answering:
+                    await self._answered.wait()
             self._service_scope.cancel()
         await self._done.wait()
 
@@ -290,18 +295,14 @@ class Proxy:
                 self._spawn(self._handle_client, client)
 
     async def _handle_client(self, client: trio.SocketStream) -> None:
-        scope = trio.CancelScope()
-        self._handlers.add(scope)
         handed_over = False
         try:
-            with scope:
-                handed_over = await self._serve_connect(client)
+            handed_over = await self._serve_connect(client)
         except TRANSPORT_ERRORS as error:
             log.debug("CONNECT client went away: %s", error)
         except Exception:  # a defect must drop this client, never the proxy
             log.exception("CONNECT handler failed")
         finally:
-            self._handlers.discard(scope)
             if not handed_over:
                 await close_streams(client, graceful=False, end_time=0)
 
@@ -317,13 +318,30 @@ class Proxy:
                 return False
         if request is None:
             return False  # slow, incomplete or abandoned request: dropped
+        self._answering += 1
+        try:
+            return await self._answer_connect(edge, client)
+        finally:
+            self._answering -= 1
+            self._answered.set()
+            self._answered = trio.Event()
+
+    async def _answer_connect(self, edge: HTTPConnectEdge, client: trio.SocketStream) -> bool:
         connection: ConnectionForward | None = None
         try:
             target: ConnectTarget = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")
-            address = await self._resolve(target.host, target.port)
-            connection = await self._connect_forward(target.node_ids, address, claim=True)
+            # stop() cancels starts in progress; their clients get 503.
+            with trio.CancelScope() as starting:
+                self._starting.add(starting)
+                try:
+                    address = await self._resolve(target.host, target.port)
+                    connection = await self._connect_forward(target.node_ids, address, claim=True)
+                finally:
+                    self._starting.discard(starting)
+            if connection is None:
+                raise ProxyNotRunning("proxy is stopping")
         except KeynodeError as error:
             await edge.send_error_for(error)
             return False

@@ -106,3 +106,24 @@ async def test_reset_by_peer_mid_transfer_is_reported_as_reset() -> None:
             assert lost.reason == EndReason.RESET
             assert isinstance(lost.error, ConnectionResetByPeer)
             await client.aclose()
+
+
+async def test_connect_starting_when_stop_begins_gets_503() -> None:
+    with trio.fail_after(15):
+        hanging = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with hanging:
+            await hanging.bind(("127.0.0.1", 0))
+            port = hanging.getsockname()[1]
+            async with running_node(conn_connect_time=10.0) as local:
+                replies: list[int] = []
+
+                async def connect() -> None:
+                    reply = await http_connect(local.proxy, f"127.0.0.1:{port}?nodeId={local.node_id}")
+                    replies.append(reply.status)
+                    await reply.stream.aclose()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connect)
+                    await trio.sleep(0.3)  # the start is waiting on the silent remote
+                    await local.proxy.stop()
+                assert replies == [503]
