@@ -134,6 +134,7 @@ class UtpConnection(SendSide):
         self._probe_interval = config.zero_window_probe
         self._probe_ok = False
         self._rto_force = False
+        self._sack_skipped = False
         self._last_send = now
         self._syn_last_sent = -1.0
         self._syn_fast_resends = 0

@@ -83,6 +83,7 @@ class UtpMultiplexer:
         self._pending: list[tuple[bytes, tuple]] = []
         self._half_open = 0
         self._reset_memory: dict[tuple[tuple, int], float] = {}
+        self._next_reset_expiry = 0.0
 
     # ------------------------------------------------------------ public
 
@@ -165,8 +166,7 @@ class UtpMultiplexer:
             deadline = conn._next_deadline()
             if deadline is not None and deadline <= now:
                 conn._on_timer(now)
-        memory = self._reset_memory
-        if len(memory) > self.config.reset_memory_cap // 2:
+        if self._reset_memory and now >= self._next_reset_expiry:
             self._expire_reset_memory(now)
 
     def next_event(self):
@@ -260,6 +260,7 @@ class UtpMultiplexer:
 
     def _expire_reset_memory(self, now: float) -> None:
         horizon = self.config.reset_memory
+        self._next_reset_expiry = now + horizon / 2
         memory = self._reset_memory
         for key in [k for k, t in memory.items() if now - t >= horizon]:
             del memory[key]

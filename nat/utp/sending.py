@@ -87,6 +87,7 @@ class SendSide:
                 self._transmit_syn(rec, now, now_us, out)
             return
         sack = self._build_sack()
+        self._sack_skipped = False
         sent = 0
         if self._synack_due:
             self._synack_due = False
@@ -125,6 +126,7 @@ class SendSide:
             first = (ST_DATA << 4) | _VERSION
             ext = 1 if sack is not None else 0
             tail = sack if sack is not None else b""
+            mss -= len(tail)  # new packets shrink to keep the SACK within the MTU
             send_id = self.send_id
             reply = self._reply_micro
             wnd = self._free_window()
@@ -186,8 +188,8 @@ class SendSide:
             outstanding[seq] = rec
             self._transmit(rec, now, now_us, sack, out)
             sent += 1
-        # 4. a bare ACK if nothing above carried one
-        if self._ack_due and not sent:
+        # 4. a bare ACK if nothing above carried one (or a SACK did not fit)
+        if self._ack_due and (not sent or self._sack_skipped):
             self._send_state(now, now_us, sack, out)
 
     def _send_state(self, now: float, now_us: int, sack: bytes | None, out: list) -> None:
@@ -201,6 +203,10 @@ class SendSide:
         self._last_send = now
 
     def _transmit(self, rec: _Outgoing, now: float, now_us: int, sack: bytes | None, out: list) -> None:
+        if sack is not None and len(rec.payload) + len(sack) > self._mss:
+            # keep the datagram within the MTU: the SACK goes in a STATE instead
+            sack = None
+            self._sack_skipped = True
         header = self._header(rec.ptype, rec.seq, now_us, sack)
         if sack is not None:
             datagram = header + sack + rec.payload
@@ -220,6 +226,8 @@ class SendSide:
         self._ack_deadline = None
         self._unacked = 0
         self._last_send = now
+        if self._sack_skipped:
+            self._ack_due = True
 
     def _transmit_syn(self, rec: _Outgoing, now: float, now_us: int, out: list) -> None:
         header = HEADER.pack(

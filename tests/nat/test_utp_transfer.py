@@ -26,6 +26,13 @@ def run_transfer(
     rng_a: random.Random | None = None,
 ) -> tuple[StreamApp, StreamApp, SimNetwork]:
     net = SimNetwork(seed, profile, start_time=start_time)
+    largest = [0]
+
+    def record_size(src: tuple, dst: tuple, data: bytes) -> bool:
+        largest[0] = max(largest[0], len(data))
+        return True
+
+    net.filters.append(record_size)
     a = net.add(A, UtpMultiplexer(config, rng=rng_a or random.Random(seed * 2 + 1)))
     b = net.add(B, UtpMultiplexer(config, rng=random.Random(seed * 2 + 2)))
     data = random.Random(seed)
@@ -42,6 +49,8 @@ def run_transfer(
     assert hashlib.sha256(server.received).digest() == hashlib.sha256(payload_ab).digest()
     assert hashlib.sha256(client.received).digest() == hashlib.sha256(payload_ba).digest()
     assert client.conn.error is None and server.conn.error is None
+    # libutp's 1402-byte UDP payload ceiling holds, selective ACKs included
+    assert largest[0] <= (config or UtpConfig()).mtu_payload + 20
     return client, server, net
 
 
