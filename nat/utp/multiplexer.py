@@ -67,6 +67,7 @@ __all__ = ["UtpMultiplexer", "UtpConfig", "UtpStats", "UtpConnection", "UtpState
 
 _MASK16 = 0xFFFF
 _MASK32 = 0xFFFFFFFF
+_unpack_header = HEADER.unpack_from
 
 
 class UtpMultiplexer:
@@ -117,11 +118,18 @@ class UtpMultiplexer:
         """Process one uTP datagram from ``addr``. Never raises on bad input."""
         stats = self.stats
         stats.datagrams_received += 1
-        try:
-            ptype, conn_id, ts, ts_diff, wnd, seq, ack, sack, offset = parse_datagram(data)
-        except MalformedPacket:
-            stats.malformed += 1
-            return
+        if len(data) >= 20 and data[0] & 0x0F == 1 and data[0] < 0x50 and not data[1]:
+            # the common case, no extensions: skip the general parser
+            first, _, conn_id, ts, ts_diff, wnd, seq, ack = _unpack_header(data)
+            ptype = first >> 4
+            sack = None
+            offset = 20
+        else:
+            try:
+                ptype, conn_id, ts, ts_diff, wnd, seq, ack, sack, offset = parse_datagram(data)
+            except MalformedPacket:
+                stats.malformed += 1
+                return
         if ptype == ST_SYN:
             self._on_syn(addr, conn_id, ts, wnd, seq, now)
             return

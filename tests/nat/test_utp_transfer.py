@@ -61,7 +61,7 @@ def test_clean_network_transfer() -> None:
     assert client.conn.rtt > 0.0
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(80))
 def test_lossy_network_transfer(seed: int) -> None:
     rng = random.Random(1000 + seed)
     profile = LinkProfile(
