@@ -35,6 +35,7 @@ from tests.proxy.test_proxy_support import (
     target_for,
     tcp_server,
     tls_server_handler,
+    Node,
 )
 
 
@@ -162,6 +163,36 @@ async def tunnel_echo_round(stream: trio.SocketStream, payload: bytes) -> None:
     assert received == payload
 
 
+async def end_and_check(local: Node, remote: Node, client: trio.SocketStream, ender: str) -> None:
+    """End a live tunnel from one side; every side ends, with the right reason, counts back to 0."""
+    with trio.fail_after(5):
+        while remote.proxy.connection_reverse_count != 1:
+            await trio.sleep(0.01)
+    if ender == "forward":
+        await local.proxy.close_connection_forward("127.0.0.1", remote.proxy.proxy_port)
+        local_reason = EndReason.CLOSED_LOCALLY
+    elif ender == "reverse":
+        await remote.proxy.close_connection_reverse("127.0.0.1", local.proxy.proxy_port)
+        local_reason = EndReason.CLOSED_BY_PEER
+    else:
+        await client.send_eof()
+        local_reason = EndReason.CLOSED_LOCALLY
+    assert await connection_ended(client)
+    # Half-close is carried end to end: the tunnel's EOF reached the client;
+    # the client closing its side is what ends the forward connection.
+    await client.aclose()
+    (lost,) = await local.events.wait_lost(1)
+    (remote_lost,) = await remote.events.wait_lost(1)
+    assert lost.reason in (local_reason, EndReason.RESET)
+    if ender == "client":
+        assert lost.reason == EndReason.CLOSED_LOCALLY
+        assert remote_lost.reason == EndReason.CLOSED_BY_PEER
+    assert lost.remote_node_id == remote.node_id
+    assert remote_lost.remote_node_id == local.node_id
+    assert local.proxy.connection_forward_count == 0
+    assert remote.proxy.connection_reverse_count == 0
+
+
 @pytest.mark.parametrize("ender", ["forward", "reverse", "client"])
 async def test_open_connection_success(ender: str) -> None:
     """Open, CONNECT through it, then one side ends it: every side ends and counts return to 0."""
@@ -176,31 +207,12 @@ async def test_open_connection_success(ender: str) -> None:
             with trio.fail_after(5):
                 while remote.proxy.connection_reverse_count != 1:
                     await trio.sleep(0.01)
-            if ender == "forward":
-                await local.proxy.close_connection_forward("127.0.0.1", remote.proxy.proxy_port)
-                local_reason = EndReason.CLOSED_LOCALLY
-            elif ender == "reverse":
-                await remote.proxy.close_connection_reverse("127.0.0.1", local.proxy.proxy_port)
-                local_reason = EndReason.CLOSED_BY_PEER
-            else:
-                await client.send_eof()
-                local_reason = EndReason.CLOSED_LOCALLY
-            assert await connection_ended(client)
-            # Half-close is carried end to end: the tunnel's EOF reached the client;
-            # the client closing its side is what ends the forward connection.
-            await client.aclose()
-            lost = await local.events.wait_lost(1)
-            await remote.events.wait_lost(1)
-            assert lost[0].reason in (local_reason, EndReason.RESET)
-            if ender == "client":
-                assert lost[0].reason == EndReason.CLOSED_LOCALLY
-            assert lost[0].remote_node_id == remote.node_id
-            assert local.proxy.connection_forward_count == 0
-            assert remote.proxy.connection_reverse_count == 0
+            await end_and_check(local, remote, client, ender)
 
 
+@pytest.mark.parametrize("ender", ["forward", "reverse", "client"])
 @pytest.mark.parametrize("form", ["query", "node_id"])
-async def test_http_connect_success(form: str) -> None:
+async def test_http_connect_success(form: str, ender: str) -> None:
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote:
             book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
@@ -217,7 +229,7 @@ async def test_http_connect_success(form: str) -> None:
                 assert by_proxy is not None and by_proxy.remote_node_id == local.node_id
                 by_reverse = remote.proxy.get_connection_info_by_reverse(*server.peers[0])
                 assert by_reverse is not None and by_reverse.remote_node_id == local.node_id
-                await client.aclose()
+                await end_and_check(local, remote, client, ender)
 
 
 async def test_http_connect_success_by_opening_connection_first() -> None:
