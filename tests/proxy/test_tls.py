@@ -347,8 +347,10 @@ CLIENT_FOR_PROPERTY, SERVER_FOR_PROPERTY = make_tls_config(), make_tls_config()
 
 @settings(max_examples=25, deadline=None)
 @given(
-    sends=st.lists(st.integers(min_value=0, max_value=70_000), max_size=12),
-    receive_sizes=st.lists(st.integers(min_value=1, max_value=100_000), min_size=1, max_size=8),
+    sends=st.lists(st.integers(min_value=0, max_value=40_000), max_size=6),
+    # Tiny limits (1..16 KiB) are covered by the conformance suite; here the
+    # limits cut across records and across several buffered records.
+    receive_sizes=st.lists(st.integers(min_value=500, max_value=100_000), min_size=1, max_size=8),
 )
 def test_any_chunking_delivers_the_same_bytes(sends: list[int], receive_sizes: list[int]) -> None:
     """Whatever the send_all sizes and receive_some limits, bytes in == bytes out,
@@ -367,7 +369,7 @@ def test_any_chunking_delivers_the_same_bytes(sends: list[int], receive_sizes: l
             await client.send_eof()
 
         async def receive() -> None:
-            for call in range(10_000):
+            for call in range(len(data) + 2):  # each call yields >= 1 byte, or the EOF
                 limit = receive_sizes[call % len(receive_sizes)]
                 chunk = await server.receive_some(limit)
                 assert len(chunk) <= limit
