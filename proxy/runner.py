@@ -320,6 +320,10 @@ async def run_node(config: Config, tls_config: Any) -> int:
                     log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
                     break
                 nursery.cancel_scope.cancel()
+    # Leaving the receiver restored the default handlers; a second signal sent with
+    # the first (e.g. to the whole process group) must not kill a clean exit now.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("stopped", extra={"fields": {"event": "stopped"}})
     return 0
 

@@ -194,6 +194,17 @@ async def test_sigint_stops_like_sigterm(tmp_path: Path) -> None:
     assert "stopping on SIGINT" in node.log
 
 
+async def test_repeated_sigterm_still_exits_cleanly(tmp_path: Path) -> None:
+    directory = tmp_path / "n"
+    make_node(directory, '[proxy]\nhost = "127.0.0.1"\n')
+    with trio.fail_after(60):
+        node = await start_node(directory)
+        for _ in range(3):  # like a signal sent to a process group and forwarded again
+            node.process.terminate()
+        assert await node.process.wait() == 0
+    assert node.log.rstrip().endswith("stopped")
+
+
 def test_run_rejects_unknown_key(tmp_path: Path) -> None:
     directory = tmp_path / "n"
     make_node(directory, "[timeouts]\nconn_connect_tme = 3\n")

@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from proxy.cli import ExitCode, keygen
 from tests.cli.helpers import REPO_ROOT, run_keynode
-from tests.natlab import NatKind, open_lab
+from tests.natlab import LabProcess, NatKind, open_lab
 
 PROXY_PORT = 4000
 SERVER_PORT = 7000
@@ -36,6 +38,15 @@ while True:
             digest.update(data)
         connection.sendall(digest.hexdigest().encode())
 """ % SERVER_PORT
+
+
+def stop_by_pid(process: LabProcess, pid: int, timeout: float = 15.0) -> int | None:
+    """SIGTERM `pid` and wait (bounded) for the lab process wrapping it to end."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # plain blocking code (no trio here): poll the child
+    return process.returncode
 
 
 def keynode_argv(*args: str) -> list[str]:
@@ -102,9 +113,14 @@ def test_quickstart_across_a_nat(tmp_path: Path) -> None:
         assert id_a in [connection["node_id"] for connection in status_b["connections"]]
         assert all(c["direction"] == "reverse" for c in status_b["connections"])
 
-        for process in (forward, node_a, node_b):
-            process.stop()  # SIGTERM; the logs are read before the lab closes the pipes
+        forward.stop()
+        # SIGTERM to keynode itself (its pid from `status`), not to the lab's wrapper
+        # process group, whose `timeout -k 2` would turn a slow stop into a SIGKILL.
+        pid_a = json.loads(run_keynode("status", "--json", "--dir", str(dir_a)).stdout)["pid"]
+        pid_b = json.loads(run_keynode("status", "--json", "--dir", str(dir_b)).stdout)["pid"]
+        statuses = [stop_by_pid(node_a, pid_a), stop_by_pid(node_b, pid_b)]
         log_a, log_b = node_a.stderr_text(), node_b.stderr_text()
+    assert statuses == [0, 0], (statuses, log_a, log_b)
     assert f"connection established: forward {id_b} at {b_public}" in log_a
     assert f"connection established: reverse {id_a} at {a_address}" in log_b
     assert "stopping on SIGTERM" in log_a and "stopped" in log_b
