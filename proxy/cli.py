@@ -377,11 +377,15 @@ def command_forward(args: argparse.Namespace) -> int:
 
 
 async def wait_for_stop_signal() -> int:
-    """Returns the number of the first SIGINT or SIGTERM."""
+    """Returns the number of the first SIGINT or SIGTERM; later ones are ignored, so
+    a signal repeated (e.g. to the process group) cannot kill the clean stop."""
+    number = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for number in signals:
-            return number
-    raise AssertionError("signal receiver ended")
+            break
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return number
 
 
 def command_demo(args: argparse.Namespace) -> int:
