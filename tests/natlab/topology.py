@@ -82,6 +82,7 @@ class Link:
             self.b_to_a.set(impairment)
 
     def clear(self) -> None:
+        """Remove loss, delay and rate both ways (a cut stays until `restore()`)."""
         self.impair(Impairment())
 
     def cut(self) -> None:
@@ -281,7 +282,7 @@ class Lab:
             try:
                 process.stop()
                 process.close_pipes()
-            except OSError as exc:
+            except (OSError, subprocess.TimeoutExpired) as exc:
                 failures.append(f"process {process.pid}: {exc}")
         self.processes.clear()
         for ns in reversed(self.namespaces):
