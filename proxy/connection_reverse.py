@@ -97,12 +97,14 @@ class ConnectionReverse:
             tcp_port=local[1] if local else None,
         )
 
-    async def prepare(self) -> None:
+    async def prepare(self, deadline: float | None = None) -> None:
         """Connect to the server and punch until the peer is heard (bounded)."""
         proxy = self.proxy
         what = f"reverse from {self.address[0]}:{self.address[1]}"
+        if deadline is None:
+            deadline = trio.current_time() + proxy.conn_connect_time
         try:
-            with trio.fail_after(proxy.conn_connect_time):
+            with trio.fail_at(deadline):
                 if proxy.server_port is None or proxy.server_host is None:
                     raise ConnectionStartError("no server configured for reverse connections")
                 self.server = await trio.open_tcp_stream(proxy.server_host, proxy.server_port)
@@ -127,14 +129,13 @@ class ConnectionReverse:
         self.utp = utp
         self._utp_ready.set()
 
-    async def _complete(self) -> None:
-        """TLS server handshake and client chain verification, bounded by conn_connect_time."""
-        proxy = self.proxy
+    async def _complete(self, deadline: float) -> None:
+        """TLS server handshake and client chain verification, bounded by the deadline."""
         what = f"reverse from {self.address[0]}:{self.address[1]}"
         assert self.utp is not None and self.peer is not None
         try:
-            with trio.fail_after(proxy.conn_connect_time):
-                self.tls = TLSStream(self.utp, proxy.tls_config, server_side=True)
+            with trio.fail_at(deadline):
+                self.tls = TLSStream(self.utp, self.proxy.tls_config, server_side=True)
                 await until_peer_dies(self.peer, self.tls.do_handshake)
             chain = self.tls.peer_certificate_chain
             self.node_id = verify_client_certificate_chain(chain)
@@ -154,8 +155,11 @@ class ConnectionReverse:
             with self.scope:
                 if utp is not None:
                     self.attach_utp(utp)
+                # An incoming connection has conn_connect_time for all of its start;
+                # a prepared one gets it afresh when its uTP connection arrives.
+                deadline = trio.current_time() + self.proxy.conn_connect_time
                 if not prepared:
-                    await self.prepare()
+                    await self.prepare(deadline)
                 assert self.peer is not None
                 if not self.composed:
                     try:
@@ -163,7 +167,8 @@ class ConnectionReverse:
                     except ConnectionKeepAliveTimeout as death:
                         reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
                         return
-                await self._complete()
+                    deadline = trio.current_time() + self.proxy.conn_connect_time
+                await self._complete(deadline)
                 assert self.node_id is not None and self.tls is not None and self.server is not None
                 established = True
                 self.proxy._connection_established(self)
