@@ -45,7 +45,18 @@ Where we do better than libutp (documented deviations):
   probe), so probes are acknowledged and a slow reader never kills the
   connection; the sender probes after 1 s, doubling to 15 s (libutp: 15 s).
 - A RESET in SYN_SENT is reported as UtpConnectionRefused (libutp overwrites
-  its state first and always reports ECONNRESET).
+  its state first and always reports ECONNRESET). A RESET that arrives when
+  every byte both ways was delivered and only our FIN is unacknowledged (a
+  libutp peer that closed and forgot us) is a clean close, not an error.
+- After a clean close the connection id lingers (``linger_time``, extended by
+  every retransmitted FIN) to re-ACK the peer's FIN; new data then gets RESET.
+- Our selective ACKs cover up to 128 packets (a multiple of 4 bytes up to 16;
+  libutp reads any length and sends 4). A SACK rides on DATA only if the
+  datagram stays within ``mtu_payload + 20`` bytes, else it goes in a STATE.
+- A retransmission timeout marks lost only the oldest packet and those older
+  than one RTO; libutp resends the whole window. The loss-tolerant controller
+  (``congestion="tolerant"``, congestion.py) is our addition.
+- BEP 29's 500 ms RTO floor instead of libutp's 1000 ms.
 """
 
 from __future__ import annotations
@@ -55,13 +66,9 @@ from typing import TYPE_CHECKING
 from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
 from nat.utp.congestion import DelayHistory, make_controller
 from nat.utp.config import UtpConfig
-from nat.utp.events import (
-    ConnectionClosed,
-    Connected,
-    DataAvailable,
-    EofReceived,
-)
+from nat.utp.events import ConnectionClosed, Connected
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_STATE
+from nat.utp.receiving import ReceiveSide
 from nat.utp.rtt import RttEstimator
 from nat.utp.sending import SendSide
 from nat.utp.states import (
@@ -82,7 +89,7 @@ if TYPE_CHECKING:
     from nat.utp.multiplexer import UtpMultiplexer
 
 
-class UtpConnection(SendSide):
+class UtpConnection(SendSide, ReceiveSide):
     """A uTP connection. Created only by :class:`UtpMultiplexer`."""
 
     def __init__(
@@ -488,111 +495,6 @@ class UtpConnection(SendSide):
             # new data after our close(): nobody will read it
             self._reset_due = True
         self._mux._dirty.add(self)
-
-    def _on_data(self, ptype: int, seq16: int, data: bytes, offset: int, now: float) -> None:
-        rcv_nxt = self._rcv_nxt
-        off = (seq16 - rcv_nxt) & _MASK16
-        if off == 0 and ptype == ST_DATA and not self._reorder and self._eof_seq is None:
-            # fast path: the next packet in order, nothing buffered out of order
-            rbuf = self._rbuf
-            size = len(data) - offset
-            if len(rbuf) + size <= self._recv_buffer_size + self._mss and not self._close_requested:
-                if size:
-                    rbuf += data[offset:]
-                    self.bytes_received += size
-                self._rcv_nxt = rcv_nxt + 1
-                unacked = self._unacked + 1
-                self._unacked = unacked
-                if unacked >= 2:
-                    if not self._ack_due:
-                        self._ack_due = True
-                        self._mux._dirty.add(self)
-                elif self._ack_deadline is None:
-                    self._ack_deadline = now + self._config.delayed_ack
-                if rbuf and not self._readable_signalled:
-                    self._readable_signalled = True
-                    self._emit(DataAvailable(self))
-                return
-        if off >= 0x8000:  # already delivered: our ACK was lost
-            self._ack_due = True
-            self._mux._dirty.add(self)
-            return
-        seq = rcv_nxt + off
-        eof_seq = self._eof_seq
-        if eof_seq is not None and seq > eof_seq:
-            return
-        size = len(data) - offset
-        if self._close_requested:
-            # closing: accept and acknowledge, but keep nothing
-            if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
-            if off == 0:
-                self._rcv_nxt = seq + 1
-                self._deliver_reorder()
-            elif off < self._config.reorder_limit and seq not in self._reorder:
-                self._reorder[seq] = (ptype, b"")
-            self._ack_due = True
-            self._mux._dirty.add(self)
-            return
-        if off == 0:
-            used = len(self._rbuf) + self._reorder_bytes
-            if size and used + size > self._recv_buffer_size + self._mss:
-                self._mux.stats.dropped_packets += 1
-                self._ack_due = True
-                self._mux._dirty.add(self)
-                return
-            if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
-            if size:
-                self._rbuf += memoryview(data)[offset:]
-                self.bytes_received += size
-            self._rcv_nxt = seq + 1
-            if self._reorder:
-                self._deliver_reorder()
-                self._ack_due = True
-            self._unacked += 1
-            if self._unacked >= 2:
-                self._ack_due = True
-            elif self._ack_deadline is None:
-                self._ack_deadline = now + self._config.delayed_ack
-        else:
-            self._ack_due = True  # out of order: SACK at once
-            if off >= self._config.reorder_limit or seq in self._reorder:
-                self._mux._dirty.add(self)
-                return
-            if size > self._free_window():
-                self._mux.stats.dropped_packets += 1
-                self._mux._dirty.add(self)
-                return
-            if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
-            self._reorder[seq] = (ptype, bytes(data[offset:]))
-            self._reorder_bytes += size
-        if self._ack_due:
-            self._mux._dirty.add(self)
-        if self._rbuf and not self._readable_signalled:
-            self._readable_signalled = True
-            self._emit(DataAvailable(self))
-        if self._eof_seq is not None and not self._eof_reached and self._rcv_nxt > self._eof_seq:
-            self._eof_reached = True
-            self._ack_due = True
-            self._mux._dirty.add(self)
-            self._emit(EofReceived(self))
-            if self._fin_acked and not self._outstanding:
-                self._finish()
-
-    def _deliver_reorder(self) -> None:
-        reorder = self._reorder
-        rcv_nxt = self._rcv_nxt
-        discard = self._close_requested
-        while rcv_nxt in reorder:
-            ptype, payload = reorder.pop(rcv_nxt)
-            self._reorder_bytes -= len(payload)
-            if payload and not discard:
-                self._rbuf += payload
-                self.bytes_received += len(payload)
-            rcv_nxt += 1
-        self._rcv_nxt = rcv_nxt
 
     def _on_duplicate_syn(self, now: float) -> None:
         if self.state is _SYN_RECV:
