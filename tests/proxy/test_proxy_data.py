@@ -303,3 +303,40 @@ async def test_set_tls_config_applies_to_new_connections() -> None:
             assert await client.receive_some(10) == b"x"
             assert remote.events.established[-1].remote_node_id == renewed.node_id
             await client.aclose()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_nothing_left_behind_after_many_tunnels() -> None:
+    with trio.fail_after(60):
+        async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
+
+            async def settle() -> None:
+                with trio.fail_after(10):
+                    while (
+                        local.proxy.connection_forward_count
+                        or remote.proxy.connection_reverse_count
+                        or len(local.proxy.peers)
+                        or len(remote.proxy.peers)
+                        or local.proxy.endpoint.connection_count
+                        or remote.proxy.endpoint.connection_count
+                    ):
+                        await trio.sleep(0.02)
+
+            async def tunnels(count: int) -> None:
+                for index in range(count):
+                    client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
+                    await client.send_all(b"n%d" % index)
+                    assert await client.receive_some(100) == b"n%d" % index
+                    await client.send_eof()
+                    assert await receive_all(client) == b""
+                    await client.aclose()
+                await settle()
+
+            await tunnels(5)  # warm up lazily created resources
+            before = open_fds()
+            await tunnels(60)
+            assert open_fds() <= before
+            assert len(local.events.lost) == 65 and len(remote.events.lost) == 65
