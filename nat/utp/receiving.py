@@ -54,7 +54,7 @@ class ReceiveSide:
         if self._close_requested:
             # closing: accept and acknowledge, but keep nothing
             if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
+                self._set_eof(seq)
             if off == 0:
                 self._rcv_nxt = seq + 1
                 self._deliver_reorder()
@@ -71,7 +71,7 @@ class ReceiveSide:
                 self._mux._dirty.add(self)
                 return
             if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
+                self._set_eof(seq)
             if size:
                 self._rbuf += memoryview(data)[offset:]
                 self.bytes_received += size
@@ -94,7 +94,7 @@ class ReceiveSide:
                 self._mux._dirty.add(self)
                 return
             if ptype == ST_FIN and eof_seq is None:
-                self._eof_seq = seq
+                self._set_eof(seq)
             self._reorder[seq] = (ptype, bytes(data[offset:]))
             self._reorder_bytes += size
         if self._ack_due:
@@ -109,6 +109,13 @@ class ReceiveSide:
             self._emit(EofReceived(self))
             if self._fin_acked and not self._outstanding:
                 self._finish()
+
+    def _set_eof(self, seq: int) -> None:
+        """The peer's FIN has ``seq``: nothing after it will ever be delivered."""
+        self._eof_seq = seq
+        reorder = self._reorder
+        for later in [s for s in reorder if s > seq]:
+            self._reorder_bytes -= len(reorder.pop(later)[1])
 
     def _deliver_reorder(self) -> None:
         reorder = self._reorder

@@ -439,3 +439,18 @@ def test_duplicate_and_reordered_data_is_delivered_once() -> None:
     deliver(shuffled, b, A, 0.02)
     assert server.read() == b"".join(bytes([i]) * 1382 for i in range(5))
     assert server.read() == b""
+
+
+def test_nothing_after_the_fin_is_delivered() -> None:
+    a, b, conn, server = _connected_pair(23)
+    seq = conn._snd_nxt
+    ack16 = (conn._rcv_nxt - 1) & 0xFFFF
+    data = lambda s, payload: encode_packet(ST_DATA, server.recv_id, s, ack16, wnd_size=1 << 20, payload=payload)  # noqa: E731
+    fin = encode_packet(ST_FIN, server.recv_id, seq + 1, ack16, wnd_size=1 << 20)
+    b.receive_datagram(data(seq + 2, b"after the end"), A, 0.1)  # out of order, past the FIN
+    b.receive_datagram(fin, A, 0.1)
+    b.receive_datagram(data(seq, b"the data"), A, 0.1)
+    assert server.read() == b"the data"
+    assert server.at_eof and server._reorder == {} and server._reorder_bytes == 0
+    b.receive_datagram(data(seq + 3, b"more"), A, 0.2)
+    assert server.read() == b""
