@@ -5,7 +5,7 @@ Prints MiB/s and datagrams/s (wall clock, and CPU time of this process, which
 is steadier on a shared machine) with both ends' work included (this is the budget
 left for the trio driver and TLS). ``--profile`` runs it under cProfile.
 
-    .venv/bin/python bench/utp_core.py [--mib 64] [--profile]
+    .venv/bin/python bench/utp_core.py [--mib 64] [--batch 64] [--profile] [--lossy]
 """
 
 from __future__ import annotations
@@ -79,11 +79,35 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
     return elapsed, cpu, packets, a.stats.retransmits + b.stats.retransmits
 
 
+def simulated_bottleneck(congestion: str, loss: float, mib: int) -> tuple[float, float]:
+    """Simulated goodput (MiB/s) and peak queue (s) over a 2000 packets/s, 40 ms RTT link."""
+    from nat.utp.multiplexer import UtpConfig
+    from nat.utp.sim import AppRunner, LinkProfile, SimNetwork, StreamApp
+
+    net = SimNetwork(1, LinkProfile(delay=0.02, rate=2000, loss=loss))
+    config = UtpConfig(congestion=congestion)
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    client = runner.add(StreamApp(a.connect(B, net.now), bytes(mib << 20)))
+    peak = [0.0]
+
+    def step() -> None:
+        runner()
+        peak[0] = max(peak[0], net._link_free_at.get((A, B), 0.0) - net.now)
+
+    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=step, max_time=3600)
+    return mib / net.now, peak[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="datagrams per receive batch")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--lossy", action="store_true", help="also: simulated bottleneck with random loss, per controller"
+    )
     args = parser.parse_args()
     total = args.mib << 20
     if args.profile:
@@ -99,6 +123,16 @@ def main() -> None:
         f"CPU {cpu:.2f} s = {args.mib / cpu:.1f} MiB/s ({packets / cpu:,.0f} datagrams/s, "
         f"{cpu / packets * 1e6:.1f} us each); {packets} datagrams, {retransmits} retransmits"
     )
+    if args.lossy:
+        link = 2000 * 1382 / (1 << 20)
+        print(f"simulated link 2000 datagrams/s ({link:.2f} MiB/s of payload), 40 ms RTT, 8 MiB:")
+        for loss in (0.0, 0.01, 0.05):
+            for congestion in ("ledbat", "tolerant"):
+                goodput, queue = simulated_bottleneck(congestion, loss, 8)
+                print(
+                    f"  loss {loss:4.0%}  {congestion:<9} goodput {goodput:5.2f} MiB/s, "
+                    f"peak queue {queue * 1000:4.0f} ms"
+                )
 
 
 if __name__ == "__main__":
