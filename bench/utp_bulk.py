@@ -6,7 +6,8 @@
 
 Peer roles (JSON lines on stdout; used by this script, and usable from network
 namespaces, e.g. by the natlab benches): `--role receive [--bind HOST]`,
-`--role echo [--bind HOST]`, `--role send HOST PORT NBYTES [--bind HOST]`.
+`--role echo [--bind HOST]`, `--role send HOST PORT NBYTES [--bind HOST]`;
+`--offload` makes them use UDP GSO/GRO.
 
 Rows: ours->ours, utp-native->utp-native (libutp under Node, default socket buffers
 as the original ran, and with 8 MiB buffers) and both cross pairs; each with sender
@@ -72,8 +73,8 @@ async def receive_counting(stream: UtpStream) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
-async def role_receive(bind: str) -> None:
-    async with open_endpoint(bind) as endpoint:
+async def role_receive(bind: str, offload: bool) -> None:
+    async with open_endpoint(bind, offload=offload) as endpoint:
         report({"event": "listening", "port": endpoint.address[1]})
         stream = await endpoint.accept()
         count, seconds = await receive_counting(stream)
@@ -83,8 +84,8 @@ async def role_receive(bind: str) -> None:
             await stream.aclose()
 
 
-async def role_send(host: str, port: int, total: int, bind: str) -> None:
-    async with open_endpoint(bind) as endpoint:
+async def role_send(host: str, port: int, total: int, bind: str, offload: bool) -> None:
+    async with open_endpoint(bind, offload=offload) as endpoint:
         stream = await endpoint.connect((host, port))
         await send_bytes(stream, total)
         with trio.move_on_after(10):
@@ -94,9 +95,9 @@ async def role_send(host: str, port: int, total: int, bind: str) -> None:
         report({"event": "sent"})
 
 
-async def role_echo(bind: str) -> None:
+async def role_echo(bind: str, offload: bool) -> None:
     """Echo one connection to its EOF, then report sha256 of what passed through."""
-    async with open_endpoint(bind) as endpoint:
+    async with open_endpoint(bind, offload=offload) as endpoint:
         report({"event": "listening", "host": endpoint.address[0], "port": endpoint.address[1]})
         stream = await endpoint.accept()
         digest = hashlib.sha256()
@@ -111,8 +112,8 @@ async def role_echo(bind: str) -> None:
             await stream.aclose()
 
 
-async def ours_one_process(total: int) -> tuple[int, float]:
-    async with open_endpoint() as a, open_endpoint() as b:
+async def ours_one_process(total: int, offload: bool = False) -> tuple[int, float]:
+    async with open_endpoint(offload=offload) as a, open_endpoint(offload=offload) as b:
         result: list[tuple[int, float]] = []
 
         async def receiver() -> None:
@@ -261,6 +262,15 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
         size_ours,
     )
     row(f"ours -> ours ({size_ours // MIB} MiB)", one, two)
+    one = rate(trio.run(ours_one_process, size_ours, True), size_ours)
+    two = rate(
+        two_processes(
+            python_role("receive", "--offload"),
+            lambda port: python_role("send", "127.0.0.1", port, size_ours, "--offload"),
+        ),
+        size_ours,
+    )
+    row(f"ours -> ours, UDP GSO/GRO ({size_ours // MIB} MiB)", one, two)
     one = rate(node_one_process(size_native, 0), size_native)
     two = rate(
         two_processes(
@@ -308,10 +318,10 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
         print(f"  {name:<40} {statistics.median(samples):12.0f} {p99:12.0f}", flush=True)
 
 
-def run_profile(total: int) -> None:
+def run_profile(total: int, offload: bool) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
-    count, seconds = trio.run(ours_one_process, total)
+    count, seconds = trio.run(ours_one_process, total, offload)
     profiler.disable()
     print(f"ours -> ours, one process, under cProfile: {count / MIB / seconds:.1f} MiB/s")
     out = io.StringIO()
@@ -328,6 +338,11 @@ def main() -> None:
     parser.add_argument("--rtt-count", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="--role peers and --profile use UDP GSO/GRO (open_endpoint(offload=True))",
+    )
+    parser.add_argument(
         "--bind",
         default="127.0.0.1",
         help="address the --role peers bind (e.g. inside a network namespace)",
@@ -336,16 +351,16 @@ def main() -> None:
     if args.role:
         role, *rest = args.role
         if role == "receive":
-            trio.run(role_receive, args.bind)
+            trio.run(role_receive, args.bind, args.offload)
         elif role == "echo":
-            trio.run(role_echo, args.bind)
+            trio.run(role_echo, args.bind, args.offload)
         elif role == "send":
-            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]), args.bind)
+            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]), args.bind, args.offload)
         else:
             sys.exit(f"unknown role {role}")
         return
     if args.profile:
-        run_profile(args.size * MIB)
+        run_profile(args.size * MIB, args.offload)
         return
     started = time.monotonic()
     run_table(args.size * MIB, args.size * MIB, args.slow_size * MIB, args.rtt_count)
