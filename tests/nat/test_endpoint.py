@@ -324,3 +324,33 @@ async def test_send_backlog_when_the_socket_would_block(monkeypatch: pytest.Monk
         await server.aclose()
     assert all(sock.refusals > 0 for sock in flaky)
     assert a.stats.send_dropped == 0 and b.stats.send_dropped == 0
+
+
+class _NoSegmentationSocket(socket.socket):
+    """A socket on a path without UDP GSO: the kernel answers EIO."""
+
+    def sendmsg(self, *args):  # type: ignore[no-untyped-def, override]
+        raise OSError(5, "pretend this device cannot segment")
+
+
+async def test_offload_falls_back_when_the_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nat.endpoint
+
+    real_bind = nat.endpoint._bind_socket
+
+    async def bind_without_gso(*args):  # type: ignore[no-untyped-def]
+        sock = await real_bind(*args)
+        return _NoSegmentationSocket(sock.family, sock.type, sock.proto, sock.detach())
+
+    monkeypatch.setattr(nat.endpoint, "_bind_socket", bind_without_gso)
+    data = random.Random(10).randbytes(1024 * 1024)
+    async with open_endpoint(offload=True) as a, open_endpoint(offload=True) as b:
+        client, server = await connect_pair(a, b)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_and_eof, client, data)
+                assert await _receive_all(server) == data
+        await client.aclose()
+        await server.aclose()
+    assert a.stats.offload_failures == 1
+    assert a.stats.segmented_sends == 0
