@@ -24,6 +24,9 @@ the dotted key and the reason, so a typo never silently becomes a default.
     [timeouts]                           # seconds, DESIGN.md names and defaults
     conn_connect_time = 2.0
 
+    [transport]                          # uTP congestion controller
+    congestion = "ledbat"                # ledbat (libutp's) or tolerant (random-loss tolerant)
+
     [peers]                              # address book: NodeId -> host:port
     "v0123...abc" = "198.51.100.7:4000"
 
@@ -58,6 +61,8 @@ CONTROL_SOCKET_FILE = "control.sock"
 CONFIG_FILE = "config.toml"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Names of nat.utp.congestion.CONTROLLERS that a config may choose.
+CONGESTION_CONTROLLERS = ("ledbat", "tolerant")
 LOG_FORMATS = ("text", "json")
 
 # Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).
@@ -125,6 +130,7 @@ class Config:
     log_level: str
     log_format: str
     control_socket: Path
+    congestion: str = "ledbat"  # uTP congestion controller (CONGESTION_CONTROLLERS)
 
     @property
     def key_path(self) -> Path:
@@ -227,7 +233,7 @@ def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> C
     return config_from_mapping(data, "<defaults>", base_dir=Path.cwd(), read_auth=read_auth)
 
 
-_SECTIONS = ("node", "forward", "proxy", "server", "auth", "timeouts", "peers", "log", "control")
+_SECTIONS = ("node", "forward", "proxy", "server", "auth", "timeouts", "transport", "peers", "log", "control")
 
 
 class _Reader:
@@ -317,6 +323,14 @@ def config_from_mapping(
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
     peers = _read_peers(reader, reader.table(data, "peers"))
 
+    transport = reader.table(data, "transport")
+    reader.reject_unknown(transport, "transport", ("congestion",))
+    congestion = reader.string(transport, "transport.congestion", "ledbat")
+    if congestion not in CONGESTION_CONTROLLERS:
+        raise reader.fail(
+            "transport.congestion", f"{congestion!r} is not one of {', '.join(CONGESTION_CONTROLLERS)}"
+        )
+
     log = reader.table(data, "log")
     reader.reject_unknown(log, "log", ("level", "format"))
     level = reader.string(log, "log.level", "info")
@@ -346,6 +360,7 @@ def config_from_mapping(
         log_level=level,  # type: ignore[arg-type]
         log_format=log_format,  # type: ignore[arg-type]
         control_socket=control_socket,
+        congestion=congestion,  # type: ignore[arg-type]
     )
 
 

@@ -267,6 +267,7 @@ async def run_node(config: Config, tls_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status (0 after a graceful stop)."""
     from proxy.address_book import AddressBook
     from proxy.control import serve_control
+    from nat.utp.config import UtpConfig
     from proxy.proxy import open_proxy
 
     setup_logging(config.log_level, config.log_format)
@@ -289,6 +290,7 @@ async def run_node(config: Config, tls_config: Any) -> int:
             server_host=None if server is None else server.host,
             server_port=None if server is None else server.port,
             address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
+            utp_config=UtpConfig(congestion=config.congestion),
             conn_connect_time=timeouts.conn_connect_time,
             conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
             conn_end_time=timeouts.conn_end_time,

@@ -69,6 +69,8 @@ conn_keep_alive_timeout_time = 30.5
 conn_end_time = 0.5
 conn_punch_interval_time = 0.1
 conn_keep_alive_interval_time = 2
+[transport]
+congestion = "tolerant"
 [peers]
 "{peer}" = "[2001:db8::1]:4000"
 [log]
@@ -89,6 +91,7 @@ socket = "/tmp/kn.sock"
     assert config.peers == {peer: HostPort("2001:db8::1", 4000)}
     assert (config.log_level, config.log_format) == ("debug", "json")
     assert config.control_socket == Path("/tmp/kn.sock")
+    assert config.congestion == "tolerant"
     assert config.key_path == tmp_path / "nodedir" / "key.pem"
 
 
@@ -148,6 +151,8 @@ BAD_CONFIGS = [
     ),
     ("[peers]\nvnotanodeid = '1.2.3.4:5'\n", "peers.vnotanodeid", "not a NodeId"),
     ("[log]\nlevel = 'loud'\n", "log.level", "not one of"),
+    ("[transport]\ncongestion = 'cubic'\n", "transport.congestion", "not one of"),
+    ("[transport]\nmtu = 1200\n", "transport.mtu", "unknown key"),
     ("[log]\nformat = 'xml'\n", "log.format", "not one of"),
     ("[auth]\ntoken = 'a'\ntoken_env = 'B'\n", "auth.token_env", "exactly one"),
     ("[auth]\ntoken = ''\n", "auth.token", "empty"),
@@ -263,3 +268,10 @@ def test_parse_host_port_total(text: str) -> None:
         return
     assert 1 <= result.port <= 65535 and result.host
     assert os.sep not in result.host
+
+
+def test_config_congestion_names_are_real_controllers() -> None:
+    from nat.utp.congestion import CONTROLLERS
+    from proxy.config import CONGESTION_CONTROLLERS
+
+    assert set(CONGESTION_CONTROLLERS) <= set(CONTROLLERS)
