@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket as stdlib_socket
-import struct
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -42,6 +41,19 @@ from nat.utp.events import (
 from nat.utp.multiplexer import UtpMultiplexer
 
 from nat.stream import UtpStream
+from nat.udp import (
+    DEFAULT_SOCKET_BUFFER_SIZE,
+    GRO_CMSG_SPACE,
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    GSO_SIZE,
+    SOL_UDP,
+    UDP_SEGMENT,
+    enable_gro,
+    gro_segment_size,
+    is_ip_literal,
+)
+from nat.udp import bind_udp_socket as _bind_socket  # a module global: tests wrap it
 
 if TYPE_CHECKING:
     from nat.utp.connection import UtpConnection
@@ -51,27 +63,12 @@ __all__ = ["Endpoint", "EndpointStats", "open_endpoint", "Address"]
 
 Address = tuple[Any, ...]
 
-# Large kernel buffers: the original lost most of its throughput to receive
-# buffer overflow (208 KiB default). The kernel caps these at rmem_max/wmem_max
-# unless we are privileged (SO_RCVBUFFORCE), which we try first.
-DEFAULT_SOCKET_BUFFER_SIZE = 8 * 1024 * 1024
 RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
 MAX_DATAGRAM_SIZE = 65535
 TIMER_GRANULARITY = 0.0005  # shortest wait for a timer, in seconds
 SEND_BACKLOG_LIMIT = 4096  # datagrams queued while the socket would block
 ACCEPT_BACKLOG = 128  # accepted connections waiting for accept()
 SUBSCRIBER_BUFFER = 256  # messages buffered per subscriber before dropping
-# UDP segmentation offload (Linux >= 4.18 GSO, 5.0 GRO): see open_endpoint(offload=).
-_SOL_UDP = 17
-_UDP_SEGMENT = 103
-_UDP_GRO = 104
-GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
-GSO_MAX_BYTES = 65000  # one GSO send stays below the 64 KiB IP datagram limit
-_GSO_SIZE = struct.Struct("=H")
-_CMSG_INT = struct.Struct("=i")
-_GRO_CMSG_SPACE = stdlib_socket.CMSG_SPACE(_CMSG_INT.size)
-_SO_RCVBUFFORCE = getattr(stdlib_socket, "SO_RCVBUFFORCE", 33)
-_SO_SNDBUFFORCE = getattr(stdlib_socket, "SO_SNDBUFFORCE", 32)
 
 
 @dataclass
@@ -97,56 +94,6 @@ class EndpointStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _set_buffer(sock: stdlib_socket.socket, forced: int, normal: int, size: int) -> None:
-    try:
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, forced, size)
-    except OSError:
-        # Unprivileged: the kernel silently caps at net.core.[rw]mem_max.
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, normal, size)
-
-
-async def _bind_socket(
-    host: str, port: int, dual_stack: bool, buffer_size: int
-) -> stdlib_socket.socket:
-    if dual_stack:
-        if host in ("", "0.0.0.0", "::"):
-            host = "::"
-        elif ipaddress.ip_address(host).version != 6:
-            raise ValueError(f"dual_stack needs an IPv6 (or wildcard) host, not {host!r}")
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=stdlib_socket.SOCK_DGRAM, flags=stdlib_socket.AI_PASSIVE
-    )
-    family, _, _, _, sockaddr = infos[0]
-    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
-    try:
-        if family == stdlib_socket.AF_INET6:
-            sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, not dual_stack)
-        _set_buffer(sock, _SO_RCVBUFFORCE, stdlib_socket.SO_RCVBUF, buffer_size)
-        _set_buffer(sock, _SO_SNDBUFFORCE, stdlib_socket.SO_SNDBUF, buffer_size)
-        sock.bind(sockaddr)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _enable_gro(sock: stdlib_socket.socket) -> bool:
-    try:
-        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
-    except OSError:
-        return False  # an old kernel: receive datagram by datagram
-    return True
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
 class Endpoint:
     """One UDP socket: uTP connections (accept/connect) plus out-of-band messages.
 
@@ -167,7 +114,7 @@ class Endpoint:
         self._receive_buffer = bytearray(MAX_DATAGRAM_SIZE)
         self._receive_view = memoryview(self._receive_buffer)
         self._gso = offload
-        self._gro = offload and _enable_gro(sock)
+        self._gro = offload and enable_gro(sock)
         self._family = sock.family
         self._ipv6 = sock.family == stdlib_socket.AF_INET6
         self._dual_stack = self._ipv6 and not sock.getsockopt(
@@ -242,7 +189,7 @@ class Endpoint:
         ``stats.send_errors``, not raised (UDP gives no delivery promise anyway).
         """
         self._check_open()
-        if not _is_ip_literal(address[0]):
+        if not is_ip_literal(address[0]):
             # sendto would resolve a name synchronously, blocking the event loop.
             raise ValueError(f"send_message needs an IP address, not {address[0]!r}")
         if isinstance(message, int):
@@ -296,7 +243,7 @@ class Endpoint:
         host, port = address[0], address[1]
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"bad port in {address!r}")
-        if _is_ip_literal(host):
+        if is_ip_literal(host):
             self._check_family(host)
             return self._user_address(self._socket_address((host, port)))
         family = stdlib_socket.AF_UNSPEC if self._dual_stack else self._family
@@ -411,7 +358,7 @@ class Endpoint:
         would_block = False
         while received < RECEIVE_BATCH:
             try:
-                size, ancillary, _flags, addr = recvmsg_into(buffers, _GRO_CMSG_SPACE)
+                size, ancillary, _flags, addr = recvmsg_into(buffers, GRO_CMSG_SPACE)
             except BlockingIOError:
                 would_block = True
                 break
@@ -421,10 +368,7 @@ class Endpoint:
                 continue
             if user_address is not None:
                 addr = user_address(addr)
-            segment = size
-            for level, kind, value in ancillary:
-                if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
-                    segment = _CMSG_INT.unpack_from(value)[0] or size
+            segment = gro_segment_size(ancillary, size) if ancillary else size
             start = 0
             while True:
                 end = min(start + segment, size)
@@ -561,7 +505,7 @@ class Endpoint:
                 index = end
                 continue
             payload = b"".join([datagram for datagram, _ in datagrams[index:end]])
-            control = [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
+            control = [(SOL_UDP, UDP_SEGMENT, GSO_SIZE.pack(size))]
             try:
                 sendmsg([payload], control, 0, to_socket(addr) if to_socket else addr)
             except BlockingIOError:
