@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from nat.errors import NatError
+from nat.stream import UtpStream
 from proxy.connection_tunnel import (
     TRANSPORT_ERRORS,
     ConnectionEvent,
@@ -108,6 +109,7 @@ class ConnectionForward:
         self.node_ids = node_ids
         self.node_id: NodeId | None = None
         self.certificates: tuple[x509.Certificate, ...] = ()
+        self.utp: UtpStream | None = None
         self.tls: TLSStream | None = None
         self.peer: Peer | None = None
         self.client: trio.abc.HalfCloseableStream | None = None
@@ -164,7 +166,7 @@ class ConnectionForward:
                 self.peer = peer = await self._exit_stack.enter_async_context(proxy.peers.use(self.address))
 
                 async def connect_and_handshake() -> None:
-                    utp = await proxy.endpoint.connect(self.address)
+                    self.utp = utp = await proxy.endpoint.connect(self.address)
                     self.tls = TLSStream(utp, proxy.tls_config, server_side=False)
                     await self.tls.do_handshake()
                     await peer.wait_heard()
@@ -175,8 +177,8 @@ class ConnectionForward:
             self.node_id = verify_server_certificate_chain(list(self.node_ids), chain)
             self.certificates = tuple(chain)
         except BaseException as error:
-            await close_streams(self.tls, graceful=False, end_time=0)
-            self.tls = None
+            await close_streams(self.tls or self.utp, graceful=False, end_time=0)
+            self.tls = self.utp = None
             with trio.CancelScope(shield=True):
                 await self._exit_stack.aclose()
             if isinstance(error, Exception):

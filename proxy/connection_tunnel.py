@@ -71,6 +71,17 @@ class ConnectionInfo:
 
 
 @dataclass(frozen=True)
+class ConnectionStatus:
+    """One established connection as ``Proxy.connections()`` reports it."""
+
+    info: ConnectionInfo
+    established_at: float  # trio.current_time() when it was established
+    bytes_sent: int  # uTP payload bytes (TLS records, so a little above the TCP bytes)
+    bytes_received: int
+    rtt: float | None  # smoothed uTP round-trip time, seconds
+
+
+@dataclass(frozen=True)
 class ConnectionEvent:
     """Argument of the established and lost callbacks."""
 

@@ -38,6 +38,7 @@ from proxy.connection_tunnel import (
     ConnectionCallback,
     ConnectionEvent,
     ConnectionInfo,
+    ConnectionStatus,
     call_callback,
     close_streams,
 )
@@ -102,6 +103,7 @@ class Proxy:
         self.proxy_port = 0
         self._forward: set[ConnectionForward] = set()
         self._reverse: set[ConnectionReverse] = set()
+        self._established_at: dict[ConnectionForward | ConnectionReverse, float] = {}
         self._starting: set[trio.CancelScope] = set()
         # CONNECTs past their request, not yet answered: stop lets them answer.
         self._answering = 0
@@ -191,16 +193,38 @@ class Proxy:
 
     def _connection_established(self, connection: ConnectionForward | ConnectionReverse) -> None:
         assert connection.node_id is not None
+        self._established_at[connection] = trio.current_time()
         call_callback(
             self.connection_established_callback,
             ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
         )
 
     def _connection_ended(self, connection: ConnectionForward | ConnectionReverse) -> None:
+        self._established_at.pop(connection, None)
         if isinstance(connection, ConnectionForward):
             self._forward.discard(connection)
         else:
             self._reverse.discard(connection)
+
+    def connections(self) -> list[ConnectionStatus]:
+        """Every established connection, forward then reverse, with its counters."""
+        statuses = []
+        for connection in [*self._forward, *self._reverse]:
+            info = connection.info()
+            established_at = self._established_at.get(connection)
+            if info is None or established_at is None:
+                continue
+            utp = connection.utp
+            statuses.append(
+                ConnectionStatus(
+                    info=info,
+                    established_at=established_at,
+                    bytes_sent=0 if utp is None else utp.bytes_sent,
+                    bytes_received=0 if utp is None else utp.bytes_received,
+                    rtt=None if utp is None else utp.rtt,
+                )
+            )
+        return statuses
 
     @property
     def connection_forward_count(self) -> int:

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-import weakref
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -114,59 +113,24 @@ class ConnectionLog:
                                    "duration": duration}})
 
 
-class ConnectionTable:
-    """Per-connection rows for `status`. Reads the Proxy's registries (its
-    `connections()` when it offers one) and the uTP stream of each connection for
-    bytes and RTT; remembers when it first saw each connection for the age."""
-
-    def __init__(self) -> None:
-        self._first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self.proxy: Any = None  # set once the Proxy runs
-
-    @staticmethod
-    def _connections(proxy: Any) -> list[Any]:
-        listing = getattr(proxy, "connections", None)
-        if callable(listing):
-            return list(listing())
-        return [*getattr(proxy, "_forward", ()), *getattr(proxy, "_reverse", ())]
-
-    def observe(self) -> None:
-        """Note the start time of connections not seen before (called when one is
-        established, so ages count from then)."""
-        if self.proxy is None:
-            return
-        now = time.monotonic()
-        for connection in self._connections(self.proxy):
-            try:
-                self._first_seen.setdefault(connection, now)
-            except TypeError:  # not weak-referenceable: its age counts from a status call
-                pass
-
-    def rows(self, proxy: Any) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        rows = []
-        for connection in self._connections(proxy):
-            try:
-                first_seen = self._first_seen.setdefault(connection, now)
-            except TypeError:  # not weak-referenceable: age from now
-                first_seen = now
-            direction = getattr(connection, "direction", None)
-            utp = getattr(connection, "utp", None)
-            if utp is None:
-                utp = getattr(getattr(connection, "tls", None), "transport", None)
-            local = getattr(connection, "client_address", None) or getattr(connection, "server_local_address", None)
-            node_id = getattr(connection, "node_id", None)
-            rows.append({
-                "direction": str(getattr(direction, "value", direction)),
-                "node_id": None if node_id is None else str(node_id),
-                "remote": _address_text(getattr(connection, "address", None)),
-                "local": _address_text(local),
-                "age": round(now - first_seen, 3),
-                "bytes_sent": getattr(utp, "bytes_sent", None),
-                "bytes_received": getattr(utp, "bytes_received", None),
-                "rtt": getattr(utp, "rtt", None),
-            })
-        return rows
+def connection_rows(proxy: Any) -> list[dict[str, Any]]:
+    """One row per established connection for `status`, from `Proxy.connections()`."""
+    now = trio.current_time()
+    rows = []
+    for status in proxy.connections():
+        info = status.info
+        local = (info.tcp_host, info.tcp_port) if info.tcp_host is not None else None
+        rows.append({
+            "direction": info.direction.value,
+            "node_id": str(info.remote_node_id),
+            "remote": _address_text((info.remote_host, info.remote_port)),
+            "local": _address_text(local),
+            "age": round(now - status.established_at, 3),
+            "bytes_sent": status.bytes_sent,
+            "bytes_received": status.bytes_received,
+            "rtt": status.rtt,
+        })
+    return rows
 
 
 # --- control handler ------------------------------------------------------------------
@@ -186,12 +150,11 @@ def info_document(info: Any) -> dict[str, Any]:
 class NodeController:
     """The control socket's view of a running Proxy."""
 
-    def __init__(self, proxy: Any, config: Config, node_id: NodeId, table: ConnectionTable) -> None:
+    def __init__(self, proxy: Any, config: Config, node_id: NodeId) -> None:
         self.proxy = proxy
         self.config = config
         self.node_id = node_id
         self.started = time.monotonic()
-        self.table = table
 
     def addresses(self) -> dict[str, Any]:
         proxy = self.proxy
@@ -211,7 +174,7 @@ class NodeController:
             "uptime": round(time.monotonic() - self.started, 3),
             "connection_forward_count": self.proxy.connection_forward_count,
             "connection_reverse_count": self.proxy.connection_reverse_count,
-            "connections": self.table.rows(self.proxy),
+            "connections": connection_rows(self.proxy),
         }
 
     async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]:
@@ -272,11 +235,6 @@ async def run_node(config: Config, tls_config: Any) -> int:
 
     setup_logging(config.log_level, config.log_format)
     events = ConnectionLog()
-    table = ConnectionTable()
-
-    def established(event: Any) -> None:
-        events.established(event)
-        table.observe()
     timeouts = config.timeouts
     server = config.server
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -296,7 +254,7 @@ async def run_node(config: Config, tls_config: Any) -> int:
             conn_end_time=timeouts.conn_end_time,
             conn_punch_interval_time=timeouts.conn_punch_interval_time,
             conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
-            connection_established_callback=established,
+            connection_established_callback=events.established,
             connection_lost_callback=events.lost,
         )
         async with AsyncExitStack() as stack:
@@ -308,8 +266,7 @@ async def run_node(config: Config, tls_config: Any) -> int:
                 if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
                     raise BindError(config, leaf) from error
                 raise
-            table.proxy = proxy
-            controller = NodeController(proxy, config, tls_config.node_id, table)
+            controller = NodeController(proxy, config, tls_config.node_id)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, config.control_socket, controller)
                 addresses = controller.addresses()

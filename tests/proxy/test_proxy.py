@@ -459,6 +459,28 @@ async def test_connection_established_callback() -> None:
             await client.aclose()
 
 
+async def test_connections_lists_established_tunnels_with_counters() -> None:
+    with trio.fail_after(15):
+        async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
+            assert local.proxy.connections() == [] and remote.proxy.connections() == []
+            client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
+            await tunnel_echo_round(client, b"x" * 50_000)
+            (forward,) = local.proxy.connections()
+            assert forward.info.direction == Direction.FORWARD
+            assert forward.info.remote_node_id == remote.node_id
+            assert forward.bytes_sent > 50_000 and forward.bytes_received > 50_000
+            assert forward.rtt is not None and forward.rtt > 0
+            assert forward.established_at <= trio.current_time()
+            (reverse,) = remote.proxy.connections()
+            assert reverse.info.direction == Direction.REVERSE
+            assert reverse.info.remote_node_id == local.node_id
+            assert reverse.bytes_received > 50_000
+            await client.aclose()
+            with trio.fail_after(5):
+                while local.proxy.connections() or remote.proxy.connections():
+                    await trio.sleep(0.01)
+
+
 async def test_open_connection_reverse_then_incoming() -> None:
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
