@@ -53,10 +53,15 @@ class SendSide:
             return None
         base = self._rcv_nxt + 1
         mask = 0
-        for seq in reorder:
-            offset = seq - base
-            if 0 <= offset < _SACK_BITS:
-                mask |= 1 << offset
+        if len(reorder) <= _SACK_BITS:
+            for seq in reorder:
+                offset = seq - base
+                if 0 <= offset < _SACK_BITS:
+                    mask |= 1 << offset
+        else:  # a long reorder buffer: look up only the covered range
+            for offset in range(_SACK_BITS):
+                if base + offset in reorder:
+                    mask |= 1 << offset
         if not mask:
             return None
         # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per
