@@ -14,6 +14,8 @@ class UtpConfig:
     send_buffer_size: int = 1 << 20
     # 1402-byte UDP payload ceiling like libutp (IPv4) minus the 20-byte header.
     mtu_payload: int = 1382
+    # IPv6 peers: libutp assumes 1232 bytes of UDP payload (Teredo), minus 20.
+    mtu_payload_ipv6: int = 1212
     # "ledbat", "tolerant", or a factory (mss, target_delay_us) -> controller.
     congestion: Any = "ledbat"
     target_delay: float = 0.100
@@ -47,9 +49,11 @@ class UtpConfig:
     reset_memory_cap: int = 1000
 
     def __post_init__(self) -> None:
-        if not 150 <= self.mtu_payload <= 65000:
-            raise ValueError("mtu_payload must be within 150..65000")
-        if self.recv_buffer_size < self.mtu_payload or self.send_buffer_size < self.mtu_payload:
+        for mtu in (self.mtu_payload, self.mtu_payload_ipv6):
+            if not 150 <= mtu <= 65000:
+                raise ValueError("mtu_payload must be within 150..65000")
+        largest = max(self.mtu_payload, self.mtu_payload_ipv6)
+        if self.recv_buffer_size < largest or self.send_buffer_size < largest:
             raise ValueError("buffers must hold at least one packet")
         if self.max_packets_in_flight > 16384 or self.reorder_limit > 16384:
             raise ValueError("windows above 16384 packets break 16-bit sequence arithmetic")

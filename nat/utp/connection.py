@@ -109,7 +109,9 @@ class UtpConnection(SendSide, ReceiveSide):
         self.send_id = send_id
         self.state = state
         self._config = config
-        self._mss = config.mtu_payload
+        # libutp's UDP payload ceilings: 1402 bytes over IPv4, 1232 over IPv6
+        ipv6 = ":" in str(remote_address[0])
+        self._mss = config.mtu_payload_ipv6 if ipv6 else config.mtu_payload
         self._recv_buffer_size = config.recv_buffer_size
         self._send_buffer_size = config.send_buffer_size
         self._created = now

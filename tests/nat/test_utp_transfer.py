@@ -80,3 +80,19 @@ def test_lossy_network_transfer(seed: int) -> None:
 def test_twenty_percent_loss_both_ways(congestion: str) -> None:
     profile = LinkProfile(loss=0.2, duplicate=0.05, reorder=0.1, delay=0.02, jitter=0.01)
     run_transfer(77, profile, 1_000_000, 1_000_000, config=UtpConfig(congestion=congestion), max_time=900)
+
+
+def test_ipv6_peers_use_libutp_ipv6_packet_ceiling() -> None:
+    a6 = ("fd00::1", 1000, 0, 0)
+    b6 = ("fd00::2", 2000, 0, 0)
+    net = SimNetwork(5, LinkProfile(delay=0.01, loss=0.05, reorder=0.1))
+    largest = [0]
+    net.filters.append(lambda src, dst, data: largest.__setitem__(0, max(largest[0], len(data))) or True)
+    a = net.add(a6, UtpMultiplexer(rng=random.Random(1)))
+    b = net.add(b6, UtpMultiplexer(rng=random.Random(2)))
+    payload = random.Random(3).randbytes(200_000)
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, payload))
+    client = runner.add(StreamApp(a.connect(b6, net.now), payload))
+    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=runner)
+    assert all(bytes(app.received) == payload for app in runner.apps.values())
+    assert largest[0] <= 1232
