@@ -254,9 +254,14 @@ class UtpConnection(SendSide, ReceiveSide):
             del rbuf[:max_bytes]
         if not rbuf:
             self._readable_signalled = False
-        # Reopen the window: if the peer last heard a small window, tell it.
-        if self._last_adv_wnd < (self._recv_buffer_size >> 1) and not self.is_closed:
-            if self._free_window() >= (self._recv_buffer_size >> 1):
+        # Window update: when the peer last heard less than two packets of room
+        # and now there are two, or a quarter of the buffer has opened since
+        # (never for less than two packets: no silly-window updates).
+        if not self._ack_due and not self.is_closed:
+            last = self._last_adv_wnd
+            free = self._free_window()
+            two = 2 * self._mss
+            if (last < two <= free) or free - last >= (self._recv_buffer_size >> 2):
                 self._ack_due = True
                 self._mux._dirty.add(self)
         return data

@@ -127,3 +127,34 @@ def test_timestamps_wrap() -> None:
     assert 0.03 < client.conn.rtt < 0.2
     # LEDBAT saw sane delays across the wrap: the window was not collapsed by a bogus huge delay
     assert client.conn._cc.last_delay_us < 1_000_000
+
+
+def test_reading_sends_a_window_update() -> None:
+    config = UtpConfig(recv_buffer_size=8 * 1382)
+    a = UtpMultiplexer(config, rng=random.Random(1))
+    b = UtpMultiplexer(config, rng=random.Random(2))
+
+    def pump(src, dst, src_addr, now):
+        for data, _ in src.datagrams_to_send(now):
+            dst.receive_datagram(data, src_addr, now)
+
+    conn = a.connect(B, 0.0)
+    pump(a, b, A, 0.0)
+    pump(b, a, B, 0.0)
+    server = b.connections[0]
+    conn._cc.cwnd = 64 * 1382
+    conn.send(bytes(20 * 1382))
+    for step in range(5):
+        pump(a, b, A, 0.01 * step)
+        pump(b, a, B, 0.01 * step)
+    assert conn._peer_wnd < 1382  # the receiver is full; the sender waits
+    sent_before = conn.bytes_sent
+    assert server.read(1382) and not b.datagrams_to_send(1.0)  # one packet of room: no update
+    server.read(1382)  # two packets of room: tell the sender at once
+    updates = b.datagrams_to_send(1.0)
+    assert len(updates) == 1
+    for data, _ in updates:
+        a.receive_datagram(data, B, 1.0)
+    assert conn._peer_wnd >= 2 * 1382
+    a.datagrams_to_send(1.0)
+    assert conn.bytes_sent > sent_before
