@@ -41,6 +41,14 @@ UtpConnection (created only here; see connection.py)::
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
+``send`` raises UtpClosed after ``send_eof``/``close`` or once the connection
+is closed; nothing else in the API raises on network input.
+
+``IncomingConnection`` comes with the SYN (the acceptor may write at once;
+spoofed SYNs are bounded by ``max_half_open`` and reaped after
+``syn_recv_timeout``). Addresses are opaque hashable tuples; a host containing
+":" is treated as IPv6 and gets libutp's IPv6 packet ceiling, so a dual-stack
+driver should hand IPv4 peers over unmapped.
 
 Connections are keyed by (remote address, recv_id). The initiator picks a
 random recv_id with send_id = recv_id + 1; the SYN carries recv_id; the acceptor
