@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
+    from .nat_rules import NatKind
     from .processes import LabProcess
-    from .topology import Host
+    from .topology import Host, Lab
 
 REPO = Path(__file__).resolve().parents[2]
 # Processes in a namespace inherit our cwd; the path makes the imports independent of it.
@@ -68,7 +69,7 @@ class KeynodeNode:
     proxy_port: int
     process: LabProcess
     info: dict[str, str] = field(default_factory=dict)
-    # Where other nodes are told to reach this one (the rendezvous' view); set by the test.
+    # Where other nodes are told to reach this one (the rendezvous' view).
     public: tuple[str, int] | None = None
 
     @property
@@ -135,12 +136,14 @@ def start_node(
     *,
     name: str,
     proxy_port: int,
+    public_ip: str,
     server_port: int | None = None,
     timeouts: Mapping[str, float] | None = None,
     congestion: str = "ledbat",
 ) -> KeynodeNode:
     """Create an identity in `directory` and start `keynode run` in `host` (not yet
-    waited for: call `wait_ready` so several nodes start in parallel)."""
+    waited for: call `wait_ready` so several nodes start in parallel). `public_ip`:
+    the address others are told (with the proxy port, which the cone NATs keep)."""
     from proxy.cli import keygen
 
     tls_config = keygen(directory, force=False)
@@ -155,7 +158,8 @@ def start_node(
     (directory / "config.toml").write_text("\n".join(lines) + "\n")
     process = host.spawn([*PYTHON, "-m", "proxy.cli", "run", "--dir", str(directory)])
     token = (directory / "auth_token").read_text().strip()
-    return KeynodeNode(name, host, directory, str(tls_config.node_id), token, proxy_port, process)
+    return KeynodeNode(name, host, directory, str(tls_config.node_id), token, proxy_port, process,
+                       public=(public_ip, proxy_port))
 
 
 def wait_ready(node: KeynodeNode, timeout: float = START_TIMEOUT) -> KeynodeNode:
@@ -171,6 +175,16 @@ def wait_ready(node: KeynodeNode, timeout: float = START_TIMEOUT) -> KeynodeNode
     if node.info.get("node_id") != node.node_id:
         raise AssertionError(f"{node.name} runs as {node.info.get('node_id')}, not {node.node_id}")
     return node
+
+
+def add_node_host(lab: Lab, role: str, kind: NatKind | None) -> tuple[Host, str]:
+    """A host for one node, public (kind None) or alone behind a new router of
+    `kind`; returns it and the public IP a rendezvous would see for it."""
+    if kind is None:
+        host = lab.add_public_host(f"{role}-public")
+        return host, host.address
+    site = lab.add_site(f"{role}-{kind.value}", kind)
+    return site.add_host("node"), site.public_address
 
 
 def start_server(host: Host, *argv: str) -> tuple[LabProcess, int]:
@@ -226,7 +240,32 @@ async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: 
     return ConnectAnswer(status, elapsed, stream, leftover)
 
 
-GrpcCall = Callable[[bytes, float], bytes]
+async def rendezvous_connect(forward: KeynodeNode, reverse: KeynodeNode, *, head_start: float = 0.2,
+                             timeout: float = 30.0) -> tuple[ConnectAnswer, str]:
+    """Play the signalling layer of the original system: tell the reverse node the
+    forward node's public address (`open_connection_reverse` via its control socket)
+    `head_start` seconds before the forward node CONNECTs to the reverse node's
+    public address (negative: after). Returns the CONNECT answer and what
+    open_connection_reverse answered: "heard" (its punch was answered) or the error."""
+    from proxy.errors import ControlRequestFailed
+
+    assert forward.public is not None and reverse.public is not None
+    outcome = ["?"]
+
+    async def open_reverse() -> None:
+        await trio.sleep(max(0.0, -head_start))
+        try:
+            await reverse.open_reverse(*forward.public)  # type: ignore[misc]
+            outcome[0] = "heard"
+        except ControlRequestFailed as error:
+            outcome[0] = error.error
+
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_reverse)
+            await trio.sleep(max(0.0, head_start))
+            answer = await open_connect(forward, reverse.node_id, *reverse.public)
+    return answer, outcome[0]
 
 
 @asynccontextmanager

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.errors import ControlRequestFailed
-from tests.natlab import Host, Lab, NatKind, open_lab
+from tests.natlab import NatKind, open_lab
 from tests.natlab.proxies import (
     KeynodeNode,
+    add_node_host,
     grpc_channel_through,
-    open_connect,
+    rendezvous_connect,
     start_node,
     start_server,
     wait_ready,
@@ -64,7 +64,7 @@ class Cell:
     connect_status: int = 0
     connect_elapsed: float = 0.0
     grpc_ok: bool = False
-    reverse_open: str = "?"  # what open_connection_reverse answered
+    reverse_open: str = "?"  # what open_connection_reverse answered (heard, or the error)
     forward_left: int = -1  # forward connections still registered after a failure
 
     @property
@@ -88,46 +88,22 @@ class Cell:
         return shown + ("" if self.faithful else " (!)")
 
 
-def node_host(lab: Lab, role: str, kind: NatKind | None) -> tuple[Host, str]:
-    """A host for one node and the public IP others are told."""
-    if kind is None:
-        host = lab.add_public_host(f"{role}-public")
-        return host, host.address
-    site = lab.add_site(f"{role}-{kind.value}", kind)
-    return site.add_host("node"), site.public_address
-
-
 async def run_cell(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode, head_start: float) -> None:
-    assert forward.public is not None and reverse.public is not None
+    assert reverse.public is not None
+    answer, cell.reverse_open = await rendezvous_connect(forward, reverse, head_start=head_start)
+    cell.connect_status, cell.connect_elapsed = answer.status, answer.elapsed
+    if answer.stream is not None:
+        async with grpc_channel_through(answer.stream, answer.leftover) as call:
+            payload = f"{forward.name} -> {reverse.name}".encode()
+            cell.grpc_ok = await call(payload, CALL_TIMEOUT) == payload
+    else:
+        status = await forward.status()
+        remote = f"{reverse.public[0]}:{reverse.public[1]}"
+        cell.forward_left = sum(1 for row in status["connections"] if row["remote"] == remote)
 
-    async def open_reverse() -> None:
-        try:
-            await reverse.open_reverse(*forward.public)
-            cell.reverse_open = "heard"
-        except ControlRequestFailed as error:
-            cell.reverse_open = "start timeout" if error.error == "ConnectionStartTimeout" else error.error
 
-    async with trio.open_nursery() as nursery:
-        if head_start >= 0:
-            nursery.start_soon(open_reverse)
-            await trio.sleep(head_start)
-        else:
-
-            async def open_reverse_later() -> None:
-                await trio.sleep(-head_start)
-                await open_reverse()
-
-            nursery.start_soon(open_reverse_later)
-        answer = await open_connect(forward, reverse.node_id, *reverse.public)
-        cell.connect_status, cell.connect_elapsed = answer.status, answer.elapsed
-        if answer.stream is not None:
-            async with grpc_channel_through(answer.stream, answer.leftover) as call:
-                payload = f"{forward.name} -> {reverse.name}".encode()
-                cell.grpc_ok = await call(payload, CALL_TIMEOUT) == payload
-        else:
-            status = await forward.status()
-            cell.forward_left = sum(1 for row in status["connections"]
-                                    if row["remote"] == f"{reverse.public[0]}:{reverse.public[1]}")
+def short(outcome: str) -> str:
+    return "start timeout" if outcome == "ConnectionStartTimeout" else outcome
 
 
 def render(cells: dict[tuple[NatKind | None, NatKind | None], Cell]) -> str:
@@ -139,7 +115,7 @@ def render(cells: dict[tuple[NatKind | None, NatKind | None], Cell]) -> str:
     lines.append("open_connection_reverse on the reverse side answered (heard = its punch was answered):")
     for f in KINDS:
         lines.append(LABELS[f].ljust(width)
-                     + "".join(cells[(f, r)].reverse_open.ljust(width) for r in KINDS))
+                     + "".join(short(cells[(f, r)].reverse_open).ljust(width) for r in KINDS))
     return "\n".join(lines)
 
 
@@ -150,23 +126,20 @@ async def test_matrix_of_nat_kinds_matches_the_original_protocol(tmp_path: Path,
     with open_lab() as lab:
         forwards: dict[NatKind | None, KeynodeNode] = {}
         reverses: dict[NatKind | None, KeynodeNode] = {}
-        publics: dict[str, str] = {}
         for index, kind in enumerate(KINDS):
-            host, public_ip = node_host(lab, "f", kind)
+            host, public_ip = add_node_host(lab, "f", kind)
             node = start_node(host, tmp_path / f"f{index}", name=f"F:{LABELS[kind]}",
-                              proxy_port=4100 + index, timeouts=timeouts)
+                              proxy_port=4100 + index, public_ip=public_ip, timeouts=timeouts)
             forwards[kind] = node
-            publics[node.name] = public_ip
         for index, kind in enumerate(KINDS):
-            host, public_ip = node_host(lab, "r", kind)
+            host, public_ip = add_node_host(lab, "r", kind)
             _, server_port = start_server(host, "grpc-echo")
             node = start_node(host, tmp_path / f"r{index}", name=f"R:{LABELS[kind]}",
-                              proxy_port=4200 + index, server_port=server_port, timeouts=timeouts)
+                              proxy_port=4200 + index, public_ip=public_ip, server_port=server_port,
+                              timeouts=timeouts)
             reverses[kind] = node
-            publics[node.name] = public_ip
         for node in [*forwards.values(), *reverses.values()]:
             wait_ready(node)
-            node.public = (publics[node.name], node.proxy_port)
 
         cells = {(f, r): Cell(f, r) for f in KINDS for r in KINDS}
         with trio.fail_after(60):
