@@ -159,6 +159,12 @@ async def test_matrix_of_nat_kinds_matches_the_original_protocol(tmp_path: Path,
             await symmetric.close_reverse(*forward.public)
         left_after_close = (await symmetric.status())["connection_reverse_count"]
 
+        # Every tunnel is closed: no forward connection may remain anywhere, from the
+        # failed cells (never registered) nor from the ok ones (ended with their client).
+        with trio.fail_after(10):
+            while any([(await node.status())["connection_forward_count"] for node in forwards.values()]):
+                await trio.sleep(0.1)
+
         matrix = render(cells)
         matrix += (f"\nsymmetric reverse node: {lingering} prepared reverse connection(s) waiting after the "
                    f"failed cells ({len(heard)} punches answered); after close-reverse: {left_after_close}")
