@@ -187,6 +187,29 @@ def add_node_host(lab: Lab, role: str, kind: NatKind | None) -> tuple[Host, str]
     return site.add_host("node"), site.public_address
 
 
+def start_pair(
+    directory: Path,
+    forward: tuple[Host, str],
+    reverse: tuple[Host, str],
+    *,
+    ports: tuple[int, int],
+    server: tuple[str, ...] = ("grpc-echo",),
+    name: str = "",
+    **options: Any,
+) -> tuple[KeynodeNode, KeynodeNode, LabProcess]:
+    """A forward node and a reverse node with `server` (this module's server
+    processes) behind it; `forward`/`reverse` are (host, public IP), `options` go to
+    `start_node`. Returns both nodes, started and ready, and the server process."""
+    reverse_host, reverse_ip = reverse
+    server_process, server_port = start_server(reverse_host, *server)
+    prefix = f"{name} " if name else ""
+    forward_node = start_node(forward[0], directory / f"{name}f", name=f"{prefix}forward",
+                              proxy_port=ports[0], public_ip=forward[1], **options)
+    reverse_node = start_node(reverse_host, directory / f"{name}r", name=f"{prefix}reverse",
+                              proxy_port=ports[1], public_ip=reverse_ip, server_port=server_port, **options)
+    return wait_ready(forward_node), wait_ready(reverse_node), server_process
+
+
 def start_server(host: Host, *argv: str) -> tuple[LabProcess, int]:
     """One of this module's server processes in `host`; returns it and its TCP port."""
     process = host.spawn([*PYTHON, "-m", "tests.natlab.proxies", *argv])

@@ -20,9 +20,7 @@ from tests.natlab.proxies import (
     KeynodeNode,
     grpc_channel_through,
     rendezvous_connect,
-    start_node,
-    start_server,
-    wait_ready,
+    start_pair,
 )
 from tests.natlab.topology import Lab, Site
 
@@ -33,20 +31,16 @@ CALL_TIMEOUT = 5.0
 MARGIN = 1.5
 
 
-def start_pair(lab: Lab, directory: Path, name: str, timeouts: dict[str, float],
-               base_port: int) -> tuple[KeynodeNode, KeynodeNode, Site]:
+def start_nat_pair(lab: Lab, directory: Path, name: str, timeouts: dict[str, float],
+                   base_port: int) -> tuple[KeynodeNode, KeynodeNode, Site]:
     """A forward and a reverse node, each behind its own port-restricted router
     with 5 s UDP timeouts; returns them and the reverse node's router."""
-    forward_site = lab.add_site(f"{name}-f", NatKind.PORT_RESTRICTED, udp_timeout=UDP_TIMEOUT)
-    reverse_site = lab.add_site(f"{name}-r", NatKind.PORT_RESTRICTED, udp_timeout=UDP_TIMEOUT)
-    reverse_host = reverse_site.add_host("node")
-    _, server_port = start_server(reverse_host, "grpc-echo")
-    forward = start_node(forward_site.add_host("node"), directory / f"{name}-f", name=f"{name} forward",
-                         proxy_port=base_port, public_ip=forward_site.public_address, timeouts=timeouts)
-    reverse = start_node(reverse_host, directory / f"{name}-r", name=f"{name} reverse",
-                         proxy_port=base_port + 1, public_ip=reverse_site.public_address,
-                         server_port=server_port, timeouts=timeouts)
-    return wait_ready(forward), wait_ready(reverse), reverse_site
+    sites = [lab.add_site(f"{name}-{role}", NatKind.PORT_RESTRICTED, udp_timeout=UDP_TIMEOUT)
+             for role in ("f", "r")]
+    forward_end, reverse_end = [(site.add_host("node"), site.public_address) for site in sites]
+    forward, reverse, _ = start_pair(directory, forward_end, reverse_end, ports=(base_port, base_port + 1),
+                                     name=name, timeouts=timeouts)
+    return forward, reverse, sites[1]
 
 
 async def call_after_idle(forward: KeynodeNode, reverse: KeynodeNode, reverse_site: Site,
@@ -72,8 +66,8 @@ async def test_keep_alive_holds_mappings_open_and_without_it_the_tunnel_dies(tmp
     and keep-alive effectively stopped (first ping after 60 s, timeout 120 s)."""
     stopped = {"conn_keep_alive_interval_time": 60.0, "conn_keep_alive_timeout_time": 120.0}
     with open_lab() as lab:
-        kept_pair = start_pair(lab, tmp_path, "kept", {}, 4300)
-        stopped_pair = start_pair(lab, tmp_path, "stopped", stopped, 4310)
+        kept_pair = start_nat_pair(lab, tmp_path, "kept", {}, 4300)
+        stopped_pair = start_nat_pair(lab, tmp_path, "stopped", stopped, 4310)
         kept: dict[str, object] = {}
         lapsed: dict[str, object] = {}
         with trio.fail_after(IDLE + 40):
@@ -97,7 +91,7 @@ async def test_cut_link_ends_both_sides_with_keep_alive_timeout(tmp_path: Path) 
     timeout = 3.0
     timeouts = {"conn_keep_alive_interval_time": 0.5, "conn_keep_alive_timeout_time": timeout}
     with open_lab() as lab:
-        forward, reverse, reverse_site = start_pair(lab, tmp_path, "cut", timeouts, 4320)
+        forward, reverse, reverse_site = start_nat_pair(lab, tmp_path, "cut", timeouts, 4320)
         answer, _ = await rendezvous_connect(forward, reverse)
         assert answer.stream is not None, f"CONNECT answered {answer.status}"
         client = answer.stream

@@ -14,13 +14,7 @@ import pytest
 import trio
 
 from tests.natlab import NatKind, open_lab
-from tests.natlab.proxies import (
-    grpc_channel_through,
-    rendezvous_connect,
-    start_node,
-    start_server,
-    wait_ready,
-)
+from tests.natlab.proxies import grpc_channel_through, rendezvous_connect, start_pair
 
 CONN_CONNECT_TIME = 3.0
 MARGIN = 1.5  # scheduling on a loaded machine: a correctness bound, not a speed claim
@@ -34,13 +28,8 @@ async def test_nodes_behind_one_nat_connect_on_lan_addresses(tmp_path: Path, kin
     with open_lab() as lab:
         site = lab.add_site("office", kind)
         pc1, pc2 = site.add_host("pc1"), site.add_host("pc2")
-        _, server_port = start_server(pc2, "grpc-echo")
-        forward = start_node(pc1, tmp_path / "f", name="pc1", proxy_port=4501, public_ip=pc1.address,
-                             timeouts=timeouts)
-        reverse = start_node(pc2, tmp_path / "r", name="pc2", proxy_port=4502, public_ip=pc2.address,
-                             server_port=server_port, timeouts=timeouts)
-        wait_ready(forward)
-        wait_ready(reverse)
+        forward, reverse, _ = start_pair(tmp_path, (pc1, pc1.address), (pc2, pc2.address),
+                                         ports=(4501, 4502), timeouts=timeouts)
 
         answer, lan_reverse_open = await rendezvous_connect(forward, reverse)
         assert answer.stream is not None, f"CONNECT on LAN addresses answered {answer.status}"

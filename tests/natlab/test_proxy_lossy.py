@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from tests.natlab import Impairment, NatKind, open_lab
-from tests.natlab.proxies import exchange, rendezvous_connect, start_node, start_server, wait_ready
+from tests.natlab.proxies import exchange, rendezvous_connect, start_pair
 
 TOTAL = 64 * 1024 * 1024
 CUT_AT_START = 1.0
@@ -37,14 +37,9 @@ async def test_64_mib_each_way_over_2pct_loss_and_jittered_delay_after_a_lossy_s
         site = lab.add_site("lossy", NatKind.PORT_RESTRICTED)
         assert site.wan is not None
         reverse_host = lab.add_public_host("far")
-        server, server_port = start_server(reverse_host, "exchange", str(TOTAL))
-        forward = start_node(site.add_host("node"), tmp_path / "f", name="forward", proxy_port=4400,
-                             public_ip=site.public_address, timeouts=timeouts, congestion="tolerant")
-        reverse = start_node(reverse_host, tmp_path / "r", name="reverse", proxy_port=4401,
-                             public_ip=reverse_host.address, server_port=server_port, timeouts=timeouts,
-                             congestion="tolerant")
-        wait_ready(forward)
-        wait_ready(reverse)
+        forward, reverse, server = start_pair(
+            tmp_path, (site.add_host("node"), site.public_address), (reverse_host, reverse_host.address),
+            ports=(4400, 4401), server=("exchange", str(TOTAL)), timeouts=timeouts, congestion="tolerant")
         site.wan.impair(Impairment(loss=0.02, delay=0.020, jitter=0.005, seed=5))
 
         site.wan.cut()

@@ -172,7 +172,8 @@ async def test_matrix_of_nat_kinds_matches_the_original_protocol(tmp_path: Path,
         print(f"\nNAT matrix, {order} (conn_connect_time {CONN_CONNECT_TIME} s; (!) = differs from nat.md):"
               f"\n{matrix}")
         for node in [*forwards.values(), *reverses.values()]:
-            assert await node.stop() == 0, f"{node.name} did not stop cleanly:\n{node.process.stderr_text()[-2000:]}"
+            status = await node.stop()
+            assert status == 0, f"{node.name} did not stop cleanly:\n{node.process.stderr_text()[-2000:]}"
         assert lingering == len(heard) and left_after_close == 0, matrix
         differing = [f"{LABELS[c.forward]} -> {LABELS[c.reverse]}" for c in cells.values() if not c.faithful]
         assert not differing, f"cells differing from nat.md: {differing}\n{matrix}"
