@@ -11,8 +11,9 @@ public IP and proxy port (the lab's cone NATs preserve ports).
 
 Expected, per ../shared/notes/nat.md: connected (and a gRPC call answered)
 everywhere except with a symmetric reverse side, and a symmetric forward side
-against a port-restricted reverse side; those answer 504 (ConnectionStartTimeout)
-within conn_connect_time and leave no forward connection behind. Run twice: the
+against a port-restricted reverse side; those answer 504 within conn_connect_time,
+open_connection_forward (the control socket's open-forward) raises the typed
+ConnectionStartTimeout behind it, and no forward connection is left behind. Run twice: the
 rendezvous reaching the reverse side first, and the forward side first.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from proxy.errors import ControlRequestFailed
 from tests.natlab import NatKind, open_lab
 from tests.natlab.proxies import (
     KeynodeNode,
@@ -66,6 +68,7 @@ class Cell:
     grpc_ok: bool = False
     reverse_open: str = "?"  # what open_connection_reverse answered (heard, or the error)
     forward_left: int = -1  # forward connections still registered after a failure
+    typed_error: str = ""  # what open_connection_forward raised after a failure
 
     @property
     def ok(self) -> bool:
@@ -76,7 +79,7 @@ class Cell:
         if expected_ok(self.forward, self.reverse):
             return self.ok
         return (self.connect_status == 504 and self.connect_elapsed <= CONN_CONNECT_TIME + MARGIN
-                and self.forward_left == 0)
+                and self.typed_error == "ConnectionStartTimeout" and self.forward_left == 0)
 
     def text(self) -> str:
         if self.ok:
@@ -85,6 +88,8 @@ class Cell:
             shown = "200,no-rpc"
         else:
             shown = f"{self.connect_status} {self.connect_elapsed:.1f}s"
+            if self.typed_error != "ConnectionStartTimeout":
+                shown += f" {self.typed_error}"
         return shown + ("" if self.faithful else " (!)")
 
 
@@ -97,6 +102,14 @@ async def run_cell(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode, head_
             payload = f"{forward.name} -> {reverse.name}".encode()
             cell.grpc_ok = await call(payload, CALL_TIMEOUT) == payload
     else:
+        # The same start through the API (the control socket's open-forward) raises
+        # the typed error behind the 504.
+        body = {"node_id": reverse.node_id, "host": reverse.public[0], "port": reverse.public[1]}
+        try:
+            await forward.control("POST", "/v1/forward", body)
+            cell.typed_error = "none: connected"
+        except ControlRequestFailed as error:
+            cell.typed_error = error.error
         status = await forward.status()
         remote = f"{reverse.public[0]}:{reverse.public[1]}"
         cell.forward_left = sum(1 for row in status["connections"] if row["remote"] == remote)
@@ -108,7 +121,9 @@ def short(outcome: str) -> str:
 
 def render(cells: dict[tuple[NatKind | None, NatKind | None], Cell]) -> str:
     width = 18
-    lines = ["forward \\ reverse".ljust(width) + "".join(LABELS[r].ljust(width) for r in KINDS)]
+    lines = ["cells: ok = CONNECT 200 and a gRPC call answered; 504 = start timeout (HTTP), also "
+             "raised as ConnectionStartTimeout by open_connection_forward",
+             "forward \\ reverse".ljust(width) + "".join(LABELS[r].ljust(width) for r in KINDS)]
     for f in KINDS:
         lines.append(LABELS[f].ljust(width) + "".join(cells[(f, r)].text().ljust(width) for r in KINDS))
     lines.append("")
