@@ -5,16 +5,17 @@ NAT kind and one public, a reverse node behind each kind and one public (behind
 its own router: two nodes behind one router would need hairpinning). A grpcio
 echo server runs next to every reverse node. All 25 cells run at once; the test
 plays the rendezvous: it tells the reverse node the forward node's public address
-(`open_connection_reverse` via the control socket) and, a moment later, CONNECTs
-through the forward node to the reverse node's public address. Public address =
-public IP and proxy port (the lab's cone NATs preserve ports).
+(`open_connection_reverse` via the control socket) and CONNECTs through the
+forward node to the reverse node's public address, a moment apart. Public
+address = public IP and proxy port (the lab's cone NATs preserve ports). Run
+twice: the rendezvous reaching the reverse side first, and the forward side first.
 
 Expected, per ../shared/notes/nat.md: connected (and a gRPC call answered)
 everywhere except with a symmetric reverse side, and a symmetric forward side
-against a port-restricted reverse side; those answer 504 within conn_connect_time,
-open_connection_forward (the control socket's open-forward) raises the typed
-ConnectionStartTimeout behind it, and no forward connection is left behind. Run twice: the
-rendezvous reaching the reverse side first, and the forward side first.
+against a port-restricted reverse side; those answer 504 within
+conn_connect_time, open_connection_forward (the control socket's open-forward)
+raises the typed ConnectionStartTimeout behind it, and no forward connection is
+left behind.
 """
 
 from __future__ import annotations
