@@ -8,9 +8,10 @@ out-of-band messages (nat/message.py) to subscribers.
 Performance (see notes/performance.md): every awaited trio socket call costs a
 scheduler pass, several times the cost of the syscall. So the receive task calls
 the plain non-blocking socket in a loop, feeds the multiplexer a batch of
-datagrams, then flushes what the multiplexer wants to send and re-arms one timer.
-It only awaits ``wait_readable`` when the socket is empty, and yields to the
-scheduler every ``RECEIVE_BATCH`` datagrams. Application tasks (send_all,
+datagrams, then flushes what the multiplexer wants to send. It only awaits
+``wait_readable`` when the socket is empty (no cancel scope per wait: a separate
+task sleeps until the core's timer), and yields to the scheduler every
+``RECEIVE_BATCH`` datagrams. Application tasks (send_all,
 receive_some) also flush synchronously after acting on a connection, so data goes
 out without a task switch.
 """
@@ -132,7 +133,7 @@ class Endpoint:
         self._send_backlog: deque[tuple[bytes, Address]] = deque()
         self._backlog_waiting = trio.Event()
         self._timer_deadline = math.inf
-        self._wait_scope: trio.CancelScope | None = None
+        self._timer_scope: trio.CancelScope | None = None
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self._multiplexer_accepting = True
@@ -279,27 +280,42 @@ class Endpoint:
         sock = self._sock
         current_time = trio.current_time
         drain = self._drain_offloaded if self._gro else self._drain
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
         while True:
             now = current_time()
             would_block, utp, errors = drain(now)
-            if utp or errors or self._timer_deadline <= now:
-                self._service(current_time())
-            if not would_block:
-                await trio.lowlevel.checkpoint()
-                continue
-            now = current_time()
-            if self._timer_deadline <= now:
+            if utp or errors:
                 self._service(now)
+            if would_block:
+                # No cancel scope per wait (entering and leaving one with a
+                # deadline costs more than the syscalls): timers have their
+                # own task, _timer_loop.
+                await wait_readable(sock)
+            else:
+                await checkpoint()
+
+    async def _timer_loop(self) -> None:
+        """Run the core's timers: sleep until the cached deadline, then service.
+
+        _service only ever pulls this task's wake-up earlier (moving a trio
+        deadline costs a few microseconds on every packet otherwise); a wake-up
+        that comes too early finds nothing due and re-arms at the current one.
+        """
+        current_time = trio.current_time
+        while True:
+            now = current_time()
             # A deadline the core left in the past must not make this spin.
             deadline = max(self._timer_deadline, now + TIMER_GRANULARITY)
             with trio.CancelScope(deadline=deadline) as scope:
-                self._wait_scope = scope
+                self._timer_scope = scope
                 try:
-                    await trio.lowlevel.wait_readable(sock)
+                    await trio.sleep_forever()
                 finally:
-                    self._wait_scope = None
-            if scope.cancelled_caught:
-                self._service(current_time())
+                    self._timer_scope = None
+            now = current_time()
+            if self._timer_deadline <= now:
+                self._service(now)
 
     def _drain(self, now: float) -> tuple[bool, int, int]:
         """Read up to RECEIVE_BATCH datagrams; (socket empty, uTP count, errors)."""
@@ -438,12 +454,20 @@ class Endpoint:
         deadline = math.inf if timer is None else timer
         if deadline != self._timer_deadline:
             self._timer_deadline = deadline
-            scope = self._wait_scope
-            # Only ever pull the receive task's wake-up earlier: moving a trio
+            scope = self._timer_scope
+            # Only ever pull the timer task's wake-up earlier: moving a trio
             # deadline costs a few microseconds, and a wake-up that comes too
             # early just re-arms.
             if scope is not None and deadline < scope.deadline:
                 scope.deadline = deadline
+
+    def _service_if_output(self) -> None:
+        """_service, but only if the core has something to send (after a read,
+        which queues output only for a window update: most reads do not, and a
+        full _service costs several microseconds per read)."""
+        mux = self._mux
+        if mux._dirty or mux._pending:
+            self._service(trio.current_time())
 
     def _flush(self, now: float) -> None:
         datagrams = self._mux.datagrams_to_send(now)
@@ -642,6 +666,7 @@ async def open_endpoint(
         async with trio.open_nursery() as nursery:
             endpoint._nursery = nursery
             nursery.start_soon(endpoint._receive_loop)
+            nursery.start_soon(endpoint._timer_loop)
             nursery.start_soon(endpoint._send_backlog_loop)
             try:
                 yield endpoint

@@ -101,8 +101,9 @@ class UtpStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream was closed")
                 data = conn.read(max_bytes)
                 if data:
-                    # Reading reopens the advertised window: let the core say so.
-                    self._endpoint._service(trio.current_time())
+                    # Reading may reopen the advertised window: if the core wants
+                    # to say so (a window update), send it now.
+                    self._endpoint._service_if_output()
                     break
                 if conn.at_eof:
                     break
