@@ -220,11 +220,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_guard:
             self._check_sendable()
-            await self.do_handshake()
-            self._check_sendable()
+            if not self._handshake_done:
+                # (Once done, do_handshake would only add a scheduler pass.)
+                await self.do_handshake()
+                self._check_sendable()
             view = memoryview(data)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            # Cancelled here, before anything is encrypted, the stream stays usable.
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 for start in range(0, len(view), SEND_SLICE):
                     self._write_plaintext(view[start : start + SEND_SLICE])
@@ -265,10 +272,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
             self._check_usable()
-            await self.do_handshake()
-            self._check_usable()
+            if not self._handshake_done:
+                await self.do_handshake()
+                self._check_usable()
             if self._eof_received:
+                await trio.lowlevel.checkpoint()
                 return b""
+            # Cancelled here, before anything is decrypted, loses nothing.
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 return await self._receive_plaintext(max_bytes)
             except BaseException as exc:
@@ -411,10 +422,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _receive_plaintext(self, max_bytes: int) -> bytes | bytearray:
         connection = self._connection
+        waited = False
         while True:
             plaintext = self._read_buffered(max_bytes)
             if plaintext is not None:
+                if not waited:
+                    # Decrypted without waiting: receive_some is still a
+                    # checkpoint (trio's contract), one that cannot lose the data.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return plaintext
+            waited = True
             incoming = await self.transport.receive_some(TRANSPORT_RECEIVE)
             if not incoming:
                 raise TLSTruncatedError(
