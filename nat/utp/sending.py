@@ -113,7 +113,11 @@ class SendSide:
                 heapq.heappop(resend)
                 continue
             size = len(rec.payload)
-            if self._flight + size > window and self._flight > 0 and not self._rto_force:
+            # The oldest hole always goes: the receiver takes the next in-order
+            # packet even when full, and everything it buffers waits on it
+            # (held back by a window that only it can reopen, it would wait
+            # for the retransmission timeout).
+            if self._flight + size > window and self._flight > 0 and not self._rto_force and seq != self._snd_una:
                 break
             self._rto_force = False
             heapq.heappop(resend)
@@ -353,6 +357,8 @@ class SendSide:
             lost = lost or sack_lost
         if newest_rtt_sent >= 0.0:
             self._rtt.sample(now - newest_rtt_sent)
+        if outstanding and not lost:
+            lost = self._head_retransmission_lost(now)
         if lost:
             self._mux.stats.fast_retransmits += 1
             if self._snd_una >= self._recovery_seq:
@@ -420,6 +426,26 @@ class SendSide:
                 self._mark_lost(rec)
                 lost = True
         return acked_bytes, lost
+
+    def _head_retransmission_lost(self, now: float) -> bool:
+        """Mark the oldest packet lost again when its retransmission was lost.
+
+        What was sent after that retransmission lies beyond the SACK range on a
+        big window, so the SACK rule never sees it delivered: an ACK arriving
+        more than a round trip (plus a reordering allowance) after the
+        retransmission, without covering it, is the evidence instead of an RTO.
+        """
+        rec = self._outstanding.get(self._snd_una)
+        if rec is None or not rec.in_flight or rec.transmissions < 2 or not self._rtt.has_sample:
+            return False
+        rtt = self._rtt
+        allowance = rtt.srtt * 0.25
+        if rtt.rttvar > allowance:
+            allowance = rtt.rttvar
+        if now - rec.sent_at <= rtt.srtt + allowance + self._config.delayed_ack:
+            return False
+        self._mark_lost(rec)
+        return True
 
     def _mark_lost(self, rec: _Outgoing) -> None:
         rec.in_flight = False
