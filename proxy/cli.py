@@ -11,7 +11,6 @@ import enum
 import json
 import logging
 import secrets
-import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -379,12 +378,12 @@ def command_forward(args: argparse.Namespace) -> int:
 async def wait_for_stop_signal() -> int:
     """Returns the number of the first SIGINT or SIGTERM; later ones are ignored, so
     a signal repeated (e.g. to the process group) cannot kill the clean stop."""
+    from proxy.runner import stop_signal_receiver
+
     number = 0
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with stop_signal_receiver() as signals:
         async for number in signals:
             break
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return number
 
 

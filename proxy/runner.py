@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
 import trio
@@ -237,7 +238,7 @@ async def run_node(config: Config, tls_config: Any) -> int:
     events = ConnectionLog()
     timeouts = config.timeouts
     server = config.server
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with stop_signal_receiver() as signals:
         proxy_block = open_proxy(
             tls_config=tls_config,
             auth_token=config.auth.value,
@@ -279,12 +280,21 @@ async def run_node(config: Config, tls_config: Any) -> int:
                     log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
                     break
                 nursery.cancel_scope.cancel()
-    # Leaving the receiver restored the default handlers; a second signal sent with
-    # the first (e.g. to the whole process group) must not kill a clean exit now.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("stopped", extra={"fields": {"event": "stopped"}})
     return 0
+
+
+@contextmanager
+def stop_signal_receiver() -> Iterator[trio.abc.ReceiveChannel[int]]:
+    """SIGINT/SIGTERM as a channel, for a graceful stop; once it closes, more of them
+    are ignored. trio re-raises the signals still queued when the receiver closes,
+    under the handlers that were in place before it opened, so those handlers must
+    already ignore them: a second signal sent with the first (e.g. to the whole
+    process group) must not kill a clean exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        yield signals
 
 
 def _single_leaf(error: BaseException) -> BaseException:
