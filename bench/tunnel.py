@@ -1,6 +1,7 @@
 """Tunnel figures, each node in its own process.
 
     .venv/bin/python bench/tunnel.py [--size-mib 256] [--calls 2000] [--connects 200]
+                                     [--parts bulk grpc connect]
 
 Processes: this one (TCP sink, grpcio server, the clients) and three keynode nodes:
 F (forward side, the CONNECT port), R1 (reverse side, server = the TCP sink),
@@ -71,6 +72,11 @@ class Node:
         self.node_id: str = info["node_id"]
         self.forward_port: int = info["forward_port"]
         self.proxy_port: int = info["proxy_port"]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the node process used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def target(self) -> str:
         return f"127.0.0.1:{self.proxy_port}?nodeId={self.node_id}"
@@ -143,15 +149,23 @@ async def bulk_and_connect(args: argparse.Namespace) -> dict[str, Any]:
         forward = await trio.to_thread.run_sync(Node, None)
         reverse = await trio.to_thread.run_sync(Node, sink_port)
         try:
-            results["direct_mibs"] = await push(await trio.open_tcp_stream("127.0.0.1", sink_port), size)
-            results["tunnel_mibs"] = await push(await connect_through(forward.forward_port, reverse.target()), size)
+            if "bulk" in args.parts:
+                results["direct_mibs"] = await push(await trio.open_tcp_stream("127.0.0.1", sink_port), size)
+                results["tunnel_mibs"] = await push(await connect_through(forward.forward_port, reverse.target()), size)
             times = []
-            for _ in range(args.connects):
+            cpu_before = forward.cpu_seconds(), reverse.cpu_seconds(), time.process_time()
+            for _ in range(args.connects if "connect" in args.parts else 0):
                 start = time.perf_counter()
                 stream = await connect_through(forward.forward_port, reverse.target())
                 times.append(time.perf_counter() - start)
                 await stream.aclose()
-            results["connect_ms"] = summary(times)
+            if times:
+                results["connect_ms"] = summary(times)
+                cpu_after = forward.cpu_seconds(), reverse.cpu_seconds(), time.process_time()
+                # CPU per tunnel (start and teardown) of each node and of this client.
+                results["connect_cpu_ms"] = [
+                    (after - before) / len(times) * 1000 for before, after in zip(cpu_before, cpu_after)
+                ]
         finally:
             await trio.to_thread.run_sync(forward.close)
             await trio.to_thread.run_sync(reverse.close)
@@ -219,22 +233,34 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--connects", type=int, default=200)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--parts", nargs="+", choices=("bulk", "grpc", "connect"), default=["bulk", "grpc", "connect"])
     args = parser.parse_args()
-    results = trio.run(bulk_and_connect, args)
-    results.update(grpc_round_trips(args.calls))
+    results: dict[str, Any] = {}
+    if "bulk" in args.parts or "connect" in args.parts:
+        results.update(trio.run(bulk_and_connect, args))
+    if "grpc" in args.parts:
+        results.update(grpc_round_trips(args.calls))
     if args.json:
         print(json.dumps(results))
         return
-    print(f"bulk {args.size_mib} MiB, one process per node:")
-    print(f"  direct TCP            {results['direct_mibs']:9.1f} MiB/s")
-    print(f"  through the tunnel    {results['tunnel_mibs']:9.1f} MiB/s   (target >= 30)")
-    direct, tunnel = results["grpc_direct_ms"], results["grpc_tunnel_ms"]
-    print(f"gRPC unary round trip, {args.calls} calls (ms):")
-    print(f"  direct                median {direct['median']:.3f}  p99 {direct['p99']:.3f}")
-    print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
-    print(f"  added                 median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
-    connect = results["connect_ms"]
-    print(f"CONNECT-to-200, {args.connects} tunnels (ms): median {connect['median']:.2f}  p99 {connect['p99']:.2f}   (target median < 10)")
+    if "bulk" in args.parts:
+        print(f"bulk {args.size_mib} MiB, one process per node:")
+        print(f"  direct TCP            {results['direct_mibs']:9.1f} MiB/s")
+        print(f"  through the tunnel    {results['tunnel_mibs']:9.1f} MiB/s   (target >= 30)")
+    if "grpc" in args.parts:
+        direct, tunnel = results["grpc_direct_ms"], results["grpc_tunnel_ms"]
+        print(f"gRPC unary round trip, {args.calls} calls (ms):")
+        print(f"  direct                median {direct['median']:.3f}  p99 {direct['p99']:.3f}")
+        print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
+        print(f"  added                 median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
+    if "connect" in args.parts:
+        connect = results["connect_ms"]
+        print(
+            f"CONNECT-to-200, {args.connects} tunnels (ms): median {connect['median']:.2f}"
+            f"  p99 {connect['p99']:.2f}   (target median < 10)"
+        )
+        cpu = results["connect_cpu_ms"]
+        print(f"  CPU per tunnel (ms): forward node {cpu[0]:.2f}  reverse node {cpu[1]:.2f}  client {cpu[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from proxy.connection_tunnel import (
     close_streams,
     pipe,
     reset_error_for,
+    verified_chains,
 )
 from proxy.errors import (
     CertificateChainError,
@@ -174,7 +175,11 @@ class ConnectionForward:
                 await until_peer_dies(peer, connect_and_handshake)
             assert self.tls is not None
             chain = self.tls.peer_certificate_chain
-            self.node_id = verify_server_certificate_chain(list(self.node_ids), chain)
+            self.node_id = verified_chains.verify(
+                ("server", frozenset(self.node_ids)),
+                chain,
+                lambda chain: verify_server_certificate_chain(self.node_ids, chain),
+            )
             self.certificates = tuple(chain)
         except BaseException as error:
             await close_streams(self.tls or self.utp, graceful=False, end_time=0)

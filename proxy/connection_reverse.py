@@ -2,9 +2,10 @@
 
 Start sequence (bounded by ``conn_connect_time``): connect TCP to the server, use
 the shared Peer for the remote proxy address (PING every
-``conn_punch_interval_time`` until the peer is heard), then, once the uTP
+``conn_punch_interval_time`` until the peer is heard), and, once the uTP
 connection is there, run the TLS server handshake (client certificate required)
-and verify the client's chain. ``open_connection_reverse`` runs the first part
+and verify the client's chain. For an unannounced incoming connection the
+handshake runs at the same time as the first two steps. ``open_connection_reverse`` runs the first part
 ahead of time (punching a NAT hole for an expected caller); the next uTP
 connection from that address then completes it.
 """
@@ -12,6 +13,7 @@ connection from that address then completes it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ from proxy.connection_tunnel import (
     close_streams,
     pipe,
     reset_error_for,
+    verified_chains,
 )
 from proxy.errors import ConnectionKeepAliveTimeout, ConnectionStartError
 from proxy.node_id import NodeId
@@ -105,13 +108,50 @@ class ConnectionReverse:
             deadline = trio.current_time() + proxy.conn_connect_time
         try:
             with trio.fail_at(deadline):
-                if proxy.server_port is None or proxy.server_host is None:
-                    raise ConnectionStartError("no server configured for reverse connections")
-                self.server = await trio.open_tcp_stream(proxy.server_host, proxy.server_port)
-                sockname = self.server.socket.getsockname()
-                self.server_local_address = (sockname[0], sockname[1])
+                await self._open_server()
                 self.peer = peer = await self._exit_stack.enter_async_context(proxy.peers.use(self.address))
                 await peer.wait_heard()
+        except BaseException as error:
+            await self._abandon()
+            if isinstance(error, Exception):
+                raise start_error(error, what) from error
+            raise
+
+    async def _open_server(self) -> None:
+        proxy = self.proxy
+        if proxy.server_port is None or proxy.server_host is None:
+            raise ConnectionStartError("no server configured for reverse connections")
+        self.server = await trio.open_tcp_stream(proxy.server_host, proxy.server_port)
+        sockname = self.server.socket.getsockname()
+        self.server_local_address = (sockname[0], sockname[1])
+
+    async def _start_incoming(self, deadline: float) -> None:
+        """prepare() and _complete() at once, for a connection that arrived
+        unannounced: the TLS handshake runs while the server connection opens and
+        the peer is punched, so the client's handshake waits for neither (a TCP
+        connect and a round trip, both on the critical path of CONNECT-to-200)."""
+        what = f"reverse from {self.address[0]}:{self.address[1]}"
+        failures: list[Exception] = []
+        try:
+            with trio.fail_at(deadline):
+                self.peer = peer = await self._exit_stack.enter_async_context(self.proxy.peers.use(self.address))
+                async with trio.open_nursery() as nursery:
+
+                    async def part(work: Callable[[], Awaitable[None]]) -> None:
+                        try:
+                            await work()
+                        except Exception as error:  # the first failure ends the start
+                            failures.append(error)
+                            nursery.cancel_scope.cancel()
+
+                    async def open_and_punch() -> None:
+                        await self._open_server()
+                        await peer.wait_heard()
+
+                    nursery.start_soon(part, open_and_punch)
+                    nursery.start_soon(part, lambda: self._complete(deadline))
+                if failures:
+                    raise failures[0]
         except BaseException as error:
             await self._abandon()
             if isinstance(error, Exception):
@@ -138,7 +178,7 @@ class ConnectionReverse:
                 self.tls = TLSStream(self.utp, self.proxy.tls_config, server_side=True)
                 await until_peer_dies(self.peer, self.tls.do_handshake)
             chain = self.tls.peer_certificate_chain
-            self.node_id = verify_client_certificate_chain(chain)
+            self.node_id = verified_chains.verify("client", chain, verify_client_certificate_chain)
             self.certificates = tuple(chain)
         except Exception as error:
             raise start_error(error, what) from error
@@ -159,16 +199,17 @@ class ConnectionReverse:
                 # a prepared one gets it afresh when its uTP connection arrives.
                 deadline = trio.current_time() + self.proxy.conn_connect_time
                 if not prepared:
-                    await self.prepare(deadline)
-                assert self.peer is not None
-                if not self.composed:
-                    try:
-                        await until_peer_dies(self.peer, self._utp_ready.wait)
-                    except ConnectionKeepAliveTimeout as death:
-                        reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
-                        return
-                    deadline = trio.current_time() + self.proxy.conn_connect_time
-                await self._complete(deadline)
+                    await self._start_incoming(deadline)
+                else:
+                    assert self.peer is not None
+                    if not self.composed:
+                        try:
+                            await until_peer_dies(self.peer, self._utp_ready.wait)
+                        except ConnectionKeepAliveTimeout as death:
+                            reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
+                            return
+                        deadline = trio.current_time() + self.proxy.conn_connect_time
+                    await self._complete(deadline)
                 assert self.node_id is not None and self.tls is not None and self.server is not None
                 established = True
                 self.proxy._connection_established(self)
