@@ -67,6 +67,7 @@ Address = tuple[Any, ...]
 RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
 MAX_DATAGRAM_SIZE = 65535
 TIMER_GRANULARITY = 0.0005  # shortest wait for a timer, in seconds
+FULL_TIMER_SCAN = 0.25  # seconds between scans of every connection's timer
 SEND_BACKLOG_LIMIT = 4096  # datagrams queued while the socket would block
 ACCEPT_BACKLOG = 128  # accepted connections waiting for accept()
 SUBSCRIBER_BUFFER = 256  # messages buffered per subscriber before dropping
@@ -133,6 +134,8 @@ class Endpoint:
         self._send_backlog: deque[tuple[bytes, Address]] = deque()
         self._backlog_waiting = trio.Event()
         self._timer_deadline = math.inf
+        self._full_scan_due = -math.inf  # see _next_deadline
+        self._idle_deadline = math.inf  # earliest timer of the last full scan
         self._timer_scope: trio.CancelScope | None = None
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -450,8 +453,7 @@ class Endpoint:
         self._dispatch_events()
         self._flush(now)
         self._dispatch_events()
-        timer = mux.get_timer()
-        deadline = math.inf if timer is None else timer
+        deadline = self._next_deadline(now)
         if deadline != self._timer_deadline:
             self._timer_deadline = deadline
             scope = self._timer_scope
@@ -460,6 +462,31 @@ class Endpoint:
             # early just re-arms.
             if scope is not None and deadline < scope.deadline:
                 scope.deadline = deadline
+
+    def _next_deadline(self, now: float) -> float:
+        """The earliest core timer, without scanning every connection each time.
+
+        ``UtpMultiplexer.get_timer`` looks at every connection, including the
+        closed ones that linger (``linger_time``, 10 s) to re-acknowledge a late
+        FIN: at a few hundred connections a second that is thousands, on every
+        packet (a quarter of a busy node's CPU). Their only timer is the end of
+        lingering, which may run late. So the full scan runs every
+        ``FULL_TIMER_SCAN`` seconds (or once its result is due); in between only
+        connections that still have a stream are asked.
+        """
+        if now >= self._full_scan_due or self._idle_deadline <= now:
+            self._full_scan_due = now + FULL_TIMER_SCAN
+            timer = self._mux.get_timer()
+            self._idle_deadline = math.inf if timer is None else timer
+            return self._idle_deadline
+        deadline = self._idle_deadline
+        for stream in self._streams.values():
+            # (The core's per-connection deadline: a private method of nat/utp,
+            # read here because the multiplexer offers only the full scan.)
+            conn_deadline = stream._conn._next_deadline()
+            if conn_deadline is not None and conn_deadline < deadline:
+                deadline = conn_deadline
+        return deadline
 
     def _service_if_output(self) -> None:
         """_service, but only if the core has something to send (after a read,
