@@ -62,7 +62,7 @@ CONFIG_FILE = "config.toml"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Names of nat.utp.congestion.CONTROLLERS that a config may choose.
-CONGESTION_CONTROLLERS = ("ledbat", "tolerant")
+CONGESTION_CONTROLLERS = ("ledbat", "tolerant", "rate")
 LOG_FORMATS = ("text", "json")
 
 # Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).

@@ -46,6 +46,8 @@ class CongestionController(Protocol):
 
     def on_timeout(self, now: float) -> None: ...
 
+    def on_rtt(self, rtt: float, now: float) -> None: ...
+
 
 class LedbatController:
     """LEDBAT (RFC 6817 as libutp implements it) with slow start."""
@@ -101,6 +103,9 @@ class LedbatController:
     def _gain_per_rtt(self, cwnd: int) -> float:
         return MAX_CWND_INCREASE_BYTES_PER_RTT
 
+    def on_rtt(self, rtt: float, now: float) -> None:
+        """Round-trip samples (Karn's rule) are not used by LEDBAT."""
+
     def on_loss(self, now: float) -> None:
         cwnd = self.cwnd // 2
         self.cwnd = cwnd if cwnd > self.min_cwnd else self.min_cwnd
@@ -144,11 +149,149 @@ class LossTolerantController(LedbatController):
         self.slow_start = True
 
 
+class RateController:
+    """Model-based, in the spirit of BBR: window from delivery rate x min RTT.
+
+    Every round (one min RTT of ACKs) gives a delivery-rate sample (bytes newly
+    acknowledged, cumulatively or selectively, over the time they took); the
+    bottleneck rate is the largest sample of the last ``bandwidth_rounds``
+    rounds. The window is ``cwnd_gain`` (2) times the bandwidth-delay product:
+    enough to keep the link busy through ACK jitter and loss recovery while the
+    queue it can build stays about one min RTT. Random loss does not move it;
+    what keeps the queue bounded is the model itself plus the delay target: a
+    queuing delay above the target shrinks the window to one BDP (drain) and a
+    loss while the queue is above half the target is congestion (window to one
+    BDP, the rate estimate forgotten back to the current round's). Startup
+    doubles the window each round until the rate stops growing by a quarter
+    over three rounds, or the queue passes half the target. A timeout restarts
+    from a few packets but regrows by what is acknowledged (exponential) up to
+    the model's window, so one timeout costs a few RTTs, not a slow start.
+
+    The min RTT is the lowest sample of the whole connection (no probing phase:
+    a route to a longer RTT makes it conservative, never queue-building).
+    No pacing: sending is ACK-clocked, and the window never exceeds two BDPs.
+    """
+
+    name = "rate"
+    cwnd_gain = 2.0
+    startup_growth = 1.25
+    startup_rounds = 3
+    bandwidth_rounds = 10
+    averaged_rounds = 4
+
+    def __init__(self, mss: int, *, target_delay_us: int = 100_000, max_cwnd: int = 8 << 20) -> None:
+        self.mss = mss
+        self.target_us = target_delay_us
+        self.min_cwnd = 4 * mss
+        self.max_cwnd = max_cwnd
+        self.cwnd = 4 * mss
+        self.startup = True
+        self.min_rtt: float | None = None
+        self.bandwidth = 0.0  # bytes/s, max of recent round samples
+        self.last_delay_us = 0
+        self._samples: list[float] = []  # per-round delivery rates, newest last
+        self._rounds: list[tuple[int, float]] = []  # (bytes, seconds) of the last rounds
+        self._round_start: float | None = None
+        self._round_bytes = 0
+        self._round_limited = False
+        self._full_bandwidth = 0.0
+        self._stalled_rounds = 0
+
+    @property
+    def bdp(self) -> float:
+        """Estimated bandwidth-delay product in bytes (0 before the first round)."""
+        return self.bandwidth * self.min_rtt if self.min_rtt is not None else 0.0
+
+    def on_rtt(self, rtt: float, now: float) -> None:
+        if rtt > 0.0 and (self.min_rtt is None or rtt < self.min_rtt):
+            self.min_rtt = rtt
+
+    def on_ack(self, acked_bytes: int, queuing_delay_us: int | None, flight_bytes: int, now: float) -> None:
+        delay = queuing_delay_us if queuing_delay_us is not None else 0
+        self.last_delay_us = delay
+        self._sample_rate(acked_bytes, flight_bytes, now)
+        cwnd = self.cwnd
+        if self.startup:
+            if delay > self.target_us // 2 and self.bandwidth > 0.0:
+                self.startup = False
+            elif flight_bytes + self.mss >= cwnd // 2:  # not application-limited
+                cwnd += acked_bytes if acked_bytes < 16 * self.mss else 16 * self.mss
+        if not self.startup:
+            gain = self.cwnd_gain if delay <= self.target_us else 1.0
+            target = int(gain * self.bdp)
+            if target < self.min_cwnd:
+                target = self.min_cwnd
+            # Grow towards the model's window by what was delivered (so a window
+            # collapsed by a timeout comes back within a few rounds); shrink at once.
+            grown = cwnd + acked_bytes
+            cwnd = grown if grown < target else target
+        if cwnd < self.min_cwnd:
+            cwnd = self.min_cwnd
+        elif cwnd > self.max_cwnd:
+            cwnd = self.max_cwnd
+        self.cwnd = cwnd
+
+    def _sample_rate(self, acked_bytes: int, flight_bytes: int, now: float) -> None:
+        if self._round_start is None:
+            self._round_start = now
+            self._round_bytes = 0
+            return
+        self._round_bytes += acked_bytes
+        if flight_bytes + self.mss < self.cwnd // 2:
+            self._round_limited = True
+        elapsed = now - self._round_start
+        min_rtt = self.min_rtt
+        if min_rtt is None or elapsed < min_rtt or elapsed <= 0.0:
+            return
+        rounds = self._rounds
+        rounds.append((self._round_bytes, elapsed))
+        if len(rounds) > self.averaged_rounds:
+            del rounds[0]
+        # Averaged over a few rounds: packets past the SACK range are counted
+        # only when the cumulative ACK jumps over a repaired hole, which makes
+        # single rounds swing both ways.
+        rate = sum(r[0] for r in rounds) / sum(r[1] for r in rounds)
+        # An application-limited round only says the link carries at least this.
+        if not self._round_limited or rate > self.bandwidth:
+            samples = self._samples
+            samples.append(rate)
+            if len(samples) > self.bandwidth_rounds:
+                del samples[0]
+            self.bandwidth = max(samples)
+        self._round_start = now
+        self._round_bytes = 0
+        self._round_limited = False
+        if self.startup:
+            if self.bandwidth >= self._full_bandwidth * self.startup_growth:
+                self._full_bandwidth = self.bandwidth
+                self._stalled_rounds = 0
+            else:
+                self._stalled_rounds += 1
+                if self._stalled_rounds >= self.startup_rounds:
+                    self.startup = False
+
+    def on_loss(self, now: float) -> None:
+        if self.last_delay_us <= self.target_us // 2 or self.bandwidth <= 0.0:
+            return  # random loss on a short queue: the model stands
+        # Loss with a long queue is congestion: drain to one BDP and forget rate
+        # samples taken while the queue was building.
+        self.startup = False
+        if self._samples:
+            self._samples = self._samples[-1:]
+            self.bandwidth = self._samples[0]
+        bdp = int(self.bdp)
+        self.cwnd = bdp if bdp > self.min_cwnd else self.min_cwnd
+
+    def on_timeout(self, now: float) -> None:
+        self.cwnd = self.min_cwnd
+
+
 ControllerFactory = Callable[[int, int], CongestionController]
 
 CONTROLLERS: dict[str, ControllerFactory] = {
     "ledbat": lambda mss, target_us: LedbatController(mss, target_delay_us=target_us),
     "tolerant": lambda mss, target_us: LossTolerantController(mss, target_delay_us=target_us),
+    "rate": lambda mss, target_us: RateController(mss, target_delay_us=target_us),
 }
 
 

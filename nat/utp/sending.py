@@ -357,6 +357,7 @@ class SendSide:
             lost = lost or sack_lost
         if newest_rtt_sent >= 0.0:
             self._rtt.sample(now - newest_rtt_sent)
+            self._cc.on_rtt(now - newest_rtt_sent, now)
         if outstanding and not lost:
             lost = self._head_retransmission_lost(now)
         if lost:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nat.utp.congestion import DelayHistory, LedbatController, LossTolerantController, make_controller
+from nat.utp.congestion import DelayHistory, LedbatController, LossTolerantController, RateController, make_controller
 from nat.utp.multiplexer import UtpConfig, UtpMultiplexer
 from nat.utp.rtt import RttEstimator
 from nat.utp.sim import AppRunner, LinkProfile, SimNetwork, StreamApp
@@ -128,3 +128,121 @@ def test_loss_tolerant_controller_beats_ledbat_under_random_loss() -> None:
     tolerant_seconds, peak_queue = bottleneck_transfer("tolerant", 0.01)
     assert tolerant_seconds < ledbat_seconds / 2
     assert peak_queue < 0.25
+
+
+def test_head_retransmission_is_not_held_back_by_a_full_window() -> None:
+    # A 64 KiB receive window filled by out-of-order packets behind one hole:
+    # the hole's retransmission must go at once (it alone reopens the window).
+    config = UtpConfig(congestion="rate", recv_buffer_size=64 << 10)
+    net = SimNetwork(3, LinkProfile(delay=0.02, rate=2000))
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    dropped: list[int] = []
+
+    def drop_first_two_data(src: tuple, dst: tuple, data: bytes) -> bool:
+        # the first DATA packet and its first retransmission
+        if src == A and data[0] >> 4 == 0 and len(data) > 100 and len(dropped) < 2:
+            seq = int.from_bytes(data[16:18], "big")
+            if not dropped or dropped[0] == seq:
+                dropped.append(seq)
+                return False
+        return True
+
+    net.filters.append(drop_first_two_data)
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    payload = random.Random(5).randbytes(1 << 20)
+    client = runner.add(StreamApp(a.connect(B, net.now), payload))
+    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=runner, max_time=120)
+    server = next(app for app in runner.apps.values() if app is not client)
+    assert server.received == payload
+    assert len(dropped) == 2
+    assert a.stats.timeouts == 0  # both losses repaired without the RTO
+
+
+def test_rate_controller_model() -> None:
+    rate = RateController(MSS)
+    rate.on_rtt(0.040, 0.0)
+    rate.on_rtt(0.055, 0.0)
+    assert rate.min_rtt == pytest.approx(0.040)
+    # startup: the window grows by what is acknowledged
+    rate.on_ack(MSS, 0, rate.cwnd, 0.0)
+    start = rate.cwnd
+    rate.on_ack(4 * MSS, 0, rate.cwnd, 0.01)
+    assert rate.cwnd == start + 4 * MSS
+    # a steady 1000 packets/s over many rounds: startup ends, cwnd = 2 BDP
+    now = 0.01
+    for _ in range(400):
+        now += 0.01
+        rate.on_ack(10 * MSS, 0, rate.cwnd, now)
+    assert not rate.startup
+    assert rate.bandwidth == pytest.approx(1000 * MSS, rel=0.05)
+    assert rate.cwnd == pytest.approx(2 * 1000 * MSS * 0.040, rel=0.05)
+    window = rate.cwnd
+    rate.on_loss(now)  # random loss on an empty queue: nothing changes
+    assert rate.cwnd == window
+    rate.on_ack(10 * MSS, 150_000, rate.cwnd, now)  # queue above the target: drain to one BDP
+    assert rate.cwnd == pytest.approx(window / 2, rel=0.05)
+    rate.on_ack(10 * MSS, 60_000, rate.cwnd, now)
+    rate.on_loss(now)  # loss with a long queue: congestion
+    assert rate.cwnd <= window // 2 + MSS
+    rate.on_timeout(now)
+    assert rate.cwnd == rate.min_cwnd
+    for _ in range(10):  # regrows by what is acknowledged, not one packet per RTT
+        now += 0.01
+        rate.on_ack(10 * MSS, 0, rate.cwnd, now)
+    assert rate.cwnd == pytest.approx(window, rel=0.15)
+
+
+def rate_link_run(
+    loss: float, seconds: float, second_flow_at: float | None = None, queue_limit: float | None = 0.05
+) -> tuple[list[int], float, int]:
+    """Bytes received per flow over ``seconds`` of a 4000 packets/s, 40 ms RTT link
+    with random loss each way and a tail-drop queue of ``queue_limit`` seconds;
+    the peak queue (s) after the first second (startup); the sender's timeouts."""
+    net = SimNetwork(7, LinkProfile(delay=0.02, rate=4000, loss=loss))
+    config = UtpConfig(congestion="rate")
+
+    def tail_drop(src: tuple, dst: tuple, data: bytes) -> bool:
+        return net._link_free_at.get((src, dst), 0.0) - net.now <= queue_limit
+
+    if queue_limit is not None:
+        net.filters.append(tail_drop)
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    size = int(4000 * MSS * seconds)
+    clients = [runner.add(StreamApp(a.connect(B, net.now), bytes(size)))]
+    peak = [0.0]
+
+    def step() -> None:
+        if second_flow_at is not None and len(clients) == 1 and net.now >= second_flow_at:
+            clients.append(runner.add(StreamApp(a.connect(B, net.now), bytes(size))))
+        runner()
+        if net.now >= 1.0:
+            peak[0] = max(peak[0], net._link_free_at.get((A, B), 0.0) - net.now)
+
+    net.run(lambda: net.now >= seconds, on_step=step, max_time=seconds + 1)
+    servers = [app for app in runner.apps.values() if app not in clients]
+    return [len(app.received) for app in servers], peak[0], a.stats.timeouts
+
+
+def test_rate_controller_keeps_most_of_the_link_under_random_loss() -> None:
+    # 1% loss each way with a 50 ms tail-drop queue: most of the link, no timeouts
+    link_bytes = 4000 * MSS * 6.0
+    (received,), _, timeouts = rate_link_run(0.01, 6.0)
+    assert received > 0.6 * link_bytes
+    assert timeouts == 0
+
+
+def test_rate_controller_queue_stays_bounded_without_loss() -> None:
+    # No random loss, unbounded queue: startup overshoots within LEDBAT's bound,
+    # then the window of two BDPs keeps the queue near one min RTT (40 ms).
+    seconds, peak_queue = bottleneck_transfer("rate", 0.0)
+    link_seconds = (3 << 20) / MSS / 2000
+    assert seconds < link_seconds * 1.25
+    assert peak_queue < 0.25
+    (received,), steady_peak, timeouts = rate_link_run(0.0, 6.0, queue_limit=None)
+    assert received > 0.9 * 4000 * MSS * 6.0
+    assert steady_peak < 0.07
+    assert timeouts == 0
+
