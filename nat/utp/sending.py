@@ -22,7 +22,6 @@ from nat.utp.states import (
     MASK16 as _MASK16,
     MASK32 as _MASK32,
     RESET as _RESET,
-    SACK_BITS as _SACK_BITS,
     SYN_RECV as _SYN_RECV,
     SYN_SENT as _SYN_SENT,
     VERSION as _VERSION,
@@ -30,8 +29,16 @@ from nat.utp.states import (
 )
 
 
+# The SACK extension's length is one byte, a multiple of 4: 252 bytes.
+_SACK_MAX_BITS = 252 * 8
+
+
 class SendSide:
     """Send-side methods; state lives on the UtpConnection instance."""
+
+    # the last SACK applied: its base sequence number and bits (-1: none yet)
+    _sack_seen_base = -1
+    _sack_seen_bits = 0
 
     def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
         wnd = self._free_window()
@@ -52,21 +59,22 @@ class SendSide:
         if not reorder:
             return None
         base = self._rcv_nxt + 1
+        # Cover the whole reorder buffer (up to the 252-byte extension limit):
+        # packets a SACK cannot name count as in flight at the sender until the
+        # hole before them is repaired, which stalls a big window for a round
+        # trip after every loss. libutp reads any length.
+        limit = self._config.reorder_limit
+        if limit > _SACK_MAX_BITS:
+            limit = _SACK_MAX_BITS
         mask = 0
-        if len(reorder) <= _SACK_BITS:
-            for seq in reorder:
-                offset = seq - base
-                if 0 <= offset < _SACK_BITS:
-                    mask |= 1 << offset
-        else:  # a long reorder buffer: look up only the covered range
-            for offset in range(_SACK_BITS):
-                if base + offset in reorder:
-                    mask |= 1 << offset
+        for seq in reorder:
+            offset = seq - base
+            if 0 <= offset < limit:
+                mask |= 1 << offset
         if not mask:
             return None
         # bit i of the mask <-> ack_nr + 2 + i, least-significant bit first per
-        # byte. libutp sends 4 bytes and reads any length; we send a multiple of
-        # 4 (BEP 29) up to 16 bytes so big windows see more than 32 packets.
+        # byte, a multiple of 4 bytes (BEP 29).
         size = ((mask.bit_length() + 31) >> 5) << 2
         return bytes((0, size)) + mask.to_bytes(size, "little")
 
@@ -388,42 +396,53 @@ class SendSide:
         """Apply a selective ACK; return (bytes newly acked, a loss was detected)."""
         outstanding = self._outstanding
         base = ack + 2
-        nxt = self._snd_nxt
-        sacked: list[int] = []
+        span = self._snd_nxt - base
+        if span <= 0:
+            return 0, False
+        bits = int.from_bytes(sack, "little")
+        if bits.bit_length() > span:  # bits for packets never sent
+            bits &= (1 << span) - 1
+        if not bits:
+            return 0, False
+        # Every SACK repeats the previous one's bits: only the new ones are
+        # walked (a big window's SACK names hundreds of packets).
+        fresh = bits
+        seen_base = self._sack_seen_base
+        if 0 <= seen_base <= base:
+            fresh &= ~(self._sack_seen_bits >> (base - seen_base))
+        self._sack_seen_base = base
+        self._sack_seen_bits = bits
         acked_bytes = 0
         latest = self._latest_delivered_order
-        bits = int.from_bytes(sack, "little")
-        index = 0
-        while bits:
-            if bits & 1:
-                seq = base + index
-                if seq >= nxt:
-                    break
-                sacked.append(seq)
-                rec = outstanding.pop(seq, None)
-                if rec is not None:
-                    size = len(rec.payload)
-                    acked_bytes += size
-                    self._outstanding_bytes -= size
-                    if rec.in_flight:
-                        self._flight -= size
-                    if rec.order > latest:
-                        latest = rec.order
-                    if rec.ptype == ST_FIN:
-                        self._fin_acked = True
-            bits >>= 1
-            index += 1
+        while fresh:
+            low = fresh & -fresh
+            fresh ^= low
+            rec = outstanding.pop(base + low.bit_length() - 1, None)
+            if rec is not None:
+                size = len(rec.payload)
+                acked_bytes += size
+                self._outstanding_bytes -= size
+                if rec.in_flight:
+                    self._flight -= size
+                if rec.order > latest:
+                    latest = rec.order
+                if rec.ptype == ST_FIN:
+                    self._fin_acked = True
         self._latest_delivered_order = latest
-        if len(sacked) < _DUP_ACK_THRESHOLD:
+        if bits.bit_count() < _DUP_ACK_THRESHOLD:
             return acked_bytes, False
         # A hole is lost once 3 packets above it are SACKed and something sent
         # after its last transmission was delivered (so a retransmission is not
         # declared lost again by the same old SACK bits).
+        for _ in range(_DUP_ACK_THRESHOLD - 1):
+            bits ^= 1 << (bits.bit_length() - 1)
+        limit = base + bits.bit_length() - 1
         lost = False
-        limit = sacked[-_DUP_ACK_THRESHOLD]
-        for seq in range(self._snd_una, limit):
-            rec = outstanding.get(seq)
-            if rec is not None and rec.in_flight and rec.order < latest:
+        # outstanding is in sequence order and below ``limit`` holds only holes
+        for seq, rec in outstanding.items():
+            if seq >= limit:
+                break
+            if rec.in_flight and rec.order < latest:
                 self._mark_lost(rec)
                 lost = True
         return acked_bytes, lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
@@ -246,3 +247,38 @@ def test_rate_controller_queue_stays_bounded_without_loss() -> None:
     assert steady_peak < 0.07
     assert timeouts == 0
 
+
+
+def test_selective_acks_cover_the_whole_reorder_buffer() -> None:
+    # One early loss on a window of hundreds of packets: the receiver's SACKs
+    # name every packet it holds (not just the first 128), so the sender
+    # counts them delivered instead of in flight.
+    from nat.utp.packet import decode_packet
+
+    config = UtpConfig(congestion="rate")
+    net = SimNetwork(4, LinkProfile(delay=0.02, rate=8000))
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    longest_sack = [0]
+    dropped: list[int] = []
+
+    def watch(src: tuple, dst: tuple, data: bytes) -> bool:
+        packet = decode_packet(data)
+        if src == B and packet.sack is not None:
+            longest_sack[0] = max(longest_sack[0], len(packet.sack))
+        # lose one DATA packet once the window is large
+        if src == A and packet.type == 0 and not dropped and net.now > 0.4:
+            dropped.append(packet.seq_nr)
+            return False
+        return True
+
+    net.filters.append(watch)
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    payload = random.Random(9).randbytes(6 << 20)
+    client = runner.add(StreamApp(a.connect(B, net.now), payload))
+    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=runner, max_time=120)
+    server = next(app for app in runner.apps.values() if app is not client)
+    assert hashlib.sha256(server.received).digest() == hashlib.sha256(payload).digest()
+    assert dropped
+    assert longest_sack[0] > 16
+    assert a.stats.timeouts == 0
