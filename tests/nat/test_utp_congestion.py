@@ -282,3 +282,10 @@ def test_selective_acks_cover_the_whole_reorder_buffer() -> None:
     assert dropped
     assert longest_sack[0] > 16
     assert a.stats.timeouts == 0
+
+
+def test_rate_controller_shares_with_a_second_flow() -> None:
+    received, _, _ = rate_link_run(0.0, 12.0, second_flow_at=2.0)
+    first, second = received
+    assert second > 0.2 * (first + second)
+    assert first + second > 0.8 * 4000 * MSS * 12.0
