@@ -202,11 +202,15 @@ def grpc_round_trips(calls: int) -> dict[str, Any]:
             for _ in range(50):  # warm up: connection, HTTP/2 settings
                 echo(b"x" * 32, timeout=10)
             times = []
+            cpu_before = forward.cpu_seconds(), reverse.cpu_seconds()
             for _ in range(calls):
                 start = time.perf_counter()
                 echo(b"x" * 32, timeout=10)
                 times.append(time.perf_counter() - start)
             results[f"grpc_{name}_ms"] = summary(times)
+            if name == "tunnel":
+                cpu_after = forward.cpu_seconds(), reverse.cpu_seconds()
+                results["grpc_cpu_us"] = [(a - b) / calls * 1e6 for b, a in zip(cpu_before, cpu_after)]
             channel.close()
     finally:
         forward.close()
@@ -253,6 +257,8 @@ def main() -> None:
         print(f"  direct                median {direct['median']:.3f}  p99 {direct['p99']:.3f}")
         print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
         print(f"  added                 median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
+        cpu = results["grpc_cpu_us"]
+        print(f"  CPU per call (us): forward node {cpu[0]:.0f}  reverse node {cpu[1]:.0f}")
     if "connect" in args.parts:
         connect = results["connect_ms"]
         print(
