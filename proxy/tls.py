@@ -349,6 +349,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if not ciphertext:
                     return
                 await self.transport.send_all(ciphertext)
+                if len(ciphertext) < OUTGOING_DRAIN:
+                    # That read emptied the BIO. Only the receiving side could
+                    # have queued more meanwhile (a KeyUpdate answer): it leaves
+                    # ahead of the next data; one more read here would cost a
+                    # WantReadError on almost every send.
+                    return
         finally:
             self._flushing = False
 
