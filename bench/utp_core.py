@@ -1,5 +1,7 @@
 """Microbenchmark of the sans-IO uTP core alone: two multiplexers in one process
-pumping datagrams through memory (no loss), one-way bulk transfer.
+pumping datagrams through memory (no loss), one-way bulk transfer; with
+``--lossy`` also every congestion controller over a simulated lab link (the
+shape of bench/lossy_path.py in seconds, no root).
 
 Prints MiB/s and datagrams/s (wall clock, and CPU time of this process, which
 is steadier on a shared machine) with both ends' work included (this is the budget
@@ -15,6 +17,7 @@ import cProfile
 import pstats
 import random
 import time
+from dataclasses import dataclass
 
 from nat.utp.events import IncomingConnection
 from nat.utp.multiplexer import UtpMultiplexer
@@ -79,25 +82,55 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
     return elapsed, cpu, packets, a.stats.retransmits + b.stats.retransmits
 
 
-def simulated_bottleneck(congestion: str, loss: float, mib: int) -> tuple[float, float]:
-    """Simulated goodput (MiB/s) and peak queue (s) over a 2000 packets/s, 40 ms RTT link."""
+@dataclass
+class LinkResult:
+    goodput_mbit: float
+    peak_queue: float  # seconds
+    timeouts: int
+    fast_retransmits: int
+    retransmits: int
+    queue_drops: int
+
+
+def simulated_link(
+    congestion: str, loss: float, *, rate: float = 8700, rtt: float = 0.04, queue: float = 0.05, seconds: float = 8.0
+) -> LinkResult:
+    """One-way bulk over a simulated lab link for ``seconds`` (fake clock).
+
+    Defaults model bench/lossy_path.py: 8700 datagrams/s (100 Mbit/s of
+    1430-byte frames), 40 ms RTT, random ``loss`` each way, and a tail-drop
+    queue of ``queue`` seconds like its tbf (a burst past it is dropped).
+    """
     from nat.utp.multiplexer import UtpConfig
     from nat.utp.sim import AppRunner, LinkProfile, SimNetwork, StreamApp
 
-    net = SimNetwork(1, LinkProfile(delay=0.02, rate=2000, loss=loss))
+    net = SimNetwork(1, LinkProfile(delay=rtt / 2, rate=rate, loss=loss))
+    drops = [0]
+
+    def tail_drop(src: tuple, dst: tuple, data: bytes) -> bool:
+        if net._link_free_at.get((src, dst), 0.0) - net.now > queue:
+            drops[0] += 1
+            return False
+        return True
+
+    net.filters.append(tail_drop)
     config = UtpConfig(congestion=congestion)
     a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
     b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
     runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
-    client = runner.add(StreamApp(a.connect(B, net.now), bytes(mib << 20)))
+    client = runner.add(StreamApp(a.connect(B, net.now), bytes(int(rate * 1400 * seconds))))
     peak = [0.0]
 
     def step() -> None:
         runner()
         peak[0] = max(peak[0], net._link_free_at.get((A, B), 0.0) - net.now)
 
-    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=step, max_time=3600)
-    return mib / net.now, peak[0]
+    net.run(lambda: net.now >= seconds, on_step=step, max_time=seconds + 1)
+    received = sum(len(app.received) for app in runner.apps.values() if app is not client)
+    stats = a.stats
+    return LinkResult(
+        received * 8 / seconds / 1e6, peak[0], stats.timeouts, stats.fast_retransmits, stats.retransmits, drops[0]
+    )
 
 
 def main() -> None:
@@ -124,16 +157,21 @@ def main() -> None:
         f"{cpu / packets * 1e6:.1f} us each); {packets} datagrams, {retransmits} retransmits"
     )
     if args.lossy:
-        link = 2000 * 1382 / (1 << 20)
-        print(f"simulated link 2000 datagrams/s ({link:.2f} MiB/s of payload), 40 ms RTT, 8 MiB:")
-        for loss in (0.0, 0.01, 0.05):
-            for congestion in ("ledbat", "tolerant"):
-                goodput, queue = simulated_bottleneck(congestion, loss, 8)
-                print(
-                    f"  loss {loss:4.0%}  {congestion:<9} goodput {goodput:5.2f} MiB/s, "
-                    f"peak queue {queue * 1000:4.0f} ms"
-                )
+        from nat.utp.congestion import CONTROLLERS
 
+        print(
+            "simulated lab link: 100 Mbit/s (8700 datagrams/s), 40 ms RTT, 50 ms tail-drop queue, "
+            "random loss each way, 8 s each (fake clock):"
+        )
+        for loss in (0.0, 0.01, 0.03):
+            for congestion in sorted(CONTROLLERS):
+                r = simulated_link(congestion, loss)
+                print(
+                    f"  loss {loss:3.0%}  {congestion:<9} goodput {r.goodput_mbit:5.1f} Mbit/s, "
+                    f"peak queue {r.peak_queue * 1000:3.0f} ms, RTOs {r.timeouts}, "
+                    f"fast retransmits {r.fast_retransmits}, retransmits {r.retransmits}, "
+                    f"queue drops {r.queue_drops}"
+                )
 
 if __name__ == "__main__":
     main()
