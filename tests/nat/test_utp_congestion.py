@@ -289,3 +289,28 @@ def test_rate_controller_shares_with_a_second_flow() -> None:
     first, second = received
     assert min(first, second) > 0.2 * (first + second)
     assert first + second > 0.8 * 4000 * MSS * 12.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rate_controller_delivers_intact_data_both_ways_under_loss(seed: int) -> None:
+    rng = random.Random(500 + seed)
+    profile = LinkProfile(
+        loss=rng.choice([0.01, 0.05, 0.2]),
+        duplicate=rng.choice([0.0, 0.05]),
+        reorder=rng.choice([0.0, 0.1]),
+        delay=rng.choice([0.005, 0.02]),
+        jitter=rng.choice([0.0, 0.01]),
+        rate=rng.choice([None, 3000.0]),
+    )
+    net = SimNetwork(seed, profile)
+    config = UtpConfig(congestion="rate")
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    forward = rng.randbytes(rng.randrange(200_000, 1_500_000))
+    backward = rng.randbytes(rng.randrange(0, 500_000))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, backward))
+    client = runner.add(StreamApp(a.connect(B, net.now), forward))
+    net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=runner, max_time=900)
+    server = next(app for app in runner.apps.values() if app is not client)
+    assert hashlib.sha256(server.received).digest() == hashlib.sha256(forward).digest()
+    assert hashlib.sha256(client.received).digest() == hashlib.sha256(backward).digest()
