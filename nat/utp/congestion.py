@@ -258,12 +258,13 @@ class RateController:
         rounds.append((self._round_bytes, elapsed))
         if len(rounds) > self.averaged_rounds:
             del rounds[0]
-        # Averaged over a few rounds: packets past the SACK range are counted
-        # only when the cumulative ACK jumps over a repaired hole, which makes
-        # single rounds swing both ways.
+        # Averaged over a few rounds: packets a SACK does not name (libutp
+        # peers cover 32) are counted only when the cumulative ACK jumps over
+        # a repaired hole, and ACKs come in batches; single rounds swing.
         rate = sum(r[0] for r in rounds) / sum(r[1] for r in rounds)
+        limited = self._round_limited
         # An application-limited round only says the link carries at least this.
-        if not self._round_limited or rate > self.bandwidth:
+        if not limited or rate > self.bandwidth:
             samples = self._samples
             samples.append(rate)
             if len(samples) > self.bandwidth_rounds:
@@ -272,7 +273,9 @@ class RateController:
         self._round_start = now
         self._round_bytes = 0
         self._round_limited = False
-        if self.startup:
+        # Only rounds that used the window say the rate stopped growing (a TLS
+        # handshake before the bulk data must not end startup).
+        if self.startup and not limited:
             if self.bandwidth >= self._full_bandwidth * self.startup_growth:
                 self._full_bandwidth = self.bandwidth
                 self._stalled_rounds = 0

@@ -314,3 +314,17 @@ def test_rate_controller_delivers_intact_data_both_ways_under_loss(seed: int) ->
     server = next(app for app in runner.apps.values() if app is not client)
     assert hashlib.sha256(server.received).digest() == hashlib.sha256(forward).digest()
     assert hashlib.sha256(client.received).digest() == hashlib.sha256(backward).digest()
+
+
+def test_rate_controller_startup_survives_an_application_limited_start() -> None:
+    rate = RateController(MSS)
+    rate.on_rtt(0.040, 0.0)
+    now = 0.0
+    for _ in range(200):  # two seconds of a trickle (a handshake, a prompt)
+        now += 0.01
+        rate.on_ack(MSS, 0, MSS, now)
+    assert rate.startup
+    for _ in range(30):  # then bulk data: the window doubles per round
+        now += 0.01
+        rate.on_ack(rate.cwnd // 4, 0, rate.cwnd, now)
+    assert rate.startup and rate.cwnd > 200 * MSS
