@@ -204,7 +204,7 @@ class RateController:
         self._rounds: list[tuple[int, float]] = []  # (bytes, seconds) of the last rounds
         self._round_start: float | None = None
         self._round_bytes = 0
-        self._round_limited = False
+        self._round_flight = 0  # the most in flight at any ACK of this round
         self._full_bandwidth = 0.0
         self._stalled_rounds = 0
 
@@ -248,8 +248,8 @@ class RateController:
             self._round_bytes = 0
             return
         self._round_bytes += acked_bytes
-        if flight_bytes + self.mss < self.cwnd // 2:
-            self._round_limited = True
+        if flight_bytes > self._round_flight:
+            self._round_flight = flight_bytes
         elapsed = now - self._round_start
         min_rtt = self.min_rtt
         if min_rtt is None or elapsed < min_rtt or elapsed <= 0.0:
@@ -262,7 +262,9 @@ class RateController:
         # peers cover 32) are counted only when the cumulative ACK jumps over
         # a repaired hole, and ACKs come in batches; single rounds swing.
         rate = sum(r[0] for r in rounds) / sum(r[1] for r in rounds)
-        limited = self._round_limited
+        # application-limited: the window was never half used this round (loss
+        # recovery dips the flight at some ACKs; a trickle never fills it)
+        limited = self._round_flight + self.mss < self.cwnd // 2
         # An application-limited round only says the link carries at least this.
         if not limited or rate > self.bandwidth:
             samples = self._samples
@@ -272,7 +274,7 @@ class RateController:
             self.bandwidth = max(samples)
         self._round_start = now
         self._round_bytes = 0
-        self._round_limited = False
+        self._round_flight = 0
         # Only rounds that used the window say the rate stopped growing (a TLS
         # handshake before the bulk data must not end startup).
         if self.startup and not limited:

@@ -7,6 +7,10 @@ packets selectively acknowledged past a hole; in addition a hole is declared
 lost again only if something sent after its last transmission was delivered (by
 transmission order, so a hole and the packets past it sent in one batch count),
 so one old SACK cannot trigger a second retransmission of the same packet.
+Only packets sent once move that "latest delivered" mark: an ACK of a
+retransmitted packet may come from its first transmission (a spurious
+retransmission), and taking the retransmission's place in the order would
+declare every other retransmission in flight lost again, a cascade.
 """
 
 from __future__ import annotations
@@ -340,7 +344,7 @@ class SendSide:
                     self._flight -= size
                 if rec.transmissions == 1 and rec.sent_at > newest_rtt_sent:
                     newest_rtt_sent = rec.sent_at
-                if rec.order > latest:
+                if rec.order > latest and rec.transmissions == 1:
                     latest = rec.order
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
@@ -424,7 +428,7 @@ class SendSide:
                 self._outstanding_bytes -= size
                 if rec.in_flight:
                     self._flight -= size
-                if rec.order > latest:
+                if rec.order > latest and rec.transmissions == 1:
                     latest = rec.order
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
