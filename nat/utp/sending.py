@@ -43,6 +43,10 @@ class SendSide:
     # the last SACK applied: its base sequence number and bits (-1: none yet)
     _sack_seen_base = -1
     _sack_seen_bits = 0
+    # send time of the latest-sent packet known delivered, and the value the
+    # loss scan last ran for
+    _rack_sent_at = 0.0
+    _rack_checked = 0.0
 
     def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
         wnd = self._free_window()
@@ -333,6 +337,10 @@ class SendSide:
             self._dup_acks = 0
             una = self._snd_una
             latest = self._latest_delivered_order
+            rack = self._rack_sent_at
+            # an ACK sooner than about a round trip after a retransmission may be
+            # for an earlier transmission: then its send time says nothing
+            rack_ambiguous = self._rtt.srtt * 0.9
             for seq in range(una, ack + 1):
                 rec = outstanding.pop(seq, None)
                 if rec is None:
@@ -346,9 +354,12 @@ class SendSide:
                     newest_rtt_sent = rec.sent_at
                 if rec.order > latest and rec.transmissions == 1:
                     latest = rec.order
+                if rec.sent_at > rack and (rec.transmissions == 1 or now - rec.sent_at >= rack_ambiguous):
+                    rack = rec.sent_at
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
             self._latest_delivered_order = latest
+            self._rack_sent_at = rack
             una = ack + 1
             nxt = self._snd_nxt
             while una < nxt and una not in outstanding:
@@ -372,6 +383,8 @@ class SendSide:
             self._cc.on_rtt(now - newest_rtt_sent, now)
         if outstanding and not lost:
             lost = self._head_retransmission_lost(now)
+        if outstanding and self._rack_sent_at > self._rack_checked:
+            lost = self._sent_before_delivered_lost() or lost
         if lost:
             self._mux.stats.fast_retransmits += 1
             if self._snd_una >= self._recovery_seq:
@@ -430,6 +443,8 @@ class SendSide:
                     self._flight -= size
                 if rec.order > latest and rec.transmissions == 1:
                     latest = rec.order
+                    if rec.sent_at > self._rack_sent_at:
+                        self._rack_sent_at = rec.sent_at
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
         self._latest_delivered_order = latest
@@ -450,6 +465,31 @@ class SendSide:
                 self._mark_lost(rec)
                 lost = True
         return acked_bytes, lost
+
+    def _sent_before_delivered_lost(self) -> bool:
+        """RACK (RFC 8985) in brief: what was sent a reordering window (a
+        quarter RTT) before a packet that got delivered is lost.
+
+        This catches what the SACK rule cannot: a run of packets dropped
+        together (a bottleneck queue overflowing) with nothing after them
+        delivered but retransmissions of earlier holes. Their phantom flight
+        would hold the window shut, each ACK restarting the retransmission
+        timer, and only one hole a round trip would be repaired.
+        """
+        rack = self._rack_sent_at
+        self._rack_checked = rack
+        cutoff = rack - self._rtt.srtt * 0.25
+        lost = False
+        # in sequence order, first transmissions were also sent in order
+        for rec in self._outstanding.values():
+            if rec.sent_at >= cutoff:
+                if rec.transmissions == 1:
+                    break
+                continue
+            if rec.in_flight and rec.ptype != ST_SYN:
+                self._mark_lost(rec)
+                lost = True
+        return lost
 
     def _head_retransmission_lost(self, now: float) -> bool:
         """Mark the oldest packet lost again when its retransmission was lost.

@@ -328,3 +328,40 @@ def test_rate_controller_startup_survives_an_application_limited_start() -> None
         now += 0.01
         rate.on_ack(rate.cwnd // 4, 0, rate.cwnd, now)
     assert rate.startup and rate.cwnd > 200 * MSS
+
+
+
+def test_a_run_of_lost_packets_is_repaired_within_a_few_round_trips() -> None:
+    # 4 MiB windows over a 100 Mbit/s link with a 50 ms tail-drop queue and 1%
+    # loss: the queue overflows once and drops hundreds of packets in a row
+    # while only retransmissions of earlier holes get through. Those losses
+    # must be found by send time (RACK): the SACK rule sees nothing after
+    # them, and each repaired hole restarts the retransmission timer, so they
+    # were repaired one per round trip (30 of 96 Mbit/s, a timeout).
+    config = UtpConfig(
+        congestion="rate",
+        recv_buffer_size=4 << 20,
+        send_buffer_size=4 << 20,
+        reorder_limit=4096,
+        max_packets_in_flight=4096,
+    )
+    net = SimNetwork(1, LinkProfile(delay=0.02, rate=8700, loss=0.01))
+    drops = [0]
+
+    def tail_drop(src: tuple, dst: tuple, data: bytes) -> bool:
+        if net._link_free_at.get((src, dst), 0.0) - net.now > 0.05:
+            drops[0] += 1
+            return False
+        return True
+
+    net.filters.append(tail_drop)
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    seconds = 8.0
+    client = runner.add(StreamApp(a.connect(B, net.now), bytes(int(8700 * 1400 * seconds))))
+    net.run(lambda: net.now >= seconds, on_step=runner, max_time=seconds + 1)
+    received = sum(len(app.received) for app in runner.apps.values() if app is not client)
+    assert drops[0] > 1000  # the queue did overflow
+    assert a.stats.timeouts == 0
+    assert received > 0.75 * 8700 * MSS * seconds
