@@ -82,6 +82,7 @@ class Peer:
         self.messages_received = 0
         self._wakeup = trio.Event()
         self._users = 0
+        self._pinged_at_start = False
 
     def message_received(self, message: int) -> None:
         self.messages_received += 1
@@ -94,6 +95,11 @@ class Peer:
         """Return once the peer has been heard; raise if it died first."""
         if self.death is not None:
             raise self.death
+        if self.heard.is_set():
+            # The common case on the forward side (its punch was answered during
+            # the handshake): no watcher task and nursery to set up and tear down.
+            await trio.lowlevel.checkpoint()
+            return
         async with trio.open_nursery() as nursery:
 
             async def watch_death() -> None:
@@ -124,7 +130,10 @@ class Peer:
                 )
                 self.died.set()
                 return
-            self._send_ping()
+            if self._pinged_at_start:
+                self._pinged_at_start = False  # the registry sent the first one
+            else:
+                self._send_ping()
             if self.heard.is_set():
                 assert self.last_heard is not None
                 wait = min(timers.keep_alive_interval, self.last_heard + timers.keep_alive_timeout - now)
@@ -186,6 +195,11 @@ class PeerRegistry:
                 raise ProxyNotRunning("peer registry is not running")
             peer = Peer(self.endpoint, key, self.timers)
             self._peers[key] = peer
+            # The first PING leaves now, ahead of the uTP SYN the caller is about
+            # to send, not when the peer's task first runs: the answer (which
+            # wait_heard needs) comes back one scheduler pass or more sooner.
+            peer._send_ping()
+            peer._pinged_at_start = True
             scope = trio.CancelScope()
             self._scopes[peer] = scope
             self._nursery.start_soon(self._run_peer, peer, scope)
