@@ -9,6 +9,8 @@ A controller owns ``cwnd`` (bytes allowed in flight). The connection calls:
 - ``on_loss(now)`` once per window of data when a loss is detected by duplicate
   ACKs or selective ACKs (fast retransmit).
 - ``on_timeout(now)`` when the retransmission timer fires.
+- ``on_rtt(rtt, now)`` for every round-trip sample (packets sent once only,
+  Karn's rule); LEDBAT ignores it, the rate controller keeps the minimum.
 
 ``LedbatController`` follows libutp: target delay 100 ms, gain of at most
 3000 bytes per RTT scaled by ``(target - delay) / target`` and by the share of
