@@ -25,7 +25,7 @@ the dotted key and the reason, so a typo never silently becomes a default.
     conn_connect_time = 2.0
 
     [transport]                          # uTP congestion controller
-    congestion = "ledbat"                # ledbat (libutp's) or tolerant (random-loss tolerant)
+    congestion = "rate"                  # rate (default), tolerant, or ledbat (libutp's)
 
     [peers]                              # address book: NodeId -> host:port
     "v0123...abc" = "198.51.100.7:4000"
@@ -63,6 +63,8 @@ CONFIG_FILE = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Names of nat.utp.congestion.CONTROLLERS that a config may choose.
 CONGESTION_CONTROLLERS = ("ledbat", "tolerant", "rate")
+# The appliance's default: keeps most of a lossy path (bench/lossy_path.py).
+DEFAULT_CONGESTION = "rate"
 LOG_FORMATS = ("text", "json")
 
 # Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).
@@ -130,7 +132,7 @@ class Config:
     log_level: str
     log_format: str
     control_socket: Path
-    congestion: str = "ledbat"  # uTP congestion controller (CONGESTION_CONTROLLERS)
+    congestion: str = DEFAULT_CONGESTION  # uTP congestion controller (CONGESTION_CONTROLLERS)
 
     @property
     def key_path(self) -> Path:
@@ -325,7 +327,7 @@ def config_from_mapping(
 
     transport = reader.table(data, "transport")
     reader.reject_unknown(transport, "transport", ("congestion",))
-    congestion = reader.string(transport, "transport.congestion", "ledbat")
+    congestion = reader.string(transport, "transport.congestion", DEFAULT_CONGESTION)
     if congestion not in CONGESTION_CONTROLLERS:
         raise reader.fail(
             "transport.congestion", f"{congestion!r} is not one of {', '.join(CONGESTION_CONTROLLERS)}"

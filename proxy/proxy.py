@@ -30,6 +30,7 @@ import trio
 
 from nat import open_endpoint
 from nat.errors import EndpointClosed, NatError
+from nat.utp.config import UtpConfig
 from proxy.address_book import AddressBook
 from proxy.connection_forward import ConnectionForward
 from proxy.connection_reverse import ConnectionReverse
@@ -42,6 +43,7 @@ from proxy.connection_tunnel import (
     call_callback,
     close_streams,
 )
+from proxy.config import DEFAULT_CONGESTION
 from proxy.errors import ConnectionStartError, KeynodeError, ProxyNotRunning
 from proxy.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.node_id import NodeId
@@ -473,6 +475,11 @@ async def open_proxy(
 ) -> AsyncIterator[Proxy]:
     """Run a Proxy for the duration of the block (options: see ``Proxy``).
 
+    ``utp_config``: the uTP tunables (``nat.utp.config.UtpConfig``); by default
+    the ``rate`` congestion controller, which does not read random loss as
+    congestion (LEDBAT, libutp's, halves its window on every loss and so keeps a
+    few percent of a lossy path).
+
     ``offload``: UDP segmentation offload on the endpoint (GSO sends, GRO
     receives; see ``nat.open_endpoint``): bulk tunnels move several times more
     datagrams per syscall. Peers see ordinary datagrams; a path that refuses
@@ -491,7 +498,7 @@ async def open_proxy(
         proxy_host,
         proxy_port,
         dual_stack=dual_stack,
-        config=utp_config,
+        config=utp_config if utp_config is not None else UtpConfig(congestion=DEFAULT_CONGESTION),
         close_timeout=proxy.conn_end_time,
         offload=offload,
     ) as endpoint:

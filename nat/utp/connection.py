@@ -50,12 +50,16 @@ Where we do better than libutp (documented deviations):
   libutp peer that closed and forgot us) is a clean close, not an error.
 - After a clean close the connection id lingers (``linger_time``, extended by
   every retransmitted FIN) to re-ACK the peer's FIN; new data then gets RESET.
-- Our selective ACKs cover up to 128 packets (a multiple of 4 bytes up to 16;
-  libutp reads any length and sends 4). A SACK rides on DATA only if the
+- Our selective ACKs cover the whole reorder buffer, up to 2016 packets (a
+  multiple of 4 bytes up to the extension's 252-byte limit; libutp reads any
+  length and sends 4): a SACK shorter than the window leaves everything past it
+  counted as in flight behind each hole. A SACK rides on DATA only if the
   datagram stays within ``mtu_payload + 20`` bytes, else it goes in a STATE.
 - A retransmission timeout marks lost only the oldest packet and those older
-  than one RTO; libutp resends the whole window. The loss-tolerant controller
-  (``congestion="tolerant"``, congestion.py) is our addition.
+  than one RTO; libutp resends the whole window. The oldest missing packet is
+  resent even past a full window (it alone can reopen it), and losses are also
+  found by send time (RACK, RFC 8985). The loss-tolerant controllers
+  (``congestion="tolerant"`` and ``"rate"``, congestion.py) are our additions.
 - BEP 29's 500 ms RTO floor instead of libutp's 1000 ms.
 """
 

@@ -7,7 +7,6 @@ import enum
 MASK16 = 0xFFFF
 MASK32 = 0xFFFFFFFF
 VERSION = 1
-SACK_BITS = 128  # packets past ack_nr + 1 our selective ACKs cover
 DUP_ACK_THRESHOLD = 3
 MAX_PROBE_INTERVAL = 15.0
 

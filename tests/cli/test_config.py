@@ -107,6 +107,7 @@ def test_defaults_use_node_dir_token_file(tmp_path: Path) -> None:
     assert config.peers == {}
     assert (config.log_level, config.log_format) == ("info", "text")
     assert config.control_socket == node_dir / "control.sock"
+    assert config.congestion == "rate"
 
 
 def test_default_node_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def start_node(
     public_ip: str,
     server_port: int | None = None,
     timeouts: Mapping[str, float] | None = None,
-    congestion: str = "ledbat",
+    congestion: str | None = None,
 ) -> KeynodeNode:
     """Create an identity in `directory` and start `keynode run` in `host` (not yet
     waited for: call `wait_ready` so several nodes start in parallel). `public_ip`:
@@ -149,8 +149,9 @@ def start_node(
     tls_config = keygen(directory, force=False)
     lines = ['[proxy]', 'host = "0.0.0.0"', f"port = {proxy_port}",
              '[forward]', 'host = "127.0.0.1"', "port = 0",
-             '[transport]', f'congestion = "{congestion}"',
              '[log]', 'format = "json"', 'level = "info"']
+    if congestion is not None:  # otherwise the product's default controller
+        lines += ['[transport]', f'congestion = "{congestion}"']
     if server_port is not None:
         lines += ['[server]', 'host = "127.0.0.1"', f"port = {server_port}"]
     if timeouts:

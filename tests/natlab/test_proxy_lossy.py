@@ -4,9 +4,10 @@ The forward node sits behind a port-restricted router whose WAN link drops 2%
 of packets each way and delays each by 20 ms +- 5 ms (the NFQUEUE daemon;
 packets whose delays cross are reordered). The reverse node is public, with an
 exchange server behind it that sends 64 MiB of its own while reading ours. Both
-nodes use the loss-tolerant uTP congestion controller, chosen in their config
-(`[transport] congestion = "tolerant"`): LEDBAT halves its window at every random
-loss and would not fit the time budget (see bench/lossy_path.py for figures).
+nodes run the product's default uTP congestion controller ("rate", which does
+not read random loss as congestion); LEDBAT, selectable with `[transport]
+congestion = "ledbat"`, halves its window at every random loss and would not fit
+the time budget (see bench/lossy_path.py for figures).
 
 The start happens while the link is cut for its first second (every early
 packet of the punch, the SYN and the control traffic lost) and still succeeds:
@@ -39,7 +40,7 @@ async def test_64_mib_each_way_over_2pct_loss_and_jittered_delay_after_a_lossy_s
         reverse_host = lab.add_public_host("far")
         forward, reverse, server = start_pair(
             tmp_path, (site.add_host("node"), site.public_address), (reverse_host, reverse_host.address),
-            ports=(4400, 4401), server=("exchange", str(TOTAL)), timeouts=timeouts, congestion="tolerant")
+            ports=(4400, 4401), server=("exchange", str(TOTAL)), timeouts=timeouts)
         site.wan.impair(Impairment(loss=0.02, delay=0.020, jitter=0.005, seed=5))
 
         site.wan.cut()
