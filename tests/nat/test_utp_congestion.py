@@ -227,6 +227,26 @@ def rate_link_run(
     return [len(app.received) for app in servers], peak[0], a.stats.timeouts
 
 
+def test_rate_controller_model_rtt_has_a_floor_on_short_paths() -> None:
+    # Loopback/LAN: one idle packet's RTT is ~100 us, but a loaded round takes
+    # the hosts' batching and delayed ACKs. A window of gain x rate x 100 us
+    # (a couple of packets) starved the tunnel; the model's RTT is floored.
+    rate = RateController(MSS)
+    rate.on_rtt(0.0001, 0.0)
+    assert rate.model_rtt == rate.min_model_rtt
+    now = 0.0
+    for _ in range(2000):  # 100k packets/s, acknowledged every 0.5 ms
+        now += 0.0005
+        rate.on_ack(50 * MSS, 0, rate.cwnd, now)
+    assert not rate.startup
+    assert rate.bandwidth == pytest.approx(100_000 * MSS, rel=0.05)
+    assert rate.cwnd == pytest.approx(rate.cwnd_gain * 100_000 * MSS * rate.min_model_rtt, rel=0.05)
+    # paths longer than the floor use their own min RTT
+    long_path = RateController(MSS)
+    long_path.on_rtt(0.040, 0.0)
+    assert long_path.model_rtt == pytest.approx(0.040)
+
+
 def test_rate_controller_keeps_most_of_the_link_under_random_loss() -> None:
     # 1% loss each way with a 50 ms tail-drop queue: most of the link, no timeouts
     link_bytes = 4000 * MSS * 6.0
