@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
@@ -27,7 +26,7 @@ from nat.stream import UtpStream
 from proxy.connection_tunnel import (
     TRANSPORT_ERRORS,
     ConnectionEvent,
-    ConnectionInfo,
+    TunnelConnection,
     Direction,
     EndReason,
     call_callback,
@@ -50,8 +49,6 @@ from proxy.tls import TLSStream
 from proxy.verification import verify_server_certificate_chain
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
     from proxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
@@ -99,29 +96,20 @@ def start_error(error: BaseException, what: str) -> KeynodeError:
     return mapped
 
 
-class ConnectionForward:
+class ConnectionForward(TunnelConnection):
     """One uTP+TLS tunnel stream to a remote proxy, joined to one local client."""
 
     direction = Direction.FORWARD
 
     def __init__(self, proxy: Proxy, address: Address, node_ids: tuple[NodeId, ...]) -> None:
-        self.proxy = proxy
-        self.address = address
+        super().__init__(proxy, address)
         self.node_ids = node_ids
-        self.node_id: NodeId | None = None
-        self.certificates: tuple[x509.Certificate, ...] = ()
         self.utp: UtpStream | None = None
         self.tls: TLSStream | None = None
-        self.peer: Peer | None = None
         self.client: trio.abc.HalfCloseableStream | None = None
         self.client_address: tuple[str, int] | None = None
         self.initial_data = b""
-        self.scope = trio.CancelScope()
-        self.ended = trio.Event()
-        self.end_reason: EndReason | None = None
-        self.end_error: BaseException | None = None
         self._client_ready = trio.Event()
-        self._exit_stack = AsyncExitStack()
         # Set as soon as a CONNECT picks this connection (before its 200 is sent),
         # so no other CONNECT or open_connection_forward can take it meanwhile.
         self.claimed = False
@@ -133,30 +121,11 @@ class ConnectionForward:
     @property
     def usable(self) -> bool:
         """Started, not yet joined to a client, and still alive."""
-        return (
-            self.node_id is not None
-            and not self.claimed
-            and not self.ended.is_set()
-            and not self.scope.cancel_called
-            and self.peer is not None
-            and not self.peer.died.is_set()
-        )
+        return self.node_id is not None and not self.claimed and self.alive
 
-    def info(self) -> ConnectionInfo | None:
-        if self.node_id is None:
-            return None
-        local_host, local_port = self.proxy.proxy_host, self.proxy.proxy_port
-        return ConnectionInfo(
-            remote_node_id=self.node_id,
-            remote_certificates=self.certificates,
-            local_host=local_host,
-            local_port=local_port,
-            remote_host=self.address[0],
-            remote_port=self.address[1],
-            direction=self.direction,
-            tcp_host=self.client_address[0] if self.client_address else None,
-            tcp_port=self.client_address[1] if self.client_address else None,
-        )
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return self.client_address
 
     async def start(self) -> NodeId:
         """Run the start sequence; raise a typed error after cleaning up."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,7 +21,7 @@ import trio
 from proxy.connection_forward import start_error, until_peer_dies
 from proxy.connection_tunnel import (
     ConnectionEvent,
-    ConnectionInfo,
+    TunnelConnection,
     Direction,
     EndReason,
     call_callback,
@@ -32,41 +31,29 @@ from proxy.connection_tunnel import (
     verified_chains,
 )
 from proxy.errors import ConnectionKeepAliveTimeout, ConnectionStartError
-from proxy.node_id import NodeId
-from proxy.peer import Address, Peer
+from proxy.peer import Address
 from proxy.tls import TLSStream
 from proxy.verification import verify_client_certificate_chain
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
     from nat.stream import UtpStream
     from proxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
 
 
-class ConnectionReverse:
+class ConnectionReverse(TunnelConnection):
     """One uTP+TLS tunnel stream from a remote proxy, joined to one TCP connection to the server."""
 
     direction = Direction.REVERSE
 
     def __init__(self, proxy: Proxy, address: Address) -> None:
-        self.proxy = proxy
-        self.address = address
-        self.node_id: NodeId | None = None
-        self.certificates: tuple[x509.Certificate, ...] = ()
+        super().__init__(proxy, address)
         self.server: trio.SocketStream | None = None
         self.server_local_address: tuple[str, int] | None = None
         self.utp: UtpStream | None = None
         self.tls: TLSStream | None = None
-        self.peer: Peer | None = None
-        self.scope = trio.CancelScope()
-        self.ended = trio.Event()
-        self.end_reason: EndReason | None = None
-        self.end_error: BaseException | None = None
         self._utp_ready = trio.Event()
-        self._exit_stack = AsyncExitStack()
 
     @property
     def composed(self) -> bool:
@@ -75,30 +62,11 @@ class ConnectionReverse:
     @property
     def usable(self) -> bool:
         """Prepared by open_connection_reverse, still waiting for its uTP connection."""
-        return (
-            self.server is not None
-            and not self.composed
-            and not self.ended.is_set()
-            and not self.scope.cancel_called
-            and self.peer is not None
-            and not self.peer.died.is_set()
-        )
+        return self.server is not None and not self.composed and self.alive
 
-    def info(self) -> ConnectionInfo | None:
-        if self.node_id is None:
-            return None
-        local = self.server_local_address
-        return ConnectionInfo(
-            remote_node_id=self.node_id,
-            remote_certificates=self.certificates,
-            local_host=self.proxy.proxy_host,
-            local_port=self.proxy.proxy_port,
-            remote_host=self.address[0],
-            remote_port=self.address[1],
-            direction=self.direction,
-            tcp_host=local[0] if local else None,
-            tcp_port=local[1] if local else None,
-        )
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return self.server_local_address
 
     async def prepare(self, deadline: float | None = None) -> None:
         """Connect to the server and punch until the peer is heard (bounded)."""

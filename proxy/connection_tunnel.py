@@ -16,6 +16,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,58 @@ class ConnectionInfo:
     direction: Direction
     tcp_host: str | None = None  # forward: the CONNECT client; reverse: our socket to the server
     tcp_port: int | None = None
+
+
+class TunnelConnection:
+    """What a forward and a reverse connection share: the remote peer, the verified
+    identity, the streams, the lifetime and the ``ConnectionInfo`` record."""
+
+    direction: Direction
+
+    def __init__(self, proxy: Any, address: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.address = address  # the remote proxy's UDP address
+        self.node_id: NodeId | None = None
+        self.certificates: tuple[x509.Certificate, ...] = ()
+        self.utp: Any = None  # UtpStream
+        self.tls: Any = None  # TLSStream
+        self.peer: Peer | None = None
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()
+        self.end_reason: EndReason | None = None
+        self.end_error: BaseException | None = None
+        self._exit_stack = AsyncExitStack()
+
+    @property
+    def alive(self) -> bool:
+        """Not ended, not being cancelled, and its peer not fallen silent."""
+        return (
+            not self.ended.is_set()
+            and not self.scope.cancel_called
+            and self.peer is not None
+            and not self.peer.died.is_set()
+        )
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """The local TCP end: the CONNECT client (forward), our socket to the server (reverse)."""
+        raise NotImplementedError
+
+    def info(self) -> ConnectionInfo | None:
+        if self.node_id is None:
+            return None
+        tcp = self.tcp_address
+        return ConnectionInfo(
+            remote_node_id=self.node_id,
+            remote_certificates=self.certificates,
+            local_host=self.proxy.proxy_host,
+            local_port=self.proxy.proxy_port,
+            remote_host=self.address[0],
+            remote_port=self.address[1],
+            direction=self.direction,
+            tcp_host=tcp[0] if tcp else None,
+            tcp_port=tcp[1] if tcp else None,
+        )
 
 
 @dataclass(frozen=True)
