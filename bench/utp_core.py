@@ -1,13 +1,16 @@
 """Microbenchmark of the sans-IO uTP core alone: two multiplexers in one process
 pumping datagrams through memory (no loss), one-way bulk transfer; with
 ``--lossy`` also every congestion controller over a simulated lab link (the
-shape of bench/lossy_path.py in seconds, no root).
+shape of bench/lossy_path.py in seconds, no root). ``--pingpong`` instead
+times the small request/response path (120 bytes each way, ACKs
+piggybacked: a gRPC unary call through the tunnel), per controller.
 
 Prints MiB/s and datagrams/s (wall clock, and CPU time of this process, which
 is steadier on a shared machine) with both ends' work included (this is the budget
 left for the trio driver and TLS). ``--profile`` runs it under cProfile.
 
     .venv/bin/python bench/utp_core.py [--mib 64] [--batch 64] [--profile] [--lossy]
+    .venv/bin/python bench/utp_core.py --pingpong [--rounds 20000] [--profile]
 """
 
 from __future__ import annotations
@@ -82,6 +85,58 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
     return elapsed, cpu, packets, a.stats.retransmits + b.stats.retransmits
 
 
+def pingpong(congestion: str, rounds: int, size: int = 120, profiler: cProfile.Profile | None = None) -> float:
+    """CPU seconds per round trip: A sends ``size`` bytes, B reads them and
+    sends them back, A reads them (both ends, ACKs piggybacked on the DATA)."""
+    from nat.utp.config import UtpConfig
+
+    config = UtpConfig(congestion=congestion)
+    a = UtpMultiplexer(config, rng=random.Random(1))
+    b = UtpMultiplexer(config, rng=random.Random(2))
+    clock = time.perf_counter
+    conn = a.connect(B, clock())
+    for data, addr in a.datagrams_to_send(clock()):
+        b.receive_datagram(data, A, clock())
+    event = b.next_event()
+    assert isinstance(event, IncomingConnection)
+    server = event.conn
+    for data, addr in b.datagrams_to_send(clock()):
+        a.receive_datagram(data, B, clock())
+    while a.next_event() is not None:
+        pass
+    while b.next_event() is not None:
+        pass
+    msg = b"x" * size
+
+    def round_trip() -> None:
+        now = clock()
+        conn.send(msg)
+        for data, addr in a.datagrams_to_send(now):
+            b.receive_datagram(data, A, now)
+        while b.next_event() is not None:
+            pass
+        reply = server.read(65536)
+        server.send(reply)
+        for data, addr in b.datagrams_to_send(now):
+            a.receive_datagram(data, B, now)
+        while a.next_event() is not None:
+            pass
+        if conn.read(65536) != msg:
+            raise AssertionError("echo mismatch")
+
+    for _ in range(1000):
+        round_trip()
+    if profiler is not None:
+        profiler.enable()
+    cpu_start = time.process_time()
+    for _ in range(rounds):
+        round_trip()
+    cpu = time.process_time() - cpu_start
+    if profiler is not None:
+        profiler.disable()
+    return cpu / rounds
+
+
 @dataclass
 class LinkResult:
     goodput_mbit: float
@@ -139,9 +194,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="datagrams per receive batch")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--pingpong", action="store_true", help="only: small request/response round trips, per controller"
+    )
+    parser.add_argument("--rounds", type=int, default=20000, help="round trips per --pingpong run")
+    parser.add_argument(
         "--lossy", action="store_true", help="also: simulated bottleneck with random loss, per controller"
     )
     args = parser.parse_args()
+    if args.pingpong:
+        from nat.utp.congestion import CONTROLLERS
+
+        names = sorted(CONTROLLERS)
+        best = {}
+        for _ in range(3):  # best of three, interleaved (a shared, noisy machine)
+            for name in names:
+                cost = pingpong(name, args.rounds)
+                best[name] = min(best.get(name, cost), cost)
+        print(
+            f"uTP core ping-pong, 120 bytes each way, CPU per round trip (both ends, best of 3 x {args.rounds}): "
+            + ", ".join(f"{name} {best[name] * 1e6:.1f} us" for name in names)
+        )
+        if args.profile:
+            profiler = cProfile.Profile()
+            pingpong("rate", args.rounds, profiler=profiler)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return
     total = args.mib << 20
     if args.profile:
         profiler = cProfile.Profile()

@@ -217,6 +217,7 @@ class RateController:
         self._round_flight = 0  # the most in flight at any ACK of this round
         self._full_bandwidth = 0.0
         self._stalled_rounds = 0
+        self._round_len = float("inf")  # model_rtt once min_rtt is known (per-ACK check)
 
     @property
     def bdp(self) -> float:
@@ -230,22 +231,35 @@ class RateController:
         return min_rtt if min_rtt is not None and min_rtt > self.min_model_rtt else self.min_model_rtt
 
     def on_rtt(self, rtt: float, now: float) -> None:
-        if rtt > 0.0 and (self.min_rtt is None or rtt < self.min_rtt):
+        min_rtt = self.min_rtt
+        if rtt > 0.0 and (min_rtt is None or rtt < min_rtt):
             self.min_rtt = rtt
+            self._round_len = rtt if rtt > self.min_model_rtt else self.min_model_rtt
 
     def on_ack(self, acked_bytes: int, queuing_delay_us: int | None, flight_bytes: int, now: float) -> None:
         delay = queuing_delay_us if queuing_delay_us is not None else 0
         self.last_delay_us = delay
-        self._sample_rate(acked_bytes, flight_bytes, now)
+        # rate sampling: per ACK only a sum; a round ends once per model RTT
+        start = self._round_start
+        if start is None:
+            self._round_start = now
+            self._round_bytes = 0
+        else:
+            self._round_bytes += acked_bytes
+            if flight_bytes > self._round_flight:
+                self._round_flight = flight_bytes
+            if now - start >= self._round_len:
+                self._end_round(now - start, now)
         cwnd = self.cwnd
+        mss = self.mss
         if self.startup:
             if delay > self.target_us // 2 and self.bandwidth > 0.0:
                 self.startup = False
-            elif flight_bytes + self.mss >= cwnd // 2:  # not application-limited
-                cwnd += acked_bytes if acked_bytes < 16 * self.mss else 16 * self.mss
+            elif flight_bytes + mss >= cwnd // 2:  # not application-limited
+                cwnd += acked_bytes if acked_bytes < 16 * mss else 16 * mss
         if not self.startup:
             gain = self.cwnd_gain if delay <= self.target_us else 1.0
-            target = int(gain * self.bdp)
+            target = int(gain * (self.bandwidth * self._round_len if self.min_rtt is not None else 0.0))
             if target < self.min_cwnd:
                 target = self.min_cwnd
             # Grow towards the model's window by what was delivered (so a window
@@ -258,17 +272,8 @@ class RateController:
             cwnd = self.max_cwnd
         self.cwnd = cwnd
 
-    def _sample_rate(self, acked_bytes: int, flight_bytes: int, now: float) -> None:
-        if self._round_start is None:
-            self._round_start = now
-            self._round_bytes = 0
-            return
-        self._round_bytes += acked_bytes
-        if flight_bytes > self._round_flight:
-            self._round_flight = flight_bytes
-        elapsed = now - self._round_start
-        if self.min_rtt is None or elapsed < self.model_rtt:
-            return
+    def _end_round(self, elapsed: float, now: float) -> None:
+        """A round of ACKs is complete: take its delivery-rate sample."""
         rounds = self._rounds
         rounds.append((self._round_bytes, elapsed))
         if len(rounds) > self.averaged_rounds:

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING
 from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
 from nat.utp.congestion import DelayHistory, make_controller
 from nat.utp.config import UtpConfig
-from nat.utp.events import ConnectionClosed, Connected
+from nat.utp.events import ConnectionClosed, Connected, DataAvailable
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_STATE
 from nat.utp.receiving import ReceiveSide
 from nat.utp.rtt import RttEstimator
@@ -167,6 +167,12 @@ class UtpConnection(SendSide, ReceiveSide):
         self._eof_seq: int | None = None
         self._eof_reached = False
         self._readable_signalled = False
+        # events are immutable: one DataAvailable serves every edge
+        self._readable_event = DataAvailable(self)
+        # config values read per packet
+        self._delayed_ack = config.delayed_ack
+        self._zero_window_probe = config.zero_window_probe
+        self._max_packets = config.max_packets_in_flight
         self._ack_due = False
         self._ack_deadline: float | None = None
         self._unacked = 0
@@ -261,11 +267,17 @@ class UtpConnection(SendSide, ReceiveSide):
         # Window update: when the peer last heard less than two packets of room
         # and now there are two, or a quarter of the buffer has opened since
         # (never for less than two packets: no silly-window updates).
-        if not self._ack_due and not self.is_closed:
+        if not self._ack_due:
+            state = self.state
+            if state is _CLOSED or state is _RESET:
+                return data
             last = self._last_adv_wnd
-            free = self._free_window()
+            size = self._recv_buffer_size
+            free = size - len(rbuf) - self._reorder_bytes
+            if free < 0:
+                free = 0
             two = 2 * self._mss
-            if (last < two <= free) or free - last >= (self._recv_buffer_size >> 2):
+            if (last < two <= free) or free - last >= (size >> 2):
                 self._ack_due = True
                 self._mux._dirty.add(self)
         return data

@@ -10,7 +10,7 @@ order, duplicated or a FIN is acknowledged (with a selective ACK) at once.
 
 from __future__ import annotations
 
-from nat.utp.events import DataAvailable, EofReceived
+from nat.utp.events import EofReceived
 from nat.utp.packet import ST_DATA, ST_FIN
 from nat.utp.states import MASK16 as _MASK16
 
@@ -37,10 +37,10 @@ class ReceiveSide:
                         self._ack_due = True
                         self._mux._dirty.add(self)
                 elif self._ack_deadline is None:
-                    self._ack_deadline = now + self._config.delayed_ack
+                    self._ack_deadline = now + self._delayed_ack
                 if rbuf and not self._readable_signalled:
                     self._readable_signalled = True
-                    self._emit(DataAvailable(self))
+                    self._mux._events.append(self._readable_event)
                 return
         if off >= 0x8000:  # already delivered: our ACK was lost
             self._ack_due = True
@@ -101,7 +101,7 @@ class ReceiveSide:
             self._mux._dirty.add(self)
         if self._rbuf and not self._readable_signalled:
             self._readable_signalled = True
-            self._emit(DataAvailable(self))
+            self._emit(self._readable_event)
         if self._eof_seq is not None and not self._eof_reached and self._rcv_nxt > self._eof_seq:
             self._eof_reached = True
             self._ack_due = True

@@ -107,7 +107,7 @@ class SendSide:
             if rec is not None and not rec.in_flight:
                 self._transmit_syn(rec, now, now_us, out)
             return
-        sack = self._build_sack()
+        sack = self._build_sack() if self._reorder else None
         self._sack_skipped = False
         sent = 0
         if self._synack_due:
@@ -145,20 +145,26 @@ class SendSide:
         sendbuf = self._sendbuf
         if sendbuf and not resend:
             # The hot path: header fields computed once, packets built inline.
-            max_packets = self._config.max_packets_in_flight
+            max_packets = self._max_packets
             pack = HEADER.pack
             append = out.append
             first = (ST_DATA << 4) | _VERSION
-            ext = 1 if sack is not None else 0
-            tail = sack if sack is not None else b""
-            mss -= len(tail)  # new packets shrink to keep the SACK within the MTU
+            if sack is None:
+                ext = 0
+                tail = b""
+            else:
+                ext = 1
+                tail = sack
+                mss -= len(tail)  # new packets shrink to keep the SACK within the MTU
             send_id = self.send_id
             reply = self._reply_micro
-            wnd = self._free_window()
+            wnd = self._recv_buffer_size - len(self._rbuf) - self._reorder_bytes
+            if wnd < 0:
+                wnd = 0
             self._last_adv_wnd = wnd
             ack16 = (self._rcv_nxt - 1) & _MASK16
             flight = self._flight
-            seq = self._snd_nxt
+            seq = first_seq = self._snd_nxt
             count = len(outstanding)
             total = 0
             order = self._xmit_count
@@ -188,8 +194,8 @@ class SendSide:
                 flight += size
                 count += 1
                 total += size
-            if seq != self._snd_nxt:
-                sent += seq - self._snd_nxt
+            if seq != first_seq:
+                sent += seq - first_seq
                 self._snd_nxt = seq
                 self._xmit_count = order
                 self._flight = flight
@@ -203,7 +209,7 @@ class SendSide:
                 self._last_send = now
         if peer_wnd >= mss:
             self._probe_deadline = None
-            self._probe_interval = self._config.zero_window_probe
+            self._probe_interval = self._zero_window_probe
         # 3. FIN once everything before it is packetized
         if self._eof_requested and not self._fin_sent and not sendbuf:
             self._fin_sent = True
@@ -330,9 +336,10 @@ class SendSide:
             # the peer is alive, just full: timeouts here are not a dead path
             self._consecutive_timeouts = 0
         acked_bytes = 0
-        flight_before = self._flight
+        flight_before = flight = self._flight
         newest_rtt_sent = -1.0
         lost = False
+        rtt = self._rtt
         if off > 0:
             self._dup_acks = 0
             una = self._snd_una
@@ -340,24 +347,30 @@ class SendSide:
             rack = self._rack_sent_at
             # an ACK sooner than about a round trip after a retransmission may be
             # for an earlier transmission: then its send time says nothing
-            rack_ambiguous = self._rtt.srtt * 0.9
+            rack_ambiguous = rtt.srtt * 0.9
+            pop = outstanding.pop
             for seq in range(una, ack + 1):
-                rec = outstanding.pop(seq, None)
+                rec = pop(seq, None)
                 if rec is None:
                     continue
                 size = len(rec.payload)
                 acked_bytes += size
-                self._outstanding_bytes -= size
                 if rec.in_flight:
-                    self._flight -= size
-                if rec.transmissions == 1 and rec.sent_at > newest_rtt_sent:
-                    newest_rtt_sent = rec.sent_at
-                if rec.order > latest and rec.transmissions == 1:
-                    latest = rec.order
-                if rec.sent_at > rack and (rec.transmissions == 1 or now - rec.sent_at >= rack_ambiguous):
-                    rack = rec.sent_at
+                    flight -= size
+                sent_at = rec.sent_at
+                if rec.transmissions == 1:
+                    if sent_at > newest_rtt_sent:
+                        newest_rtt_sent = sent_at
+                    if rec.order > latest:
+                        latest = rec.order
+                    if sent_at > rack:
+                        rack = sent_at
+                elif sent_at > rack and now - sent_at >= rack_ambiguous:
+                    rack = sent_at
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
+            self._flight = flight
+            self._outstanding_bytes -= acked_bytes
             self._latest_delivered_order = latest
             self._rack_sent_at = rack
             una = ack + 1
@@ -366,7 +379,7 @@ class SendSide:
                 una += 1
             self._snd_una = una
             self._consecutive_timeouts = 0
-            self._rto_deadline = now + self._rtt.rto if outstanding else None
+            self._rto_deadline = now + rtt.rto if outstanding else None
         elif ptype == ST_STATE and outstanding:
             self._dup_acks += 1
             if self._dup_acks == _DUP_ACK_THRESHOLD:
@@ -379,12 +392,14 @@ class SendSide:
             acked_bytes += sacked_bytes
             lost = lost or sack_lost
         if newest_rtt_sent >= 0.0:
-            self._rtt.sample(now - newest_rtt_sent)
-            self._cc.on_rtt(now - newest_rtt_sent, now)
-        if outstanding and not lost:
-            lost = self._head_retransmission_lost(now)
-        if outstanding and self._rack_sent_at > self._rack_checked:
-            lost = self._sent_before_delivered_lost() or lost
+            sample = now - newest_rtt_sent
+            rtt.sample(sample)
+            self._cc.on_rtt(sample, now)
+        if outstanding:
+            if not lost:
+                lost = self._head_retransmission_lost(now)
+            if self._rack_sent_at > self._rack_checked:
+                lost = self._sent_before_delivered_lost() or lost
         if lost:
             self._mux.stats.fast_retransmits += 1
             if self._snd_una >= self._recovery_seq:
@@ -395,7 +410,7 @@ class SendSide:
             if ts_diff:
                 delay = self._delay.add(ts_diff, now)
                 # a queuing delay cannot exceed the round trip (clock skew guard)
-                limit = int(self._rtt.srtt * 1_000_000) if self._rtt.has_sample else 1_000_000
+                limit = int(rtt.srtt * 1_000_000) if rtt.has_sample else 1_000_000
                 if delay > limit:
                     delay = limit
             self._cc.on_ack(acked_bytes, delay, flight_before, now)
