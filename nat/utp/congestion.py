@@ -251,12 +251,14 @@ class RateController:
             if now - start >= self._round_len:
                 self._end_round(now - start, now)
         cwnd = self.cwnd
-        mss = self.mss
         if self.startup:
+            mss = self.mss
             if delay > self.target_us // 2 and self.bandwidth > 0.0:
                 self.startup = False
             elif flight_bytes + mss >= cwnd // 2:  # not application-limited
                 cwnd += acked_bytes if acked_bytes < 16 * mss else 16 * mss
+            elif self.min_cwnd <= cwnd <= self.max_cwnd:
+                return  # application-limited: the window stands
         if not self.startup:
             gain = self.cwnd_gain if delay <= self.target_us else 1.0
             target = int(gain * (self.bandwidth * self._round_len if self.min_rtt is not None else 0.0))
@@ -357,9 +359,10 @@ class DelayHistory:
 
     def add(self, sample_us: int, now: float) -> int:
         """Record a raw delay sample; return the queuing delay above the base (µs)."""
-        if self._bucket_end is None:
+        bucket_end = self._bucket_end
+        if bucket_end is None:
             self._bucket_end = now + self._period
-        elif now >= self._bucket_end:
+        elif now >= bucket_end:
             self._roll(now)
         bucket_min = self._bucket_min
         if bucket_min is None or ((sample_us - bucket_min) & _MASK32) >= _HALF32:
@@ -369,10 +372,10 @@ class DelayHistory:
             self.base = sample_us
             return 0
         above = (sample_us - base) & _MASK32
-        if above >= _HALF32:  # sample below the base: new base
-            self.base = sample_us
-            return 0
-        return above
+        if above < _HALF32:
+            return above
+        self.base = sample_us  # sample below the base: new base
+        return 0
 
     def _roll(self, now: float) -> None:
         if self._bucket_min is not None:

@@ -442,13 +442,13 @@ class UtpConnection(SendSide, ReceiveSide):
     ) -> None:
         state = self.state
         self._last_recv = now
-        now_us = int(now * 1_000_000) & _MASK32
-        if state is _SYN_SENT:
-            self._on_packet_syn_sent(ptype, ts, ts_diff, wnd, seq16, ack16, now, now_us)
-            return
-        if state is _CLOSED or state is _RESET:
-            self._on_packet_closed(ptype, seq16, now)
-            return
+        if state is not _CONNECTED:
+            if state is _SYN_SENT:
+                self._on_packet_syn_sent(ptype, ts, ts_diff, wnd, seq16, ack16, now, int(now * 1_000_000) & _MASK32)
+                return
+            if state is _CLOSED or state is _RESET:
+                self._on_packet_closed(ptype, seq16, now)
+                return
         # ack_nr sanity (libutp): never accept an ACK of something not yet sent
         una = self._snd_una
         off = (ack16 - (una - 1)) & _MASK16
@@ -457,7 +457,7 @@ class UtpConnection(SendSide, ReceiveSide):
         if off > self._snd_nxt - una:
             self._mux.stats.invalid_ack += 1
             return
-        self._reply_micro = (now_us - ts) & _MASK32 if ts else 0
+        self._reply_micro = (int(now * 1_000_000) - ts) & _MASK32 if ts else 0
         if state is _SYN_RECV:
             self._become_connected()
         if off > 0 or sack is not None or ptype == ST_STATE:

@@ -126,9 +126,12 @@ class UtpMultiplexer:
         """Process one uTP datagram from ``addr``. Never raises on bad input."""
         stats = self.stats
         stats.datagrams_received += 1
-        if len(data) >= 20 and data[0] & 0x0F == 1 and data[0] < 0x50 and not data[1]:
+        if len(data) >= 20:
+            first, extension, conn_id, ts, ts_diff, wnd, seq, ack = _unpack_header(data)
+        else:
+            first = extension = 0xFF
+        if not extension and first & 0x0F == 1 and first < 0x50:
             # the common case, no extensions: skip the general parser
-            first, _, conn_id, ts, ts_diff, wnd, seq, ack = _unpack_header(data)
             ptype = first >> 4
             sack = None
             offset = 20
@@ -159,11 +162,14 @@ class UtpMultiplexer:
         """Every datagram ready to go now, for all connections."""
         out = self._pending
         self._pending = []
-        if self._dirty:
-            dirty = self._dirty
-            self._dirty = set()
-            for conn in dirty:
-                conn._flush(now, out)
+        dirty = self._dirty
+        if dirty:
+            if len(dirty) == 1:
+                dirty.pop()._flush(now, out)
+            else:
+                self._dirty = set()
+                for conn in dirty:
+                    conn._flush(now, out)
         self.stats.datagrams_sent += len(out)
         return out
 

@@ -26,17 +26,19 @@ class RttEstimator:
         """Feed one RTT measurement (only from packets sent once: Karn's rule)."""
         if rtt < 0.0:
             rtt = 0.0
-        if not self.has_sample:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
-            self.has_sample = True
-        else:
-            delta = self.srtt - rtt
+        if self.has_sample:
+            srtt = self.srtt
+            rttvar = self.rttvar
+            delta = srtt - rtt
             if delta < 0.0:
                 delta = -delta
-            self.rttvar += (delta - self.rttvar) * 0.25
-            self.srtt += (rtt - self.srtt) * 0.125
-        rto = self.srtt + 4.0 * self.rttvar
+            self.rttvar = rttvar = rttvar + (delta - rttvar) * 0.25
+            self.srtt = srtt = srtt + (rtt - srtt) * 0.125
+        else:
+            self.srtt = srtt = rtt
+            self.rttvar = rttvar = rtt / 2
+            self.has_sample = True
+        rto = srtt + 4.0 * rttvar
         if rto < self.min_rto:
             rto = self.min_rto
         elif rto > self.max_rto:

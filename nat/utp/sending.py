@@ -146,6 +146,7 @@ class SendSide:
         if sendbuf and not resend:
             # The hot path: header fields computed once, packets built inline.
             max_packets = self._max_packets
+            new_record = _Outgoing.__new__
             pack = HEADER.pack
             append = out.append
             first = (ST_DATA << 4) | _VERSION
@@ -188,7 +189,16 @@ class SendSide:
                     payload = bytes(sendbuf[:size])
                     del sendbuf[:size]
                 order += 1
-                outstanding[seq] = _Outgoing(seq, ST_DATA, payload, now, 1, True, order)
+                # the record's fields set directly: cheaper than __init__
+                rec = new_record(_Outgoing)
+                rec.seq = seq
+                rec.ptype = ST_DATA
+                rec.payload = payload
+                rec.sent_at = now
+                rec.transmissions = 1
+                rec.in_flight = True
+                rec.order = order
+                outstanding[seq] = rec
                 append((pack(first, ext, send_id, now_us, reply, wnd, seq & _MASK16, ack16) + tail + payload, addr))
                 seq += 1
                 flight += size
@@ -349,7 +359,8 @@ class SendSide:
             # for an earlier transmission: then its send time says nothing
             rack_ambiguous = rtt.srtt * 0.9
             pop = outstanding.pop
-            for seq in range(una, ack + 1):
+            # (one packet: a request or a response; no range to build)
+            for seq in (una,) if off == 1 else range(una, ack + 1):
                 rec = pop(seq, None)
                 if rec is None:
                     continue
@@ -373,11 +384,14 @@ class SendSide:
             self._outstanding_bytes -= acked_bytes
             self._latest_delivered_order = latest
             self._rack_sent_at = rack
-            una = ack + 1
-            nxt = self._snd_nxt
-            while una < nxt and una not in outstanding:
-                una += 1
-            self._snd_una = una
+            if outstanding:
+                una = ack + 1
+                nxt = self._snd_nxt
+                while una < nxt and una not in outstanding:
+                    una += 1
+                self._snd_una = una
+            else:
+                self._snd_una = self._snd_nxt
             self._consecutive_timeouts = 0
             self._rto_deadline = now + rtt.rto if outstanding else None
         elif ptype == ST_STATE and outstanding:
