@@ -138,6 +138,8 @@ class Endpoint:
         self._idle_deadline = math.inf  # earliest timer of the last full scan
         self._timer_scope: trio.CancelScope | None = None
         self._closed = False
+        self._servicing = False  # inside _service (see there)
+        self._service_again = False
         self._nursery: trio.Nursery | None = None
         self._multiplexer_accepting = True
         self._mux.accepting = True
@@ -445,14 +447,30 @@ class Endpoint:
         """
         if self._closed:
             return
-        mux = self._mux
-        # The cached deadline is current: every call into the core that can
-        # move it earlier is followed by a _service.
-        if self._timer_deadline <= now:
-            mux.handle_timer(now)
-        self._dispatch_events()
-        self._flush(now)
-        self._dispatch_events()
+        if self._servicing:
+            # Called from a stream callback that _dispatch_events ran (a relay
+            # reading, which may queue a window update): the loop below goes round
+            # once more instead of nesting.
+            self._service_again = True
+            return
+        self._servicing = True
+        try:
+            mux = self._mux
+            # The cached deadline is current: every call into the core that can
+            # move it earlier is followed by a _service.
+            if self._timer_deadline <= now:
+                mux.handle_timer(now)
+            while True:
+                self._service_again = False
+                self._dispatch_events()
+                self._flush(now)
+                self._dispatch_events()
+                if not self._service_again or self._closed:
+                    break
+        finally:
+            self._servicing = False
+        if self._closed:
+            return
         deadline = self._next_deadline(now)
         if deadline != self._timer_deadline:
             self._timer_deadline = deadline
@@ -493,7 +511,9 @@ class Endpoint:
         which queues output only for a window update: most reads do not, and a
         full _service costs several microseconds per read)."""
         mux = self._mux
-        if mux._dirty or mux._pending:
+        if self._servicing:
+            self._service_again = True
+        elif mux._dirty or mux._pending:
             self._service(trio.current_time())
 
     def _flush(self, now: float) -> None:

@@ -11,6 +11,7 @@ DataAvailable / SendSpaceAvailable / EofReceived / ConnectionClosed.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -49,6 +50,10 @@ class UtpStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._finished = False  # the connection is gone (ConnectionClosed or endpoint closed)
         self._error: NatError | None = None
+        # Set by a consumer that reads with receive_nowait (proxy/relay.py):
+        # called synchronously, from the endpoint, whenever data or EOF arrives
+        # or the connection ends. It must not raise and must not block.
+        self.on_readable: Callable[[], None] | None = None
 
     # ---- properties -----------------------------------------------------------
 
@@ -119,7 +124,47 @@ class UtpStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What has arrived, without waiting: up to ``max_bytes``; ``b""`` at EOF;
+        ``None`` when nothing is there yet (``on_readable`` says when to retry).
+
+        For consumers that run inside the endpoint's callbacks: it does not send
+        the window update a read may call for; the endpoint does that after the
+        callback returns, otherwise call ``flush()``.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        data = self._conn.read(max_bytes)
+        if data:
+            return data
+        if self._conn.at_eof:
+            return b""
+        if self._finished:
+            if self._error is not None:
+                raise trio.BrokenResourceError(str(self._error)) from self._error
+            return b""
+        return None
+
+    def flush(self) -> None:
+        """Send what the core queued (a window update after receive_nowait)."""
+        self._endpoint._service_if_output()
+
     # ---- sending --------------------------------------------------------------
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue as much of ``data`` as the send buffer takes and send it; return
+        how much was taken. Less than all: ``wait_send_all_might_not_block``
+        waits for space."""
+        self._check_sendable()
+        try:
+            taken = self._conn.send(data)
+        except NatError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if taken:
+            self._endpoint._service(trio.current_time())
+        if taken < len(data):
+            self._send_full = True
+        return taken
 
     def _check_sendable(self) -> None:
         if self._closed:
@@ -278,6 +323,8 @@ class UtpStream(trio.abc.HalfCloseableStream):
             # Nobody will read again: drop the bytes so the peer's FIN can land.
             self._discard_unread()
             return
+        if self.on_readable is not None:
+            self.on_readable()
         self._receive_lot.unpark_all()
 
     def _on_send_space(self) -> None:
@@ -295,3 +342,5 @@ class UtpStream(trio.abc.HalfCloseableStream):
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
         self._state_lot.unpark_all()
+        if self.on_readable is not None:
+            self.on_readable()

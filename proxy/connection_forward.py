@@ -31,7 +31,6 @@ from proxy.connection_tunnel import (
     EndReason,
     call_callback,
     close_streams,
-    pipe,
     reset_error_for,
     verified_chains,
 )
@@ -45,6 +44,7 @@ from proxy.errors import (
 )
 from proxy.node_id import NodeId
 from proxy.peer import Address, Peer
+from proxy.relay import relay
 from proxy.tls import TLSStream
 from proxy.verification import verify_server_certificate_chain
 
@@ -183,7 +183,7 @@ class ConnectionForward(TunnelConnection):
                         reason, error, graceful = EndReason.KEEP_ALIVE_TIMEOUT, death, False
                         return
                 assert self.client is not None
-                outcome = await pipe(self.client, self.tls, peer, initial_data=self.initial_data)
+                outcome = await relay(self.client, self.tls, peer, initial_data=self.initial_data)
                 reason, error = outcome.reason, reset_error_for(outcome)
                 graceful = outcome.error is None
         except Exception as bug:  # a defect must end this connection, never the proxy

@@ -26,12 +26,12 @@ from proxy.connection_tunnel import (
     EndReason,
     call_callback,
     close_streams,
-    pipe,
     reset_error_for,
     verified_chains,
 )
 from proxy.errors import ConnectionKeepAliveTimeout, ConnectionStartError
 from proxy.peer import Address
+from proxy.relay import relay
 from proxy.tls import TLSStream
 from proxy.verification import verify_client_certificate_chain
 
@@ -181,7 +181,7 @@ class ConnectionReverse(TunnelConnection):
                 assert self.node_id is not None and self.tls is not None and self.server is not None
                 established = True
                 self.proxy._connection_established(self)
-                outcome = await pipe(self.server, self.tls, self.peer)
+                outcome = await relay(self.server, self.tls, self.peer)
                 reason, error = outcome.reason, reset_error_for(outcome)
                 graceful = outcome.error is None
         except ConnectionStartError as start_failure:

@@ -1,11 +1,8 @@
-"""What forward and reverse connections share: their record, events, and the pipe.
+"""What forward and reverse connections share: their record, events and lifetime.
 
 A *connection* is one uTP connection wrapped in one TLS session, joined to one TCP
 connection (the CONNECT client on the forward side, the server on the reverse
-side). The pipe copies both ways with bounded reads, carries half-close (EOF on
-one side becomes ``send_eof`` on the other, while the other direction keeps
-flowing), and ends when both directions reached EOF, on the first error, when the
-peer's keep-alive times out, or when the connection is closed locally.
+side) by the relay (proxy/relay.py).
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cryptography import x509
@@ -29,11 +26,10 @@ from proxy.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer, Keyn
 from proxy.node_id import NodeId
 from proxy.peer import Peer
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from proxy.relay import PipeOutcome
 
-# Large reads keep per-call overhead low; one read in flight per direction keeps
-# the memory per connection bounded (the transports below have their own bounds).
-PIPE_CHUNK = 256 * 1024
+log = logging.getLogger(__name__)
 
 # Errors that mean "the other end or the path went away", not a bug.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -160,94 +156,6 @@ def call_callback(callback: ConnectionCallback | None, event: ConnectionEvent) -
         callback(event)
     except Exception:  # a user callback is foreign code: contain it, say so
         log.exception("connection callback failed for %s", event)
-
-
-@dataclass
-class PipeOutcome:
-    first_eof: str | None = None  # "local" or "peer": which side ended its sending first
-    error: BaseException | None = None
-    local_eof: bool = False
-    peer_eof: bool = False
-    bytes_to_peer: int = 0
-    bytes_from_peer: int = 0
-    failed: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def reason(self) -> EndReason:
-        if isinstance(self.error, ConnectionKeepAliveTimeout):
-            return EndReason.KEEP_ALIVE_TIMEOUT
-        if self.error is not None:
-            return EndReason.RESET
-        return EndReason.CLOSED_BY_PEER if self.first_eof == "peer" else EndReason.CLOSED_LOCALLY
-
-
-async def pipe(
-    local: trio.abc.HalfCloseableStream,
-    tunnel: trio.abc.HalfCloseableStream,
-    peer: Peer,
-    *,
-    initial_data: bytes = b"",
-    chunk: int = PIPE_CHUNK,
-) -> PipeOutcome:
-    """Copy local <-> tunnel until both directions ended or one failed.
-
-    Cancellation (close locally) propagates to the caller; errors are returned in
-    the outcome rather than raised so the caller can report a reason.
-    """
-    outcome = PipeOutcome()
-
-    async def copy(source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream, side: str) -> None:
-        try:
-            while True:
-                data = await source.receive_some(chunk)
-                if not data:
-                    break
-                await sink.send_all(data)
-                if side == "local":
-                    outcome.bytes_to_peer += len(data)
-                else:
-                    outcome.bytes_from_peer += len(data)
-            if outcome.first_eof is None:
-                outcome.first_eof = side
-            if side == "local":
-                outcome.local_eof = True
-            else:
-                outcome.peer_eof = True
-            await sink.send_eof()
-        except TRANSPORT_ERRORS as error:
-            if outcome.error is None:
-                outcome.error = error
-            outcome.failed.set()
-
-    async def watch_peer() -> None:
-        await peer.died.wait()
-        if outcome.error is None:
-            outcome.error = peer.death or ConnectionKeepAliveTimeout("peer died")
-        outcome.failed.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_peer)
-        async with trio.open_nursery() as copies:
-
-            async def stop_on_failure() -> None:
-                await outcome.failed.wait()
-                copies.cancel_scope.cancel()
-
-            copies.start_soon(stop_on_failure)
-            if initial_data:
-                try:
-                    await tunnel.send_all(initial_data)
-                    outcome.bytes_to_peer += len(initial_data)
-                except TRANSPORT_ERRORS as error:
-                    outcome.error = error
-                    outcome.failed.set()
-            if outcome.error is None:
-                async with trio.open_nursery() as both:
-                    both.start_soon(copy, local, tunnel, "local")
-                    both.start_soon(copy, tunnel, local, "peer")
-            copies.cancel_scope.cancel()
-        nursery.cancel_scope.cancel()
-    return outcome
 
 
 async def close_streams(*streams: trio.abc.AsyncResource | None, graceful: bool, end_time: float) -> None:

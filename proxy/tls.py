@@ -193,6 +193,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return self._handshake_done
 
     @property
+    def eof_received(self) -> bool:
+        """The peer's close_notify has been read."""
+        return self._eof_received
+
+    @property
     def cipher_name(self) -> str | None:
         return self._connection.get_cipher_name()
 
@@ -311,6 +316,50 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         pass  # the peer is gone or broken: closing is all that is left
         finally:
             await self.transport.aclose()
+
+    # --- synchronous use (proxy/relay.py) ---------------------------------------------
+    #
+    # A relay moves records between TLS and a transport it drives itself, without
+    # a task switch per chunk. These two calls do the TLS part at once and keep
+    # this stream's state (broken, EOF) true, so send_eof and aclose still work.
+
+    def encrypt_nowait(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt ``data`` and return every ciphertext byte TLS has queued (with
+        anything queued before, such as session tickets); the caller carries it
+        over the transport, in order. Only after the handshake."""
+        self._check_sendable()
+        if not self._handshake_done:
+            raise TLSError("encrypt_nowait before the handshake")
+        try:
+            self._write_plaintext(memoryview(data))
+            ciphertext = self._drain_outgoing()
+            if len(ciphertext) < OUTGOING_DRAIN:
+                return ciphertext
+            parts = [ciphertext]
+            while more := self._drain_outgoing():
+                parts.append(more)
+            return b"".join(parts)
+        except BaseException as exc:
+            self._mark_broken(exc)
+            raise
+
+    def decrypt_nowait(self, ciphertext: bytes | bytearray | None, max_bytes: int) -> bytes | bytearray | None:
+        """Take ``ciphertext`` (if any) and return up to ``max_bytes`` of what is
+        decrypted: ``b""`` once the peer's close_notify has arrived, ``None`` while
+        no whole record is buffered."""
+        self._check_usable()
+        if self._eof_received:
+            return b""
+        try:
+            if ciphertext:
+                try:
+                    self._connection.bio_write(ciphertext)
+                except SSL.Error as exc:
+                    raise TLSProtocolError(f"TLS input refused: {_describe(exc)}") from exc
+            return self._read_buffered(max_bytes)
+        except BaseException as exc:
+            self._mark_broken(exc)
+            raise
 
     # --- internals -----------------------------------------------------------------
 
