@@ -18,6 +18,7 @@ import argparse
 import base64
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,12 @@ async def run_node(server_port: int | None) -> None:
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
 
 
+def cpu_seconds(process: subprocess.Popen[str]) -> float:
+    """User + system CPU time a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Node:
     def __init__(self, server_port: int | None) -> None:
         command = [sys.executable, __file__, "node"] + ([str(server_port)] if server_port else [])
@@ -74,9 +81,7 @@ class Node:
         self.proxy_port: int = info["proxy_port"]
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the node process used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process)
 
     def target(self) -> str:
         return f"127.0.0.1:{self.proxy_port}?nodeId={self.node_id}"
@@ -89,6 +94,77 @@ class Node:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# --- the floor: a bare relay (no TLS, no uTP) ---------------------------------------------
+#
+# TCP -> UDP -> UDP -> TCP through two trio processes that do nothing but copy:
+# one wake-up, one read and one write per hop. What a unary call gains through it
+# is what any design with a process per node pays on this machine before any
+# protocol work; the tunnel's figure is read against it.
+
+
+async def bare_relay(tcp: socket.socket, udp: socket.socket, peer: tuple[str, int]) -> None:
+    async def tcp_to_udp() -> None:
+        while True:
+            try:
+                data = tcp.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(tcp)
+                continue
+            if not data:
+                return
+            udp.sendto(data, peer)
+
+    async def udp_to_tcp() -> None:
+        while True:
+            try:
+                data = udp.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(udp)
+                continue
+            tcp.sendall(data)  # small messages: the socket never fills in this benchmark
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tcp_to_udp)
+        nursery.start_soon(udp_to_tcp)
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+
+
+async def run_bare_node(server_port: int | None, peer_port: int | None) -> None:
+    """Reverse side (server_port): wait for the first datagram, connect to the
+    server, relay. Forward side (peer_port): accept one TCP client, relay."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    if server_port is not None:
+        print(json.dumps({"udp_port": udp.getsockname()[1]}), flush=True)
+        await trio.lowlevel.wait_readable(udp)
+        _, peer = udp.recvfrom(1, socket.MSG_PEEK)
+        tcp = socket.create_connection(("127.0.0.1", server_port))
+    else:
+        assert peer_port is not None
+        peer = ("127.0.0.1", peer_port)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        print(json.dumps({"tcp_port": listener.getsockname()[1]}), flush=True)
+        tcp, _ = listener.accept()
+        listener.close()
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tcp.setblocking(False)
+    await bare_relay(tcp, udp, peer)
+
+
+class BareNode:
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, "bare-node", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        self.info = json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        Node.close(self)  # type: ignore[arg-type]
 
 
 # --- bulk and CONNECT timing (trio, in this process) ------------------------------------
@@ -187,34 +263,47 @@ def grpc_round_trips(calls: int) -> dict[str, Any]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     forward, reverse = Node(None), Node(port)
+    bare_reverse = BareNode("reverse", str(port))
+    bare_forward = BareNode("forward", str(bare_reverse.info["udp_port"]))
     results: dict[str, Any] = {}
     try:
         auth = "Proxy-Authorization:Basic " + base64.b64encode(TOKEN.encode()).decode()
         channels = {
             "direct": grpc.insecure_channel(f"127.0.0.1:{port}"),
+            "bare": grpc.insecure_channel(f"127.0.0.1:{bare_forward.info['tcp_port']}"),
             "tunnel": grpc.insecure_channel(
                 f"127.0.0.1:{forward.forward_port}",
                 options=[("grpc.http_connect_server", reverse.target()), ("grpc.http_connect_headers", auth)],
             ),
         }
-        for name, channel in channels.items():
-            echo = channel.unary_unary(f"/{SERVICE}/Echo")
+        calls_of = {name: channel.unary_unary(f"/{SERVICE}/Echo") for name, channel in channels.items()}
+        processes = {"direct": (), "bare": (bare_forward.process, bare_reverse.process), "tunnel": (forward.process, reverse.process)}
+        times: dict[str, list[float]] = {name: [] for name in channels}
+        cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in channels}
+        for echo in calls_of.values():
             for _ in range(50):  # warm up: connection, HTTP/2 settings
                 echo(b"x" * 32, timeout=10)
-            times = []
-            cpu_before = forward.cpu_seconds(), reverse.cpu_seconds()
-            for _ in range(calls):
-                start = time.perf_counter()
-                echo(b"x" * 32, timeout=10)
-                times.append(time.perf_counter() - start)
-            results[f"grpc_{name}_ms"] = summary(times)
-            if name == "tunnel":
-                cpu_after = forward.cpu_seconds(), reverse.cpu_seconds()
-                results["grpc_cpu_us"] = [(a - b) / calls * 1e6 for b, a in zip(cpu_before, cpu_after)]
+        # Interleaved rounds: a shared machine's load drifts; each path sees the same drift.
+        rounds = 10
+        for _ in range(rounds):
+            for name, echo in calls_of.items():
+                before = [cpu_seconds(process) for process in processes[name]]
+                for _ in range(calls // rounds):
+                    start = time.perf_counter()
+                    echo(b"x" * 32, timeout=10)
+                    times[name].append(time.perf_counter() - start)
+                for index, (process, was) in enumerate(zip(processes[name], before)):
+                    cpu[name][index] += cpu_seconds(process) - was
+        for name in channels:
+            results[f"grpc_{name}_ms"] = summary(times[name])
+            results[f"grpc_{name}_cpu_us"] = [seconds / len(times[name]) * 1e6 for seconds in cpu[name]]
+        for channel in channels.values():
             channel.close()
     finally:
         forward.close()
         reverse.close()
+        bare_forward.close()
+        bare_reverse.close()
         server.stop(None).wait(5)
     return results
 
@@ -231,6 +320,10 @@ def summary(seconds: list[float]) -> dict[str, float]:
 def main() -> None:
     if len(sys.argv) >= 2 and sys.argv[1] == "node":
         trio.run(run_node, int(sys.argv[2]) if len(sys.argv) > 2 else None)
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "bare-node":
+        reverse = sys.argv[2] == "reverse"
+        trio.run(run_bare_node, int(sys.argv[3]) if reverse else None, None if reverse else int(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
@@ -252,13 +345,16 @@ def main() -> None:
         print(f"  direct TCP            {results['direct_mibs']:9.1f} MiB/s")
         print(f"  through the tunnel    {results['tunnel_mibs']:9.1f} MiB/s   (target >= 30)")
     if "grpc" in args.parts:
-        direct, tunnel = results["grpc_direct_ms"], results["grpc_tunnel_ms"]
+        direct, bare, tunnel = results["grpc_direct_ms"], results["grpc_bare_ms"], results["grpc_tunnel_ms"]
         print(f"gRPC unary round trip, {args.calls} calls (ms):")
         print(f"  direct                median {direct['median']:.3f}  p99 {direct['p99']:.3f}")
+        print(f"  bare relay (floor)    median {bare['median']:.3f}  p99 {bare['p99']:.3f}   (two trio processes copying TCP<->UDP, no TLS, no uTP)")
         print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
-        print(f"  added                 median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
-        cpu = results["grpc_cpu_us"]
-        print(f"  CPU per call (us): forward node {cpu[0]:.0f}  reverse node {cpu[1]:.0f}")
+        print(f"  added by the floor    median {(bare['median'] - direct['median']) * 1000:.0f} us")
+        print(f"  added by the tunnel   median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
+        for name in ("bare", "tunnel"):
+            cpu = results[f"grpc_{name}_cpu_us"]
+            print(f"  CPU per call, {name + ':':7s}    forward node {cpu[0]:.0f} us  reverse node {cpu[1]:.0f} us")
     if "connect" in args.parts:
         connect = results["connect_ms"]
         print(

@@ -511,10 +511,11 @@ class Endpoint:
         which queues output only for a window update: most reads do not, and a
         full _service costs several microseconds per read)."""
         mux = self._mux
-        if self._servicing:
-            self._service_again = True
-        elif mux._dirty or mux._pending:
-            self._service(trio.current_time())
+        if mux._dirty or mux._pending:
+            if self._servicing:
+                self._service_again = True
+            else:
+                self._service(trio.current_time())
 
     def _flush(self, now: float) -> None:
         datagrams = self._mux.datagrams_to_send(now)
