@@ -65,6 +65,7 @@ Where we do better than libutp (documented deviations):
 
 from __future__ import annotations
 
+from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
 from typing import TYPE_CHECKING
 
 from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
@@ -234,7 +235,8 @@ class UtpConnection(SendSide, ReceiveSide):
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue up to the free send-buffer space; return the bytes taken."""
-        if self.state is _CLOSED or self.state is _RESET:
+        state = self.state
+        if state is _CLOSED or state is _RESET:
             raise UtpClosed("connection is closed")
         if self._eof_requested:
             raise UtpClosed("send after send_eof")
@@ -259,11 +261,10 @@ class UtpConnection(SendSide, ReceiveSide):
         if max_bytes >= len(rbuf):
             data = bytes(rbuf)
             rbuf.clear()
+            self._readable_signalled = False
         else:
             data = bytes(rbuf[:max_bytes])
             del rbuf[:max_bytes]
-        if not rbuf:
-            self._readable_signalled = False
         # Window update: when the peer last heard less than two packets of room
         # and now there are two, or a quarter of the buffer has opened since
         # (never for less than two packets: no silly-window updates).
@@ -457,7 +458,7 @@ class UtpConnection(SendSide, ReceiveSide):
         if off > self._snd_nxt - una:
             self._mux.stats.invalid_ack += 1
             return
-        self._reply_micro = (int(now * 1_000_000) - ts) & _MASK32 if ts else 0
+        self._reply_micro = (_trunc(now * 1e6) - ts) & _MASK32 if ts else 0
         if state is _SYN_RECV:
             self._become_connected()
         if off > 0 or sack is not None or ptype == ST_STATE:

@@ -16,6 +16,7 @@ declare every other retransmission in flight lost again, a cascade.
 from __future__ import annotations
 
 import heapq
+from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
 
 from nat.errors import UtpTimeout
 from nat.utp.events import SendSpaceAvailable
@@ -35,6 +36,9 @@ from nat.utp.states import (
 
 # The SACK extension's length is one byte, a multiple of 4: 252 bytes.
 _SACK_MAX_BITS = 252 * 8
+_DATA_FIRST = (ST_DATA << 4) | _VERSION
+# records of new DATA get their fields set directly: cheaper than __init__
+_new_record = _Outgoing.__new__
 
 
 class SendSide:
@@ -90,7 +94,7 @@ class SendSide:
         """Append every datagram this connection wants to send now."""
         state = self.state
         addr = self.remote_address
-        now_us = int(now * 1_000_000) & _MASK32
+        now_us = _trunc(now * 1e6) & _MASK32
         if state is _CLOSED or state is _RESET:
             if self._reset_due:
                 self._reset_due = False
@@ -143,13 +147,57 @@ class SendSide:
             sent += 1
         # 2. new data
         sendbuf = self._sendbuf
-        if sendbuf and not resend:
-            # The hot path: header fields computed once, packets built inline.
+        if not sendbuf or resend:
+            pass
+        elif (
+            sack is None
+            and len(sendbuf) <= mss
+            and self._flight + len(sendbuf) <= window
+            and len(outstanding) < self._max_packets
+        ):
+            # One packet takes it all (a request or a response): the loop
+            # below, unrolled.
+            size = len(sendbuf)
+            payload = bytes(sendbuf)
+            sendbuf.clear()
+            seq = self._snd_nxt
+            order = self._xmit_count + 1
+            rec = _new_record(_Outgoing)
+            rec.seq = seq
+            rec.ptype = ST_DATA
+            rec.payload = payload
+            rec.sent_at = now
+            rec.transmissions = 1
+            rec.in_flight = True
+            rec.order = order
+            outstanding[seq] = rec
+            wnd = self._recv_buffer_size - len(self._rbuf) - self._reorder_bytes
+            if wnd < 0:
+                wnd = 0
+            self._last_adv_wnd = wnd
+            header = HEADER.pack(
+                _DATA_FIRST, 0, self.send_id, now_us, self._reply_micro, wnd, seq & _MASK16, (self._rcv_nxt - 1) & _MASK16
+            )
+            out.append((header + payload, addr))
+            sent += 1
+            self._snd_nxt = seq + 1
+            self._xmit_count = order
+            self._flight += size
+            self._outstanding_bytes += size
+            self.bytes_sent += size
+            if self._rto_deadline is None:
+                self._rto_deadline = now + self._rtt.rto
+            self._ack_due = False
+            self._ack_deadline = None
+            self._unacked = 0
+            self._last_send = now
+        else:
+            # The bulk path: header fields computed once, packets built inline.
             max_packets = self._max_packets
-            new_record = _Outgoing.__new__
+            new_record = _new_record
             pack = HEADER.pack
             append = out.append
-            first = (ST_DATA << 4) | _VERSION
+            first = _DATA_FIRST
             if sack is None:
                 ext = 0
                 tail = b""
@@ -189,7 +237,6 @@ class SendSide:
                     payload = bytes(sendbuf[:size])
                     del sendbuf[:size]
                 order += 1
-                # the record's fields set directly: cheaper than __init__
                 rec = new_record(_Outgoing)
                 rec.seq = seq
                 rec.ptype = ST_DATA
@@ -355,13 +402,9 @@ class SendSide:
             una = self._snd_una
             latest = self._latest_delivered_order
             rack = self._rack_sent_at
-            # an ACK sooner than about a round trip after a retransmission may be
-            # for an earlier transmission: then its send time says nothing
-            rack_ambiguous = rtt.srtt * 0.9
-            pop = outstanding.pop
             # (one packet: a request or a response; no range to build)
             for seq in (una,) if off == 1 else range(una, ack + 1):
-                rec = pop(seq, None)
+                rec = outstanding.pop(seq, None)
                 if rec is None:
                     continue
                 size = len(rec.payload)
@@ -376,7 +419,9 @@ class SendSide:
                         latest = rec.order
                     if sent_at > rack:
                         rack = sent_at
-                elif sent_at > rack and now - sent_at >= rack_ambiguous:
+                elif sent_at > rack and now - sent_at >= rtt.srtt * 0.9:
+                    # an ACK sooner than about a round trip after a retransmission
+                    # may be for an earlier transmission: its send time says nothing
                     rack = sent_at
                 if rec.ptype == ST_FIN:
                     self._fin_acked = True
@@ -390,10 +435,11 @@ class SendSide:
                 while una < nxt and una not in outstanding:
                     una += 1
                 self._snd_una = una
+                self._rto_deadline = now + rtt.rto
             else:
                 self._snd_una = self._snd_nxt
+                self._rto_deadline = None
             self._consecutive_timeouts = 0
-            self._rto_deadline = now + rtt.rto if outstanding else None
         elif ptype == ST_STATE and outstanding:
             self._dup_acks += 1
             if self._dup_acks == _DUP_ACK_THRESHOLD:
@@ -424,7 +470,7 @@ class SendSide:
             if ts_diff:
                 delay = self._delay.add(ts_diff, now)
                 # a queuing delay cannot exceed the round trip (clock skew guard)
-                limit = int(rtt.srtt * 1_000_000) if rtt.has_sample else 1_000_000
+                limit = _trunc(rtt.srtt * 1e6) if rtt.has_sample else 1_000_000
                 if delay > limit:
                     delay = limit
             self._cc.on_ack(acked_bytes, delay, flight_before, now)
