@@ -174,6 +174,7 @@ class UtpConnection(SendSide, ReceiveSide):
         self._delayed_ack = config.delayed_ack
         self._zero_window_probe = config.zero_window_probe
         self._max_packets = config.max_packets_in_flight
+        self._keepalive_interval = config.keepalive_interval
         self._ack_due = False
         self._ack_deadline: float | None = None
         self._unacked = 0
@@ -269,18 +270,18 @@ class UtpConnection(SendSide, ReceiveSide):
         # and now there are two, or a quarter of the buffer has opened since
         # (never for less than two packets: no silly-window updates).
         if not self._ack_due:
-            state = self.state
-            if state is _CLOSED or state is _RESET:
-                return data
-            last = self._last_adv_wnd
             size = self._recv_buffer_size
             free = size - len(rbuf) - self._reorder_bytes
-            if free < 0:
-                free = 0
-            two = 2 * self._mss
-            if (last < two <= free) or free - last >= (size >> 2):
-                self._ack_due = True
-                self._mux._dirty.add(self)
+            last = self._last_adv_wnd
+            # (neither rule can fire unless the window grew since the peer heard)
+            if free > last:
+                state = self.state
+                if state is _CLOSED or state is _RESET:
+                    return data
+                two = 2 * self._mss
+                if (last < two <= free) or free - last >= (size >> 2):
+                    self._ack_due = True
+                    self._mux._dirty.add(self)
         return data
 
     def send_eof(self) -> None:
@@ -362,18 +363,26 @@ class UtpConnection(SendSide, ReceiveSide):
         state = self.state
         if state is _CLOSED or state is _RESET:
             return self._linger_until
+        # (the driver asks after every batch: unrolled, no tuple)
         deadline = self._rto_deadline
-        for other in (self._ack_deadline, self._probe_deadline, self._close_deadline):
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
-        if state is _SYN_RECV:
+        other = self._ack_deadline
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        other = self._probe_deadline
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        other = self._close_deadline
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        if state is _CONNECTED:
+            if not self._outstanding:
+                keepalive = self._last_send + self._keepalive_interval
+                if deadline is None or keepalive < deadline:
+                    deadline = keepalive
+        elif state is _SYN_RECV:
             reap = self._created + self._config.syn_recv_timeout
             if deadline is None or reap < deadline:
                 deadline = reap
-        elif state is _CONNECTED and not self._outstanding:
-            keepalive = self._last_send + self._config.keepalive_interval
-            if deadline is None or keepalive < deadline:
-                deadline = keepalive
         return deadline
 
     def _on_timer(self, now: float) -> None:

@@ -141,10 +141,13 @@ class UtpMultiplexer:
             except MalformedPacket:
                 stats.malformed += 1
                 return
+        conn = self._conns.get((addr, conn_id))
+        if ptype < ST_RESET and conn is not None:  # DATA, FIN, STATE
+            conn._on_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
+            return
         if ptype == ST_SYN:
             self._on_syn(addr, conn_id, ts, wnd, seq, now)
             return
-        conn = self._conns.get((addr, conn_id))
         if ptype == ST_RESET:
             stats.resets_received += 1
             if conn is None:
@@ -152,11 +155,8 @@ class UtpMultiplexer:
             if conn is not None:
                 conn._on_reset()
             return
-        if conn is None:
-            stats.unknown_connection += 1
-            self._send_reset(addr, conn_id, seq, now)
-            return
-        conn._on_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
+        stats.unknown_connection += 1
+        self._send_reset(addr, conn_id, seq, now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple]]:
         """Every datagram ready to go now, for all connections."""

@@ -23,6 +23,7 @@ from nat.utp.events import SendSpaceAvailable
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN
 from nat.utp.states import (
     CLOSED as _CLOSED,
+    CONNECTED as _CONNECTED,
     DUP_ACK_THRESHOLD as _DUP_ACK_THRESHOLD,
     MASK16 as _MASK16,
     MASK32 as _MASK32,
@@ -95,22 +96,25 @@ class SendSide:
         state = self.state
         addr = self.remote_address
         now_us = _trunc(now * 1e6) & _MASK32
-        if state is _CLOSED or state is _RESET:
-            if self._reset_due:
-                self._reset_due = False
-                out.append((self._reset_datagram(now_us), addr))
-                self._mux.stats.resets_sent += 1
-            elif self._ack_due:
-                self._ack_due = False
-                out.append((self._header(ST_STATE, self._snd_nxt, now_us, None), addr))
-            return
+        if state is not _CONNECTED:
+            if state is _CLOSED or state is _RESET:
+                if self._reset_due:
+                    self._reset_due = False
+                    out.append((self._reset_datagram(now_us), addr))
+                    self._mux.stats.resets_sent += 1
+                elif self._ack_due:
+                    self._ack_due = False
+                    out.append((self._header(ST_STATE, self._snd_nxt, now_us, None), addr))
+                return
+            if state is _SYN_SENT:
+                if self._close_requested and self._close_deadline is None:
+                    self._close_deadline = now + self._config.close_timeout
+                rec = self._outstanding.get(self._isn)
+                if rec is not None and not rec.in_flight:
+                    self._transmit_syn(rec, now, now_us, out)
+                return
         if self._close_requested and self._close_deadline is None:
             self._close_deadline = now + self._config.close_timeout
-        if state is _SYN_SENT:
-            rec = self._outstanding.get(self._isn)
-            if rec is not None and not rec.in_flight:
-                self._transmit_syn(rec, now, now_us, out)
-            return
         sack = self._build_sack() if self._reorder else None
         self._sack_skipped = False
         sent = 0
