@@ -481,7 +481,32 @@ class UtpConnection(SendSide, ReceiveSide):
                 self._consecutive_timeouts = 0
             elif self._sendbuf or self._resend:
                 self._mux._dirty.add(self)
-        if ptype == ST_DATA or ptype == ST_FIN:
+        if ptype == ST_DATA:
+            # The next packet in order, nothing buffered out of order: taken
+            # here (a call less per packet); everything else is _on_data's.
+            rcv_nxt = self._rcv_nxt
+            if seq16 == rcv_nxt & _MASK16 and not self._reorder and self._eof_seq is None:
+                rbuf = self._rbuf
+                size = len(data) - offset
+                if len(rbuf) + size <= self._recv_buffer_size + self._mss and not self._close_requested:
+                    if size:
+                        rbuf += data[offset:]
+                        self.bytes_received += size
+                    self._rcv_nxt = rcv_nxt + 1
+                    unacked = self._unacked + 1
+                    self._unacked = unacked
+                    if unacked >= 2:
+                        if not self._ack_due:
+                            self._ack_due = True
+                            self._mux._dirty.add(self)
+                    elif self._ack_deadline is None:
+                        self._ack_deadline = now + self._delayed_ack
+                    if rbuf and not self._readable_signalled:
+                        self._readable_signalled = True
+                        self._mux._events.append(self._readable_event)
+                    return
+            self._on_data(ptype, seq16, data, offset, now)
+        elif ptype == ST_FIN:
             self._on_data(ptype, seq16, data, offset, now)
 
     def _on_packet_syn_sent(

@@ -19,29 +19,10 @@ class ReceiveSide:
     """Receive-side methods; state lives on the UtpConnection instance."""
 
     def _on_data(self, ptype: int, seq16: int, data: bytes, offset: int, now: float) -> None:
+        # (the next in-order DATA with nothing buffered out of order, and room,
+        # never gets here: UtpConnection._on_packet takes it inline)
         rcv_nxt = self._rcv_nxt
         off = (seq16 - rcv_nxt) & _MASK16
-        if off == 0 and ptype == ST_DATA and not self._reorder and self._eof_seq is None:
-            # fast path: the next packet in order, nothing buffered out of order
-            rbuf = self._rbuf
-            size = len(data) - offset
-            if len(rbuf) + size <= self._recv_buffer_size + self._mss and not self._close_requested:
-                if size:
-                    rbuf += data[offset:]
-                    self.bytes_received += size
-                self._rcv_nxt = rcv_nxt + 1
-                unacked = self._unacked + 1
-                self._unacked = unacked
-                if unacked >= 2:
-                    if not self._ack_due:
-                        self._ack_due = True
-                        self._mux._dirty.add(self)
-                elif self._ack_deadline is None:
-                    self._ack_deadline = now + self._delayed_ack
-                if rbuf and not self._readable_signalled:
-                    self._readable_signalled = True
-                    self._mux._events.append(self._readable_event)
-                return
         if off >= 0x8000:  # already delivered: our ACK was lost
             self._ack_due = True
             self._mux._dirty.add(self)
