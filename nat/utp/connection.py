@@ -86,6 +86,7 @@ from nat.utp.states import (
     SYN_RECV as _SYN_RECV,
     SYN_SENT as _SYN_SENT,
     VERSION as _VERSION,
+    CONNECTION_SLOTS,
     OutgoingPacket as _Outgoing,
     UtpState,
 )
@@ -96,6 +97,8 @@ if TYPE_CHECKING:
 
 class UtpConnection(SendSide, ReceiveSide):
     """A uTP connection. Created only by :class:`UtpMultiplexer`."""
+
+    __slots__ = CONNECTION_SLOTS
 
     def __init__(
         self,
@@ -135,6 +138,13 @@ class UtpConnection(SendSide, ReceiveSide):
         self._dup_acks = 0
         self._recovery_seq = isn
         self._latest_delivered_order = 0
+        # the last SACK applied: its base sequence number and bits (-1: none yet)
+        self._sack_seen_base = -1
+        self._sack_seen_bits = 0
+        # send time of the latest-sent packet known delivered, and the value the
+        # loss scan last ran for
+        self._rack_sent_at = 0.0
+        self._rack_checked = 0.0
         self._xmit_count = 0
         self._send_blocked = False
         self._eof_requested = False

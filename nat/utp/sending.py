@@ -45,14 +45,6 @@ _new_record = _Outgoing.__new__
 class SendSide:
     """Send-side methods; state lives on the UtpConnection instance."""
 
-    # the last SACK applied: its base sequence number and bits (-1: none yet)
-    _sack_seen_base = -1
-    _sack_seen_bits = 0
-    # send time of the latest-sent packet known delivered, and the value the
-    # loss scan last ran for
-    _rack_sent_at = 0.0
-    _rack_checked = 0.0
-
     def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
         wnd = self._free_window()
         self._last_adv_wnd = wnd
