@@ -219,6 +219,7 @@ class RateController:
         self._full_bandwidth = 0.0
         self._stalled_rounds = 0
         self._round_len = float("inf")  # model_rtt once min_rtt is known (per-ACK check)
+        self._half_target = target_delay_us // 2
 
     @property
     def bdp(self) -> float:
@@ -254,12 +255,15 @@ class RateController:
         cwnd = self.cwnd
         if self.startup:
             mss = self.mss
-            if delay > self.target_us // 2 and self.bandwidth > 0.0:
+            if delay > self._half_target and self.bandwidth > 0.0:
                 self.startup = False
             elif flight_bytes + mss >= cwnd // 2:  # not application-limited
                 cwnd += acked_bytes if acked_bytes < 16 * mss else 16 * mss
-            elif self.min_cwnd <= cwnd <= self.max_cwnd:
-                return  # application-limited: the window stands
+            else:
+                # Application-limited: the window stands (in startup it is always
+                # within [min_cwnd, max_cwnd]: only on_loss, which ends startup,
+                # sets it unclamped).
+                return
         if not self.startup:
             gain = self.cwnd_gain if delay <= self.target_us else 1.0
             target = _trunc(gain * (self.bandwidth * self._round_len if self.min_rtt is not None else 0.0))
