@@ -141,7 +141,6 @@ class Endpoint:
         self._timer_scope: trio.CancelScope | None = None
         self._closed = False
         self._servicing = False  # inside _service (see there)
-        self._service_again = False
         self._nursery: trio.Nursery | None = None
         self._multiplexer_accepting = True
         self._mux.accepting = True
@@ -451,9 +450,8 @@ class Endpoint:
             return
         if self._servicing:
             # Called from a stream callback that _dispatch_events ran (a relay
-            # reading, which may queue a window update): the loop below goes round
-            # once more instead of nesting.
-            self._service_again = True
+            # reading, which may queue a window update): what it queued is sent
+            # by the loop below, which goes round again instead of nesting.
             return
         self._servicing = True
         try:
@@ -463,11 +461,12 @@ class Endpoint:
             if self._timer_deadline <= now:
                 mux.handle_timer(now)
             while True:
-                self._service_again = False
                 self._dispatch_events()
                 self._flush(now)
                 self._dispatch_events()
-                if not self._service_again or self._closed:
+                # Round again only for output queued after the flush (a callback
+                # in the second dispatch read and reopened the window, say).
+                if self._closed or not (mux._dirty or mux._pending):
                     break
         finally:
             self._servicing = False
@@ -522,11 +521,8 @@ class Endpoint:
         which queues output only for a window update: most reads do not, and a
         full _service costs several microseconds per read)."""
         mux = self._mux
-        if mux._dirty or mux._pending:
-            if self._servicing:
-                self._service_again = True
-            else:
-                self._service(trio.current_time())
+        if (mux._dirty or mux._pending) and not self._servicing:
+            self._service(trio.current_time())
 
     def _flush(self, now: float) -> None:
         datagrams = self._mux.datagrams_to_send(now)

@@ -226,6 +226,13 @@ class _Relay:
                     break
                 await self._send(tls.encrypt_nowait(view[:size]))
                 outcome.bytes_to_peer += size
+                if size < READ_CHUNK:
+                    # A TCP read returns all that is queued, up to the buffer: a
+                    # short one emptied the socket. Wait now rather than pay for
+                    # a read that would only say EAGAIN.
+                    reads = 0
+                    await wait_readable(fd)
+                    continue
                 reads += 1
                 if reads >= READS_BEFORE_YIELD:
                     reads = 0
