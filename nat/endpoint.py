@@ -68,7 +68,7 @@ RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
 MAX_DATAGRAM_SIZE = 65535
 TIMER_GRANULARITY = 0.0005  # shortest wait for a timer, in seconds
 FULL_TIMER_SCAN = 0.25  # seconds between scans of every connection's timer
-PUSH_INTERVAL = 0.001  # shortest time between two moves of the timer task's wake-up to later
+PUSH_HORIZON = 0.002  # the timer task's wake-up is pushed later only once it is this close
 SEND_BACKLOG_LIMIT = 4096  # datagrams queued while the socket would block
 ACCEPT_BACKLOG = 128  # accepted connections waiting for accept()
 SUBSCRIBER_BUFFER = 256  # messages buffered per subscriber before dropping
@@ -137,7 +137,7 @@ class Endpoint:
         self._timer_deadline = math.inf
         self._full_scan_due = -math.inf  # see _next_deadline
         self._idle_deadline = math.inf  # earliest timer of the last full scan
-        self._next_push = -math.inf  # see _service
+        self._armed_deadline = math.inf  # the timer task's wake-up (see _service)
         self._timer_scope: trio.CancelScope | None = None
         self._closed = False
         self._servicing = False  # inside _service (see there)
@@ -304,15 +304,16 @@ class Endpoint:
     async def _timer_loop(self) -> None:
         """Run the core's timers: sleep until the cached deadline, then service.
 
-        _service moves this task's wake-up (earlier at once, later at most once
-        per PUSH_INTERVAL); a wake-up that comes too early finds nothing due and
-        re-arms at the current one.
+        _service moves this task's wake-up (earlier at once, later only when it
+        is near); a wake-up that comes too early finds nothing due and re-arms
+        at the current one.
         """
         current_time = trio.current_time
         while True:
             now = current_time()
             # A deadline the core left in the past must not make this spin.
             deadline = max(self._timer_deadline, now + TIMER_GRANULARITY)
+            self._armed_deadline = deadline
             with trio.CancelScope(deadline=deadline) as scope:
                 self._timer_scope = scope
                 try:
@@ -477,19 +478,17 @@ class Endpoint:
             self._timer_deadline = deadline
             scope = self._timer_scope
             if scope is not None:
-                # Moving a trio deadline costs about 2 us; a timer wake-up about
-                # 60 us of CPU (trio delivers it as a Cancelled). So pull the
+                # Moving a trio deadline costs 2-6 us; a timer wake-up about 60
+                # us of CPU (trio delivers it as a Cancelled). So pull the
                 # wake-up earlier at once, but push it later (the timer it was
-                # for went away, e.g. a delayed ACK that rode on data) at most
-                # once per PUSH_INTERVAL: request/response traffic then rarely
-                # wakes the timer task for nothing, and bulk traffic, whose
-                # deadlines move on every packet, does not pay for every move.
-                armed = scope.deadline
-                if deadline < armed:
-                    scope.deadline = deadline
-                elif deadline > armed and now >= self._next_push:
-                    self._next_push = now + PUSH_INTERVAL
-                    scope.deadline = deadline
+                # for went away, e.g. a delayed ACK that rode on data) only once
+                # it is less than PUSH_HORIZON away: request/response traffic
+                # then neither wakes the timer task for nothing nor moves its
+                # wake-up twice per exchange, and bulk traffic, whose deadlines
+                # move on every packet, does not pay for every move.
+                armed = self._armed_deadline
+                if deadline < armed or (deadline > armed and armed - now < PUSH_HORIZON):
+                    scope.deadline = self._armed_deadline = deadline
 
     def _next_deadline(self, now: float) -> float:
         """The earliest core timer, without scanning every connection each time.

@@ -325,7 +325,8 @@ class UtpStream(trio.abc.HalfCloseableStream):
             return
         if self.on_readable is not None:
             self.on_readable()
-        self._receive_lot.unpark_all()
+        if self._receive_lot:
+            self._receive_lot.unpark_all()
 
     def _on_send_space(self) -> None:
         self._send_full = False
