@@ -22,6 +22,8 @@ import random
 import time
 from dataclasses import dataclass
 
+from nat.utp.config import UtpConfig
+from nat.utp.connection import UtpConnection
 from nat.utp.events import IncomingConnection
 from nat.utp.multiplexer import UtpMultiplexer
 
@@ -29,18 +31,25 @@ A = ("127.0.0.1", 1)
 B = ("127.0.0.1", 2)
 
 
-def run(total: int, batch: int) -> tuple[float, float, int, int]:
-    a = UtpMultiplexer(rng=random.Random(1))
-    b = UtpMultiplexer(rng=random.Random(2))
+def connected_pair(config: UtpConfig | None = None) -> tuple[UtpMultiplexer, UtpMultiplexer, UtpConnection, UtpConnection]:
+    """Two multiplexers in memory and one connection between them (a to b)."""
+    a = UtpMultiplexer(config, rng=random.Random(1))
+    b = UtpMultiplexer(config, rng=random.Random(2))
     clock = time.perf_counter
     conn = a.connect(B, clock())
-    for data, addr in a.datagrams_to_send(clock()):
+    for data, _addr in a.datagrams_to_send(clock()):
         b.receive_datagram(data, A, clock())
     event = b.next_event()
     assert isinstance(event, IncomingConnection)
     server = event.conn
-    for data, addr in b.datagrams_to_send(clock()):
+    for data, _addr in b.datagrams_to_send(clock()):
         a.receive_datagram(data, B, clock())
+    return a, b, conn, server
+
+
+def run(total: int, batch: int) -> tuple[float, float, int, int]:
+    a, b, conn, server = connected_pair()
+    clock = time.perf_counter
     chunk = bytes(range(256)) * 64  # 16 KiB, like a TLS record
     sent = received = 0
     packets = 0
@@ -88,20 +97,8 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
 def pingpong(congestion: str, rounds: int, size: int = 120, profiler: cProfile.Profile | None = None) -> float:
     """CPU seconds per round trip: A sends ``size`` bytes, B reads them and
     sends them back, A reads them (both ends, ACKs piggybacked on the DATA)."""
-    from nat.utp.config import UtpConfig
-
-    config = UtpConfig(congestion=congestion)
-    a = UtpMultiplexer(config, rng=random.Random(1))
-    b = UtpMultiplexer(config, rng=random.Random(2))
+    a, b, conn, server = connected_pair(UtpConfig(congestion=congestion))
     clock = time.perf_counter
-    conn = a.connect(B, clock())
-    for data, addr in a.datagrams_to_send(clock()):
-        b.receive_datagram(data, A, clock())
-    event = b.next_event()
-    assert isinstance(event, IncomingConnection)
-    server = event.conn
-    for data, addr in b.datagrams_to_send(clock()):
-        a.receive_datagram(data, B, clock())
     while a.next_event() is not None:
         pass
     while b.next_event() is not None:

@@ -38,8 +38,20 @@ from nat.utp.states import (
 # The SACK extension's length is one byte, a multiple of 4: 252 bytes.
 _SACK_MAX_BITS = 252 * 8
 _DATA_FIRST = (ST_DATA << 4) | _VERSION
-# records of new DATA get their fields set directly: cheaper than __init__
 _new_record = _Outgoing.__new__
+
+
+def _data_record(seq: int, payload: bytes, now: float, order: int) -> _Outgoing:
+    """The record of a new DATA packet, fields set directly: cheaper than __init__."""
+    rec = _new_record(_Outgoing)
+    rec.seq = seq
+    rec.ptype = ST_DATA
+    rec.payload = payload
+    rec.sent_at = now
+    rec.transmissions = 1
+    rec.in_flight = True
+    rec.order = order
+    return rec
 
 
 class SendSide:
@@ -158,15 +170,7 @@ class SendSide:
             sendbuf.clear()
             seq = self._snd_nxt
             order = self._xmit_count + 1
-            rec = _new_record(_Outgoing)
-            rec.seq = seq
-            rec.ptype = ST_DATA
-            rec.payload = payload
-            rec.sent_at = now
-            rec.transmissions = 1
-            rec.in_flight = True
-            rec.order = order
-            outstanding[seq] = rec
+            outstanding[seq] = _data_record(seq, payload, now, order)
             wnd = self._recv_buffer_size - len(self._rbuf) - self._reorder_bytes
             if wnd < 0:
                 wnd = 0
@@ -190,7 +194,7 @@ class SendSide:
         else:
             # The bulk path: header fields computed once, packets built inline.
             max_packets = self._max_packets
-            new_record = _new_record
+            data_record = _data_record
             pack = HEADER.pack
             append = out.append
             first = _DATA_FIRST
@@ -233,15 +237,7 @@ class SendSide:
                     payload = bytes(sendbuf[:size])
                     del sendbuf[:size]
                 order += 1
-                rec = new_record(_Outgoing)
-                rec.seq = seq
-                rec.ptype = ST_DATA
-                rec.payload = payload
-                rec.sent_at = now
-                rec.transmissions = 1
-                rec.in_flight = True
-                rec.order = order
-                outstanding[seq] = rec
+                outstanding[seq] = data_record(seq, payload, now, order)
                 append((pack(first, ext, send_id, now_us, reply, wnd, seq & _MASK16, ack16) + tail + payload, addr))
                 seq += 1
                 flight += size

@@ -74,6 +74,20 @@ async def rig(*, app_receive_buffer: int | None = None) -> AsyncIterator[Rig]:
                 await trio.aclose_forcefully(stream)
 
 
+@asynccontextmanager
+async def relaying(r: Rig) -> AsyncIterator[list[PipeOutcome]]:
+    """Run the relay for the block; the block's end waits for the relay to end,
+    and the list then holds its outcome."""
+    outcome: list[PipeOutcome] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            outcome.append(await relay(r.local, r.tls, r.peer))
+
+        nursery.start_soon(run)
+        yield outcome
+
+
 async def read_to_eof(stream: trio.abc.ReceiveStream, pace: float = 0.0) -> bytes:
     chunks = []
     while data := await stream.receive_some(65536):
@@ -88,12 +102,7 @@ async def test_both_directions_with_half_close_and_counts() -> None:
     with trio.fail_after(60):
         async with rig() as r:
             got: dict[str, bytes] = {}
-            outcome: list[PipeOutcome] = []
-            async with trio.open_nursery() as nursery:
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
+            async with relaying(r) as outcome, trio.open_nursery() as nursery:
                 async def app() -> None:
                     await r.app.send_all(upload)
                     await r.app.send_eof()  # the local side ends first ...
@@ -104,7 +113,6 @@ async def test_both_directions_with_half_close_and_counts() -> None:
                     await r.remote.send_all(download)  # ... while the reply still flows
                     await r.remote.send_eof()
 
-                nursery.start_soon(run_relay)
                 nursery.start_soon(app)
                 nursery.start_soon(remote)
             assert hashlib.sha256(got["upload"]).digest() == hashlib.sha256(upload).digest()
@@ -132,12 +140,7 @@ async def test_slow_local_reader_gets_every_byte_with_backpressure(monkeypatch: 
             got: dict[str, bytes] = {}
             read_so_far = [0]
             read_when_remote_done: list[int] = []
-            outcome: list[PipeOutcome] = []
-            async with trio.open_nursery() as nursery:
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
+            async with relaying(r) as outcome, trio.open_nursery() as nursery:
                 async def app() -> None:
                     chunks = []
                     while data := await r.app.receive_some(65536):
@@ -153,7 +156,6 @@ async def test_slow_local_reader_gets_every_byte_with_backpressure(monkeypatch: 
                     await r.remote.send_eof()
                     assert await read_to_eof(r.remote) == b""
 
-                nursery.start_soon(run_relay)
                 nursery.start_soon(app)
                 nursery.start_soon(remote)
             assert hashlib.sha256(got["download"]).digest() == hashlib.sha256(download).digest()
@@ -185,13 +187,7 @@ async def test_data_that_came_with_the_handshake_is_delivered() -> None:
 async def test_transport_end_without_close_notify_is_truncation() -> None:
     with trio.fail_after(20):
         async with rig() as r:
-            async with trio.open_nursery() as nursery:
-                outcome: list[PipeOutcome] = []
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
-                nursery.start_soon(run_relay)
+            async with relaying(r) as outcome:
                 await r.remote.send_all(b"last words")
                 assert await r.app.receive_some(100) == b"last words"
                 await r.remote_utp.send_eof()  # uTP FIN, no TLS close_notify
@@ -203,13 +199,7 @@ async def test_transport_end_without_close_notify_is_truncation() -> None:
 async def test_bytes_that_are_not_tls_fail_the_relay_not_the_endpoint() -> None:
     with trio.fail_after(20):
         async with rig() as r:
-            async with trio.open_nursery() as nursery:
-                outcome: list[PipeOutcome] = []
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
-                nursery.start_soon(run_relay)
+            async with relaying(r) as outcome:
                 await r.remote_utp.send_all(b"\x17\x03\x03\x00\x20" + b"\xee" * 32)  # a forged record
             (result,) = outcome
             assert isinstance(result.error, TLSProtocolError)
@@ -227,13 +217,7 @@ async def test_bytes_that_are_not_tls_fail_the_relay_not_the_endpoint() -> None:
 async def test_peer_death_ends_the_relay_with_keep_alive_timeout() -> None:
     with trio.fail_after(20):
         async with rig() as r:
-            outcome: list[PipeOutcome] = []
-            async with trio.open_nursery() as nursery:
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
-                nursery.start_soon(run_relay)
+            async with relaying(r) as outcome:
                 await trio.sleep(0.05)
                 r.peer.death = ConnectionKeepAliveTimeout("peer fell silent")
                 r.peer.died.set()
@@ -246,13 +230,7 @@ async def test_peer_death_ends_the_relay_with_keep_alive_timeout() -> None:
 async def test_local_reset_is_reported_as_an_error() -> None:
     with trio.fail_after(20):
         async with rig() as r:
-            outcome: list[PipeOutcome] = []
-            async with trio.open_nursery() as nursery:
-
-                async def run_relay() -> None:
-                    outcome.append(await relay(r.local, r.tls, r.peer))
-
-                nursery.start_soon(run_relay)
+            async with relaying(r) as outcome:
                 await r.remote.send_all(b"ping")
                 assert await r.app.receive_some(100) == b"ping"
                 # RST instead of FIN: SO_LINGER with a zero timeout, then close.
