@@ -57,6 +57,20 @@ def _data_record(seq: int, payload: bytes, now: float, order: int) -> _Outgoing:
 class SendSide:
     """Send-side methods; state lives on the UtpConnection instance."""
 
+    def _data_sent(self, snd_nxt: int, order: int, flight: int, size: int, now: float) -> None:
+        """Bookkeeping after new DATA packets left (their ACK rides on them)."""
+        self._snd_nxt = snd_nxt
+        self._xmit_count = order
+        self._flight = flight
+        self._outstanding_bytes += size
+        self.bytes_sent += size
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rtt.rto
+        self._ack_due = False
+        self._ack_deadline = None
+        self._unacked = 0
+        self._last_send = now
+
     def _header(self, ptype: int, seq: int, now_us: int, sack: bytes | None) -> bytes:
         wnd = self._free_window()
         self._last_adv_wnd = wnd
@@ -180,17 +194,7 @@ class SendSide:
             )
             out.append((header + payload, addr))
             sent += 1
-            self._snd_nxt = seq + 1
-            self._xmit_count = order
-            self._flight += size
-            self._outstanding_bytes += size
-            self.bytes_sent += size
-            if self._rto_deadline is None:
-                self._rto_deadline = now + self._rtt.rto
-            self._ack_due = False
-            self._ack_deadline = None
-            self._unacked = 0
-            self._last_send = now
+            self._data_sent(seq + 1, order, self._flight + size, size, now)
         else:
             # The bulk path: header fields computed once, packets built inline.
             max_packets = self._max_packets
@@ -245,17 +249,7 @@ class SendSide:
                 total += size
             if seq != first_seq:
                 sent += seq - first_seq
-                self._snd_nxt = seq
-                self._xmit_count = order
-                self._flight = flight
-                self._outstanding_bytes += total
-                self.bytes_sent += total
-                if self._rto_deadline is None:
-                    self._rto_deadline = now + self._rtt.rto
-                self._ack_due = False
-                self._ack_deadline = None
-                self._unacked = 0
-                self._last_send = now
+                self._data_sent(seq, order, flight, total, now)
         if peer_wnd >= mss:
             self._probe_deadline = None
             self._probe_interval = self._zero_window_probe
