@@ -461,14 +461,17 @@ class Endpoint:
             # move it earlier is followed by a _service.
             if self._timer_deadline <= now:
                 mux.handle_timer(now)
+            # What the core queued (ACKs above all) leaves before the callbacks
+            # run: a relay decrypting and writing a large batch in its callback
+            # would otherwise hold back the ACKs that clock the sender.
+            self._flush(now)
             while True:
                 self._dispatch_events()
-                self._flush(now)
-                self._dispatch_events()
-                # Round again only for output queued after the flush (a callback
-                # in the second dispatch read and reopened the window, say).
+                # Round again only for output queued meanwhile (a callback read
+                # and reopened the window, say).
                 if self._closed or not (mux._dirty or mux._pending):
                     break
+                self._flush(now)
         finally:
             self._servicing = False
         if self._closed:
