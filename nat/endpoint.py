@@ -469,7 +469,7 @@ class Endpoint:
                 self._dispatch_events()
                 # Round again only for output queued meanwhile (a callback read
                 # and reopened the window, say).
-                if self._closed or not (mux._dirty or mux._pending):
+                if self._closed or not mux.has_output:
                     break
                 self._flush(now)
         finally:
@@ -511,9 +511,7 @@ class Endpoint:
             return self._idle_deadline
         deadline = self._idle_deadline
         for stream in self._streams.values():
-            # (The core's per-connection deadline: a private method of nat/utp,
-            # read here because the multiplexer offers only the full scan.)
-            conn_deadline = stream._conn._next_deadline()
+            conn_deadline = stream._conn.next_deadline()
             if conn_deadline is not None and conn_deadline < deadline:
                 deadline = conn_deadline
         return deadline
@@ -523,7 +521,7 @@ class Endpoint:
         which queues output only for a window update: most reads do not, and a
         full _service costs several microseconds per read)."""
         mux = self._mux
-        if (mux._dirty or mux._pending) and not self._servicing:
+        if mux.has_output and not self._servicing:
             self._service(trio.current_time())
 
     def _flush(self, now: float) -> None:

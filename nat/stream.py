@@ -267,8 +267,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
             return
         self._discard_unread()
         conn = self._conn
-        # (_fin_sent: all_data_acked is also true for a FIN not yet sent.)
-        if conn.eof_sent and conn.all_data_acked and getattr(conn, "_fin_sent", True):
+        if conn.fin_acked and conn.all_data_acked:
             # Our FIN is already acknowledged: the graceful part is done. The core
             # would now wait (close_timeout) for an acknowledgement that never
             # comes; end it now. The RESET tells a peer still sending that nobody

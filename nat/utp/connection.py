@@ -227,6 +227,10 @@ class UtpConnection(SendSide, ReceiveSide):
         return self._eof_requested
 
     @property
+    def fin_acked(self) -> bool:
+        return self._fin_acked
+
+    @property
     def is_closed(self) -> bool:
         return self.state is _CLOSED or self.state is _RESET
 
@@ -369,7 +373,8 @@ class UtpConnection(SendSide, ReceiveSide):
 
     # ---- timers
 
-    def _next_deadline(self) -> float | None:
+    def next_deadline(self) -> float | None:
+        """This connection's earliest timer (None: nothing scheduled)."""
         state = self.state
         if state is _CLOSED or state is _RESET:
             return self._linger_until

@@ -37,7 +37,8 @@ UtpConnection (created only here; see connection.py)::
     conn.send_eof(), conn.close(), conn.abort()
     conn.rtt, conn.bytes_sent, conn.bytes_received, conn.at_eof
   + conn.error (the NatError that ended it, or None), conn.is_closed, conn.eof_sent,
-  + conn.send_buffer_free, conn.readable_bytes, conn.all_data_acked, conn.rto, conn.cwnd
+  + conn.fin_acked, conn.send_buffer_free, conn.readable_bytes, conn.all_data_acked,
+  + conn.rto, conn.cwnd, conn.next_deadline() (that connection's part of get_timer)
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
@@ -173,11 +174,16 @@ class UtpMultiplexer:
         self.stats.datagrams_sent += len(out)
         return out
 
+    @property
+    def has_output(self) -> bool:
+        """datagrams_to_send would have something to send (or to evaluate)."""
+        return bool(self._dirty or self._pending)
+
     def get_timer(self) -> float | None:
         """The earliest deadline of any connection (None: nothing scheduled)."""
         earliest = None
         for conn in self._conns.values():
-            deadline = conn._next_deadline()
+            deadline = conn.next_deadline()
             if deadline is not None and (earliest is None or deadline < earliest):
                 earliest = deadline
         return earliest
@@ -185,7 +191,7 @@ class UtpMultiplexer:
     def handle_timer(self, now: float) -> None:
         """Run every deadline that is due at ``now``."""
         for conn in list(self._conns.values()):
-            deadline = conn._next_deadline()
+            deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
                 conn._on_timer(now)
         if self._reset_memory and now >= self._next_reset_expiry:
