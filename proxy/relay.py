@@ -19,9 +19,9 @@ tunnel added 0.6 ms to a gRPC unary call. Here a hop costs one wake-up:
   records to uTP (``send_nowait`` sends at once). It sleeps only when the socket
   is empty or the uTP send buffer is full.
 
-Memory per connection stays bounded: one read buffer, at most one chunk of
-records waiting for uTP send space, at most one chunk of plaintext waiting for
-the TCP socket, plus the transports' own bounded buffers.
+Memory per connection stays bounded: at most one chunk of records waiting for
+uTP send space and one chunk of plaintext waiting for the TCP socket, plus the
+transports' own bounded buffers; the socket read buffer is shared.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -69,6 +70,19 @@ class PipeOutcome:
         if self.error is not None:
             return EndReason.RESET
         return EndReason.CLOSED_BY_PEER if self.first_eof == "peer" else EndReason.CLOSED_LOCALLY
+
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> bytearray:
+    """One socket read buffer per thread, shared by every relay in it: a relay
+    fills it and encrypts it before it can yield, so a buffer per connection
+    (128 KiB each, a thousand idle tunnels 128 MiB) would buy nothing."""
+    buffer = getattr(_buffers, "read", None)
+    if buffer is None:
+        buffer = _buffers.read = bytearray(READ_CHUNK)
+    return buffer
 
 
 class _ToLocal(enum.Enum):
@@ -208,7 +222,7 @@ class _Relay:
     async def to_tunnel(self, initial_data: bytes) -> None:
         outcome = self.outcome
         tls, fd = self.tls, self.fd
-        buffer = bytearray(READ_CHUNK)
+        buffer = _read_buffer()
         view = memoryview(buffer)
         try:
             if initial_data:
@@ -224,6 +238,8 @@ class _Relay:
                     continue
                 if not size:
                     break
+                # (encrypt_nowait copies: the shared buffer is free again
+                # before anything can yield.)
                 await self._send(tls.encrypt_nowait(view[:size]))
                 outcome.bytes_to_peer += size
                 if size < READ_CHUNK:
