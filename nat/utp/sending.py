@@ -64,6 +64,10 @@ class SendSide:
         self._flight = flight
         self._outstanding_bytes += size
         self.bytes_sent += size
+        self._packet_left(now)
+
+    def _packet_left(self, now: float) -> None:
+        """A DATA or FIN packet left: the RTO runs, and it carried our ACK."""
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rtt.rto
         self._ack_due = False
@@ -294,12 +298,7 @@ class SendSide:
         rec.in_flight = True
         self._flight += len(rec.payload)
         self.bytes_sent += len(rec.payload) if rec.transmissions == 1 else 0
-        if self._rto_deadline is None:
-            self._rto_deadline = now + self._rtt.rto
-        self._ack_due = False
-        self._ack_deadline = None
-        self._unacked = 0
-        self._last_send = now
+        self._packet_left(now)
         if self._sack_skipped:
             self._ack_due = True
 
