@@ -23,7 +23,7 @@ $(STAMP_PY): pyproject.toml | $(VENV)/bin/python
 # System tools the tests drive for real: network namespaces, nftables/iptables, curl, Node.
 $(STAMP_SYS): | $(VENV)/bin/python
 	@missing=""; \
-	for tool in ip:iproute2 nft:nftables iptables:iptables curl:curl node:nodejs npm:npm conntrack:conntrack; do \
+	for tool in ip:iproute2 nft:nftables iptables:iptables curl:curl node:nodejs npm:npm conntrack:conntrack cc:gcc; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
