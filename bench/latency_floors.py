@@ -50,14 +50,7 @@ def _listen_or_wait(mode: str, port: int, udp: socket.socket) -> tuple[socket.so
     if mode == "reverse":
         print(json.dumps({"udp_port": udp.getsockname()[1]}), flush=True)
         return None, None
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    print(json.dumps({"tcp_port": listener.getsockname()[1]}), flush=True)
-    client, _ = listener.accept()
-    listener.close()
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return client, ("127.0.0.1", port)
+    return tunnel.accept_one_client(), ("127.0.0.1", port)
 
 
 def _connect_server(port: int) -> socket.socket:

@@ -132,6 +132,19 @@ async def bare_relay(tcp: socket.socket, udp: socket.socket, peer: tuple[str, in
         nursery.cancel_scope.cancel()
 
 
+def accept_one_client() -> socket.socket:
+    """Print the TCP port a client should connect to (one JSON line), accept one
+    client (blocking) and return it with TCP_NODELAY set."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    print(json.dumps({"tcp_port": listener.getsockname()[1]}), flush=True)
+    client, _ = listener.accept()
+    listener.close()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client
+
+
 async def run_bare_node(server_port: int | None, peer_port: int | None) -> None:
     """Reverse side (server_port): wait for the first datagram, connect to the
     server, relay. Forward side (peer_port): accept one TCP client, relay."""
@@ -143,16 +156,11 @@ async def run_bare_node(server_port: int | None, peer_port: int | None) -> None:
         await trio.lowlevel.wait_readable(udp)
         _, peer = udp.recvfrom(1, socket.MSG_PEEK)
         tcp = socket.create_connection(("127.0.0.1", server_port))
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
         assert peer_port is not None
         peer = ("127.0.0.1", peer_port)
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        print(json.dumps({"tcp_port": listener.getsockname()[1]}), flush=True)
-        tcp, _ = listener.accept()
-        listener.close()
-    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp = accept_one_client()
     tcp.setblocking(False)
     await bare_relay(tcp, udp, peer)
 
