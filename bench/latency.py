@@ -72,7 +72,7 @@ async def tcp_echo(stream: trio.SocketStream) -> None:
 
 async def serve(offload: bool) -> None:
     from proxy.tls import TLSStream
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     tls_config = TLSConfig.generate()
     async with trio.open_nursery() as nursery:
@@ -165,7 +165,7 @@ async def stream_round_trips(stream: Any, count: int) -> list[float]:
 
 async def measure(ports: dict[str, int], stages: list[str], count: int, connects: int, offload: bool) -> None:
     from proxy.tls import TLSStream
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     tls_config = TLSConfig.generate()
     if "udp" in stages:
@@ -203,7 +203,7 @@ async def measure(ports: dict[str, int], stages: list[str], count: int, connects
 
 async def measure_in_process(count: int, offload: bool) -> None:
     from proxy.tls import TLSStream
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     tls_config = TLSConfig.generate()
     async with open_endpoint(offload=offload) as client_end, open_endpoint(offload=offload) as server_end:

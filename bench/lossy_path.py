@@ -119,7 +119,7 @@ def peer_keynode_utp_receive(host: str, port: int, seconds: float, use_tls: bool
                 stream = await endpoint.accept()
                 if use_tls:
                     from proxy.tls import TLSStream
-                    from proxy.tls_config import TLSConfig
+                    from proxy.identity.tls_config import TLSConfig
 
                     stream = TLSStream(stream, TLSConfig.generate(), server_side=True)
             received, started = 0, None
@@ -152,7 +152,7 @@ def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool,
                 stream = await endpoint.connect((host, port))
                 if use_tls:
                     from proxy.tls import TLSStream
-                    from proxy.tls_config import TLSConfig
+                    from proxy.identity.tls_config import TLSConfig
 
                     stream = TLSStream(stream, TLSConfig.generate(), server_side=False)
                 payload = bytes(CHUNK)
@@ -172,7 +172,7 @@ def peer_tunnel_receive(host: str, sink_port: int, seconds: float, congestion: s
     import trio
 
     from proxy import open_proxy
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     async def main() -> None:
         tls_config = TLSConfig.generate()
@@ -216,7 +216,7 @@ def peer_tunnel_send(host: str, proxy_port: int, seconds: float, node_id: str,
     import trio
 
     from proxy import open_proxy
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     async def main() -> None:
         async with open_proxy(tls_config=TLSConfig.generate(), auth_token=TUNNEL_TOKEN,
@@ -380,7 +380,7 @@ def congestion_controllers() -> list[str]:
 def transports(controllers: list[str]) -> list[tuple[str, Callable[[Setting], float] | None, str]]:
     """(row name, measurer or None, why not measured)."""
     have_utp = _importable("nat") and hasattr(sys.modules["nat"], "open_endpoint")
-    have_tls = have_utp and _importable("proxy.tls", "proxy.tls_config")
+    have_tls = have_utp and _importable("proxy.tls", "proxy.identity.tls_config")
     have_proxy = have_tls and _importable("proxy") and hasattr(sys.modules["proxy"], "open_proxy")
     default_cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     rows: list[tuple[str, Callable[[Setting], float] | None, str]] = [

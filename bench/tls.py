@@ -43,10 +43,10 @@ from OpenSSL import SSL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.certificates import chain_to_pem  # noqa: E402
-from proxy.keys import private_key_to_pem  # noqa: E402
-from proxy.tls import TLSStream, _context_for  # noqa: E402
-from proxy.tls_config import TLSConfig  # noqa: E402
+from proxy.identity.certificates import chain_to_pem  # noqa: E402
+from proxy.identity.keys import private_key_to_pem  # noqa: E402
+from proxy.tls.stream import TLSStream, _context_for  # noqa: E402
+from proxy.identity.tls_config import TLSConfig  # noqa: E402
 
 MiB = 1024 * 1024
 SEND_CHUNK = 1 * MiB
@@ -297,7 +297,7 @@ async def main() -> None:
     bulk_total = (16 if arguments.quick else 48) * MiB
     rounds = 1 if arguments.quick else 5
 
-    from proxy.certificates import rotate_key
+    from proxy.identity.certificates import rotate_key
 
     def identity() -> TLSConfig:
         config = TLSConfig.generate()

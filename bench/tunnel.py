@@ -40,8 +40,8 @@ SERVICE = "keynode.bench.Echo"
 
 
 async def run_node(server_port: int | None) -> None:
-    from proxy.proxy import open_proxy
-    from proxy.tls_config import TLSConfig
+    from proxy.tunnel.proxy import open_proxy
+    from proxy.identity.tls_config import TLSConfig
 
     tls_config = TLSConfig.generate()
     async with open_proxy(

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import trio
 
-from proxy.connection_tunnel import ConnectionInfo
+from proxy.tunnel.connection import ConnectionInfo
 
 _CALLER: contextvars.ContextVar[ConnectionInfo | None] = contextvars.ContextVar("keynode_caller", default=None)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEYNODE = [sys.executable, "-m", "proxy.cli"]
+KEYNODE = [sys.executable, "-m", "proxy.app.cli"]
 
 
 def keynode_env(extra: dict[str, str] | None = None) -> dict[str, str]:

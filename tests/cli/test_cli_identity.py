@@ -8,10 +8,10 @@ import stat
 import sys
 from pathlib import Path
 
-from proxy.certificates import certificate_issuer_node_id, certificate_node_id, chain_from_pem
-from proxy.cli import ExitCode
-from proxy.node_id import NodeId
-from proxy.verification import verify_server_certificate_chain
+from proxy.identity.certificates import certificate_issuer_node_id, certificate_node_id, chain_from_pem
+from proxy.app.cli import ExitCode
+from proxy.identity.node_id import NodeId
+from proxy.identity.verification import verify_server_certificate_chain
 
 from tests.cli.helpers import run_keynode
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import trio
 
-from proxy.cli import ExitCode, keygen
+from proxy.app.cli import ExitCode
+from proxy.app.node_dir import keygen
 
 from tests.cli.helpers import run_keynode, run_keynode_async, start_keynode, start_node
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.config import (
+from proxy.app.config import (
     Config,
     HostPort,
     Timeouts,
@@ -22,7 +22,7 @@ from proxy.config import (
     parse_host_port,
 )
 from proxy.errors import ConfigError
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 
 def fresh_node_id() -> NodeId:
@@ -273,6 +273,6 @@ def test_parse_host_port_total(text: str) -> None:
 
 def test_config_congestion_names_are_real_controllers() -> None:
     from nat.utp.congestion import CONTROLLERS
-    from proxy.config import CONGESTION_CONTROLLERS
+    from proxy.app.config import CONGESTION_CONTROLLERS
 
     assert set(CONGESTION_CONTROLLERS) <= set(CONTROLLERS)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.control import _dispatch, control_request, format_status, serve_control
+from proxy.app.control import _dispatch, control_request, format_status, serve_control
 from proxy.errors import (
     ConnectionNotFound,
     ConnectionStartTimeout,
@@ -22,7 +22,7 @@ from proxy.errors import (
     ControlRequestFailed,
     ControlUnreachable,
 )
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 NODE_ID = NodeId.from_public_key(Ed25519PrivateKey.generate().public_key())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.cli import ExitCode
+from proxy.app.cli import ExitCode
 
 from tests.cli.helpers import run_keynode
 

@@ -12,10 +12,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.config import HostPort
+from proxy.app.config import HostPort
 from proxy.errors import PortForwardError
-from proxy.node_id import NodeId
-from proxy.port_forward import (
+from proxy.identity.node_id import NodeId
+from proxy.app.port_forward import (
     ForwardTarget,
     open_tunnel,
     parse_forward_target,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import ExitCode, keygen
+from proxy.app.cli import ExitCode
+from proxy.app.node_dir import keygen
 from tests.cli.helpers import REPO_ROOT, run_keynode
 from tests.natlab import LabProcess, NatKind, open_lab
 
@@ -50,7 +51,7 @@ def stop_by_pid(process: LabProcess, pid: int, timeout: float = 15.0) -> int | N
 
 
 def keynode_argv(*args: str) -> list[str]:
-    return ["env", f"PYTHONPATH={REPO_ROOT}", "PYTHONUNBUFFERED=1", sys.executable, "-m", "proxy.cli", *args]
+    return ["env", f"PYTHONPATH={REPO_ROOT}", "PYTHONUNBUFFERED=1", sys.executable, "-m", "proxy.app.cli", *args]
 
 
 @pytest.mark.netns

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from grpc_bridge import CallerLookup, NodeIdentityInterceptor, current_caller, parse_grpc_peer
-from proxy.address_book import AddressBook
+from proxy.tunnel.address_book import AddressBook
 from tests.proxy.test_proxy_support import TOKEN, Node, running_node
 
 SERVICE = "keynode.test.Echo"

@@ -1,7 +1,7 @@
 """Keynode nodes inside lab namespaces, and the test's ends of their tunnels.
 
 One node per lab host: a real `keynode run` process started in the host's
-namespace (identity from `proxy.cli.keygen`, a TOML config written here, JSON
+namespace (identity from `proxy.app.cli.keygen`, a TOML config written here, JSON
 logs), driven through its control socket (a Unix socket: reachable from the test
 process whatever namespace the node's network lives in). Behind a reverse side
 runs a small server process in the same namespace: the demo's unmodified grpcio
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 # Processes in a namespace inherit our cwd; the path makes the imports independent of it.
 PYTHON = ["env", f"PYTHONPATH={REPO}", "PYTHONUNBUFFERED=1", sys.executable]
-ECHO_SERVICE = "keynode.demo.Echo"  # proxy.demo's echo server
+ECHO_SERVICE = "keynode.demo.Echo"  # proxy.app.demo's echo server
 CHUNK = 64 * 1024
 START_TIMEOUT = 20.0
 
@@ -81,7 +81,7 @@ class KeynodeNode:
         return self.directory / "control.sock"
 
     async def control(self, method: str, target: str, body: Any = None, *, timeout: float = 30.0) -> Any:
-        from proxy.control import control_request
+        from proxy.app.control import control_request
 
         return await control_request(self.control_socket, method, target, body, timeout=timeout)
 
@@ -144,7 +144,7 @@ def start_node(
     """Create an identity in `directory` and start `keynode run` in `host` (not yet
     waited for: call `wait_ready` so several nodes start in parallel). `public_ip`:
     the address others are told (with the proxy port, which the cone NATs keep)."""
-    from proxy.cli import keygen
+    from proxy.app.node_dir import keygen
 
     tls_config = keygen(directory, force=False)
     lines = ['[proxy]', 'host = "0.0.0.0"', f"port = {proxy_port}",
@@ -157,7 +157,7 @@ def start_node(
     if timeouts:
         lines += ['[timeouts]'] + [f"{key} = {float(value)!r}" for key, value in timeouts.items()]
     (directory / "config.toml").write_text("\n".join(lines) + "\n")
-    process = host.spawn([*PYTHON, "-m", "proxy.cli", "run", "--dir", str(directory)])
+    process = host.spawn([*PYTHON, "-m", "proxy.app.cli", "run", "--dir", str(directory)])
     token = (directory / "auth_token").read_text().strip()
     return KeynodeNode(name, host, directory, str(tls_config.node_id), token, proxy_port, process,
                        public=(public_ip, proxy_port))
@@ -232,8 +232,8 @@ class ConnectAnswer:
 async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: int,
                        *, timeout: float = 30.0) -> ConnectAnswer:
     """CONNECT through `node`'s forward port from inside its namespace."""
-    from proxy.node_id import NodeId
-    from proxy.port_forward import ForwardTarget, proxy_authorization
+    from proxy.identity.node_id import NodeId
+    from proxy.app.port_forward import ForwardTarget, proxy_authorization
 
     target = ForwardTarget(NodeId.decode(target_node_id), host, port).connect_target()
     with node.host.enter():  # only the socket's creation happens in the namespace
@@ -301,7 +301,7 @@ async def grpc_channel_through(tunnel: trio.SocketStream, leftover: bytes = b"")
     reconnect finds nobody and its call fails, as it would without the tunnel."""
     import grpc
 
-    from proxy.port_forward import pipe_both_ways
+    from proxy.app.port_forward import pipe_both_ways
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -380,8 +380,8 @@ def _wait_for_stop_signal() -> None:
 
 
 def serve_grpc_echo() -> None:
-    """proxy.demo's unmodified grpcio echo server on 127.0.0.1 until SIGTERM."""
-    from proxy.demo import start_echo_server
+    """proxy.app.demo's unmodified grpcio echo server on 127.0.0.1 until SIGTERM."""
+    from proxy.app.demo import start_echo_server
 
     server, port = start_echo_server(lambda peer: peer)
     _report(event="listening", port=port)

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from proxy.certificates import (
+from proxy.identity.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
     VERSION_EXTENSION_OID,
     certificate_issuer_node_id,
@@ -28,8 +28,8 @@ from proxy.certificates import (
     verify_signed_by,
 )
 from proxy.errors import CertChainNameInvalid, CertChainSignatureInvalid, KeyFileError
-from proxy.keys import generate_key_pair
-from proxy.node_id import NodeId
+from proxy.identity.keys import generate_key_pair
+from proxy.identity.node_id import NodeId
 
 UTC = datetime.timezone.utc
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from proxy.errors import KeyFileError
-from proxy.keys import generate_key_pair, load_private_key, save_private_key
-from proxy.node_id import NodeId
+from proxy.identity.keys import generate_key_pair, load_private_key, save_private_key
+from proxy.identity.node_id import NodeId
 
 
 def test_save_load_round_trip_and_mode(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_non_ed25519_key_is_rejected(tmp_path: Path) -> None:
 
 
 def test_tls_config_generate_save_load(tmp_path: Path) -> None:
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.tls_config import TLSConfig
 
     config = TLSConfig.generate()
     assert config.node_id == NodeId.from_public_key(config.private_key.public_key())
@@ -110,8 +110,8 @@ def test_tls_config_generate_save_load(tmp_path: Path) -> None:
 
 
 def test_tls_config_with_a_rotated_chain(tmp_path: Path) -> None:
-    from proxy.certificates import generate_certificate, rotate_key
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.certificates import generate_certificate, rotate_key
+    from proxy.identity.tls_config import TLSConfig
 
     old_key = generate_key_pair()
     new_key, chain = rotate_key(old_key, [generate_certificate(old_key)])
@@ -121,8 +121,8 @@ def test_tls_config_with_a_rotated_chain(tmp_path: Path) -> None:
 
 
 def test_tls_config_rejects_a_mismatched_pair(tmp_path: Path) -> None:
-    from proxy.certificates import chain_to_pem, generate_certificate
-    from proxy.tls_config import TLSConfig
+    from proxy.identity.certificates import chain_to_pem, generate_certificate
+    from proxy.identity.tls_config import TLSConfig
 
     key, other = generate_key_pair(), generate_key_pair()
     with pytest.raises(ValueError):

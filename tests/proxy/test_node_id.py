@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import NodeIdInvalid
-from proxy.keys import generate_key_pair
-from proxy.node_id import NodeId
+from proxy.identity.keys import generate_key_pair
+from proxy.identity.node_id import NodeId
 
 BASE32HEX_LOWER = "0123456789abcdefghijklmnopqrstuv"
 

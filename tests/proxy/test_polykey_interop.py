@@ -26,16 +26,16 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import NameOID
 
-from proxy.certificates import (
+from proxy.identity.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
     certificate_node_id,
     generate_certificate,
     rotate_key,
 )
 from proxy.errors import CertChainKeyInvalid, CertChainSignatureInvalid, CertChainDateInvalid, NodeIdInvalid
-from proxy.keys import generate_key_pair
-from proxy.node_id import NodeId
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.keys import generate_key_pair
+from proxy.identity.node_id import NodeId
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 
 pytestmark = pytest.mark.node
 

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from nat.errors import NatError
-from proxy.address_book import AddressBook
-from proxy.connection_tunnel import Direction, EndReason
+from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.connection import Direction, EndReason
 from proxy.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionStartError,
@@ -20,7 +20,7 @@ from proxy.errors import (
     ProxyNotRunning,
 )
 from proxy.tls import TLSStream
-from proxy.tls_config import TLSConfig
+from proxy.identity.tls_config import TLSConfig
 from tests.proxy.test_proxy_support import (
     TOKEN,
     connect_ok,

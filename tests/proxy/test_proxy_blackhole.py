@@ -7,10 +7,10 @@ from typing import Any
 
 import trio
 
-from proxy.connection_tunnel import EndReason
+from proxy.tunnel.connection import EndReason
 from proxy.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
 from proxy.tls import TLSStream
-from proxy.tls_config import TLSConfig
+from proxy.identity.tls_config import TLSConfig
 from tests.proxy.test_proxy_support import (
     connect_ok,
     connection_ended,

@@ -9,7 +9,7 @@ import shutil
 import h11
 import trio
 
-from proxy.address_book import AddressBook
+from proxy.tunnel.address_book import AddressBook
 from tests.proxy.test_proxy_support import TOKEN, running_node, tcp_server
 
 BODY = os.urandom(3 << 20)

@@ -10,11 +10,11 @@ import random
 import trio
 
 from nat.errors import NatError
-from proxy.certificates import generate_certificate
+from proxy.identity.certificates import generate_certificate
 from proxy.errors import KeynodeError
-from proxy.keys import generate_key_pair
+from proxy.identity.keys import generate_key_pair
 from proxy.tls import TLSStream
-from proxy.tls_config import TLSConfig
+from proxy.identity.tls_config import TLSConfig
 from tests.proxy.test_proxy_support import (
     TOKEN,
     connect_ok,

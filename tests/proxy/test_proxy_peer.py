@@ -11,7 +11,7 @@ import trio
 from nat import open_endpoint
 from nat.message import PING, PONG, decode_message, encode_message
 from proxy.errors import ConnectionKeepAliveTimeout
-from proxy.peer import PeerRegistry, PeerTimers, normalize_address
+from proxy.tunnel.peer import PeerRegistry, PeerTimers, normalize_address
 
 
 @asynccontextmanager

@@ -20,11 +20,11 @@ import trio
 from nat import PING, PONG, open_endpoint
 from nat.errors import NatError
 from proxy.errors import KeynodeError
-from proxy.connection_tunnel import ConnectionEvent
-from proxy.node_id import NodeId
-from proxy.proxy import Proxy, open_proxy
+from proxy.tunnel.connection import ConnectionEvent
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.proxy import Proxy, open_proxy
 from proxy.tls import TLSStream
-from proxy.tls_config import TLSConfig
+from proxy.identity.tls_config import TLSConfig
 
 TOKEN = "s3cret-token"
 FAST = dict(

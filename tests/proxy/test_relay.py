@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-import proxy.relay as relay_module
+import proxy.tunnel.splice as relay_module
 from nat import open_endpoint
 from nat.stream import UtpStream
-from proxy.connection_tunnel import EndReason
+from proxy.tunnel.connection import EndReason
 from proxy.errors import ConnectionKeepAliveTimeout, TLSProtocolError, TLSTruncatedError
-from proxy.peer import Peer, PeerTimers
-from proxy.relay import PipeOutcome, relay
+from proxy.tunnel.peer import Peer, PeerTimers
+from proxy.tunnel.splice import PipeOutcome, relay
 from proxy.tls import TLSStream
 from tests.proxy.test_tls_support import handshake_both, make_tls_config, random_bytes
 

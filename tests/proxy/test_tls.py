@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 import trio
 import trio.testing
 
-from proxy.certificates import certificate_node_id
+from proxy.identity.certificates import certificate_node_id
 from proxy.errors import CertChainUnclaimed, CertificateChainError, TLSError, TLSProtocolError, TLSTruncatedError
 from proxy.tls import TLSStream
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 from tests.proxy.test_tls_support import (
     handshake_both,
     make_foreign_tls_config,

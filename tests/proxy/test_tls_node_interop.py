@@ -2,7 +2,7 @@
 
 Node presents our certificates (saved as PEM by TLSConfig), requires a client
 certificate when it is the server, accepts any chain (rejectUnauthorized: false);
-our side verifies Node's chain with proxy.verification. Node echoes; we send, half-
+our side verifies Node's chain with proxy.identity.verification. Node echoes; we send, half-
 close with close_notify, read the echo to Node's close_notify, and compare sha256.
 """
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.errors import TLSHandshakeError
 from proxy.tls import TLSStream
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 from tests.proxy.test_tls_support import echo_through, make_tls_config, node_tls_peer, random_bytes
 
 SIZE = 3 * 1024 * 1024

@@ -2,7 +2,7 @@
 
 Ours against ours, and against Node's `tls` over utp-native (libutp) in both roles:
 Node presents our certificates and requires ours; each side sees the other's full
-chain; we verify Node's with proxy.verification. Data is echoed, half-closed with
+chain; we verify Node's with proxy.identity.verification. Data is echoed, half-closed with
 close_notify (then uTP FIN), and compared by sha256.
 """
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from nat import open_endpoint
 from proxy.errors import TLSHandshakeError
 from proxy.tls import TLSStream
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 from tests.proxy.test_tls_support import (
     echo_through,
     handshake_both,

@@ -25,14 +25,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from proxy.certificates import rotate_key
+from proxy.identity.certificates import rotate_key
 from proxy.tls import TLSStream
-from proxy.tls_config import TLSConfig
+from proxy.identity.tls_config import TLSConfig
 
 
 @dataclass(frozen=True)
 class LocalTLSConfig:
-    """Key and chain (leaf first), duck-typed like proxy.tls_config.TLSConfig but
+    """Key and chain (leaf first), duck-typed like proxy.identity.tls_config.TLSConfig but
     without its checks, to feed TLSStream certificates TLSConfig would refuse."""
 
     private_key: Ed25519PrivateKey
@@ -60,7 +60,7 @@ def _certificate(subject_key: Ed25519PrivateKey, issuer_key: Ed25519PrivateKey) 
 
 
 def make_tls_config(chain_length: int = 1) -> TLSConfig:
-    """A node identity after ``chain_length - 1`` key rotations (proxy.certificates):
+    """A node identity after ``chain_length - 1`` key rotations (proxy.identity.certificates):
     chain[i] is issued and signed by chain[i+1]'s key; the last one self-signed."""
     config = TLSConfig.generate()
     key, chain = config.private_key, list(config.certificate_chain)
@@ -71,7 +71,7 @@ def make_tls_config(chain_length: int = 1) -> TLSConfig:
 
 def make_foreign_tls_config(chain_length: int = 1) -> LocalTLSConfig:
     """Plain Ed25519 certificates that are not Polykey/keynode identities (no NodeId
-    CN, no node signature): TLS accepts them, proxy.verification must not."""
+    CN, no node signature): TLS accepts them, proxy.identity.verification must not."""
     key = Ed25519PrivateKey.generate()
     chain = [_certificate(key, key)]
     for _ in range(chain_length - 1):

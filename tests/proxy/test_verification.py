@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from proxy.certificates import (
+from proxy.identity.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
     chain_from_der,
     generate_certificate,
@@ -33,9 +33,9 @@ from proxy.errors import (
     CertChainUnclaimed,
     CertificateChainError,
 )
-from proxy.keys import generate_key_pair
-from proxy.node_id import NodeId
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.keys import generate_key_pair
+from proxy.identity.node_id import NodeId
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 
 UTC = datetime.timezone.utc
 
@@ -374,7 +374,7 @@ def test_bad_arguments_are_programming_errors() -> None:
 
 
 def certificates_of(chain: Sequence[x509.Certificate]) -> list[NodeId]:
-    from proxy.certificates import certificate_node_id
+    from proxy.identity.certificates import certificate_node_id
 
     return [certificate_node_id(certificate) for certificate in chain]
 

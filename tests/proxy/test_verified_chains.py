@@ -1,4 +1,4 @@
-"""The cache of verified certificate chains (proxy.connection_tunnel.VerifiedChains)."""
+"""The cache of verified certificate chains (proxy.tunnel.connection.VerifiedChains)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.certificates import generate_certificate
+from proxy.identity.certificates import generate_certificate
 from proxy.errors import CertChainDateInvalid, CertChainUnclaimed
-from proxy.keys import generate_key_pair
-from proxy.connection_tunnel import VerifiedChains
-from proxy.node_id import NodeId
-from proxy.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.keys import generate_key_pair
+from proxy.tunnel.connection import VerifiedChains
+from proxy.identity.node_id import NodeId
+from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 
 
 def counting(verify):  # type: ignore[no-untyped-def]

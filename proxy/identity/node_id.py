@@ -12,7 +12,7 @@ import base64
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from proxy.errors import NodeIdInvalid
+from proxy.identity.errors import NodeIdInvalid
 
 NODE_ID_SIZE = 32
 MULTIBASE_PREFIX = "v"  # multibase code for base32hex, lower case, no padding

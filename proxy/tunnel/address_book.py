@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 
 class AddressBook(Mapping[NodeId, tuple[str, int]]):

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from proxy.errors import KeyFileError
+from proxy.identity.errors import KeyFileError
 
 PRIVATE_KEY_FILE_MODE = 0o600
 

@@ -91,7 +91,7 @@ def lookup_caller(control_socket: Path, peer: str) -> str:
     """Ask node B which NodeId is behind the TCP peer the server sees."""
     import trio
 
-    from proxy.control import control_request
+    from proxy.app.control import control_request
 
     address = peer_to_host_port(peer)
     if address is None:
@@ -120,7 +120,7 @@ class Node:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "run", "--dir", str(self.directory)],
+            [sys.executable, "-m", "proxy.app.cli", "run", "--dir", str(self.directory)],
             stdout=subprocess.PIPE, stderr=log_file, text=True, env=env,
         )
         log_file.close()
@@ -300,7 +300,7 @@ def _run(
 ) -> None:
     import grpc
 
-    from proxy.cli import keygen
+    from proxy.app.node_dir import keygen
 
     node_a, node_b = Node("A", workdir / "a"), Node("B", workdir / "b")
     identities = {node.name: keygen(node.directory, force=False) for node in (node_a, node_b)}

@@ -12,16 +12,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from proxy.certificates import chain_from_pem, chain_to_pem, generate_certificate
-from proxy.errors import KeyFileError
-from proxy.keys import (
+from proxy.identity.certificates import chain_from_pem, chain_to_pem, generate_certificate
+from proxy.identity.errors import KeyFileError
+from proxy.identity.keys import (
     PRIVATE_KEY_FILE_MODE,
     generate_key_pair,
     load_private_key,
     private_key_to_pem,
     write_file_atomically,
 )
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 CERTIFICATE_FILE_MODE = 0o644  # public material
 

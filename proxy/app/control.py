@@ -32,16 +32,11 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from proxy.config import validate_host, validate_port
-from proxy.errors import (
-    ConnectionNotFound,
-    ControlError,
-    ControlRequestFailed,
-    ControlUnreachable,
-    KeynodeError,
-    NodeIdInvalid,
-)
-from proxy.node_id import NodeId
+from proxy.app.config import validate_host, validate_port
+from proxy.app.errors import ControlError, ControlRequestFailed, ControlUnreachable
+from proxy.identity.errors import KeynodeError, NodeIdInvalid
+from proxy.tunnel.errors import ConnectionNotFound
+from proxy.identity.node_id import NodeId
 
 log = logging.getLogger("keynode.control")
 

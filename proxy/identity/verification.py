@@ -25,13 +25,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from proxy.certificates import (
+from proxy.identity.certificates import (
     certificate_issuer_node_id,
     certificate_node_id,
     verify_node_signature,
     verify_signed_by,
 )
-from proxy.errors import (
+from proxy.identity.errors import (
     CertChainBrokenLink,
     CertChainDateInvalid,
     CertChainEmpty,
@@ -43,7 +43,7 @@ from proxy.errors import (
     CertChainUnclaimed,
     NodeIdInvalid,
 )
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 
 def verify_server_certificate_chain(

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import trio
 
 from nat.message import PING, PONG
-from proxy.errors import ConnectionKeepAliveTimeout, ProxyNotRunning
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ProxyNotRunning
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.errors import ConfigError, NodeIdInvalid
+from proxy.app.errors import ConfigError
+from proxy.identity.errors import NodeIdInvalid
 
 KEY_FILE = "key.pem"
 CHAIN_FILE = "chain.pem"
@@ -64,7 +65,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Names of nat.utp.congestion.CONTROLLERS that a config may choose.
 CONGESTION_CONTROLLERS = ("ledbat", "tolerant", "rate")
 # The appliance's default: keeps most of a lossy path (bench/lossy_path.py).
-DEFAULT_CONGESTION = "rate"
+from proxy.tunnel.defaults import DEFAULT_CONGESTION  # noqa: E402  (re-exported for the config table)
 LOG_FORMATS = ("text", "json")
 
 # Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).
@@ -440,7 +441,7 @@ def _read_timeouts(reader: _Reader, table: dict[str, Any]) -> Timeouts:
 
 
 def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
-    from proxy.node_id import NodeId  # identity layer; imported late to keep config light
+    from proxy.identity.node_id import NodeId  # identity layer; imported late to keep config light
 
     peers: dict[Any, HostPort] = {}
     for name, raw in table.items():

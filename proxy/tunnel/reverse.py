@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.connection_forward import start_error, until_peer_dies
-from proxy.connection_tunnel import (
+from proxy.tunnel.forward import start_error, until_peer_dies
+from proxy.tunnel.connection import (
     ConnectionEvent,
     TunnelConnection,
     Direction,
@@ -29,15 +29,15 @@ from proxy.connection_tunnel import (
     reset_error_for,
     verified_chains,
 )
-from proxy.errors import ConnectionKeepAliveTimeout, ConnectionStartError
-from proxy.peer import Address
-from proxy.relay import relay
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionStartError
+from proxy.tunnel.peer import Address
+from proxy.tunnel.splice import relay
 from proxy.tls import TLSStream
-from proxy.verification import verify_client_certificate_chain
+from proxy.identity.verification import verify_client_certificate_chain
 
 if TYPE_CHECKING:
     from nat.stream import UtpStream
-    from proxy.proxy import Proxy
+    from proxy.tunnel.proxy import Proxy
 
 log = logging.getLogger(__name__)
 

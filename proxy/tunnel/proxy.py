@@ -31,10 +31,10 @@ import trio
 from nat import open_endpoint
 from nat.errors import EndpointClosed, NatError
 from nat.utp.config import UtpConfig
-from proxy.address_book import AddressBook
-from proxy.connection_forward import ConnectionForward
-from proxy.connection_reverse import ConnectionReverse
-from proxy.connection_tunnel import (
+from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.forward import ConnectionForward
+from proxy.tunnel.reverse import ConnectionReverse
+from proxy.tunnel.connection import (
     TRANSPORT_ERRORS,
     ConnectionCallback,
     ConnectionEvent,
@@ -43,14 +43,16 @@ from proxy.connection_tunnel import (
     call_callback,
     close_streams,
 )
-from proxy.config import DEFAULT_CONGESTION
-from proxy.errors import ConnectionStartError, KeynodeError, ProxyNotRunning
-from proxy.http_connect import ConnectTarget, HTTPConnectEdge
-from proxy.node_id import NodeId
-from proxy.peer import Address, PeerRegistry, PeerTimers, normalize_address
-from proxy.tls_config import TLSConfig
+from proxy.identity.errors import KeynodeError
+from proxy.tunnel.errors import ConnectionStartError, ProxyNotRunning
+from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.defaults import DEFAULT_CONGESTION
+from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
+from proxy.identity.tls_config import TLSConfig
 
 log = logging.getLogger(__name__)
+
 
 MAX_CONN_CONNECT_TIME = 20.0
 

@@ -23,7 +23,7 @@ import trio
 
 from nat.errors import NatError
 from nat.stream import UtpStream
-from proxy.connection_tunnel import (
+from proxy.tunnel.connection import (
     TRANSPORT_ERRORS,
     ConnectionEvent,
     TunnelConnection,
@@ -34,22 +34,21 @@ from proxy.connection_tunnel import (
     reset_error_for,
     verified_chains,
 )
-from proxy.errors import (
-    CertificateChainError,
+from proxy.identity.errors import CertificateChainError, KeynodeError
+from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionStartError,
     ConnectionStartTimeout,
     ConnectionVerifyError,
-    KeynodeError,
 )
-from proxy.node_id import NodeId
-from proxy.peer import Address, Peer
-from proxy.relay import relay
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.peer import Address, Peer
+from proxy.tunnel.splice import relay
 from proxy.tls import TLSStream
-from proxy.verification import verify_server_certificate_chain
+from proxy.identity.verification import verify_server_certificate_chain
 
 if TYPE_CHECKING:
-    from proxy.proxy import Proxy
+    from proxy.tunnel.proxy import Proxy
 
 log = logging.getLogger(__name__)
 

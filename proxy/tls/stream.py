@@ -5,7 +5,7 @@ is itself a ``trio.abc.HalfCloseableStream``:
 
 * TLS 1.3 only, Ed25519 (or any key OpenSSL takes) certificates, both sides present
   their chain; the server requires a client certificate. The TLS layer accepts any
-  chain (the verify callback says yes): ``proxy.verification`` decides who the peer
+  chain (the verify callback says yes): ``proxy.identity.verification`` decides who the peer
   is, from ``peer_certificate_chain`` (leaf first, the full chain as sent).
 * Half-close maps onto close_notify: ``send_eof`` sends close_notify (then EOF on the
   transport when it can half-close) and reading goes on; ``receive_some`` returns
@@ -34,13 +34,7 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-from proxy.errors import (
-    TLSBusyError,
-    TLSError,
-    TLSHandshakeError,
-    TLSProtocolError,
-    TLSTruncatedError,
-)
+from proxy.tls.errors import TLSBusyError, TLSError, TLSHandshakeError, TLSProtocolError, TLSTruncatedError
 
 __all__ = ["TLSStream", "open_tls_stream", "TLSConfigLike"]
 
@@ -63,7 +57,7 @@ GOODBYE_TIMEOUT = 1.0
 
 
 class TLSConfigLike(Protocol):
-    """What TLSStream needs of ``proxy.tls_config.TLSConfig``."""
+    """What TLSStream needs of ``proxy.identity.tls_config.TLSConfig``."""
 
     @property
     def private_key(self) -> object: ...
@@ -76,7 +70,7 @@ def _accept_any_chain(
     connection: SSL.Connection, certificate: object, error_number: int, depth: int, ok: int
 ) -> bool:
     # The TLS layer only proves possession of the leaf key; who the peer is, and
-    # whether its chain is acceptable, is decided by proxy.verification.
+    # whether its chain is acceptable, is decided by proxy.identity.verification.
     return True
 
 

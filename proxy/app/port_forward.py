@@ -18,9 +18,10 @@ from urllib.parse import quote
 import h11
 import trio
 
-from proxy.config import HostPort, format_host_port, parse_host_port
-from proxy.errors import NodeIdInvalid, PortForwardError
-from proxy.node_id import NodeId
+from proxy.app.config import HostPort, format_host_port, parse_host_port
+from proxy.app.errors import PortForwardError
+from proxy.identity.errors import NodeIdInvalid
+from proxy.identity.node_id import NodeId
 
 log = logging.getLogger("keynode.forward")
 

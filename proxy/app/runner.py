@@ -22,9 +22,10 @@ from typing import Any
 
 import trio
 
-from proxy.config import Config, format_host_port
-from proxy.errors import ConnectionNotFound, KeynodeError
-from proxy.node_id import NodeId
+from proxy.app.config import Config, format_host_port
+from proxy.identity.errors import KeynodeError
+from proxy.tunnel.errors import ConnectionNotFound
+from proxy.identity.node_id import NodeId
 
 log = logging.getLogger("keynode.run")
 
@@ -205,7 +206,7 @@ class NodeController:
     async def reload_identity(self) -> dict[str, Any]:
         """Use the key and chain now in the node directory (after `keynode rotate`) for
         connections started from now on; live connections keep their session."""
-        from proxy.tls_config import TLSConfig
+        from proxy.identity.tls_config import TLSConfig
 
         tls_config = TLSConfig.load(self.config.key_path, self.config.chain_path)
         self.proxy.set_tls_config(tls_config)
@@ -229,10 +230,10 @@ class NodeController:
 
 async def run_node(config: Config, tls_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status (0 after a graceful stop)."""
-    from proxy.address_book import AddressBook
-    from proxy.control import serve_control
+    from proxy.tunnel.address_book import AddressBook
+    from proxy.app.control import serve_control
     from nat.utp.config import UtpConfig
-    from proxy.proxy import open_proxy
+    from proxy.tunnel.proxy import open_proxy
 
     setup_logging(config.log_level, config.log_format)
     events = ConnectionLog()

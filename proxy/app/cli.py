@@ -10,7 +10,6 @@ import argparse
 import enum
 import json
 import logging
-import secrets
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,11 +18,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from proxy.config import (
-    AUTH_TOKEN_FILE,
-    CHAIN_FILE,
+from proxy.app.config import (
     CONFIG_FILE,
-    KEY_FILE,
     Config,
     HostPort,
     default_config,
@@ -31,15 +27,15 @@ from proxy.config import (
     load_config,
     parse_host_port,
 )
-from proxy.errors import (
+from proxy.app.errors import (
     ConfigError,
     ControlRequestFailed,
     ControlUnreachable,
-    IdentityError,
-    KeynodeError,
     NodeDirectoryError,
     PortForwardError,
 )
+from proxy.app.node_dir import identity_document, keygen, load_identity, rotate
+from proxy.identity.errors import IdentityError, KeynodeError
 
 PROGRAM = "keynode"
 
@@ -81,76 +77,12 @@ def exit_code_for(error: BaseException) -> ExitCode:
     return ExitCode.FAILURE
 
 
-# --- node directory: identity and token ---------------------------------------------
+# --- node directory ----------------------------------------------------------------
 
 
 def node_dir_from(args: argparse.Namespace) -> Path:
     directory = getattr(args, "dir", None)
     return Path(directory).expanduser() if directory else default_node_dir()
-
-
-def keygen(node_dir: Path, *, force: bool) -> Any:
-    """Create key (0600), certificate chain and auth token (0600) in `node_dir`."""
-    from proxy.tls_config import TLSConfig
-
-    key_path, chain_path = node_dir / KEY_FILE, node_dir / CHAIN_FILE
-    if key_path.exists() and not force:
-        raise NodeDirectoryError(
-            f"{node_dir} already has an identity ({key_path}); "
-            "pass --force to replace it (its NodeId is lost), or use `keynode rotate`"
-        )
-    try:
-        node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as error:
-        raise NodeDirectoryError(f"cannot create {node_dir}: {error.strerror}") from None
-    tls_config = TLSConfig.generate()
-    tls_config.save(key_path, chain_path)
-    token_path = node_dir / AUTH_TOKEN_FILE
-    if not token_path.exists():
-        from proxy.keys import write_file_atomically
-
-        write_file_atomically(token_path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
-    return tls_config
-
-
-def load_identity(node_dir: Path) -> Any:
-    from proxy.tls_config import TLSConfig
-
-    key_path = node_dir / KEY_FILE
-    if not key_path.exists():
-        raise NodeDirectoryError(
-            f"no identity in {node_dir} (create one with `keynode keygen --dir {node_dir}`)"
-        )
-    return TLSConfig.load(key_path, node_dir / CHAIN_FILE)
-
-
-def rotate(node_dir: Path) -> tuple[Any, Any]:
-    """New key whose certificate the old key issues; returns (old, new) TLSConfigs."""
-    from proxy.certificates import rotate_key
-    from proxy.tls_config import TLSConfig
-
-    old = load_identity(node_dir)
-    new_key, chain = rotate_key(old.private_key, old.certificate_chain)
-    new = TLSConfig(new_key, tuple(chain))
-    new.save(node_dir / KEY_FILE, node_dir / CHAIN_FILE)
-    return old, new
-
-
-def identity_document(tls_config: Any) -> dict[str, Any]:
-    from proxy.certificates import certificate_issuer_node_id, certificate_node_id
-
-    return {
-        "node_id": str(tls_config.node_id),
-        "chain": [
-            {
-                "subject": str(certificate_node_id(certificate)),
-                "issuer": str(certificate_issuer_node_id(certificate)),
-                "not_before": certificate.not_valid_before_utc.isoformat(),
-                "not_after": certificate.not_valid_after_utc.isoformat(),
-            }
-            for certificate in tls_config.certificate_chain
-        ],
-    }
 
 
 # --- config resolution -----------------------------------------------------------------
@@ -196,7 +128,7 @@ def listen_argument(text: str) -> HostPort:
 
 
 def node_id_argument(text: str) -> Any:
-    from proxy.node_id import NodeId
+    from proxy.identity.node_id import NodeId
 
     try:
         return NodeId.decode(text)
@@ -206,7 +138,7 @@ def node_id_argument(text: str) -> Any:
 
 def forward_target_argument(text: str) -> Any:
     """NODEID@HOST:PORT, or NODEID alone (its address then comes from [peers])."""
-    from proxy.port_forward import parse_forward_target
+    from proxy.app.port_forward import parse_forward_target
 
     try:
         if "@" not in text:
@@ -264,20 +196,20 @@ def command_run(args: argparse.Namespace) -> int:
     # The identity first: without keygen, "no identity" is the useful message.
     tls_config = load_identity(resolve_config(args, read_auth=False).node_dir)
     config = resolve_config(args)
-    from proxy.runner import run_node  # imports the whole Proxy stack: only when running
+    from proxy.app.runner import run_node  # imports the whole Proxy stack: only when running
 
     return trio.run(run_node, config, tls_config)
 
 
 def _control(args: argparse.Namespace, method: str, target: str, body: Any = None) -> Any:
-    from proxy.control import control_request
+    from proxy.app.control import control_request
 
     path = control_path_from(args)
     return trio.run(lambda: control_request(path, method, target, body))
 
 
 def command_status(args: argparse.Namespace) -> int:
-    from proxy.control import format_status
+    from proxy.app.control import format_status
 
     status = _control(args, "GET", "/v1/status")
     if args.json:
@@ -342,10 +274,10 @@ def command_lookup(args: argparse.Namespace) -> int:
 
 
 def command_forward(args: argparse.Namespace) -> int:
-    from proxy.port_forward import serve_port_forward
+    from proxy.app.port_forward import serve_port_forward
 
-    from proxy.node_id import NodeId
-    from proxy.port_forward import ForwardTarget
+    from proxy.identity.node_id import NodeId
+    from proxy.app.port_forward import ForwardTarget
 
     config = resolve_config(args)
     if isinstance(args.target, NodeId):
@@ -378,7 +310,7 @@ def command_forward(args: argparse.Namespace) -> int:
 async def wait_for_stop_signal() -> int:
     """Returns the number of the first SIGINT or SIGTERM; later ones are ignored, so
     a signal repeated (e.g. to the process group) cannot kill the clean stop."""
-    from proxy.runner import stop_signal_receiver
+    from proxy.app.runner import stop_signal_receiver
 
     number = 0
     with stop_signal_receiver() as signals:
@@ -397,7 +329,7 @@ def command_demo(args: argparse.Namespace) -> int:
         ) from None
     if args.calls < 1 or args.stream_mib < 1:
         raise CommandError("--calls and --stream-mib must be at least 1", ExitCode.USAGE)
-    from proxy.demo import run_demo
+    from proxy.app.demo import run_demo
 
     passed = run_demo(calls=args.calls, stream_mib=args.stream_mib, keep=args.keep)
     return ExitCode.OK if passed else ExitCode.DEMO_FAILED

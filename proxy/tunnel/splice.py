@@ -36,9 +36,10 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
 
 from nat.stream import UtpStream
-from proxy.connection_tunnel import TRANSPORT_ERRORS, EndReason
-from proxy.errors import ConnectionKeepAliveTimeout, TLSTruncatedError
-from proxy.peer import Peer
+from proxy.tunnel.connection import TRANSPORT_ERRORS, EndReason
+from proxy.tls.errors import TLSTruncatedError
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout
+from proxy.tunnel.peer import Peer
 from proxy.tls import SEND_SLICE, TLSStream
 
 log = logging.getLogger(__name__)

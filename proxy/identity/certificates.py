@@ -30,13 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.errors import (
+from proxy.identity.errors import (
     CertChainMalformed,
     CertChainNameInvalid,
     CertChainSignatureInvalid,
     KeyFileError,
 )
-from proxy.node_id import NodeId
+from proxy.identity.node_id import NodeId
 
 VERSION_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.57167.2.2.1")
 NODE_SIGNATURE_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.57167.2.2.2")

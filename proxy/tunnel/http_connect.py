@@ -26,15 +26,9 @@ from urllib.parse import parse_qs
 import h11
 import trio
 
-from proxy.errors import (
-    BadConnectRequest,
-    KeynodeError,
-    MethodNotAllowed,
-    NodeIdInvalid,
-    ProxyAuthRequired,
-    UnknownNodeId,
-)
-from proxy.node_id import NodeId
+from proxy.identity.errors import KeynodeError, NodeIdInvalid
+from proxy.tunnel.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
+from proxy.identity.node_id import NodeId
 
 # A CONNECT request is one line plus a few headers; anything larger is hostile.
 MAX_REQUEST_SIZE = 16 * 1024

@@ -22,12 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat.errors import NatError
-from proxy.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer, KeynodeError
-from proxy.node_id import NodeId
-from proxy.peer import Peer
+from proxy.identity.errors import KeynodeError
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.peer import Peer
 
 if TYPE_CHECKING:
-    from proxy.relay import PipeOutcome
+    from proxy.tunnel.splice import PipeOutcome
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""The application: config, the keynode CLI, the node runner and its control socket,
+port forwarding, the demo."""
