@@ -21,11 +21,9 @@ import trio
 from proxy.app.config import (
     CONFIG_FILE,
     Config,
-    HostPort,
     default_config,
     default_node_dir,
     load_config,
-    parse_host_port,
 )
 from proxy.app.errors import (
     ConfigError,
@@ -36,6 +34,7 @@ from proxy.app.errors import (
 )
 from proxy.app.node_dir import identity_document, keygen, load_identity, rotate
 from proxy.identity.errors import IdentityError, KeynodeError
+from proxy.tunnel.hosts import HostPort, parse_host_port
 
 PROGRAM = "keynode"
 
@@ -111,6 +110,15 @@ def control_path_from(args: argparse.Namespace) -> Path:
 
 def print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def report(args: argparse.Namespace, answer: Any, human: object) -> int:
+    """The node's answer as JSON with --json, else one line for people."""
+    if args.json:
+        print_json(answer)
+    else:
+        print(human)
+    return ExitCode.OK
 
 
 def host_port_argument(text: str) -> HostPort:
@@ -236,48 +244,30 @@ def command_open_forward(args: argparse.Namespace) -> int:
         args.address = peer_address(args, args.node_id)
     body = {"node_id": str(args.node_id), "host": args.address.host, "port": args.address.port}
     answer = _control(args, "POST", "/v1/forward", body)
-    if args.json:
-        print_json(answer)
-    else:
-        print(f"forward connection open to {answer.get('node_id')} at {args.address}")
-    return ExitCode.OK
+    return report(args, answer, f"forward connection open to {answer.get('node_id')} at {args.address}")
 
 
 def command_open_reverse(args: argparse.Namespace) -> int:
     body = {"host": args.address.host, "port": args.address.port}
     answer = _control(args, "POST", "/v1/reverse", body)
-    if args.json:
-        print_json(answer)
-    else:
-        print(f"reverse connection open to {args.address}")
-    return ExitCode.OK
+    return report(args, answer, f"reverse connection open to {args.address}")
 
 
 def command_close(args: argparse.Namespace) -> int:
     body = {"direction": args.direction, "host": args.address.host, "port": args.address.port}
     answer = _control(args, "POST", "/v1/close", body)
-    if args.json:
-        print_json(answer)
-    else:
-        print(f"{args.direction} connection to {args.address} closed")
-    return ExitCode.OK
+    return report(args, answer, f"{args.direction} connection to {args.address} closed")
 
 
 def command_lookup(args: argparse.Namespace) -> int:
     target = f"/v1/lookup?host={args.address.host}&port={args.address.port}"
     answer = _control(args, "GET", target)
-    if args.json:
-        print_json(answer)
-    else:
-        print(answer.get("node_id"))
-    return ExitCode.OK
+    return report(args, answer, answer.get("node_id"))
 
 
 def command_forward(args: argparse.Namespace) -> int:
-    from proxy.app.port_forward import serve_port_forward
-
+    from proxy.app.port_forward import ForwardTarget, serve_port_forward
     from proxy.identity.node_id import NodeId
-    from proxy.app.port_forward import ForwardTarget
 
     config = resolve_config(args)
     if isinstance(args.target, NodeId):
@@ -312,11 +302,10 @@ async def wait_for_stop_signal() -> int:
     a signal repeated (e.g. to the process group) cannot kill the clean stop."""
     from proxy.app.runner import stop_signal_receiver
 
-    number = 0
     with stop_signal_receiver() as signals:
         async for number in signals:
-            break
-    return number
+            return number
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:

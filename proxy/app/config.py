@@ -41,10 +41,8 @@ the dotted key and the reason, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
-import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -55,6 +53,16 @@ from typing import Any, Literal
 from proxy.app.errors import ConfigError
 from proxy.identity.errors import NodeIdInvalid
 
+# The appliance's congestion default (keeps most of a lossy path, bench/lossy_path.py).
+from proxy.tunnel.defaults import DEFAULT_CONGESTION
+from proxy.tunnel.hosts import (
+    HostPort,
+    HostPortInvalid,
+    parse_host,
+    parse_host_port,
+    parse_port,
+)
+
 KEY_FILE = "key.pem"
 CHAIN_FILE = "chain.pem"
 AUTH_TOKEN_FILE = "auth_token"
@@ -64,12 +72,8 @@ CONFIG_FILE = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Names of nat.utp.congestion.CONTROLLERS that a config may choose.
 CONGESTION_CONTROLLERS = ("ledbat", "tolerant", "rate")
-# The appliance's default: keeps most of a lossy path (bench/lossy_path.py).
-from proxy.tunnel.defaults import DEFAULT_CONGESTION  # noqa: E402  (re-exported for the config table)
 LOG_FORMATS = ("text", "json")
 
-# Longest hostname (RFC 1035) and a label of letters, digits, '-', '_' (RFC 1123 + SRV).
-_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _MAX_TOKEN_BYTES = 4096
 
 
@@ -79,15 +83,6 @@ def default_node_dir() -> Path:
     if data_home and os.path.isabs(data_home):
         return Path(data_home) / "keynode"
     return Path.home() / ".local" / "share" / "keynode"
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return format_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -142,65 +137,6 @@ class Config:
     @property
     def chain_path(self) -> Path:
         return self.node_dir / CHAIN_FILE
-
-
-# --- host and port syntax (shared with the CLI) -----------------------------------
-
-
-def format_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def validate_host(host: object) -> str:
-    """An IPv4/IPv6 literal or a hostname; raises ValueError with the reason."""
-    if not isinstance(host, str):
-        raise ValueError(f"must be a string, not {type(host).__name__}")
-    if not host:
-        raise ValueError("must not be empty")
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    if len(host) > 253:
-        raise ValueError("hostname longer than 253 characters")
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    if not all(_HOSTNAME_LABEL.match(label) for label in labels):
-        raise ValueError(f"{host!r} is neither an IP address nor a hostname")
-    return host
-
-
-def validate_port(port: object, *, allow_zero: bool) -> int:
-    # bool is an int subclass: `port = true` is a mistake, not port 1.
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise ValueError(f"must be an integer, not {type(port).__name__}")
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise ValueError(f"{port} is out of range {low}..65535")
-    return port
-
-
-def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
-    """`host:port`, `1.2.3.4:port` or `[v6]:port`; raises ValueError with the reason."""
-    if not isinstance(text, str):
-        raise ValueError(f"must be a string 'host:port', not {type(text).__name__}")
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1 : close + 2] != ":":
-            raise ValueError(f"{text!r} is not '[IPv6]:port'")
-        host, port_text = text[1:close], text[close + 2 :]
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{text!r} is not 'host:port' (IPv6 goes in brackets)")
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise ValueError(f"port {port_text!r} is not a number")
-    return HostPort(validate_host(host), validate_port(int(port_text), allow_zero=allow_zero))
 
 
 # --- loading -------------------------------------------------------------------------
@@ -289,12 +225,12 @@ class _Reader:
                 raise self.fail(f"{section}.port", "missing (a host needs a port)")
             return None
         try:
-            host_value = validate_host(host_value)
-        except ValueError as error:
+            host_value = parse_host(host_value)
+        except HostPortInvalid as error:
             raise self.fail(f"{section}.host", str(error)) from None
         try:
-            port_value = validate_port(port_value, allow_zero=allow_zero)
-        except ValueError as error:
+            port_value = parse_port(port_value, allow_zero=allow_zero)
+        except HostPortInvalid as error:
             raise self.fail(f"{section}.port", str(error)) from None
         return HostPort(host_value, port_value)
 
@@ -360,10 +296,10 @@ def config_from_mapping(
         auth=auth,
         timeouts=timeouts,
         peers=peers,
-        log_level=level,  # type: ignore[arg-type]
-        log_format=log_format,  # type: ignore[arg-type]
+        log_level=level,
+        log_format=log_format,
         control_socket=control_socket,
-        congestion=congestion,  # type: ignore[arg-type]
+        congestion=congestion,
     )
 
 
@@ -451,7 +387,7 @@ def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
         except (NodeIdInvalid, ValueError) as error:
             raise reader.fail(key, f"not a NodeId: {error}") from None
         try:
-            peers[node_id] = parse_host_port(raw)
-        except ValueError as error:
+            peers[node_id] = parse_host_port(raw, allow_wildcard=False)
+        except HostPortInvalid as error:
             raise reader.fail(key, str(error)) from None
     return peers

@@ -32,15 +32,18 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from proxy.app.config import validate_host, validate_port
 from proxy.app.errors import ControlError, ControlRequestFailed, ControlUnreachable
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
-from proxy.tunnel.errors import ConnectionNotFound
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import ConnectionNotFound
+from proxy.tunnel.hosts import HostPortInvalid, parse_host, parse_port, parse_port_text
+from proxy.tunnel.http_io import receive_message
 
 log = logging.getLogger("keynode.control")
 
 MAX_REQUEST_SIZE = 64 * 1024
+# The node is ours, but a bound costs nothing; a status of 100k connections fits.
+MAX_RESPONSE_SIZE = 64 * 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 # Opening a connection may take conn_connect_time (at most 20 s) plus TLS.
 CLIENT_TIMEOUT = 30.0
@@ -129,39 +132,21 @@ async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_SIZE)
     async with stream:
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                request, body = await _read_request(stream, connection)
-        except (trio.TooSlowError, h11.RemoteProtocolError, BadControlRequest) as error:
-            if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _respond(stream, connection, 400, {"error": "BadControlRequest", "message": str(error)})
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        status, document = await _dispatch(handler, request, body)
-        try:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    message = await receive_message(stream, connection, max_body_size=MAX_REQUEST_SIZE)
+            except (trio.TooSlowError, h11.RemoteProtocolError) as error:
+                if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await _respond(stream, connection, 400, {"error": "BadControlRequest", "message": str(error)})
+                return
+            if message is None:
+                return  # the client went away before a whole request (e.g. a liveness probe)
+            request, body = message
+            assert isinstance(request, h11.Request)  # h11 gives a server requests only
+            status, document = await _dispatch(handler, request, body)
             await _respond(stream, connection, status, document)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-
-
-async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -> tuple[h11.Request, bytes]:
-    request: h11.Request | None = None
-    body = bytearray()
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            connection.receive_data(await stream.receive_some(16384))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_REQUEST_SIZE:
-                raise BadControlRequest("request body too large")
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None
-            return request, bytes(body)
-        else:
-            raise BadControlRequest("connection closed before a complete request")
+            return  # a client gone mid-answer ends only its own connection
 
 
 async def _respond(stream: trio.SocketStream, connection: h11.Connection, status: int, document: Any) -> None:
@@ -229,12 +214,13 @@ def _parse_arguments(method: str, query: str, body: bytes) -> dict[str, Any]:
 
 def _host_port_arguments(arguments: Mapping[str, Any]) -> tuple[str, int]:
     try:
-        host = validate_host(arguments.get("host"))
+        host = parse_host(arguments.get("host"))
         port = arguments.get("port")
-        if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
-            port = int(port)
-        return host, validate_port(port, allow_zero=False)
-    except ValueError as error:
+        # GET arguments come as query text, POST ones as JSON numbers.
+        if isinstance(port, str):
+            return host, parse_port_text(port, allow_zero=False)
+        return host, parse_port(port, allow_zero=False)
+    except HostPortInvalid as error:
         raise BadControlRequest(f"host/port: {error}") from None
 
 
@@ -320,20 +306,12 @@ async def control_request(
 
 
 async def _read_response(stream: trio.SocketStream, connection: h11.Connection) -> tuple[h11.Response, bytes]:
-    response: h11.Response | None = None
-    body = bytearray()
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            connection.receive_data(await stream.receive_some(65536))
-        elif isinstance(event, h11.Response):
-            response = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage) and response is not None:
-            return response, bytes(body)
-        else:
-            raise h11.RemoteProtocolError("incomplete response")
+    message = await receive_message(stream, connection, max_body_size=MAX_RESPONSE_SIZE, read_size=65536)
+    if message is None:
+        raise h11.RemoteProtocolError("closed without an answer")
+    response, body = message
+    assert isinstance(response, h11.Response)  # h11 gives a client responses only
+    return response, body
 
 
 # --- human output ----------------------------------------------------------------
@@ -358,8 +336,8 @@ def format_age(seconds: float) -> str:
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_status(status: Mapping[str, Any]) -> str:

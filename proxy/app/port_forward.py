@@ -18,10 +18,11 @@ from urllib.parse import quote
 import h11
 import trio
 
-from proxy.app.config import HostPort, format_host_port, parse_host_port
 from proxy.app.errors import PortForwardError
 from proxy.identity.errors import NodeIdInvalid
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.hosts import HostPort, format_host_port, parse_host_port
+from proxy.tunnel.http_io import receive_head
 
 log = logging.getLogger("keynode.forward")
 
@@ -96,27 +97,20 @@ async def _connect_handshake(stream: trio.SocketStream, auth_token: str, target:
         target=target,
         headers=[
             ("Host", target.partition("?")[0]),
-            ("Proxy-Authorization", proxy_authorization(auth_token)),
+            ("Proxy-Authorization", proxy_authorization(auth_token).decode("ascii")),
             ("User-Agent", "keynode-forward"),
         ],
     )
     try:
         await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(PIPE_CHUNK)
-                connection.receive_data(data)
-                continue
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                break
-            raise PortForwardError("the forward proxy closed the connection without answering")
+        event = await receive_head(stream, connection, read_size=PIPE_CHUNK)
     except h11.RemoteProtocolError as error:
         raise PortForwardError(f"the forward proxy answered with invalid HTTP: {error}") from None
     except (trio.BrokenResourceError, OSError) as error:
         raise PortForwardError(f"the forward proxy dropped the connection: {error}") from None
+    if event is None:
+        raise PortForwardError("the forward proxy closed the connection without answering")
+    assert isinstance(event, h11.Response)  # h11 gives a client responses only
     if not 200 <= event.status_code < 300:
         reason = event.reason.decode("latin-1", "replace")
         hint = " (check the auth token)" if event.status_code == 407 else ""

@@ -22,10 +22,11 @@ from typing import Any
 
 import trio
 
-from proxy.app.config import Config, format_host_port
+from proxy.app.config import Config
 from proxy.identity.errors import KeynodeError
-from proxy.tunnel.errors import ConnectionNotFound
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import ConnectionNotFound
+from proxy.tunnel.hosts import format_host_port
 
 log = logging.getLogger("keynode.run")
 
@@ -38,7 +39,7 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -54,7 +55,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
@@ -230,9 +231,9 @@ class NodeController:
 
 async def run_node(config: Config, tls_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status (0 after a graceful stop)."""
-    from proxy.tunnel.address_book import AddressBook
-    from proxy.app.control import serve_control
     from nat.utp.config import UtpConfig
+    from proxy.app.control import serve_control
+    from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
 
     setup_logging(config.log_level, config.log_format)

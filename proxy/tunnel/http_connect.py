@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -27,8 +25,10 @@ import h11
 import trio
 
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
-from proxy.tunnel.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
+from proxy.tunnel.hosts import HostPortInvalid, parse_host, parse_port_text, split_host_port
+from proxy.tunnel.http_io import receive_event, receive_head
 
 # A CONNECT request is one line plus a few headers; anything larger is hostile.
 MAX_REQUEST_SIZE = 16 * 1024
@@ -47,9 +47,6 @@ REASONS: dict[int, bytes] = {
     526: b"Invalid SSL Certificate",
 }
 
-_HOSTNAME_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
-
 
 @dataclass(frozen=True)
 class ConnectTarget:
@@ -60,47 +57,18 @@ class ConnectTarget:
     node_ids: tuple[NodeId, ...]
 
 
-def _parse_port(text: str) -> int:
-    if not _PORT.match(text):
-        raise BadConnectRequest(f"bad port {text!r}")
-    port = int(text)
-    if not 0 < port < 65536:
-        raise BadConnectRequest(f"port out of range: {port}")
-    return port
-
-
-def _parse_host(text: str) -> str:
-    """An IP literal (IPv6 already unbracketed) or a DNS name; wildcards rejected."""
+def _target_host(text: str) -> str:
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        address = None
-    if address is not None:
-        if address.is_unspecified:
-            raise BadConnectRequest(f"wildcard host {text!r}")
-        return str(address)
-    name = text.lower().rstrip(".")
-    if not name or len(name) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in name.split(".")):
-        raise BadConnectRequest(f"bad host {text!r}")
-    return name
+        return parse_host(text, allow_wildcard=False)
+    except HostPortInvalid as error:
+        raise BadConnectRequest(f"bad host: {error}") from None
 
 
-def _split_authority(authority: str) -> tuple[str, str, bool]:
-    """``host:port`` or ``[v6]:port`` -> (host, port text, bracketed)."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end < 0 or authority[end + 1 : end + 2] != ":":
-            raise BadConnectRequest(f"bad target {authority!r}")
-        host = authority[1:end]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise BadConnectRequest(f"bad IPv6 literal {host!r}") from None
-        return host, authority[end + 2 :], True
-    host, sep, port = authority.rpartition(":")
-    if not sep or not host or ":" in host:
-        raise BadConnectRequest(f"bad target {authority!r}")
-    return host, port, False
+def _target_port(text: str) -> int:
+    try:
+        return parse_port_text(text, allow_zero=False)
+    except HostPortInvalid as error:
+        raise BadConnectRequest(f"bad port: {error}") from None
 
 
 def _decode_node_id(text: str) -> NodeId:
@@ -123,15 +91,19 @@ def parse_connect_target(
 ) -> ConnectTarget:
     """Parse a CONNECT request-target; raise a BadConnectRequest (400) subclass."""
     authority, has_query, query = target.partition("?")
-    host_text, port_text, bracketed = _split_authority(authority)
-    port = _parse_port(port_text)
-    if not has_query and not bracketed and _looks_like_node_id(host_text):
+    try:
+        host_text, port_text = split_host_port(authority)
+    except HostPortInvalid as error:
+        raise BadConnectRequest(f"bad target: {error}") from None
+    port = _target_port(port_text)
+    # A NodeId never parses as an IPv6 literal, so a bracketed host is never one.
+    if not has_query and _looks_like_node_id(host_text):
         # `<NodeId>:<PORT>`: the port is ignored for now (one service per node).
         node_id = NodeId.decode(host_text)
         if address_book is None or node_id not in address_book:
             raise UnknownNodeId(f"no address known for {node_id}")
         host, proxy_port = address_book[node_id]
-        return ConnectTarget(_parse_host(host), _parse_port(str(proxy_port)), (node_id,))
+        return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,))
     if not has_query:
         raise BadConnectRequest("missing nodeId")
     try:
@@ -141,7 +113,7 @@ def parse_connect_target(
     values = params.get("nodeId", [])
     if len(values) != 1:
         raise BadConnectRequest("missing nodeId" if not values else "more than one nodeId")
-    return ConnectTarget(_parse_host(host_text), port, (_decode_node_id(values[0]),))
+    return ConnectTarget(_target_host(host_text), port, (_decode_node_id(values[0]),))
 
 
 def check_proxy_authorization(headers: list[tuple[bytes, bytes]], auth_token: str | None) -> None:
@@ -186,32 +158,22 @@ class HTTPConnectEdge:
         Raises BadConnectRequest for bytes h11 rejects (or a request with a body).
         The caller bounds the time this takes.
         """
-        conn = self._h11
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as error:
-                raise BadConnectRequest(f"malformed request: {error}") from None
-            if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(READ_SIZE)
-                if not data:
-                    return None
-                try:
-                    conn.receive_data(data)
-                except h11.RemoteProtocolError as error:
-                    raise BadConnectRequest(f"malformed request: {error}") from None
-            elif isinstance(event, h11.Request):
-                self.request = event
-                if event.method != b"CONNECT":
-                    return event
-            elif isinstance(event, h11.Data):
-                raise BadConnectRequest("a CONNECT request has no body")
-            elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-                return self.request
-            elif isinstance(event, h11.ConnectionClosed):
+        try:
+            request = await receive_head(self.stream, self._h11, read_size=READ_SIZE)
+            if request is None:
                 return None
-            else:  # pragma: no cover - h11 yields nothing else to a server here
-                raise BadConnectRequest(f"unexpected {event!r}")
+            assert isinstance(request, h11.Request)  # h11 gives a server requests only
+            self.request = request
+            if request.method != b"CONNECT":
+                return request  # parse() answers 405; its body does not matter
+            end = await receive_event(self.stream, self._h11, read_size=READ_SIZE)
+        except h11.RemoteProtocolError as error:
+            raise BadConnectRequest(f"malformed request: {error}") from None
+        if isinstance(end, h11.Data):
+            raise BadConnectRequest("a CONNECT request has no body")
+        if isinstance(end, h11.ConnectionClosed):
+            return None
+        return request  # EndOfMessage, or PAUSED: h11 waits for the tunnel to take over
 
     @property
     def trailing_data(self) -> bytes:

@@ -162,6 +162,28 @@ async def test_garbage_and_silence_harm_nothing(socket_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_clients_leaving_early_harm_nothing(socket_path: Path) -> None:
+    """A client gone before its answer (a liveness probe, a killed `keynode status`)
+    ends only its own connection: writing the answer must not take the node down."""
+    requests = [
+        b"",  # connects and leaves (what `keynode run` does to see whether a node is live)
+        b"\x00\x01\x02 not http\r\n\r\n",  # garbage: the 400 finds no reader
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n",  # a request: the answer finds no reader
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\n",  # half a request, then gone
+    ]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, socket_path, RecordingHandler())
+            for request in requests:
+                for _ in range(3):
+                    client = await trio.open_unix_socket(str(socket_path))
+                    await client.send_all(request)
+                    await client.aclose()
+                await trio.sleep(0.05)  # let the server write into the closed connections
+                assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            nursery.cancel_scope.cancel()
+
+
 async def test_unreachable_and_stale_socket(socket_path: Path) -> None:
     with pytest.raises(ControlUnreachable, match="keynode run"):
         await control_request(socket_path, "GET", "/v1/status")
