@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.app.errors import ConfigError
-from proxy.identity.errors import NodeIdInvalid
+from proxy.identity.errors import KeyFileError, NodeIdInvalid
 
 # The appliance's congestion default (keeps most of a lossy path, bench/lossy_path.py).
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
@@ -340,17 +339,15 @@ def _read_auth(
 
 
 def _read_token_file(reader: _Reader, key: str, path: Path, *, defaulted: bool) -> str:
+    from proxy.identity.keys import read_private_file  # cryptography: imported late to keep config light
+
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise reader.fail(key, f"{path} is not a regular file")
-        # Like ssh with private keys: a secret others can read is a mistake to stop on.
-        if mode & 0o077:
-            raise reader.fail(key, f"{path} is readable by others (run: chmod 600 {path})")
-        return path.read_text(encoding="utf-8")
+        return read_private_file(path).decode("utf-8")
     except FileNotFoundError:
         hint = " (run `keynode keygen` first, or set [auth])" if defaulted else ""
         raise reader.fail(key, f"{path} does not exist{hint}") from None
+    except KeyFileError as error:  # exposed to others, or not a regular file
+        raise reader.fail(key, str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise reader.fail(key, f"cannot read {path}: {error}") from None
 

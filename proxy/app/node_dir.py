@@ -45,7 +45,8 @@ def load_identity(node_dir: Path) -> Any:
         raise NodeDirectoryError(
             f"no identity in {node_dir} (create one with `keynode keygen --dir {node_dir}`)"
         )
-    return TLSConfig.load(key_path, node_dir / CHAIN_FILE)
+    # The node's own key: refused when others may read it, like the auth token.
+    return TLSConfig.load(key_path, node_dir / CHAIN_FILE, owner_only_key=True)
 
 
 def rotate(node_dir: Path) -> tuple[Any, Any]:

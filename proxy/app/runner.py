@@ -207,9 +207,9 @@ class NodeController:
     async def reload_identity(self) -> dict[str, Any]:
         """Use the key and chain now in the node directory (after `keynode rotate`) for
         connections started from now on; live connections keep their session."""
-        from proxy.identity.tls_config import TLSConfig
+        from proxy.app.node_dir import load_identity
 
-        tls_config = TLSConfig.load(self.config.key_path, self.config.chain_path)
+        tls_config = load_identity(self.config.node_dir)
         self.proxy.set_tls_config(tls_config)
         previous, self.node_id = self.node_id, tls_config.node_id
         log.info("identity reloaded: %s (was %s)", self.node_id, previous,

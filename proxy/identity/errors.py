@@ -31,6 +31,10 @@ class KeyFileError(IdentityError):
     """A key or certificate file is missing, unreadable or malformed."""
 
 
+class PrivateFileExposed(KeyFileError):
+    """A private key (or another secret file) that group or others may access."""
+
+
 class CertificateChainError(IdentityError):
     """A peer's certificate chain was rejected (HTTP 526)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from proxy.identity.errors import KeyFileError
+from proxy.identity.errors import KeyFileError, PrivateFileExposed
 
 PRIVATE_KEY_FILE_MODE = 0o600
 
@@ -85,9 +86,37 @@ def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> No
     write_file_atomically(path, private_key_to_pem(key), PRIVATE_KEY_FILE_MODE)
 
 
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+def read_private_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a secret file (a private key, an auth token) that only its owner
+    may access, like ssh with its keys: a secret others can read is a mistake to stop on.
+
+    The mode is checked on the opened file, so the file read is the file checked.
+    Raises PrivateFileExposed (the message says the chmod to run), KeyFileError when
+    it is not a regular file, and OSError (FileNotFoundError, ...) when it cannot be
+    opened or read: callers word those in their own terms."""
+    # O_NONBLOCK: opening a FIFO planted in its place must not hang; a file ignores it.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        data = Path(path).read_bytes()
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise KeyFileError(f"{os.fspath(path)} is not a regular file")
+        if mode & 0o077:
+            raise PrivateFileExposed(
+                f"{os.fspath(path)} is open to group or others (mode {stat.S_IMODE(mode):04o});"
+                f" run: chmod 600 {os.fspath(path)}"
+            )
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(descriptor)
+
+
+def load_private_key(path: str | os.PathLike[str], *, owner_only: bool = False) -> Ed25519PrivateKey:
+    """The key in a PEM file. ``owner_only``: refuse a file group or others may access
+    (PrivateFileExposed); off by default, since a library's caller may keep keys where
+    modes mean something else (a secrets mount, a read-only image)."""
+    try:
+        data = read_private_file(path) if owner_only else Path(path).read_bytes()
     except OSError as error:
         raise KeyFileError(f"cannot read private key {path}: {error}") from error
     return private_key_from_pem(data)

@@ -61,8 +61,16 @@ class TLSConfig:
         return cls(key, (generate_certificate(key),))
 
     @classmethod
-    def load(cls, key_path: str | os.PathLike[str], chain_path: str | os.PathLike[str]) -> TLSConfig:
-        key = load_private_key(key_path)
+    def load(
+        cls,
+        key_path: str | os.PathLike[str],
+        chain_path: str | os.PathLike[str],
+        *,
+        owner_only_key: bool = False,
+    ) -> TLSConfig:
+        """Key and chain from files; ``owner_only_key`` refuses a key file that group
+        or others may access (PrivateFileExposed), as ``keynode`` does."""
+        key = load_private_key(key_path, owner_only=owner_only_key)
         try:
             data = Path(chain_path).read_bytes()
         except OSError as error:

@@ -8,11 +8,10 @@ import stat
 import sys
 from pathlib import Path
 
-from proxy.identity.certificates import certificate_issuer_node_id, certificate_node_id, chain_from_pem
 from proxy.app.cli import ExitCode
+from proxy.identity.certificates import certificate_issuer_node_id, certificate_node_id, chain_from_pem
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_server_certificate_chain
-
 from tests.cli.helpers import run_keynode
 
 
@@ -84,6 +83,25 @@ def test_errors_are_one_line_with_distinct_codes(tmp_path: Path) -> None:
 
     debug = run_keynode("--debug", "id", "--dir", str(tmp_path / "none"))
     assert debug.returncode == ExitCode.IDENTITY and "Traceback" in debug.stderr
+
+
+def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    """Like the auth token (and ssh's keys): a 0644 key.pem stops the node with the fix."""
+    node_dir = tmp_path / "node"
+    assert run_keynode("keygen", "--dir", str(node_dir)).returncode == 0
+    (node_dir / "config.toml").write_text('[proxy]\nhost = "127.0.0.1"\n')
+    key_path = node_dir / "key.pem"
+    for mode in (0o644, 0o640, 0o604):
+        key_path.chmod(mode)
+        for command in ("run", "id"):
+            refused = run_keynode(command, "--dir", str(node_dir), timeout=30)
+            assert refused.returncode == ExitCode.IDENTITY, (command, oct(mode), refused.stderr)
+            assert refused.stderr.strip().splitlines() == [
+                f"keynode {command}: {key_path} is open to group or others (mode {mode:04o});"
+                f" run: chmod 600 {key_path}"
+            ]
+    key_path.chmod(0o400)  # owner-only, read-only: fine
+    assert run_keynode("id", "--dir", str(node_dir)).returncode == 0
 
 
 def test_every_command_has_help_with_examples() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import h11
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.app.control import _dispatch, control_request, format_status, serve_control
 from proxy.errors import (

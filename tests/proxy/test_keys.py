@@ -10,14 +10,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
-    NoEncryption,
     Encoding,
+    NoEncryption,
     PrivateFormat,
 )
 
-from proxy.errors import KeyFileError
-from proxy.identity.keys import generate_key_pair, load_private_key, save_private_key
+from proxy.errors import KeyFileError, PrivateFileExposed
+from proxy.identity.keys import generate_key_pair, load_private_key, read_private_file, save_private_key
 from proxy.identity.node_id import NodeId
+from proxy.identity.tls_config import TLSConfig
 
 
 def test_save_load_round_trip_and_mode(tmp_path: Path) -> None:
@@ -52,6 +53,33 @@ def test_overwrite_replaces_a_world_readable_file_atomically(tmp_path: Path) -> 
     assert os.stat(path).st_ino != inode_before
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert load_private_key(path).public_key() == key.public_key()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o601])
+def test_owner_only_refuses_a_key_others_can_access(tmp_path: Path, mode: int) -> None:
+    tls = TLSConfig.generate()
+    key_path, chain_path = tmp_path / "key.pem", tmp_path / "chain.pem"
+    tls.save(key_path, chain_path)
+    key_path.chmod(mode)
+    with pytest.raises(PrivateFileExposed, match=f"run: chmod 600 {key_path}"):
+        load_private_key(key_path, owner_only=True)
+    with pytest.raises(PrivateFileExposed):
+        TLSConfig.load(key_path, chain_path, owner_only_key=True)
+    # Off by default: a library caller may keep keys where modes mean something else.
+    assert TLSConfig.load(key_path, chain_path).node_id == tls.node_id
+    key_path.chmod(0o400)
+    assert TLSConfig.load(key_path, chain_path, owner_only_key=True).node_id == tls.node_id
+
+
+def test_owner_only_refuses_what_is_not_a_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)  # opening it must not wait for a writer
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        read_private_file(fifo)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_private_key(tmp_path, owner_only=True)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_private_key(tmp_path / "absent", owner_only=True)
 
 
 def test_missing_file(tmp_path: Path) -> None:
