@@ -27,6 +27,9 @@ the dotted key and the reason, so a typo never silently becomes a default.
     [transport]                          # uTP congestion controller
     congestion = "rate"                  # rate (default), tolerant, or ledbat (libutp's)
 
+    [tls]
+    max_chain_length = 32                # longer peer chains are refused unverified
+
     [peers]                              # address book: NodeId -> host:port
     "v0123...abc" = "198.51.100.7:4000"
 
@@ -69,6 +72,10 @@ CONTROL_SOCKET_FILE = "control.sock"
 CONFIG_FILE = "config.toml"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# proxy.identity.verification.DEFAULT_MAX_CHAIN_LENGTH (not imported: cryptography is
+# slow to import and most commands only read the config). One rotation adds one.
+DEFAULT_MAX_CHAIN_LENGTH = 32
+MAX_CHAIN_LENGTH_BOUNDS = (1, 1024)
 # Names of nat.utp.congestion.CONTROLLERS that a config may choose.
 CONGESTION_CONTROLLERS = ("ledbat", "tolerant", "rate")
 LOG_FORMATS = ("text", "json")
@@ -128,6 +135,7 @@ class Config:
     log_format: str
     control_socket: Path
     congestion: str = DEFAULT_CONGESTION  # uTP congestion controller (CONGESTION_CONTROLLERS)
+    max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH  # certificates a peer's chain may hold
 
     @property
     def key_path(self) -> Path:
@@ -171,7 +179,9 @@ def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> C
     return config_from_mapping(data, "<defaults>", base_dir=Path.cwd(), read_auth=read_auth)
 
 
-_SECTIONS = ("node", "forward", "proxy", "server", "auth", "timeouts", "transport", "peers", "log", "control")
+_SECTIONS = (
+    "node", "forward", "proxy", "server", "auth", "timeouts", "transport", "tls", "peers", "log", "control",
+)
 
 
 class _Reader:
@@ -269,6 +279,8 @@ def config_from_mapping(
             "transport.congestion", f"{congestion!r} is not one of {', '.join(CONGESTION_CONTROLLERS)}"
         )
 
+    max_chain_length = _read_tls(reader, reader.table(data, "tls"))
+
     log = reader.table(data, "log")
     reader.reject_unknown(log, "log", ("level", "format"))
     level = reader.string(log, "log.level", "info")
@@ -299,6 +311,7 @@ def config_from_mapping(
         log_format=log_format,
         control_socket=control_socket,
         congestion=congestion,
+        max_chain_length=max_chain_length,
     )
 
 
@@ -371,6 +384,17 @@ def _read_timeouts(reader: _Reader, table: dict[str, Any]) -> Timeouts:
             "must be shorter than conn_keep_alive_timeout_time, or every connection times out",
         )
     return timeouts
+
+
+def _read_tls(reader: _Reader, table: dict[str, Any]) -> int:
+    reader.reject_unknown(table, "tls", ("max_chain_length",))
+    value = table.get("max_chain_length", DEFAULT_MAX_CHAIN_LENGTH)
+    low, high = MAX_CHAIN_LENGTH_BOUNDS
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise reader.fail("tls.max_chain_length", f"must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise reader.fail("tls.max_chain_length", f"{value} is out of range {low}..{high}")
+    return value
 
 
 def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:

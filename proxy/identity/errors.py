@@ -45,6 +45,11 @@ class CertChainEmpty(CertificateChainError):
     """The peer presented no certificate at all."""
 
 
+class CertChainTooLong(CertificateChainError):
+    """The chain holds more certificates than the verifier accepts (checked before any
+    signature, so a long chain costs the verifier nothing)."""
+
+
 class CertChainNoNodeIds(CertificateChainError):
     """Server-side verification was asked with no wanted NodeIds."""
 

@@ -8,6 +8,10 @@ the original never checks the claiming certificate's own signature). Between
 examined neighbours, chain[i] must be issued by chain[i+1] (names) and signed by
 its key.
 
+A chain longer than ``max_chain_length`` (default 32) is refused before anything
+else is checked: each certificate costs two signature checks, and a peer must not
+choose how much work a handshake costs. One key rotation adds one certificate.
+
 Server side (the connecting node knows which NodeIds it wants) examines the chain
 from the leaf up to the first certificate claiming a wanted NodeId. Client side
 (the accepting node knows none) examines the whole chain and returns the leaf's.
@@ -40,10 +44,13 @@ from proxy.identity.errors import (
     CertChainNameInvalid,
     CertChainNoNodeIds,
     CertChainSignatureInvalid,
+    CertChainTooLong,
     CertChainUnclaimed,
     NodeIdInvalid,
 )
 from proxy.identity.node_id import NodeId
+
+DEFAULT_MAX_CHAIN_LENGTH = 32
 
 
 def verify_server_certificate_chain(
@@ -51,9 +58,10 @@ def verify_server_certificate_chain(
     chain: Sequence[x509.Certificate],
     *,
     now: datetime.datetime | None = None,
+    max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
 ) -> NodeId:
     """The wanted NodeId that ``chain`` proves, or a CertificateChainError."""
-    chain = _as_chain(chain)
+    chain = _as_chain(chain, max_chain_length)
     wanted = frozenset(node_ids)
     if not wanted:
         raise CertChainNoNodeIds("no NodeIds to verify the chain against")
@@ -74,28 +82,35 @@ def verify_client_certificate_chain(
     chain: Sequence[x509.Certificate],
     *,
     now: datetime.datetime | None = None,
+    max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
 ) -> NodeId:
     """The leaf's NodeId once the whole chain checks out, or a CertificateChainError."""
-    chain = _as_chain(chain)
+    chain = _as_chain(chain, max_chain_length)
     moment = _moment(now)
     node_ids = [_check_certificate(index, c, moment) for index, c in enumerate(chain)]
     _check_links(chain)
     return node_ids[0]
 
 
-def _as_chain(chain: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+def _as_chain(chain: Sequence[x509.Certificate], max_chain_length: int) -> list[x509.Certificate]:
+    if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
+        raise ValueError(f"max_chain_length must be a positive integer, not {max_chain_length!r}")
     certificates = list(chain)
     if not certificates:
         raise CertChainEmpty("the peer presented no certificate")
+    if len(certificates) > max_chain_length:
+        raise CertChainTooLong(
+            f"the peer presented {len(certificates)} certificates; at most {max_chain_length} are accepted"
+        )
     if not all(isinstance(certificate, x509.Certificate) for certificate in certificates):
         raise TypeError("chain must hold cryptography x509.Certificate objects")
     return certificates
 
 
 def _moment(now: datetime.datetime | None) -> datetime.datetime:
-    moment = now or datetime.datetime.now(datetime.timezone.utc)
+    moment = now or datetime.datetime.now(datetime.UTC)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
+        moment = moment.replace(tzinfo=datetime.UTC)
     # Certificates have second resolution (UTCTime); compare like the original.
     return moment.replace(microsecond=0)
 
@@ -139,15 +154,16 @@ _PARSE_ERRORS = (
 def _check_parses(index: int, certificate: x509.Certificate) -> None:
     """Parse every field up front, so later checks meet only well-formed values."""
     try:
-        certificate.version
-        certificate.serial_number
-        certificate.signature_algorithm_oid
-        certificate.issuer
-        certificate.subject
-        certificate.not_valid_before_utc
-        certificate.not_valid_after_utc
-        for _ in certificate.extensions:
-            pass
+        _ = (
+            certificate.version,
+            certificate.serial_number,
+            certificate.signature_algorithm_oid,
+            certificate.issuer,
+            certificate.subject,
+            certificate.not_valid_before_utc,
+            certificate.not_valid_after_utc,
+            list(certificate.extensions),
+        )
     except _PARSE_ERRORS as error:
         raise CertChainMalformed(f"certificate {index} cannot be parsed: {error}") from error
 

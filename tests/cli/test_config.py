@@ -7,10 +7,9 @@ import string
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.app.config import (
     Config,
@@ -154,6 +153,11 @@ BAD_CONFIGS = [
     ("[log]\nlevel = 'loud'\n", "log.level", "not one of"),
     ("[transport]\ncongestion = 'cubic'\n", "transport.congestion", "not one of"),
     ("[transport]\nmtu = 1200\n", "transport.mtu", "unknown key"),
+    ("[tls]\nmax_chain_length = 0\n", "tls.max_chain_length", "out of range 1..1024"),
+    ("[tls]\nmax_chain_length = 1025\n", "tls.max_chain_length", "out of range 1..1024"),
+    ("[tls]\nmax_chain_length = 8.0\n", "tls.max_chain_length", "integer"),
+    ("[tls]\nmax_chain_length = true\n", "tls.max_chain_length", "integer"),
+    ("[tls]\nciphers = 'x'\n", "tls.ciphers", "unknown key"),
     ("[log]\nformat = 'xml'\n", "log.format", "not one of"),
     ("[auth]\ntoken = 'a'\ntoken_env = 'B'\n", "auth.token_env", "exactly one"),
     ("[auth]\ntoken = ''\n", "auth.token", "empty"),
@@ -240,16 +244,18 @@ toml_values = st.recursive(
     max_leaves=8,
 )
 section_names = st.sampled_from(
-    ["node", "forward", "proxy", "server", "auth", "timeouts", "peers", "log", "control", "x"]
+    ["node", "forward", "proxy", "server", "auth", "timeouts", "tls", "peers", "log", "control", "x"]
 )
 key_names = st.sampled_from(
     ["dir", "host", "port", "token", "token_file", "token_env", "conn_connect_time",
-     "conn_end_time", "level", "format", "socket", "zz"]
+     "conn_end_time", "level", "format", "socket", "max_chain_length", "zz"]
 ) | st.text(alphabet=string.printable, max_size=12)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.dictionaries(section_names, st.dictionaries(key_names, toml_values, max_size=4) | toml_values, max_size=4))
+@given(
+    data=st.dictionaries(section_names, st.dictionaries(key_names, toml_values, max_size=4) | toml_values, max_size=4)
+)
 def test_hostile_values_never_escape_as_other_errors(tmp_path: Path, data: dict) -> None:
     try:
         config = config_from_mapping(data, "hostile.toml", base_dir=tmp_path)
@@ -276,3 +282,13 @@ def test_config_congestion_names_are_real_controllers() -> None:
     from proxy.app.config import CONGESTION_CONTROLLERS
 
     assert set(CONGESTION_CONTROLLERS) <= set(CONTROLLERS)
+
+
+def test_tls_max_chain_length(tmp_path: Path) -> None:
+    from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
+
+    config = load_config(write(tmp_path, '[auth]\ntoken = "t"\n'))
+    assert config.max_chain_length == DEFAULT_MAX_CHAIN_LENGTH == 32
+    for value in (1, 121, 1024):
+        config = load_config(write(tmp_path, f'[auth]\ntoken = "t"\n[tls]\nmax_chain_length = {value}\n'))
+        assert config.max_chain_length == value

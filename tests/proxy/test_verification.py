@@ -7,20 +7,13 @@ from collections.abc import Sequence
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from proxy.identity.certificates import (
-    NODE_SIGNATURE_EXTENSION_OID,
-    chain_from_der,
-    generate_certificate,
-    renew_certificate,
-    rotate_key,
-)
 from proxy.errors import (
     CertChainBrokenLink,
     CertChainDateInvalid,
@@ -30,14 +23,23 @@ from proxy.errors import (
     CertChainNameInvalid,
     CertChainNoNodeIds,
     CertChainSignatureInvalid,
+    CertChainTooLong,
     CertChainUnclaimed,
     CertificateChainError,
+)
+from proxy.identity import verification
+from proxy.identity.certificates import (
+    NODE_SIGNATURE_EXTENSION_OID,
+    chain_from_der,
+    generate_certificate,
+    renew_certificate,
+    rotate_key,
 )
 from proxy.identity.keys import generate_key_pair
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def node_id_of(key: Ed25519PrivateKey) -> NodeId:
@@ -98,7 +100,7 @@ def forge(
 @pytest.mark.parametrize("length", [1, 2, 3, 4])
 def test_wanted_node_id_at_every_index(length: int) -> None:
     keys, chain = rotated_chain(length)
-    for index, key in enumerate(keys):
+    for key in keys:
         assert verify_server_certificate_chain([node_id_of(key)], chain) == node_id_of(key)
         # Among other wanted ids (not in the chain), the claimed one is returned.
         others = [node_id_of(generate_key_pair()) for _ in range(3)]
@@ -178,7 +180,8 @@ def test_expired_and_not_yet_valid() -> None:
 
 def test_expired_certificate_inside_a_chain() -> None:
     old_key = generate_key_pair()
-    old = generate_certificate(old_key, duration=3600, not_before=datetime.datetime.now(UTC) - datetime.timedelta(minutes=30))
+    half_an_hour_ago = datetime.datetime.now(UTC) - datetime.timedelta(minutes=30)
+    old = generate_certificate(old_key, duration=3600, not_before=half_an_hour_ago)
     new_key, chain = rotate_key(old_key, [old])
     later = datetime.datetime.now(UTC) + datetime.timedelta(hours=2)  # old expired, new not
     # Server side stops at the claiming leaf; the old certificate is never examined.
@@ -360,6 +363,7 @@ def test_errors_map_to_http_526_and_share_a_base() -> None:
     for error in (
         CertChainEmpty, CertChainNoNodeIds, CertChainUnclaimed, CertChainBrokenLink,
         CertChainDateInvalid, CertChainNameInvalid, CertChainKeyInvalid, CertChainSignatureInvalid,
+        CertChainTooLong,
     ):
         assert issubclass(error, CertificateChainError)
         assert error.http_status == 526
@@ -371,6 +375,63 @@ def test_bad_arguments_are_programming_errors() -> None:
         verify_server_certificate_chain(["v" + "0" * 52], chain)  # type: ignore[list-item]
     with pytest.raises(TypeError):
         verify_client_certificate_chain([b"der bytes"])  # type: ignore[list-item]
+
+
+# --- chain length -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain_121() -> tuple[list[Ed25519PrivateKey], list[x509.Certificate]]:
+    return rotated_chain(121)  # 120 rotations, every link real
+
+
+@pytest.fixture
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every per-certificate check and link check verification starts."""
+    calls: list[str] = []
+    for name in ("_check_certificate", "_check_links", "verify_node_signature", "verify_signed_by"):
+        real = getattr(verification, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(verification, name, counting)
+    return calls
+
+
+def test_a_chain_longer_than_the_limit_is_refused_before_any_signature(
+    chain_121: tuple[list[Ed25519PrivateKey], list[x509.Certificate]], signature_checks: list[str]
+) -> None:
+    keys, chain = chain_121
+    root, leaf = node_id_of(keys[-1]), node_id_of(keys[0])
+    with pytest.raises(CertChainTooLong, match="121 certificates; at most 32") as info:
+        verify_client_certificate_chain(chain)
+    assert info.value.http_status == 526
+    # The leaf alone would prove `leaf`: the length is refused all the same.
+    for wanted in ([root], [leaf]):
+        with pytest.raises(CertChainTooLong):
+            verify_server_certificate_chain(wanted, chain)
+    with pytest.raises(CertChainTooLong, match="at most 120"):
+        verify_client_certificate_chain(chain, max_chain_length=120)
+    assert signature_checks == []
+    # The same chain is otherwise sound: with room for it, it verifies.
+    assert verify_client_certificate_chain(chain, max_chain_length=121) == leaf
+    assert verify_server_certificate_chain([root], chain, max_chain_length=121) == root
+    assert signature_checks.count("verify_signed_by") == 2 * 121
+
+
+def test_a_chain_at_the_limit_verifies(chain_121: tuple[list[Ed25519PrivateKey], list[x509.Certificate]]) -> None:
+    keys, chain = chain_121
+    at_limit = chain[-32:]  # the 32 oldest certificates: a chain after 31 rotations
+    assert verify_client_certificate_chain(at_limit) == node_id_of(keys[-32])
+    assert verify_server_certificate_chain([node_id_of(keys[-1])], at_limit) == node_id_of(keys[-1])
+    with pytest.raises(CertChainTooLong):
+        verify_client_certificate_chain(chain[-33:])
+    assert verify_client_certificate_chain(chain[-1:], max_chain_length=1) == node_id_of(keys[-1])
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError):
+            verify_client_certificate_chain(at_limit, max_chain_length=bad)  # type: ignore[arg-type]
 
 
 def certificates_of(chain: Sequence[x509.Certificate]) -> list[NodeId]:
