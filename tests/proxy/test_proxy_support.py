@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h11
+import pytest
 import trio
 
 from nat import PING, PONG, open_endpoint
 from nat.errors import NatError
 from proxy.errors import KeynodeError
-from proxy.tunnel.connection import ConnectionEvent
 from proxy.identity.node_id import NodeId
-from proxy.tunnel.proxy import Proxy, open_proxy
-from proxy.tls import TLSStream
 from proxy.identity.tls_config import TLSConfig
+from proxy.tls import TLSStream
+from proxy.tunnel.connection import ConnectionEvent
+from proxy.tunnel.proxy import Proxy, open_proxy
 
 TOKEN = "s3cret-token"
 FAST = dict(
@@ -34,6 +35,11 @@ FAST = dict(
     conn_keep_alive_interval_time=0.2,
     conn_keep_alive_timeout_time=5.0,
 )
+
+
+def virtual(expected: Any) -> Any:
+    """``expected`` in virtual time (the ``virtual_clock`` fixture), to the millisecond."""
+    return pytest.approx(expected, abs=1e-3)
 
 
 def target_for(proxy: Proxy, node_id: NodeId, host: str = "127.0.0.1") -> str:
@@ -146,7 +152,9 @@ async def tcp_server(handler: Any = echo, host: str = "127.0.0.1") -> AsyncItera
             pass
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(lambda task_status: trio.serve_tcp(serve, 0, host=host, task_status=task_status))
+        listeners = await nursery.start(
+            lambda task_status: trio.serve_tcp(serve, 0, host=host, task_status=task_status)
+        )
         server.port = listeners[0].socket.getsockname()[1]
         yield server
         nursery.cancel_scope.cancel()
@@ -156,6 +164,7 @@ async def tcp_server(handler: Any = echo, host: str = "127.0.0.1") -> AsyncItera
 class Events:
     established: list[ConnectionEvent] = field(default_factory=list)
     lost: list[ConnectionEvent] = field(default_factory=list)
+    lost_at: list[float] = field(default_factory=list)  # trio.current_time() of each lost event
     changed: trio.Event = field(default_factory=trio.Event)
 
     def on_established(self, event: ConnectionEvent) -> None:
@@ -165,6 +174,7 @@ class Events:
 
     def on_lost(self, event: ConnectionEvent) -> None:
         self.lost.append(event)
+        self.lost_at.append(trio.current_time())
         self.changed.set()
         self.changed = trio.Event()
 
@@ -186,7 +196,9 @@ class Node:
 
 
 @asynccontextmanager
-async def running_node(server_port: int | None = None, *, proxy_host: str = "127.0.0.1", **options: Any) -> AsyncIterator[Node]:
+async def running_node(
+    server_port: int | None = None, *, proxy_host: str = "127.0.0.1", **options: Any
+) -> AsyncIterator[Node]:
     tls_config = options.pop("tls_config", None) or TLSConfig.generate()
     events = Events()
     server_host = options.pop("server_host", "127.0.0.1")
