@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import trio
+from trio.testing import MockClock
 
 from nat.errors import NatError
-from proxy.tunnel.address_book import AddressBook
-from proxy.tunnel.connection import Direction, EndReason
 from proxy.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionStartError,
@@ -19,10 +18,14 @@ from proxy.errors import (
     ConnectionVerifyError,
     ProxyNotRunning,
 )
-from proxy.tls import TLSStream
 from proxy.identity.tls_config import TLSConfig
+from proxy.tls import TLSStream
+from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.connection import Direction, EndReason
 from tests.proxy.test_proxy_support import (
     TOKEN,
+    VIRTUAL_TOLERANCE,
+    Node,
     connect_ok,
     connection_ended,
     digest_after_eof,
@@ -35,7 +38,7 @@ from tests.proxy.test_proxy_support import (
     target_for,
     tcp_server,
     tls_server_handler,
-    Node,
+    virtual,
 )
 
 
@@ -91,18 +94,22 @@ async def test_connection_to_port_0_fails() -> None:
             assert reply.status == 400
 
 
-async def test_connection_start_timeout_due_to_hanging_remote() -> None:
-    # A UDP socket that never answers anything.
+async def test_connection_start_timeout_due_to_hanging_remote(virtual_clock: MockClock) -> None:
+    # A UDP socket that never answers anything: only timers are pending (virtual time).
     with trio.fail_after(10):
         hanging = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         with hanging:
             await hanging.bind(("127.0.0.1", 0))
             port = hanging.getsockname()[1]
             async with running_node(conn_connect_time=0.5) as node:
+                start = trio.current_time()
                 with pytest.raises(ConnectionStartTimeout):
                     await node.proxy.open_connection_forward(node.node_id, "127.0.0.1", port)
+                assert trio.current_time() - start == virtual(0.5)  # after conn_connect_time, to the tick
+                start = trio.current_time()
                 reply = await http_connect(node.proxy, f"127.0.0.1:{port}?nodeId={node.node_id}")
                 assert reply.status == 504
+                assert trio.current_time() - start == virtual(0.5)
                 assert node.proxy.connection_forward_count == 0
 
 
@@ -250,8 +257,9 @@ async def test_http_connect_success_by_opening_connection_first() -> None:
             await second.aclose()
 
 
-async def test_open_connection_and_http_connect_keep_alive_timeout() -> None:
-    """The remote answers TLS and then falls silent: the connection ends with 524's reason."""
+async def test_open_connection_and_http_connect_keep_alive_timeout(virtual_clock: MockClock) -> None:
+    """The remote answers TLS and then falls silent: the connection ends with 524's reason,
+    keep_alive_timeout after the remote was last heard (virtual time)."""
     config = TLSConfig.generate()
     with trio.fail_after(15):
         async with raw_peer(partial(tls_server_handler, tls_config=config)) as silent:
@@ -260,17 +268,26 @@ async def test_open_connection_and_http_connect_keep_alive_timeout() -> None:
                 assert node_id == config.node_id
                 client = await connect_ok(local.proxy, f"127.0.0.1:{silent.port}?nodeId={node_id}")
                 await tunnel_echo_round(client, b"alive")
+                peer = local.proxy.peers.get(("127.0.0.1", silent.port))
+                assert peer is not None
                 silent.responsive = False
+                silent_at = trio.current_time()
                 assert await connection_ended(client)
                 lost = await local.events.wait_lost(1)
                 assert lost[0].reason == EndReason.KEEP_ALIVE_TIMEOUT
                 assert isinstance(lost[0].error, ConnectionKeepAliveTimeout)
                 assert local.proxy.connection_forward_count == 0
+                # Heard until it fell silent (pings every keep-alive interval, 0.2 s), then
+                # dead exactly conn_keep_alive_timeout_time later, and the connection with it.
+                assert peer.last_heard is not None
+                assert silent_at - peer.last_heard <= 0.2 + VIRTUAL_TOLERANCE
+                assert local.events.lost_at[0] - peer.last_heard == virtual(0.6)
                 await client.aclose()
 
 
-async def test_http_connect_keep_alive_timeout_while_starting_is_524() -> None:
-    """The peer is heard, then falls silent while TLS hangs: the CONNECT gets 524."""
+async def test_http_connect_keep_alive_timeout_while_starting_is_524(virtual_clock: MockClock) -> None:
+    """The peer is heard, then falls silent while TLS hangs: the CONNECT gets 524 when the
+    keep-alive times out, long before the connect timeout (virtual time)."""
 
     async def never_handshake(peer: Any, stream: Any) -> None:
         await trio.sleep_forever()
@@ -278,19 +295,23 @@ async def test_http_connect_keep_alive_timeout_while_starting_is_524() -> None:
     with trio.fail_after(15):
         async with raw_peer(never_handshake) as remote:
             async with running_node(conn_keep_alive_timeout_time=0.4, conn_connect_time=5.0) as local:
+                peers: list[Any] = []
 
                 async def go_silent() -> None:
                     await remote.accepted.wait()
+                    peers.append(local.proxy.peers.get(("127.0.0.1", remote.port)))
                     remote.responsive = False
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(go_silent)
                     reply = await http_connect(local.proxy, f"127.0.0.1:{remote.port}?nodeId={local.node_id}")
                 assert reply.status == 524
+                (peer,) = peers
+                assert trio.current_time() - peer.last_heard == virtual(0.4)
                 await reply.stream.aclose()
 
 
-async def test_stopping_the_proxy_with_open_forward_connections() -> None:
+async def test_stopping_the_proxy_with_open_forward_connections(virtual_clock: MockClock) -> None:
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             clients = [await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id)) for _ in range(3)]
@@ -299,14 +320,16 @@ async def test_stopping_the_proxy_with_open_forward_connections() -> None:
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(local.proxy.stop)
-                await trio.sleep(0)
+                while local.proxy.running:  # until the stop has begun
+                    await trio.sleep(0)
                 # While stopping, a new CONNECT is refused with 503 (or the port is closed).
                 try:
                     reply = await http_connect(local.proxy, target_for(remote.proxy, remote.node_id))
                     assert reply.status == 503
                 except (OSError, trio.BrokenResourceError):
                     pass
-            assert trio.current_time() - start < local.proxy.conn_end_time + 1.0
+            # Virtual time: the live connections closed gracefully within conn_end_time.
+            assert trio.current_time() - start <= local.proxy.conn_end_time + VIRTUAL_TOLERANCE
             assert local.proxy.connection_forward_count == 0
             for client in clients:
                 assert await connection_ended(client)
@@ -337,7 +360,9 @@ async def test_open_connection_to_multiple_servers() -> None:
         async with tcp_server() as server, running_node(server.port) as b, running_node(server.port) as c:
             async with running_node() as a:
                 for remote in (b, c):
-                    node_id = await a.proxy.open_connection_forward(remote.node_id, "127.0.0.1", remote.proxy.proxy_port)
+                    node_id = await a.proxy.open_connection_forward(
+                        remote.node_id, "127.0.0.1", remote.proxy.proxy_port
+                    )
                     assert node_id == remote.node_id
                 assert a.proxy.connection_forward_count == 2
                 for remote in (b, c):
@@ -364,16 +389,20 @@ async def test_open_connection_from_multiple_clients() -> None:
                     await client.aclose()
 
 
-async def test_open_connection_timeout_due_to_lack_of_ready_signal() -> None:
+async def test_open_connection_timeout_due_to_lack_of_ready_signal(virtual_clock: MockClock) -> None:
     # The remote completes TLS but never sends or answers a message.
     config = TLSConfig.generate()
     with trio.fail_after(10):
         async with raw_peer(partial(tls_server_handler, tls_config=config), responsive=False) as remote:
             async with running_node(conn_connect_time=0.6) as local:
+                start = trio.current_time()
                 with pytest.raises(ConnectionStartTimeout):
                     await local.proxy.open_connection_forward(config.node_id, "127.0.0.1", remote.port)
+                assert trio.current_time() - start == virtual(0.6)  # after conn_connect_time, to the tick
+                start = trio.current_time()
                 reply = await http_connect(local.proxy, f"127.0.0.1:{remote.port}?nodeId={config.node_id}")
                 assert reply.status == 504
+                assert trio.current_time() - start == virtual(0.6)
 
 
 async def test_closed_connection_due_to_ending_server() -> None:
@@ -394,14 +423,15 @@ async def test_closed_connection_due_to_ending_server() -> None:
             assert local.proxy.connection_forward_count == 0
 
 
-async def test_connect_timeout_due_to_hanging_client() -> None:
-    """A uTP client that never starts TLS is dropped after conn_connect_time."""
+async def test_connect_timeout_due_to_hanging_client(virtual_clock: MockClock) -> None:
+    """A uTP client that never starts TLS is dropped after conn_connect_time (virtual time)."""
     with trio.fail_after(10):
         async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as remote:
             async with raw_peer() as client_peer:
+                start = trio.current_time()
                 stream = await client_peer.endpoint.connect(("127.0.0.1", remote.proxy.proxy_port))
-                with trio.fail_after(3):
-                    assert await connection_ended(stream)
+                assert await connection_ended(stream)
+                assert trio.current_time() - start == virtual(0.5)
                 await trio.aclose_forcefully(stream)
             with trio.fail_after(3):
                 while remote.proxy.connection_reverse_count:

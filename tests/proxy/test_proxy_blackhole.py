@@ -6,12 +6,14 @@ from functools import partial
 from typing import Any
 
 import trio
+from trio.testing import MockClock
 
-from proxy.tunnel.connection import EndReason
 from proxy.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
-from proxy.tls import TLSStream
 from proxy.identity.tls_config import TLSConfig
+from proxy.tls import TLSStream
+from proxy.tunnel.connection import EndReason
 from tests.proxy.test_proxy_support import (
+    VIRTUAL_TOLERANCE,
     connect_ok,
     connection_ended,
     http_connect,
@@ -19,6 +21,7 @@ from tests.proxy.test_proxy_support import (
     running_node,
     tcp_server,
     udp_relay,
+    virtual,
 )
 
 
@@ -32,7 +35,8 @@ async def echo_round(stream: trio.SocketStream, payload: bytes) -> None:
     assert received == payload
 
 
-async def test_503_while_stopping_and_connections_end_within_conn_end_time() -> None:
+async def test_503_while_stopping_and_connections_end_within_conn_end_time(virtual_clock: MockClock) -> None:
+    # Virtual time: once the path is dark nothing is in flight but timers.
     end_time = 1.0
     with trio.fail_after(20):
         async with tcp_server() as server, running_node(server.port) as remote:
@@ -51,12 +55,14 @@ async def test_503_while_stopping_and_connections_end_within_conn_end_time() -> 
 
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(stop)
-                        await trio.sleep(0.1)
+                        while local.proxy.running:  # until the stop has begun
+                            await trio.sleep(0)
                         reply = await http_connect(local.proxy, target)
                         assert reply.status == 503
                         await reply.stream.aclose()
-                    # Bounded by conn_end_time (plus scheduling), not by the dead path.
-                    assert stopped_after[0] < end_time + 1.0
+                    # Bounded by conn_end_time, not by the dead path: the graceful close
+                    # gave up at conn_end_time, to the tick.
+                    assert stopped_after[0] == virtual(end_time)
                     assert local.proxy.connection_forward_count == 0
                     assert await connection_ended(client)
                     (lost,) = local.events.lost
@@ -64,25 +70,36 @@ async def test_503_while_stopping_and_connections_end_within_conn_end_time() -> 
                     await client.aclose()
 
 
-async def test_keep_alive_timeout_between_two_proxies() -> None:
-    options: dict[str, Any] = dict(conn_keep_alive_timeout_time=0.6, conn_keep_alive_interval_time=0.1)
+async def test_keep_alive_timeout_between_two_proxies(virtual_clock: MockClock) -> None:
+    timeout, interval = 0.6, 0.1
+    options: dict[str, Any] = dict(conn_keep_alive_timeout_time=timeout, conn_keep_alive_interval_time=interval)
     with trio.fail_after(20):
         async with tcp_server() as server, running_node(server.port, **options) as remote:
             async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
                 async with running_node(**options) as local:
                     client = await connect_ok(local.proxy, f"127.0.0.1:{relay.port}?nodeId={remote.node_id}")
                     await echo_round(client, b"alive")
-                    # Quiet but alive: keep-alive pings keep both sides up past the timeout.
-                    await trio.sleep(1.0)
+                    local_peer = local.proxy.peers.get(("127.0.0.1", relay.port))
+                    remote_peer = remote.proxy.peers.get(("127.0.0.1", relay.back_port))
+                    assert local_peer is not None and remote_peer is not None
+                    # Quiet but alive: keep-alive pings keep both sides up for five timeouts.
+                    await trio.sleep(5 * timeout)
                     await echo_round(client, b"still alive")
                     assert local.events.lost == [] and remote.events.lost == []
                     relay.drop = True
+                    dark_at = trio.current_time()
                     assert await connection_ended(client)
                     (local_lost,) = await local.events.wait_lost(1)
                     (remote_lost,) = await remote.events.wait_lost(1)
                     for lost in (local_lost, remote_lost):
                         assert lost.reason == EndReason.KEEP_ALIVE_TIMEOUT
                         assert isinstance(lost.error, ConnectionKeepAliveTimeout)
+                    # Each side heard the other up to the dark (a ping every interval)
+                    # and ended its connection conn_keep_alive_timeout_time after that.
+                    for node, peer in ((local, local_peer), (remote, remote_peer)):
+                        assert peer.last_heard is not None
+                        assert dark_at - peer.last_heard <= interval + VIRTUAL_TOLERANCE
+                        assert node.events.lost_at[0] - peer.last_heard == virtual(timeout)
                     assert local.proxy.connection_forward_count == 0
                     assert remote.proxy.connection_reverse_count == 0
                     await client.aclose()
@@ -124,6 +141,6 @@ async def test_connect_starting_when_stop_begins_gets_503() -> None:
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(connect)
-                    await trio.sleep(0.3)  # the start is waiting on the silent remote
+                    await hanging.recvfrom(2048)  # the start is under way: it pings the silent remote
                     await local.proxy.stop()
                 assert replies == [503]

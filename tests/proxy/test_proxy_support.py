@@ -37,9 +37,13 @@ FAST = dict(
 )
 
 
+# Virtual times (the ``virtual_clock`` fixture) compare to the millisecond.
+VIRTUAL_TOLERANCE = 1e-3
+
+
 def virtual(expected: Any) -> Any:
-    """``expected`` in virtual time (the ``virtual_clock`` fixture), to the millisecond."""
-    return pytest.approx(expected, abs=1e-3)
+    """``expected`` in virtual time, to VIRTUAL_TOLERANCE."""
+    return pytest.approx(expected, abs=VIRTUAL_TOLERANCE)
 
 
 def target_for(proxy: Proxy, node_id: NodeId, host: str = "127.0.0.1") -> str:
@@ -298,6 +302,7 @@ class UdpRelay:
     """Forwards datagrams between one local peer and a remote address; ``drop`` cuts the path."""
 
     port: int = 0
+    back_port: int = 0  # where the remote sees the relayed datagrams come from
     drop: bool = False
     forwarded: int = 0
     dropped: int = 0
@@ -312,6 +317,7 @@ async def udp_relay(remote: tuple[str, int]) -> AsyncIterator[UdpRelay]:
         await front.bind(("127.0.0.1", 0))
         await back.bind(("127.0.0.1", 0))
         relay.port = front.getsockname()[1]
+        relay.back_port = back.getsockname()[1]
         local: list[Any] = []
 
         async def front_to_back() -> None:
