@@ -10,11 +10,11 @@ import random
 import trio
 
 from nat.errors import NatError
-from proxy.identity.certificates import generate_certificate
 from proxy.errors import KeynodeError
+from proxy.identity.certificates import generate_certificate
 from proxy.identity.keys import generate_key_pair
-from proxy.tls import TLSStream
 from proxy.identity.tls_config import TLSConfig
+from proxy.tls import TLSStream
 from tests.proxy.test_proxy_support import (
     TOKEN,
     connect_ok,
@@ -66,7 +66,11 @@ async def test_half_close_server_eof_reaches_client_while_client_keeps_sending()
         server_done.set()
 
     with trio.fail_after(20):
-        async with tcp_server(greet_then_listen) as server, running_node(server.port) as remote, running_node() as local:
+        async with (
+            tcp_server(greet_then_listen) as server,
+            running_node(server.port) as remote,
+            running_node() as local,
+        ):
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
             assert await receive_all(client) == b"greeting"  # the server's EOF arrived
             payload = random_payload(1_000_000)
@@ -184,7 +188,7 @@ def forged_chain_config(victim: TLSConfig) -> TLSConfig:
 
 def expired_config() -> TLSConfig:
     key = generate_key_pair()
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
     return TLSConfig(key, (generate_certificate(key, duration=datetime.timedelta(days=1), not_before=past),))
 
 
@@ -195,6 +199,7 @@ async def test_hostile_input_during_a_live_transfer() -> None:
         async with tcp_server(digest_after_eof) as server, running_node(server.port) as remote, running_node() as local:
             expected = hashlib.sha256()
             outcome: list[str] = []
+            transferring = trio.Event()
 
             async def live_transfer() -> None:
                 client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
@@ -202,6 +207,7 @@ async def test_hostile_input_during_a_live_transfer() -> None:
                 for _ in range(size >> 20):
                     expected.update(block)
                     await client.send_all(block)
+                    transferring.set()
                 await client.send_eof()
                 outcome.append((await receive_all(client)).decode())
                 await client.aclose()
@@ -272,7 +278,7 @@ async def test_hostile_input_during_a_live_transfer() -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(live_transfer)
-                await trio.sleep(0.2)
+                await transferring.wait()  # the attacks come during the transfer
                 for attack in (
                     random_bytes_to_connect_port,
                     oversized_headers,

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 
 import proxy.tunnel.splice as relay_module
 from nat import open_endpoint
 from nat.stream import UtpStream
-from proxy.tunnel.connection import EndReason
 from proxy.errors import ConnectionKeepAliveTimeout, TLSProtocolError, TLSTruncatedError
+from proxy.tls import TLSStream
+from proxy.tunnel.connection import EndReason
 from proxy.tunnel.peer import Peer, PeerTimers
 from proxy.tunnel.splice import PipeOutcome, relay
-from proxy.tls import TLSStream
 from tests.proxy.test_tls_support import handshake_both, make_tls_config, random_bytes
 
 
@@ -175,8 +176,11 @@ async def test_data_that_came_with_the_handshake_is_delivered() -> None:
         async with rig() as r:
             # Sent (and arrived) before the relay started: it must be in the
             # TLS or uTP buffers, where only the relay's first pump finds it.
+            before = r.tls.transport.bytes_received
             await r.remote.send_all(b"early bytes")
-            await trio.sleep(0.1)
+            # Until it arrived (its TLS record is one small datagram: all or nothing).
+            while r.tls.transport.bytes_received - before < len(b"early bytes"):
+                await trio.sleep(0.001)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay, r.local, r.tls, r.peer)
                 assert await r.app.receive_some(100) == b"early bytes"
@@ -218,7 +222,7 @@ async def test_peer_death_ends_the_relay_with_keep_alive_timeout() -> None:
     with trio.fail_after(20):
         async with rig() as r:
             async with relaying(r) as outcome:
-                await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the relay runs and waits
                 r.peer.death = ConnectionKeepAliveTimeout("peer fell silent")
                 r.peer.died.set()
             (result,) = outcome

@@ -188,7 +188,11 @@ async def test_peer_resetting_during_handshake() -> None:
                     await stream.do_handshake()
 
 
-async def test_handshake_bounded_by_callers_cancel_scope() -> None:
+# The cancel-scope tests run on virtual time (memory streams only): the caller's
+# deadline expires exactly when the operation is blocked, however slow the machine.
+
+
+async def test_handshake_bounded_by_callers_cancel_scope(virtual_clock: trio.testing.MockClock) -> None:
     ours, theirs = trio.testing.memory_stream_pair()  # the peer never answers
     stream = TLSStream(ours, make_tls_config(), server_side=False)
     with trio.fail_after(5):
@@ -203,7 +207,7 @@ async def test_handshake_bounded_by_callers_cancel_scope() -> None:
             await stream.receive_some()
 
 
-async def test_cancelled_receive_loses_nothing_and_breaks_nothing() -> None:
+async def test_cancelled_receive_loses_nothing_and_breaks_nothing(virtual_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(5):
         client, server = memory_tls_pair()
         await handshake_both(client, server)
@@ -214,7 +218,7 @@ async def test_cancelled_receive_loses_nothing_and_breaks_nothing() -> None:
         assert await server.receive_some() == b"after the cancel"
 
 
-async def test_cancelled_send_midway_breaks_the_stream() -> None:
+async def test_cancelled_send_midway_breaks_the_stream(virtual_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(5):
         client, server = memory_tls_pair(pair_maker=trio.testing.lockstep_stream_pair)
         await handshake_both(client, server)
