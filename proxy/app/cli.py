@@ -10,6 +10,7 @@ import argparse
 import enum
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -58,6 +59,22 @@ class CommandError(KeynodeError):
     def __init__(self, message: str, code: ExitCode) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UsageError(CommandError):
+    """The command line does not parse (argparse's complaint, exit code 2)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message, ExitCode.USAGE)
+        self.parser = parser
+        self.message = message
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its usage errors raised (main prints them, as text or JSON)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
@@ -266,7 +283,9 @@ def command_lookup(args: argparse.Namespace) -> int:
 
 
 def command_forward(args: argparse.Namespace) -> int:
-    from proxy.app.port_forward import ForwardTarget, serve_port_forward
+    """Like ssh -L: through the running node, or, when none answers on the control
+    socket, through a node this process runs from the same config and node directory."""
+    from proxy.app.port_forward import ForwardTarget, run_port_forward
     from proxy.identity.node_id import NodeId
 
     config = resolve_config(args)
@@ -274,38 +293,13 @@ def command_forward(args: argparse.Namespace) -> int:
         address = peer_address(args, args.target)
         args.target = ForwardTarget(args.target, address.host, address.port)
     via: HostPort | None = args.via
+    tls_config = None
     if via is None:
-        if config.forward.port != 0:
-            via = config.forward
-        else:
-            status = _control(args, "GET", "/v1/status")
-            via = parse_host_port(status["forward"])
-
-    async def main() -> int:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                lambda task_status: serve_port_forward(
-                    args.listen, via, config.auth.value, args.target, task_status=task_status
-                )
-            )
-            for address in bound:
-                print(f"listening on {address} -> {args.target} via {via}", flush=True)
-            await wait_for_stop_signal()
-            nursery.cancel_scope.cancel()
-        return ExitCode.OK
-
-    return trio.run(main)
-
-
-async def wait_for_stop_signal() -> int:
-    """Returns the number of the first SIGINT or SIGTERM; later ones are ignored, so
-    a signal repeated (e.g. to the process group) cannot kill the clean stop."""
-    from proxy.app.runner import stop_signal_receiver
-
-    with stop_signal_receiver() as signals:
-        async for number in signals:
-            return number
-    return 0
+        try:
+            via = parse_host_port(_control(args, "GET", "/v1/status")["forward"])
+        except ControlUnreachable:
+            tls_config = load_identity(config.node_dir)  # no node running: run one here
+    return trio.run(lambda: run_port_forward(config, args.listen, args.target, via=via, tls_config=tls_config))
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -348,7 +342,7 @@ def _add_command(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROGRAM,
         description="keynode: a peer-to-peer tunnel. Local TCP clients reach a remote node's "
         "server through an HTTP CONNECT proxy, uTP over UDP with NAT hole punching, "
@@ -363,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {package_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     node_dir = argparse.ArgumentParser(add_help=False)
@@ -471,35 +466,87 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def fail(command: str, error: BaseException, debug: bool) -> NoReturn:
+def error_document(error: BaseException, message: str, code: int) -> dict[str, Any]:
+    """What --json prints on stderr for a failure (README: "Errors")."""
+    document: dict[str, Any] = {"error": type(error).__name__, "message": message, "exit_code": code}
+    if isinstance(error, ControlRequestFailed):  # the node's own error type and status
+        document.update(node_error=error.error, http_status=error.status)
+    return document
+
+
+def fail(command: str, error: BaseException, debug: bool, json_errors: bool = False) -> NoReturn:
     if debug:
         traceback.print_exception(error)
     error = unwrap(error)
-    if isinstance(error, KeyboardInterrupt):
-        print(f"{PROGRAM} {command}: interrupted", file=sys.stderr)
-        sys.exit(ExitCode.INTERRUPTED)
+    if isinstance(error, BrokenPipeError):
+        stdout_gone()
+    code = ExitCode.INTERRUPTED if isinstance(error, KeyboardInterrupt) else exit_code_for(error)
     message = str(error) or type(error).__name__
-    if isinstance(error, OSError) and error.strerror:
+    if isinstance(error, KeyboardInterrupt):
+        message = "interrupted"
+    elif isinstance(error, UsageError):
+        message = error.message
+    elif isinstance(error, OSError) and error.strerror:
         message = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
-    if exit_code_for(error) is ExitCode.FAILURE and not debug:
+    if code is ExitCode.FAILURE and not debug:
         message = f"{type(error).__name__}: {message} (unexpected; rerun with --debug and report it)"
-    print(f"{PROGRAM} {command}: {message}", file=sys.stderr)
-    sys.exit(exit_code_for(error))
+    if json_errors:
+        print(json.dumps(error_document(error, message, code)), file=sys.stderr)
+    elif isinstance(error, UsageError):
+        error.parser.print_usage(sys.stderr)
+        print(f"{error.parser.prog}: error: {message}", file=sys.stderr)
+    else:
+        print(f"{PROGRAM} {command}: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flush_stdout() -> None:
+    """Flush now, so a closed pipe shows here and not in the interpreter's flush at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_gone()
+
+
+def stdout_gone() -> NoReturn:
+    """The reader of our output went away (`keynode status | head -1`): that is its
+    choice, not our failure. Python's advice: point stdout at devnull so the flush at
+    exit does not fail again, and leave quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(ExitCode.OK)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keynode")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so that a usage error is JSON too when --json was asked for.
+    json_errors = "--json" in arguments
+    command = next((word for word in arguments if not word.startswith("-")), "")
+    try:
+        args = build_parser().parse_args(arguments)
+    except UsageError as error:
+        fail(command, error, False, json_errors)
+    except SystemExit:  # --help or --version printed its text
+        flush_stdout()
+        raise
     debug = bool(getattr(args, "debug", False))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.handler(args)
-    except KeyboardInterrupt:
-        print(f"{PROGRAM} {args.command}: interrupted", file=sys.stderr)
-        sys.exit(ExitCode.INTERRUPTED)
-    except (Exception, BaseExceptionGroup) as error:  # the one place failures become a line + code
-        fail(args.command, error, debug)
+        flush_stdout()
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as error:  # failures become a line + code
+        fail(args.command, error, debug, json_errors)
     sys.exit(int(code))
 
 

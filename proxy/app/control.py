@@ -358,7 +358,8 @@ def format_status(status: Mapping[str, Any]) -> str:
         rtt = item.get("rtt")
         rows.append([
             str(item.get("direction", "?")),
-            str(item.get("node_id") or "?"),
+            str(item.get("state") or "established"),
+            str(item.get("node_id") or "-"),
             str(item.get("remote") or "?"),
             str(item.get("local") or "-"),
             format_age(float(item.get("age") or 0)),
@@ -366,5 +367,5 @@ def format_status(status: Mapping[str, Any]) -> str:
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
         ])
-    table = format_table(["DIRECTION", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"], rows)
-    return "\n".join(lines) + f"\n\n{table}"
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    return "\n".join(lines) + f"\n\n{format_table(header, rows)}"

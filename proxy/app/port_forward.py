@@ -1,5 +1,8 @@
 """`keynode forward`: a local TCP listener whose connections are tunnelled (like ssh -L).
 
+`run_port_forward` is the command: through the running node's CONNECT port, or,
+when no node runs, through one it runs in this process from the same config.
+
 For each accepted connection: open TCP to the local node's forward proxy, send
 `CONNECT HOST:PORT?nodeId=<NodeId>` with the auth token (h11 speaks the HTTP), and on
 2xx pipe bytes both ways. Each direction ends with a half-close, so a client that
@@ -13,6 +16,7 @@ import base64
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import h11
@@ -23,6 +27,9 @@ from proxy.identity.errors import NodeIdInvalid
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.hosts import HostPort, format_host_port, parse_host_port
 from proxy.tunnel.http_io import receive_head
+
+if TYPE_CHECKING:
+    from proxy.app.config import Config
 
 log = logging.getLogger("keynode.forward")
 
@@ -69,15 +76,7 @@ async def open_tunnel(
 ) -> tuple[trio.SocketStream, bytes]:
     """CONNECT through `proxy` to `target`; returns the tunnel stream and any bytes
     the proxy sent after its response head (they belong to the tunnel)."""
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(proxy.host, proxy.port)
-    except trio.TooSlowError:
-        raise PortForwardError(f"connecting to the forward proxy {proxy} timed out") from None
-    except OSError as error:
-        raise PortForwardError(
-            f"cannot reach the forward proxy {proxy}: {error.strerror or error}"
-        ) from None
+    stream = await _connect_to_proxy(proxy, timeout)
     try:
         with trio.fail_after(timeout):
             leftover = await _connect_handshake(stream, auth_token, target)
@@ -88,6 +87,16 @@ async def open_tunnel(
         await stream.aclose()
         raise
     return stream, leftover
+
+
+async def _connect_to_proxy(proxy: HostPort, timeout: float, hint: str = "") -> trio.SocketStream:
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(proxy.host, proxy.port)
+    except trio.TooSlowError:
+        raise PortForwardError(f"connecting to the forward proxy {proxy} timed out{hint}") from None
+    except OSError as error:
+        raise PortForwardError(f"cannot reach the forward proxy {proxy}: {error.strerror or error}{hint}") from None
 
 
 async def _connect_handshake(stream: trio.SocketStream, auth_token: str, target: str) -> bytes:
@@ -199,3 +208,47 @@ async def serve_port_forward(
     async with trio.open_nursery() as nursery:
         task_status.started(bound)
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+async def check_forward_proxy(proxy: HostPort, *, timeout: float = 5.0) -> None:
+    """Fail now, not on every client, when nothing listens at the forward proxy."""
+    hint = " (start `keynode run`, or leave out --via to run a node in this process)"
+    stream = await _connect_to_proxy(proxy, timeout, hint)
+    await stream.aclose()
+
+
+async def run_port_forward(
+    config: Config,
+    listen: HostPort,
+    target: ForwardTarget,
+    *,
+    via: HostPort | None,
+    tls_config: Any = None,
+) -> int:
+    """`keynode forward` until SIGINT/SIGTERM. ``via``: the running node's CONNECT
+    port; None with a ``tls_config``: run the node here (its addresses are printed
+    as `keynode run` prints them) and forward through it."""
+    from proxy.app.runner import print_addresses, serve_node, setup_logging, stop_signal_receiver, wait_for_signal
+
+    with stop_signal_receiver() as signals:
+        stop_node = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if via is None:
+                setup_logging(config.log_level, config.log_format)
+                addresses = await nursery.start(serve_node, config, tls_config, stop_node)
+                print_addresses(addresses)
+                via = parse_host_port(addresses["forward"])
+            else:
+                await check_forward_proxy(via)
+            async with trio.open_nursery() as forwarding:
+                bound = await forwarding.start(
+                    lambda task_status: serve_port_forward(
+                        listen, via, config.auth.value, target, task_status=task_status
+                    )
+                )
+                for address in bound:
+                    print(f"listening on {address} -> {target} via {via}", flush=True)
+                await wait_for_signal(signals)
+                forwarding.cancel_scope.cancel()
+            stop_node.set()  # the node (when it runs here) stops gracefully
+    return 0

@@ -117,7 +117,9 @@ class ConnectionLog:
 
 
 def connection_rows(proxy: Any) -> list[dict[str, Any]]:
-    """One row per established connection for `status`, from `Proxy.connections()`."""
+    """One row per connection for `status`: the established ones (`Proxy.connections()`),
+    then the reverse connections prepared by open-reverse whose peer has not connected
+    yet (`Proxy.prepared_reverse_connections()`: no NodeId, no bytes yet)."""
     now = trio.current_time()
     rows = []
     for status in proxy.connections():
@@ -125,6 +127,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
         local = (info.tcp_host, info.tcp_port) if info.tcp_host is not None else None
         rows.append({
             "direction": info.direction.value,
+            "state": "established",
             "node_id": str(info.remote_node_id),
             "remote": _address_text((info.remote_host, info.remote_port)),
             "local": _address_text(local),
@@ -132,6 +135,21 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_sent": status.bytes_sent,
             "bytes_received": status.bytes_received,
             "rtt": status.rtt,
+        })
+    # The Proxy facade is getting this method; until it has it, status lists only
+    # established connections.
+    prepared_reverse = getattr(proxy, "prepared_reverse_connections", None)
+    for prepared in prepared_reverse() if prepared_reverse is not None else ():
+        rows.append({
+            "direction": "reverse",
+            "state": "prepared",
+            "node_id": None,
+            "remote": _address_text((prepared.remote_host, prepared.remote_port)),
+            "local": None,
+            "age": round(now - prepared.prepared_at, 3),
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "rtt": None,
         })
     return rows
 
@@ -230,60 +248,89 @@ class NodeController:
 
 
 async def run_node(config: Config, tls_config: Any) -> int:
-    """Run until SIGINT/SIGTERM; returns the exit status (0 after a graceful stop)."""
+    """`keynode run`: the node until SIGINT/SIGTERM; returns the exit status (0 after a
+    graceful stop). Its addresses go to stdout, then "ready"."""
+    setup_logging(config.log_level, config.log_format)
+    with stop_signal_receiver() as signals:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(serve_node, config, tls_config, stop)
+            print_addresses(addresses)
+            print("ready", flush=True)
+            await wait_for_signal(signals)
+            stop.set()
+    return 0
+
+
+def print_addresses(addresses: dict[str, Any]) -> None:
+    for name in ("node_id", "forward", "proxy", "server", "control_socket"):
+        print(f"{name}: {addresses[name] or '-'}", flush=True)
+
+
+async def wait_for_signal(signals: trio.abc.ReceiveChannel[int]) -> None:
+    async for number in signals:
+        name = signal.Signals(number).name
+        log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
+        return
+
+
+async def serve_node(
+    config: Config,
+    tls_config: Any,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The node (the Proxy and its control socket) until `stop` is set, then a graceful
+    stop (as DESIGN.md says: 503, refuse, every connection ends within conn_end_time).
+    Reports its addresses document once it serves. Used by `keynode run` and by
+    `keynode forward` when no node is running."""
     from nat.utp.config import UtpConfig
     from proxy.app.control import serve_control
     from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
 
-    setup_logging(config.log_level, config.log_format)
     events = ConnectionLog()
     timeouts = config.timeouts
     server = config.server
-    with stop_signal_receiver() as signals:
-        proxy_block = open_proxy(
-            tls_config=tls_config,
-            auth_token=config.auth.value,
-            forward_host=config.forward.host,
-            forward_port=config.forward.port,
-            proxy_host=config.proxy.host,
-            proxy_port=config.proxy.port,
-            server_host=None if server is None else server.host,
-            server_port=None if server is None else server.port,
-            address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
-            utp_config=UtpConfig(congestion=config.congestion),
-            conn_connect_time=timeouts.conn_connect_time,
-            conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
-            conn_end_time=timeouts.conn_end_time,
-            conn_punch_interval_time=timeouts.conn_punch_interval_time,
-            conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
-            connection_established_callback=events.established,
-            connection_lost_callback=events.lost,
-        )
-        async with AsyncExitStack() as stack:
-            try:
-                proxy = await stack.enter_async_context(proxy_block)
-            except (OSError, BaseExceptionGroup) as error:
-                # Only start-up failures are binding problems; later ones keep their own type.
-                leaf = _single_leaf(error)
-                if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
-                    raise BindError(config, leaf) from error
-                raise
-            controller = NodeController(proxy, config, tls_config.node_id)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_control, config.control_socket, controller)
-                addresses = controller.addresses()
-                for name in ("node_id", "forward", "proxy", "server", "control_socket"):
-                    print(f"{name}: {addresses[name] or '-'}", flush=True)
-                print("ready", flush=True)
-                log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
-                async for number in signals:
-                    name = signal.Signals(number).name
-                    log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
-                    break
-                nursery.cancel_scope.cancel()
+    proxy_block = open_proxy(
+        tls_config=tls_config,
+        auth_token=config.auth.value,
+        forward_host=config.forward.host,
+        forward_port=config.forward.port,
+        proxy_host=config.proxy.host,
+        proxy_port=config.proxy.port,
+        server_host=None if server is None else server.host,
+        server_port=None if server is None else server.port,
+        address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
+        utp_config=UtpConfig(congestion=config.congestion),
+        conn_connect_time=timeouts.conn_connect_time,
+        conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
+        conn_end_time=timeouts.conn_end_time,
+        conn_punch_interval_time=timeouts.conn_punch_interval_time,
+        conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
+        connection_established_callback=events.established,
+        connection_lost_callback=events.lost,
+    )
+    async with AsyncExitStack() as stack:
+        try:
+            proxy = await stack.enter_async_context(proxy_block)
+        except (OSError, BaseExceptionGroup) as error:
+            # Only start-up failures are binding problems; later ones keep their own type.
+            leaf = _single_leaf(error)
+            if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
+                raise BindError(config, leaf) from error
+            raise
+        controller = NodeController(proxy, config, tls_config.node_id)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, config.control_socket, controller)
+            addresses = controller.addresses()
+            log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
+            task_status.started(addresses)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+        # Leaving the stack (not cancelled) stops the Proxy gracefully.
     log.info("stopped", extra={"fields": {"event": "stopped"}})
-    return 0
 
 
 @contextmanager

@@ -37,7 +37,7 @@ STATUS = {
         {"direction": "forward", "node_id": str(NODE_ID), "remote": "198.18.0.2:4000",
          "local": "127.0.0.1:5555", "age": 75, "bytes_sent": 3 * 1024 * 1024,
          "bytes_received": 10, "rtt": 0.0123},
-        {"direction": "reverse", "node_id": None, "remote": "[::1]:4001", "local": None,
+        {"direction": "reverse", "state": "prepared", "node_id": None, "remote": "[::1]:4001", "local": None,
          "age": 1, "bytes_sent": 0, "bytes_received": 0, "rtt": None},
     ],
 }
@@ -211,11 +211,11 @@ def test_format_status_table() -> None:
     assert str(NODE_ID) in text and "127.0.0.1:1080" in text and "1h02m" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("DIRECTION"))
-    assert header.split() == ["DIRECTION", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    assert header.split() == ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
     forward = next(line for line in lines if line.startswith("forward "))
     assert "3.0 MiB" in forward and "12.3 ms" in forward and "1m15s" in forward
     reverse = next(line for line in lines if line.startswith("reverse "))
-    assert "[::1]:4001" in reverse and reverse.rstrip().endswith("-")
+    assert "[::1]:4001" in reverse and "prepared" in reverse and reverse.rstrip().endswith("-")
     assert "no connections" in format_status({**STATUS, "connections": []})
 
 
