@@ -1,36 +1,66 @@
-"""What forward and reverse connections share: their record, events and lifetime.
+"""What forward and reverse connections share below their lifecycle: the failure
+helpers both start sequences use, closing streams within ``conn_end_time``, and the
+cache of verified chains.
 
 A *connection* is one uTP connection wrapped in one TLS session, joined to one TCP
 connection (the CONNECT client on the forward side, the server on the reverse
-side) by the relay (proxy/relay.py).
+side) by the splice (splice.py). Its lifecycle is ``lifecycle.TunnelConnection``.
+This module imports no other part of the tunnel but its errors, peers and records,
+so every other module can import it. The records (``ConnectionInfo``,
+``ConnectionEvent``, ``EndReason``, ...) live in records.py and are importable from
+here too, where callers found them before.
 """
 
 from __future__ import annotations
 
 import datetime
-import enum
 import logging
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TypeVar
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat.errors import NatError
-from proxy.identity.errors import KeynodeError
-from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
+from proxy.identity.errors import CertificateChainError, KeynodeError
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import (
+    ConnectionKeepAliveTimeout,
+    ConnectionStartError,
+    ConnectionStartTimeout,
+    ConnectionVerifyError,
+)
 from proxy.tunnel.peer import Peer
+from proxy.tunnel.records import (
+    ConnectionCallback,
+    ConnectionEvent,
+    ConnectionInfo,
+    ConnectionStatus,
+    Direction,
+    EndReason,
+)
 
-if TYPE_CHECKING:
-    from proxy.tunnel.splice import PipeOutcome
+__all__ = [
+    "TRANSPORT_ERRORS",
+    "close_streams",
+    "until_peer_dies",
+    "start_error",
+    "VerifiedChains",
+    "verified_chains",
+    # records.py's, for importers from before it
+    "ConnectionCallback",
+    "ConnectionEvent",
+    "ConnectionInfo",
+    "ConnectionStatus",
+    "Direction",
+    "EndReason",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Errors that mean "the other end or the path went away", not a bug.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -40,123 +70,6 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     NatError,
     KeynodeError,
 )
-
-
-class Direction(str, enum.Enum):
-    FORWARD = "forward"
-    REVERSE = "reverse"
-
-
-class EndReason(str, enum.Enum):
-    """Why a connection ended (given to ``connection_lost_callback``)."""
-
-    CLOSED_LOCALLY = "closed_locally"  # local TCP side ended first, or closed/stopped here
-    CLOSED_BY_PEER = "closed_by_peer"  # the remote node ended the tunnel first
-    RESET = "reset"  # an error on either side (reset, broken TLS, broken TCP)
-    KEEP_ALIVE_TIMEOUT = "keep_alive_timeout"  # the remote peer fell silent
-
-
-@dataclass(frozen=True)
-class ConnectionInfo:
-    """What is known about one live connection (the original's ConnectionInfo)."""
-
-    remote_node_id: NodeId
-    remote_certificates: tuple[x509.Certificate, ...]
-    local_host: str  # local proxy (UDP) address
-    local_port: int
-    remote_host: str  # remote proxy (UDP) address
-    remote_port: int
-    direction: Direction
-    tcp_host: str | None = None  # forward: the CONNECT client; reverse: our socket to the server
-    tcp_port: int | None = None
-
-
-class TunnelConnection:
-    """What a forward and a reverse connection share: the remote peer, the verified
-    identity, the streams, the lifetime and the ``ConnectionInfo`` record."""
-
-    direction: Direction
-
-    def __init__(self, proxy: Any, address: tuple[str, int]) -> None:
-        self.proxy = proxy
-        self.address = address  # the remote proxy's UDP address
-        self.node_id: NodeId | None = None
-        self.certificates: tuple[x509.Certificate, ...] = ()
-        self.utp: Any = None  # UtpStream
-        self.tls: Any = None  # TLSStream
-        self.peer: Peer | None = None
-        self.scope = trio.CancelScope()
-        self.ended = trio.Event()
-        self.end_reason: EndReason | None = None
-        self.end_error: BaseException | None = None
-        self._exit_stack = AsyncExitStack()
-
-    @property
-    def alive(self) -> bool:
-        """Not ended, not being cancelled, and its peer not fallen silent."""
-        return (
-            not self.ended.is_set()
-            and not self.scope.cancel_called
-            and self.peer is not None
-            and not self.peer.died.is_set()
-        )
-
-    @property
-    def tcp_address(self) -> tuple[str, int] | None:
-        """The local TCP end: the CONNECT client (forward), our socket to the server (reverse)."""
-        raise NotImplementedError
-
-    def info(self) -> ConnectionInfo | None:
-        if self.node_id is None:
-            return None
-        tcp = self.tcp_address
-        return ConnectionInfo(
-            remote_node_id=self.node_id,
-            remote_certificates=self.certificates,
-            local_host=self.proxy.proxy_host,
-            local_port=self.proxy.proxy_port,
-            remote_host=self.address[0],
-            remote_port=self.address[1],
-            direction=self.direction,
-            tcp_host=tcp[0] if tcp else None,
-            tcp_port=tcp[1] if tcp else None,
-        )
-
-
-@dataclass(frozen=True)
-class ConnectionStatus:
-    """One established connection as ``Proxy.connections()`` reports it."""
-
-    info: ConnectionInfo
-    established_at: float  # trio.current_time() when it was established
-    bytes_sent: int  # uTP payload bytes (TLS records, so a little above the TCP bytes)
-    bytes_received: int
-    rtt: float | None  # smoothed uTP round-trip time, seconds
-
-
-@dataclass(frozen=True)
-class ConnectionEvent:
-    """Argument of the established and lost callbacks."""
-
-    remote_node_id: NodeId
-    remote_host: str
-    remote_port: int
-    direction: Direction
-    reason: EndReason | None = None  # None for "established"
-    error: BaseException | None = None
-
-
-ConnectionCallback = Callable[[ConnectionEvent], Any]
-
-
-def call_callback(callback: ConnectionCallback | None, event: ConnectionEvent) -> None:
-    """Run a user callback; its failure is logged, never breaks a connection."""
-    if callback is None:
-        return
-    try:
-        callback(event)
-    except Exception:  # a user callback is foreign code: contain it, say so
-        log.exception("connection callback failed for %s", event)
 
 
 async def close_streams(*streams: trio.abc.AsyncResource | None, graceful: bool, end_time: float) -> None:
@@ -183,15 +96,48 @@ async def close_streams(*streams: trio.abc.AsyncResource | None, graceful: bool,
                     log.debug("force-closing %r: %s", stream, error)
 
 
-def reset_error_for(outcome: PipeOutcome) -> BaseException | None:
-    """The error given to connection_lost_callback: the keep-alive timeout as is,
-    anything else as ConnectionResetByPeer caused by the underlying error."""
-    error = outcome.error
-    if error is None or isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer):
+async def until_peer_dies(peer: Peer, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work``; if the peer's keep-alive times out first, raise that instead."""
+    results: list[T] = []
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await peer.died.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            results.append(await work())
+        except Exception as error:  # re-raised below, outside the nursery's group
+            failure = error
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not results:
+        raise peer.death or ConnectionKeepAliveTimeout("peer died")
+    return results[0]
+
+
+def start_error(error: BaseException, what: str) -> KeynodeError:
+    """Map a failure while starting a connection to its typed error (and HTTP status)."""
+    if isinstance(error, (ConnectionStartError, ConnectionKeepAliveTimeout)):
         return error
-    wrapped = ConnectionResetByPeer(f"{type(error).__name__}: {error}")
-    wrapped.__cause__ = error
-    return wrapped
+    if isinstance(error, trio.TooSlowError):
+        return ConnectionStartTimeout(f"{what}: start timed out")
+    if isinstance(error, CertificateChainError):
+        mapped: KeynodeError = ConnectionVerifyError(f"{what}: certificate chain rejected: {error}")
+    elif isinstance(error, KeynodeError | NatError | OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+        mapped = ConnectionStartError(f"{what}: {type(error).__name__}: {error}")
+    else:
+        mapped = ConnectionStartError(f"{what}: unexpected {type(error).__name__}: {error}")
+    mapped.__cause__ = error
+    return mapped
+
+
+ChainKey = tuple[Hashable, tuple[bytes, ...]]  # (the question asked, the chain's DER bytes)
+ChainVerdict = tuple[NodeId, datetime.datetime, datetime.datetime]  # NodeId, valid from, valid until
 
 
 class VerifiedChains:
@@ -208,9 +154,7 @@ class VerifiedChains:
 
     def __init__(self, capacity: int = 512) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[Hashable, tuple[bytes, ...]], tuple[NodeId, datetime.datetime, datetime.datetime]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[ChainKey, ChainVerdict] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -222,7 +166,7 @@ class VerifiedChains:
     ) -> NodeId:
         chain = list(chain)
         key = (what, tuple(certificate.public_bytes(Encoding.DER) for certificate in chain))
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         entry = self._entries.get(key)
         if entry is not None:
             node_id, valid_from, valid_until = entry
@@ -242,7 +186,3 @@ class VerifiedChains:
 
 
 verified_chains = VerifiedChains()  # one per process: verdicts do not depend on the proxy
-
-
-def remaining(deadline: float) -> float:
-    return max(0.0, deadline - trio.current_time()) if math.isfinite(deadline) else math.inf

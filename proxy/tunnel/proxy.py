@@ -14,6 +14,9 @@ Task tree::
         _accept_forward             CONNECT listener -> _handle_client per TCP client
         _accept_reverse             endpoint.accept() -> ConnectionReverse.run
         connection nursery          every ConnectionForward/Reverse.run and client handler
+
+Connections see of the Proxy only a ``ConnectionContext`` (lifecycle.py); the
+``ConnectionRegistry`` (registry.py) holds them and calls the user's callbacks.
 """
 
 from __future__ import annotations
@@ -28,28 +31,23 @@ from typing import Any
 
 import trio
 
-from nat import open_endpoint
+from nat.endpoint import open_endpoint
 from nat.errors import EndpointClosed, NatError
 from nat.utp.config import UtpConfig
-from proxy.tunnel.address_book import AddressBook
-from proxy.tunnel.forward import ConnectionForward
-from proxy.tunnel.reverse import ConnectionReverse
-from proxy.tunnel.connection import (
-    TRANSPORT_ERRORS,
-    ConnectionCallback,
-    ConnectionEvent,
-    ConnectionInfo,
-    ConnectionStatus,
-    call_callback,
-    close_streams,
-)
 from proxy.identity.errors import KeynodeError
-from proxy.tunnel.errors import ConnectionStartError, ProxyNotRunning
-from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.identity.node_id import NodeId
-from proxy.tunnel.defaults import DEFAULT_CONGESTION
-from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
 from proxy.identity.tls_config import TLSConfig
+from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
+from proxy.tunnel.defaults import DEFAULT_CONGESTION
+from proxy.tunnel.errors import ConnectionStartError, ProxyNotRunning
+from proxy.tunnel.forward import ConnectionForward
+from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
+from proxy.tunnel.lifecycle import ConnectionContext
+from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
+from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus
+from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
+from proxy.tunnel.reverse import ConnectionReverse
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,9 @@ class Proxy:
                 raise ValueError(f"{name} must be a positive number of seconds")
         self.tls_config = tls_config
         self.auth_token = auth_token
-        self.address_book: Mapping[NodeId, tuple[str, int]] = address_book if address_book is not None else AddressBook()
+        self.address_book: Mapping[NodeId, tuple[str, int]] = (
+            address_book if address_book is not None else AddressBook()
+        )
         self.server_host = server_host
         self.server_port = server_port
         self.conn_connect_time = conn_connect_time
@@ -96,8 +96,11 @@ class Proxy:
         self.conn_end_time = conn_end_time
         self.conn_punch_interval_time = conn_punch_interval_time
         self.conn_keep_alive_interval_time = conn_keep_alive_interval_time
-        self.connection_established_callback = connection_established_callback
-        self.connection_lost_callback = connection_lost_callback
+        self._registry = ConnectionRegistry(
+            end_time=conn_end_time,
+            established_callback=connection_established_callback,
+            lost_callback=connection_lost_callback,
+        )
         # Set when running:
         self.endpoint: Any = None
         self.peers: PeerRegistry = None  # type: ignore[assignment]
@@ -105,9 +108,7 @@ class Proxy:
         self.forward_port = 0
         self.proxy_host = ""
         self.proxy_port = 0
-        self._forward: set[ConnectionForward] = set()
-        self._reverse: set[ConnectionReverse] = set()
-        self._established_at: dict[ConnectionForward | ConnectionReverse, float] = {}
+        self._context: ConnectionContext | None = None
         self._starting: set[trio.CancelScope] = set()
         # CONNECTs past their request, not yet answered: stop lets them answer.
         self._answering = 0
@@ -123,6 +124,22 @@ class Proxy:
     @property
     def running(self) -> bool:
         return self._running and not self._stopping
+
+    @property
+    def connection_established_callback(self) -> ConnectionCallback | None:
+        return self._registry.established_callback
+
+    @connection_established_callback.setter
+    def connection_established_callback(self, callback: ConnectionCallback | None) -> None:
+        self._registry.established_callback = callback
+
+    @property
+    def connection_lost_callback(self) -> ConnectionCallback | None:
+        return self._registry.lost_callback
+
+    @connection_lost_callback.setter
+    def connection_lost_callback(self, callback: ConnectionCallback | None) -> None:
+        self._registry.lost_callback = callback
 
     async def _run(
         self,
@@ -145,6 +162,21 @@ class Proxy:
                         ),
                     )
                     await services.start(self.peers.run)
+                    self._context = ConnectionContext(
+                        endpoint=endpoint,
+                        peers=self.peers,
+                        tls_config=lambda: self.tls_config,
+                        connect_time=self.conn_connect_time,
+                        end_time=self.conn_end_time,
+                        local_address=(self.proxy_host, self.proxy_port),
+                        server=(
+                            (self.server_host, self.server_port)
+                            if self.server_host is not None and self.server_port is not None
+                            else None
+                        ),
+                        established=self._registry.established,
+                        ended=self._registry.ended,
+                    )
                     listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
                     sockname = listeners[0].socket.getsockname()
                     self.forward_host, self.forward_port = sockname[0], sockname[1]
@@ -175,12 +207,10 @@ class Proxy:
                 self.endpoint.accepting = False
             for scope in list(self._starting):
                 scope.cancel()
-            connections: list[ConnectionForward | ConnectionReverse] = [*self._forward, *self._reverse]
+            connections = self._registry.all()
             for connection in connections:
                 connection.close()
-            # Each connection's own close is bounded by conn_end_time; the margin
-            # only covers scheduling.
-            with trio.move_on_after(self.conn_end_time + 0.5):
+            with trio.move_on_after(self.conn_end_time + END_MARGIN):
                 for connection in connections:
                     await connection.ended.wait()
                 while self._answering:
@@ -195,48 +225,22 @@ class Proxy:
             raise ProxyNotRunning("proxy is not running")
         self._connection_nursery.start_soon(fn, *args)
 
-    def _connection_established(self, connection: ConnectionForward | ConnectionReverse) -> None:
-        assert connection.node_id is not None
-        self._established_at[connection] = trio.current_time()
-        call_callback(
-            self.connection_established_callback,
-            ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
-        )
-
-    def _connection_ended(self, connection: ConnectionForward | ConnectionReverse) -> None:
-        self._established_at.pop(connection, None)
-        if isinstance(connection, ConnectionForward):
-            self._forward.discard(connection)
-        else:
-            self._reverse.discard(connection)
+    def _connection_context(self) -> ConnectionContext:
+        if self._context is None:
+            raise ProxyNotRunning("proxy is not running")
+        return self._context
 
     def connections(self) -> list[ConnectionStatus]:
         """Every established connection, forward then reverse, with its counters."""
-        statuses = []
-        for connection in [*self._forward, *self._reverse]:
-            info = connection.info()
-            established_at = self._established_at.get(connection)
-            if info is None or established_at is None:
-                continue
-            utp = connection.utp
-            statuses.append(
-                ConnectionStatus(
-                    info=info,
-                    established_at=established_at,
-                    bytes_sent=0 if utp is None else utp.bytes_sent,
-                    bytes_received=0 if utp is None else utp.bytes_received,
-                    rtt=None if utp is None else utp.rtt,
-                )
-            )
-        return statuses
+        return self._registry.statuses()
 
     @property
     def connection_forward_count(self) -> int:
-        return len(self._forward)
+        return len(self._registry.forward)
 
     @property
     def connection_reverse_count(self) -> int:
-        return len(self._reverse)
+        return len(self._registry.reverse)
 
     def set_tls_config(self, tls_config: TLSConfig) -> None:
         """Use a new key/chain for connections started from now on."""
@@ -276,19 +280,19 @@ class Proxy:
 
         ``claim``: for a CONNECT, which takes the connection for itself.
         """
-        for connection in self._forward:
-            if connection.address == address and connection.usable and connection.node_id in node_ids:
-                connection.claimed = claim
-                return connection
-        connection = ConnectionForward(self, address, node_ids)
+        idle = self._registry.idle_forward(address, node_ids)
+        if idle is not None:
+            idle.claimed = claim
+            return idle
+        connection = ConnectionForward(self._connection_context(), address, node_ids)
         connection.claimed = claim
         await connection.start()
         if self._stopping:
             await connection.finish_unstarted()
             raise ProxyNotRunning("proxy is stopping")
-        self._forward.add(connection)
+        self._registry.add(connection)
         self._spawn(connection.run)
-        self._connection_established(connection)
+        self._registry.established(connection)
         return connection
 
     async def open_connection_forward(self, node_ids: NodeId | Iterable[NodeId], host: str, port: int) -> NodeId:
@@ -302,14 +306,7 @@ class Proxy:
         return connection.node_id
 
     async def close_connection_forward(self, host: str, port: int) -> None:
-        await self._close_all([c for c in self._forward if c.address == normalize_address((host, port))])
-
-    async def _close_all(self, connections: list[Any]) -> None:
-        for connection in connections:
-            connection.close()
-        with trio.move_on_after(self.conn_end_time + 0.5):
-            for connection in connections:
-                await connection.ended.wait()
+        await self._registry.end(self._registry.to_proxy(self._registry.forward, host, port))
 
     async def _accept_forward(self, listener: trio.SocketListener) -> None:
         async with listener:
@@ -403,13 +400,12 @@ class Proxy:
                 await close_streams(utp, graceful=False, end_time=0)
                 continue
             address = normalize_address(utp.remote_address)
-            for connection in self._reverse:
-                if connection.address == address and connection.usable:
-                    connection.attach_utp(utp)
-                    break
+            prepared = self._registry.idle_reverse(address)
+            if prepared is not None:
+                prepared.attach_utp(utp)
             else:
-                connection = ConnectionReverse(self, address)
-                self._reverse.add(connection)
+                connection = ConnectionReverse(self._connection_context(), address)
+                self._registry.add(connection)
                 self._spawn(connection.run, utp)
 
     async def open_connection_reverse(self, host: str, port: int) -> None:
@@ -417,46 +413,33 @@ class Proxy:
         if not self.running:
             raise ProxyNotRunning("proxy is not running")
         address = await self._resolve(host, port)
-        for connection in self._reverse:
-            if connection.address == address and connection.usable:
-                return
-        connection = ConnectionReverse(self, address)
+        if self._registry.idle_reverse(address) is not None:
+            return
+        connection = ConnectionReverse(self._connection_context(), address)
         await connection.prepare()
         if self._stopping:
             await connection.finish_unstarted()
             raise ProxyNotRunning("proxy is stopping")
-        self._reverse.add(connection)
+        self._registry.add(connection)
         self._spawn(functools.partial(connection.run, prepared=True))
 
     async def close_connection_reverse(self, host: str, port: int) -> None:
-        await self._close_all([c for c in self._reverse if c.address == normalize_address((host, port))])
+        await self._registry.end(self._registry.to_proxy(self._registry.reverse, host, port))
 
     # --- lookups ------------------------------------------------------------------------
 
     def get_connection_info_by_client(self, client_host: str, client_port: int) -> ConnectionInfo | None:
         """The forward connection serving the CONNECT client at that TCP address."""
-        key = normalize_address((client_host, client_port))
-        for connection in self._forward:
-            if connection.client_address == key:
-                return connection.info()
-        return None
+        return self._registry.info_by_client(client_host, client_port)
 
     def get_connection_info_by_reverse(self, host: str, port: int) -> ConnectionInfo | None:
         """The reverse connection whose TCP socket to the server has that local address
         (what the server sees as its peer)."""
-        key = normalize_address((host, port))
-        for connection in self._reverse:
-            if connection.server_local_address is not None and normalize_address(connection.server_local_address) == key:
-                return connection.info()
-        return None
+        return self._registry.info_by_server_socket(host, port)
 
     def get_connection_info_by_proxy(self, proxy_host: str, proxy_port: int) -> ConnectionInfo | None:
         """A connection (either direction) to or from the remote proxy at that address."""
-        key = normalize_address((proxy_host, proxy_port))
-        for connection in [*self._forward, *self._reverse]:
-            if connection.address == key and connection.node_id is not None:
-                return connection.info()
-        return None
+        return self._registry.info_by_proxy(proxy_host, proxy_port)
 
 
 @asynccontextmanager

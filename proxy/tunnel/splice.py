@@ -1,4 +1,4 @@
-"""The relay: the data path of every tunnel, one TCP connection <-> TLS over uTP.
+"""The splice (the relay): the data path of every tunnel, one TCP connection <-> TLS over uTP.
 
 It copies both ways, carries half-close (EOF on one side becomes ``send_eof`` on
 the other while the other direction keeps flowing), and ends when both
@@ -36,11 +36,12 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
 
 from nat.stream import UtpStream
-from proxy.tunnel.connection import TRANSPORT_ERRORS, EndReason
-from proxy.tls.errors import TLSTruncatedError
-from proxy.tunnel.errors import ConnectionKeepAliveTimeout
-from proxy.tunnel.peer import Peer
 from proxy.tls import SEND_SLICE, TLSStream
+from proxy.tls.errors import TLSTruncatedError
+from proxy.tunnel.connection import TRANSPORT_ERRORS
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
+from proxy.tunnel.peer import Peer
+from proxy.tunnel.records import EndReason
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,17 @@ class PipeOutcome:
         if self.error is not None:
             return EndReason.RESET
         return EndReason.CLOSED_BY_PEER if self.first_eof == "peer" else EndReason.CLOSED_LOCALLY
+
+    @property
+    def reported_error(self) -> BaseException | None:
+        """The error given to connection_lost_callback: the keep-alive timeout as is,
+        anything else as ConnectionResetByPeer caused by the underlying error."""
+        error = self.error
+        if error is None or isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer):
+            return error
+        wrapped = ConnectionResetByPeer(f"{type(error).__name__}: {error}")
+        wrapped.__cause__ = error
+        return wrapped
 
 
 _buffers = threading.local()

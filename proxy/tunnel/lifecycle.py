@@ -1,0 +1,236 @@
+"""The one lifecycle of a connection, forward or reverse: start, wait for the
+missing end, splice, finish.
+
+A connection starts (a typed error after undoing what it opened, see
+``connection.start_error``), is registered, waits for its missing end (the
+CONNECT client of a forward connection opened ahead of time, the uTP connection
+of a reverse connection prepared ahead of time) unless its peer dies first, splices
+its TCP end to TLS over uTP, and finishes: closes its streams, gracefully within
+``conn_end_time`` when nothing failed, releases its peer and tells the registry
+why it ended. ``close()`` ends it from outside at any point.
+
+A connection sees of the Proxy only its ``ConnectionContext``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import trio
+from cryptography import x509
+
+from proxy.identity.node_id import NodeId
+from proxy.identity.tls_config import TLSConfig
+from proxy.tunnel.connection import close_streams, start_error, until_peer_dies
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionStartError
+from proxy.tunnel.peer import Address, Peer, PeerRegistry
+from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason
+from proxy.tunnel.splice import relay
+
+if TYPE_CHECKING:
+    from nat.stream import UtpStream
+    from proxy.tls import TLSStream
+
+log = logging.getLogger(__name__)
+
+
+class UtpConnector(Protocol):
+    """The part of nat.Endpoint that forward connections use."""
+
+    async def connect(self, address: tuple[Any, ...]) -> UtpStream: ...
+
+
+@dataclass(frozen=True)
+class ConnectionContext:
+    """All that a connection uses of the Proxy running it."""
+
+    endpoint: UtpConnector
+    peers: PeerRegistry
+    tls_config: Callable[[], TLSConfig]  # read at each handshake: set_tls_config applies to new starts
+    connect_time: float  # conn_connect_time: bound of a start
+    end_time: float  # conn_end_time: bound of a graceful finish
+    local_address: Address  # this proxy's UDP address, for ConnectionInfo
+    server: Address | None  # where reverse connections connect; None: refused
+    established: Callable[[TunnelConnection], None]  # the registry's: registered connection established
+    ended: Callable[[TunnelConnection], None]  # the registry's: registered connection finished
+
+
+@dataclass(frozen=True)
+class Ending:
+    """Why a connection ended, and whether its streams may close gracefully."""
+
+    reason: EndReason = EndReason.CLOSED_LOCALLY  # also when cancelled: closed or stopped here
+    error: BaseException | None = None
+    graceful: bool = True
+
+
+class TunnelConnection:
+    """What a forward and a reverse connection share: the remote peer, the verified
+    identity, the streams, the lifetime and the ``ConnectionInfo`` record."""
+
+    direction: ClassVar[Direction]
+    tcp_role: ClassVar[str]  # what the TCP end is: "client" (forward) or "server" (reverse)
+    toward: ClassVar[str]  # "to" (forward) or "from" (reverse) the remote proxy, in messages
+
+    def __init__(self, context: ConnectionContext, address: Address) -> None:
+        self.context = context
+        self.address = address  # the remote proxy's UDP address
+        self.node_id: NodeId | None = None
+        self.certificates: tuple[x509.Certificate, ...] = ()
+        self.peer: Peer | None = None
+        self.utp: UtpStream | None = None
+        self.tls: TLSStream | None = None
+        self.tcp: trio.SocketStream | None = None
+        # The local TCP end: the CONNECT client (forward), our socket to the server (reverse).
+        self.tcp_address: Address | None = None
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()
+        self.end_reason: EndReason | None = None
+        self.end_error: BaseException | None = None
+        # The missing end arrived: a forward connection's client, a prepared reverse connection's uTP.
+        self._attached = trio.Event()
+        self._exit_stack = AsyncExitStack()
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def what(self) -> str:
+        return f"{self.direction.value} {self.toward} {self.address[0]}:{self.address[1]}"
+
+    @property
+    def composed(self) -> bool:
+        """Both ends are there."""
+        return self._attached.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """Not ended, not being cancelled, and its peer not fallen silent."""
+        return (
+            not self.ended.is_set()
+            and not self.scope.cancel_called
+            and self.peer is not None
+            and not self.peer.died.is_set()
+        )
+
+    @property
+    def usable(self) -> bool:
+        """Opened ahead of time and free to take its missing end."""
+        raise NotImplementedError
+
+    def info(self) -> ConnectionInfo | None:
+        if self.node_id is None:
+            return None
+        tcp = self.tcp_address
+        local_host, local_port = self.context.local_address
+        return ConnectionInfo(
+            remote_node_id=self.node_id,
+            remote_certificates=self.certificates,
+            local_host=local_host,
+            local_port=local_port,
+            remote_host=self.address[0],
+            remote_port=self.address[1],
+            direction=self.direction,
+            tcp_host=tcp[0] if tcp else None,
+            tcp_port=tcp[1] if tcp else None,
+        )
+
+    def status(self, established_at: float) -> ConnectionStatus | None:
+        info = self.info()
+        if info is None:
+            return None
+        utp = self.utp
+        return ConnectionStatus(
+            info=info,
+            established_at=established_at,
+            bytes_sent=0 if utp is None else utp.bytes_sent,
+            bytes_received=0 if utp is None else utp.bytes_received,
+            rtt=None if utp is None else utp.rtt,
+        )
+
+    # --- start ------------------------------------------------------------------------
+
+    async def _use_peer(self) -> Peer:
+        """The shared Peer of the remote address, held until the connection finishes."""
+        self.peer = await self._exit_stack.enter_async_context(self.context.peers.use(self.address))
+        return self.peer
+
+    @asynccontextmanager
+    async def _starting(self) -> AsyncIterator[None]:
+        """A start step: on failure undo what was opened and raise the typed error."""
+        try:
+            yield
+        except BaseException as error:
+            await self._abandon()
+            if isinstance(error, Exception):
+                raise start_error(error, self.what) from error
+            raise
+
+    async def _abandon(self) -> None:
+        """Close at once what a start opened and release the peer."""
+        await close_streams(self.tls or self.utp, self.tcp, graceful=False, end_time=0)
+        self.tls = self.utp = None
+        self.tcp = None
+        with trio.CancelScope(shield=True):
+            await self._exit_stack.aclose()
+
+    # --- life -------------------------------------------------------------------------
+
+    async def _wait_attached(self) -> None:
+        """Wait for the missing end; ConnectionKeepAliveTimeout if the peer dies first."""
+        if not self.composed:
+            assert self.peer is not None
+            await until_peer_dies(self.peer, self._attached.wait)
+
+    async def _splice(self, initial_data: bytes = b"") -> Ending:
+        assert self.tcp is not None and self.tls is not None and self.peer is not None
+        outcome = await relay(self.tcp, self.tls, self.peer, initial_data=initial_data)
+        return Ending(outcome.reason, outcome.reported_error, graceful=outcome.error is None)
+
+    async def _live(self, body: Callable[[], Awaitable[Ending]]) -> None:
+        """Run ``body`` in the connection's scope, then finish with why it ended.
+        Runs in the proxy's connection nursery: nothing raised here may reach it."""
+        ending = Ending()
+        try:
+            with self.scope:
+                ending = await body()
+        except ConnectionStartError as failure:
+            log.info("%s", failure)
+            ending = Ending(EndReason.RESET, failure, graceful=False)
+        except ConnectionKeepAliveTimeout as death:
+            ending = Ending(EndReason.KEEP_ALIVE_TIMEOUT, death, graceful=False)
+        except Exception as bug:  # a defect must end this connection, never the proxy
+            log.exception("%s connection %s %s failed", self.direction.value, self.toward, self.address)
+            ending = Ending(EndReason.RESET, bug, graceful=False)
+        finally:
+            await self.finish(ending)
+
+    # --- end --------------------------------------------------------------------------
+
+    async def finish(self, ending: Ending) -> None:
+        """Close the streams (gracefully within conn_end_time if the ending allows),
+        release the peer, and tell the registry."""
+        if self.ended.is_set():
+            return
+        self.end_reason, self.end_error = ending.reason, ending.error
+        with trio.CancelScope(shield=True):
+            await close_streams(
+                self.tls or self.utp, self.tcp, graceful=ending.graceful, end_time=self.context.end_time
+            )
+            await self._exit_stack.aclose()
+        self.ended.set()
+        self.context.ended(self)
+
+    async def finish_unstarted(self) -> None:
+        """Drop a started connection that was never registered (the proxy is stopping)."""
+        await self._abandon()
+        self.ended.set()
+
+    def close(self) -> None:
+        self.scope.cancel()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address} node={self.node_id} {self.tcp_role}={self.tcp_address}>"

@@ -1,0 +1,68 @@
+"""What the Proxy reports about its connections: their records, events and end
+reasons. Plain data, no behaviour; the application may import it."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from proxy.identity.node_id import NodeId
+
+
+class Direction(str, enum.Enum):
+    FORWARD = "forward"
+    REVERSE = "reverse"
+
+
+class EndReason(str, enum.Enum):
+    """Why a connection ended (given to ``connection_lost_callback``)."""
+
+    CLOSED_LOCALLY = "closed_locally"  # local TCP side ended first, or closed/stopped here
+    CLOSED_BY_PEER = "closed_by_peer"  # the remote node ended the tunnel first
+    RESET = "reset"  # an error on either side (reset, broken TLS, broken TCP)
+    KEEP_ALIVE_TIMEOUT = "keep_alive_timeout"  # the remote peer fell silent
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What is known about one live connection (the original's ConnectionInfo)."""
+
+    remote_node_id: NodeId
+    remote_certificates: tuple[x509.Certificate, ...]
+    local_host: str  # local proxy (UDP) address
+    local_port: int
+    remote_host: str  # remote proxy (UDP) address
+    remote_port: int
+    direction: Direction
+    tcp_host: str | None = None  # forward: the CONNECT client; reverse: our socket to the server
+    tcp_port: int | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionStatus:
+    """One established connection as ``Proxy.connections()`` reports it."""
+
+    info: ConnectionInfo
+    established_at: float  # trio.current_time() when it was established
+    bytes_sent: int  # uTP payload bytes (TLS records, so a little above the TCP bytes)
+    bytes_received: int
+    rtt: float | None  # smoothed uTP round-trip time, seconds
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """Argument of the established and lost callbacks."""
+
+    remote_node_id: NodeId
+    remote_host: str
+    remote_port: int
+    direction: Direction
+    reason: EndReason | None = None  # None for "established"
+    error: BaseException | None = None
+
+
+ConnectionCallback = Callable[[ConnectionEvent], Any]

@@ -1,0 +1,159 @@
+"""Every live connection of one Proxy, forward and reverse.
+
+The registry is where the lifecycle meets the Proxy: a connection is added once
+started (forward) or accepted or prepared (reverse); its ``established`` and
+``ended`` (given to it in its ``ConnectionContext``) record when it was
+established and call the user's established and lost callbacks; the Proxy asks it
+for counts, idle connections to reuse, lookups and statuses, and has it end
+connections within ``conn_end_time``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.forward import ConnectionForward
+from proxy.tunnel.lifecycle import TunnelConnection
+from proxy.tunnel.peer import Address, normalize_address
+from proxy.tunnel.records import ConnectionCallback, ConnectionEvent, ConnectionInfo, ConnectionStatus
+from proxy.tunnel.reverse import ConnectionReverse
+
+log = logging.getLogger(__name__)
+
+# Each connection's own close is bounded by conn_end_time; the margin only covers
+# scheduling.
+END_MARGIN = 0.5
+
+
+def call_callback(callback: ConnectionCallback | None, event: ConnectionEvent) -> None:
+    """Run a user callback; its failure is logged, never breaks a connection."""
+    if callback is None:
+        return
+    try:
+        callback(event)
+    except Exception:  # a user callback is foreign code: contain it, say so
+        log.exception("connection callback failed for %s", event)
+
+
+class ConnectionRegistry:
+    """The live connections of one Proxy and the callbacks about them."""
+
+    def __init__(
+        self,
+        *,
+        end_time: float,
+        established_callback: ConnectionCallback | None = None,
+        lost_callback: ConnectionCallback | None = None,
+    ) -> None:
+        self.end_time = end_time
+        self.established_callback = established_callback
+        self.lost_callback = lost_callback
+        self.forward: set[ConnectionForward] = set()
+        self.reverse: set[ConnectionReverse] = set()
+        self._established_at: dict[TunnelConnection, float] = {}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def add(self, connection: ConnectionForward | ConnectionReverse) -> None:
+        if isinstance(connection, ConnectionForward):
+            self.forward.add(connection)
+        else:
+            self.reverse.add(connection)
+
+    def established(self, connection: TunnelConnection) -> None:
+        assert connection.node_id is not None
+        self._established_at[connection] = trio.current_time()
+        call_callback(
+            self.established_callback,
+            ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
+        )
+
+    def ended(self, connection: TunnelConnection) -> None:
+        """Drop a finished connection; the lost callback hears of it if it had been established."""
+        was_established = self._established_at.pop(connection, None) is not None
+        if isinstance(connection, ConnectionForward):
+            self.forward.discard(connection)
+        elif isinstance(connection, ConnectionReverse):
+            self.reverse.discard(connection)
+        if was_established and connection.node_id is not None:
+            call_callback(
+                self.lost_callback,
+                ConnectionEvent(
+                    connection.node_id,
+                    connection.address[0],
+                    connection.address[1],
+                    connection.direction,
+                    connection.end_reason,
+                    connection.end_error,
+                ),
+            )
+
+    def all(self) -> list[TunnelConnection]:
+        return [*self.forward, *self.reverse]
+
+    async def end(self, connections: Iterable[TunnelConnection]) -> None:
+        """Close connections and wait until they ended, at most conn_end_time (and a margin)."""
+        connections = list(connections)
+        for connection in connections:
+            connection.close()
+        with trio.move_on_after(self.end_time + END_MARGIN):
+            for connection in connections:
+                await connection.ended.wait()
+
+    # --- queries ----------------------------------------------------------------------
+
+    def idle_forward(self, address: Address, node_ids: tuple[NodeId, ...]) -> ConnectionForward | None:
+        """A connection opened ahead of time to ``address``, to one of ``node_ids``, not yet taken."""
+        for connection in self.forward:
+            if connection.address == address and connection.usable and connection.node_id in node_ids:
+                return connection
+        return None
+
+    def idle_reverse(self, address: Address) -> ConnectionReverse | None:
+        """A connection prepared for ``address``, still waiting for its uTP connection."""
+        for connection in self.reverse:
+            if connection.address == address and connection.usable:
+                return connection
+        return None
+
+    def to_proxy(self, connections: Iterable[TunnelConnection], host: str, port: int) -> list[TunnelConnection]:
+        """Those of ``connections`` to or from the remote proxy at (host, port)."""
+        key = normalize_address((host, port))
+        return [connection for connection in connections if connection.address == key]
+
+    def statuses(self) -> list[ConnectionStatus]:
+        """Every established connection, forward then reverse, with its counters."""
+        statuses = []
+        for connection in self.all():
+            established_at = self._established_at.get(connection)
+            if established_at is None:
+                continue
+            status = connection.status(established_at)
+            if status is not None:
+                statuses.append(status)
+        return statuses
+
+    def info_by_client(self, host: str, port: int) -> ConnectionInfo | None:
+        key = normalize_address((host, port))
+        for connection in self.forward:
+            if connection.tcp_address == key:
+                return connection.info()
+        return None
+
+    def info_by_server_socket(self, host: str, port: int) -> ConnectionInfo | None:
+        key = normalize_address((host, port))
+        for connection in self.reverse:
+            if connection.tcp_address is not None and normalize_address(connection.tcp_address) == key:
+                return connection.info()
+        return None
+
+    def info_by_proxy(self, host: str, port: int) -> ConnectionInfo | None:
+        key = normalize_address((host, port))
+        for connection in self.all():
+            if connection.address == key and connection.node_id is not None:
+                return connection.info()
+        return None
