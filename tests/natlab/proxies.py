@@ -227,13 +227,14 @@ class ConnectAnswer:
     elapsed: float  # seconds from sending CONNECT to its answer
     stream: trio.SocketStream | None = None  # the tunnel, when 200
     leftover: bytes = b""  # tunnel bytes that came with the answer
+    answered_at: float = 0.0  # trio.current_time() when the answer had arrived
 
 
 async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: int,
                        *, timeout: float = 30.0) -> ConnectAnswer:
     """CONNECT through `node`'s forward port from inside its namespace."""
-    from proxy.identity.node_id import NodeId
     from proxy.app.port_forward import ForwardTarget, proxy_authorization
+    from proxy.identity.node_id import NodeId
 
     target = ForwardTarget(NodeId.decode(target_node_id), host, port).connect_target()
     with node.host.enter():  # only the socket's creation happens in the namespace
@@ -252,7 +253,8 @@ async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: 
                 if not data:
                     raise ConnectionError(f"{node.name}: CONNECT closed without an answer: {answer!r}")
                 answer += data
-            elapsed = trio.current_time() - started
+            answered_at = trio.current_time()
+            elapsed = answered_at - started
     except BaseException:
         await stream.aclose()
         raise
@@ -260,8 +262,8 @@ async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: 
     status = int(head.split(b" ", 2)[1])
     if status != 200:
         await stream.aclose()
-        return ConnectAnswer(status, elapsed)
-    return ConnectAnswer(status, elapsed, stream, leftover)
+        return ConnectAnswer(status, elapsed, answered_at=answered_at)
+    return ConnectAnswer(status, elapsed, stream, leftover, answered_at)
 
 
 async def rendezvous_connect(forward: KeynodeNode, reverse: KeynodeNode, *, head_start: float = 0.2,

@@ -27,8 +27,6 @@ from tests.natlab.topology import Lab, Site
 UDP_TIMEOUT = 5.0
 IDLE = 20.0
 CALL_TIMEOUT = 5.0
-# Scheduling on a loaded 2-core machine; a correctness bound, not a speed claim.
-MARGIN = 1.5
 
 
 def start_nat_pair(lab: Lab, directory: Path, name: str, timeouts: dict[str, float],
@@ -88,6 +86,10 @@ async def test_keep_alive_holds_mappings_open_and_without_it_the_tunnel_dies(tmp
 
 @pytest.mark.netns
 async def test_cut_link_ends_both_sides_with_keep_alive_timeout(tmp_path: Path) -> None:
+    # Real clock (keynode subprocesses in namespaces): no wall-clock bound is asserted.
+    # The end is checked by its reason and message, naming the timeout; how the timer
+    # paces it (conn_keep_alive_timeout_time after last heard, to the tick) is checked
+    # on virtual time in tests/proxy/test_proxy_blackhole.py.
     timeout = 3.0
     timeouts = {"conn_keep_alive_interval_time": 0.5, "conn_keep_alive_timeout_time": timeout}
     with open_lab() as lab:
@@ -99,7 +101,7 @@ async def test_cut_link_ends_both_sides_with_keep_alive_timeout(tmp_path: Path) 
         assert (await forward.status())["connection_forward_count"] == 1
         reverse_site.wan.cut()
         cut_at = time.time()
-        with trio.fail_after(timeout + 10):  # a hang fails here; the bound is checked below
+        with trio.fail_after(timeout + 30):  # a hang fails here
             try:
                 while await client.receive_some(65536):
                     pass  # the server's HTTP/2 preface, if it came after the CONNECT answer
@@ -115,7 +117,7 @@ async def test_cut_link_ends_both_sides_with_keep_alive_timeout(tmp_path: Path) 
     print(f"\nlink cut, keep-alive timeout {timeout} s: CONNECT client closed after {client_closed:.2f} s; "
           + "; ".join(f"{name}: {[(e['reason'], round(e['at'] - cut_at, 2)) for e in events]}"
                       for name, events in lost.items()))
-    assert client_closed <= timeout + MARGIN
     for name, events in lost.items():
         assert [e["reason"] for e in events] == ["keep_alive_timeout"], (name, events)
-        assert 0 < events[0]["at"] - cut_at <= timeout + MARGIN, (name, events)
+        assert f"in {timeout}s" in events[0]["error"], (name, events)  # "no message from ... in 3.0s"
+        assert events[0]["at"] > cut_at, (name, events)  # ended by the cut, not before it

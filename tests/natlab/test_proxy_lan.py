@@ -3,7 +3,7 @@
 Both nodes sit on one site's LAN; the rendezvous gives each the other's LAN
 address (and proxy port): the tunnel comes up and carries a gRPC call. Given
 their public addresses instead, they cannot meet (the router does not hairpin,
-test_lan.py shows it for plain UDP): 504 within conn_connect_time.
+test_lan.py shows it for plain UDP): 504 once conn_connect_time has passed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from tests.natlab import NatKind, open_lab
 from tests.natlab.proxies import grpc_channel_through, rendezvous_connect, start_pair
 
 CONN_CONNECT_TIME = 3.0
-MARGIN = 1.5  # scheduling on a loaded machine: a correctness bound, not a speed claim
 
 
 @pytest.mark.netns
@@ -48,5 +47,8 @@ async def test_nodes_behind_one_nat_connect_on_lan_addresses(tmp_path: Path, kin
           f"after {public_answer.elapsed:.1f} s")
     assert reply == b"across the LAN"
     assert lan_reverse_open == "heard"
+    # Real clock (subprocesses in namespaces): 504 is the start timeout's status, and it
+    # came once the whole conn_connect_time had passed (no upper wall-clock bound: the
+    # timer's precision is checked on virtual time in tests/proxy/test_proxy.py).
     assert public_answer.status == 504
-    assert public_answer.elapsed <= CONN_CONNECT_TIME + MARGIN
+    assert public_answer.elapsed >= CONN_CONNECT_TIME

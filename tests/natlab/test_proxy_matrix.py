@@ -12,8 +12,8 @@ twice: the rendezvous reaching the reverse side first, and the forward side firs
 
 Expected, per ../shared/notes/nat.md: connected (and a gRPC call answered)
 everywhere except with a symmetric reverse side, and a symmetric forward side
-against a port-restricted reverse side; those answer 504 within
-conn_connect_time, open_connection_forward (the control socket's open-forward)
+against a port-restricted reverse side; those answer 504 once
+conn_connect_time has passed, open_connection_forward (the control socket's open-forward)
 raises the typed ConnectionStartTimeout behind it, and no forward connection is
 left behind.
 """
@@ -48,8 +48,6 @@ CONN_CONNECT_TIME = 3.0
 # first SYN meets a restricted reverse NAT not yet opened by the reverse side's
 # pings, the SYN retransmitted after 1 s (initial RTO) gets through.
 ORDERS = {"reverse-first": 0.2, "forward-first": -0.5}
-# Scheduling on a loaded 2-core machine; a correctness bound, not a speed claim.
-MARGIN = 1.5
 CALL_TIMEOUT = 10.0
 
 
@@ -79,7 +77,10 @@ class Cell:
     def faithful(self) -> bool:
         if expected_ok(self.forward, self.reverse):
             return self.ok
-        return (self.connect_status == 504 and self.connect_elapsed <= CONN_CONNECT_TIME + MARGIN
+        # Real clock (ten subprocesses): the 504 came after the whole conn_connect_time
+        # and is the start timeout; no upper wall-clock bound (the timer's precision is
+        # checked on virtual time in tests/proxy/test_proxy.py).
+        return (self.connect_status == 504 and self.connect_elapsed >= CONN_CONNECT_TIME
                 and self.typed_error == "ConnectionStartTimeout" and self.forward_left == 0)
 
     def text(self) -> str:
