@@ -18,6 +18,7 @@ import struct
 from typing import Final, Literal
 
 from nat.errors import MalformedMessage
+from nat.utp.packet import looks_like_utp
 
 __all__ = [
     "MESSAGE_SIZE",
@@ -26,17 +27,13 @@ __all__ = [
     "PONG",
     "DatagramKind",
     "classify_datagram",
+    "is_message",
     "encode_message",
     "decode_message",
 ]
 
 MESSAGE_SIZE: Final = 4
 _UINT32 = struct.Struct("!I")
-
-# Same rule as nat.utp.packet.looks_like_utp, repeated here so the hot path is one
-# function with no import of the core: version nibble 1, type 0..4, full header.
-_UTP_HEADER_SIZE: Final = 20
-_UTP_MAX_TYPE: Final = 4
 
 
 class MessageType(enum.IntEnum):
@@ -52,17 +49,18 @@ PONG: Final = MessageType.PONG
 DatagramKind = Literal["utp", "message", "junk"]
 
 
-def classify_datagram(data: bytes) -> DatagramKind:
+def classify_datagram(data: bytes | bytearray | memoryview) -> DatagramKind:
     """Say what one received UDP payload is; never raises."""
-    size = len(data)
-    if size >= _UTP_HEADER_SIZE:
-        first = data[0]
-        if first & 0x0F == 1 and first >> 4 <= _UTP_MAX_TYPE:
-            return "utp"
-        return "junk"
-    if size == MESSAGE_SIZE and data[0] == 0:
+    if looks_like_utp(data):
+        return "utp"
+    if is_message(data):
         return "message"
     return "junk"
+
+
+def is_message(data: bytes | bytearray | memoryview) -> bool:
+    """The out-of-band rule: exactly 4 bytes, the first 0 (never uTP's first byte)."""
+    return len(data) == MESSAGE_SIZE and data[0] == 0
 
 
 def encode_message(message: int) -> bytes:
@@ -84,7 +82,7 @@ def decode_message(data: bytes) -> int:
     Known values come back as MessageType members (equal to their ints); unknown
     values of the 4-byte format come back as plain ints for the caller to ignore.
     """
-    if len(data) != MESSAGE_SIZE or data[0] != 0:
+    if not is_message(data):
         raise MalformedMessage(f"not an out-of-band message ({len(data)} bytes)")
     (value,) = _UINT32.unpack(data)
     try:

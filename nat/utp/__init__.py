@@ -6,8 +6,8 @@ See nat/utp/multiplexer.py for the API the trio driver builds on.
 from nat.utp.config import UtpConfig, UtpStats
 from nat.utp.connection import UtpConnection, UtpState
 from nat.utp.events import (
-    ConnectionClosed,
     Connected,
+    ConnectionClosed,
     DataAvailable,
     EofReceived,
     IncomingConnection,

@@ -37,8 +37,9 @@ skew between peers makes an old minimum wrong).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
-from typing import Callable, Protocol
+from typing import Protocol
 
 MAX_CWND_INCREASE_BYTES_PER_RTT = 3000
 _MASK32 = 0xFFFFFFFF

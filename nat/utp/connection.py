@@ -4,9 +4,16 @@ States: SYN_SENT -> CONNECTED (initiator), SYN_RECV -> CONNECTED (acceptor),
 then CLOSED (clean close, timeout) or RESET (reset sent or received). FIN in each
 direction is a flag, not a state: ``send_eof`` half-closes, reading continues.
 
+The connection is the state machine (handshake, closing, RESET, keep-alive, the
+timers) and owns its two halves: a :class:`~nat.utp.sending.Sender` (send buffer,
+packets in flight, retransmission, congestion control; it packs every header)
+and a :class:`~nat.utp.receiving.Receiver` (receive and reorder buffers, the
+FIN, the ACKs we owe). What it hands its multiplexer goes through the
+multiplexer's :class:`~nat.utp.outbox.Outbox`.
+
 Sequence numbers are kept internally as unbounded integers and converted to 16
-bits only on the wire, so wrap-around is handled in exactly two places
-(``_unwrap_ack`` and the receive-side offset).
+bits only on the wire, so wrap-around is handled in exactly two places (the
+ACK offset in ``Sender.on_packet`` and the receive-side offset).
 
 libutp behaviours we follow (where BEP 29 says otherwise, or says nothing):
 
@@ -66,44 +73,62 @@ Where we do better than libutp (documented deviations):
 from __future__ import annotations
 
 from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from nat.errors import NatError, UtpClosed, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
-from nat.utp.congestion import DelayHistory, make_controller
+from nat.errors import NatError, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
 from nat.utp.config import UtpConfig
-from nat.utp.events import ConnectionClosed, Connected, DataAvailable
-from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_STATE
-from nat.utp.receiving import ReceiveSide
-from nat.utp.rtt import RttEstimator
-from nat.utp.sending import SendSide
-from nat.utp.states import (
-    CLOSED as _CLOSED,
-    CONNECTED as _CONNECTED,
-    MASK16 as _MASK16,
-    MASK32 as _MASK32,
-    MAX_PROBE_INTERVAL as _MAX_PROBE_INTERVAL,
-    RESET as _RESET,
-    SYN_RECV as _SYN_RECV,
-    SYN_SENT as _SYN_SENT,
-    VERSION as _VERSION,
-    CONNECTION_SLOTS,
-    OutgoingPacket as _Outgoing,
-    UtpState,
-)
+from nat.utp.congestion import CongestionController
+from nat.utp.events import Connected, ConnectionClosed, DataAvailable, EofReceived, SendSpaceAvailable
+from nat.utp.outbox import Outbox
+from nat.utp.packet import ST_DATA, ST_FIN, ST_STATE
+from nat.utp.receiving import Receiver
+from nat.utp.sending import Sender
+from nat.utp.states import CLOSED, CONNECTED, MASK16, MASK32, RESET, SYN_RECV, SYN_SENT, Address, Datagram, UtpState
 
-if TYPE_CHECKING:
-    from nat.utp.multiplexer import UtpMultiplexer
+__all__ = ["UtpConnection", "UtpState"]
 
 
-class UtpConnection(SendSide, ReceiveSide):
-    """A uTP connection. Created only by :class:`UtpMultiplexer`."""
+class _Send(Protocol):
+    def __call__(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
-    __slots__ = CONNECTION_SLOTS
+
+class _Read(Protocol):
+    def __call__(self, max_bytes: int = ..., /) -> bytes: ...
+
+
+class _PacketHandler(Protocol):
+    def __call__(self, ptype: int, ts: int, ts_diff: int, wnd: int, seq16: int, ack16: int,
+                 sack: bytes | None, data: bytes, offset: int, now: float, /) -> None: ...  # fmt: skip
+
+
+class UtpConnection:
+    """A uTP connection. Made by :class:`UtpMultiplexer` with ``outgoing`` or
+    ``incoming``; the methods under "multiplexer side" are its interface."""
+
+    # The application's calls go straight to the half that serves them, bound
+    # methods in slots (no delegating frame: about 2% of a ping-pong round trip
+    # in bench/utp_core.py --pingpong).
+    send: _Send
+    """Sender.send: queue up to the free send-buffer space; return the bytes taken
+    (UtpClosed once closed or after send_eof)."""
+    read: _Read
+    """Receiver.read: up to ``max_bytes`` in-order received bytes (b"" when none)."""
+    receive_packet: _PacketHandler
+    """Multiplexer side: a DATA, FIN or STATE packet for this connection (header
+    fields as on the wire, the payload at ``data[offset:]``). The handler of the
+    current state: once connected, the receiver's ``on_packet`` itself (no
+    dispatching frame per packet; see _become_connected)."""
+
+    __slots__ = (
+        "remote_address", "recv_id", "send_id", "state", "error", "send", "read", "receive_packet",
+        "_rx", "_tx", "_outbox", "_dirty", "_events", "_stats", "_config", "_created", "_keepalive_interval",
+        "_close_requested", "_close_deadline", "_reset_due", "_linger_until",
+    )
 
     def __init__(
         self,
-        mux: UtpMultiplexer,
-        remote_address: tuple,
+        outbox: Outbox,
+        remote_address: Address,
         recv_id: int,
         send_id: int,
         isn: int,
@@ -111,90 +136,63 @@ class UtpConnection(SendSide, ReceiveSide):
         config: UtpConfig,
         now: float,
     ) -> None:
-        self._mux = mux
         self.remote_address = remote_address
         self.recv_id = recv_id
         self.send_id = send_id
         self.state = state
-        self._config = config
+        self.error: NatError | None = None
         # libutp's UDP payload ceilings: 1402 bytes over IPv4, 1232 over IPv6
         ipv6 = ":" in str(remote_address[0])
-        self._mss = config.mtu_payload_ipv6 if ipv6 else config.mtu_payload
-        self._recv_buffer_size = config.recv_buffer_size
-        self._send_buffer_size = config.send_buffer_size
+        mss = config.mtu_payload_ipv6 if ipv6 else config.mtu_payload
+        self._outbox = outbox
+        self._dirty, self._events, self._stats = outbox.dirty, outbox.events, outbox.stats
+        self._config = config
         self._created = now
-        self.error: NatError | None = None
-
-        # send side (sequence numbers unbounded; 16-bit on the wire)
-        self._isn = isn
-        self._snd_nxt = isn
-        self._snd_una = isn
-        self._outstanding: dict[int, _Outgoing] = {}
-        self._outstanding_bytes = 0
-        self._flight = 0
-        self._resend: list[int] = []
-        self._sendbuf = bytearray()
-        self._peer_wnd = config.recv_buffer_size
-        self._dup_acks = 0
-        self._recovery_seq = isn
-        self._latest_delivered_order = 0
-        # the last SACK applied: its base sequence number and bits (-1: none yet)
-        self._sack_seen_base = -1
-        self._sack_seen_bits = 0
-        # send time of the latest-sent packet known delivered, and the value the
-        # loss scan last ran for
-        self._rack_sent_at = 0.0
-        self._rack_checked = 0.0
-        self._xmit_count = 0
-        self._send_blocked = False
-        self._eof_requested = False
-        self._fin_sent = False
-        self._fin_acked = False
+        self._keepalive_interval = config.keepalive_interval
         self._close_requested = False
         self._close_deadline: float | None = None
-        self._rto_deadline: float | None = None
-        self._consecutive_timeouts = 0
-        self._probe_deadline: float | None = None
-        self._probe_interval = config.zero_window_probe
-        self._probe_ok = False
-        self._rto_force = False
-        self._sack_skipped = False
-        self._last_send = now
-        self._syn_last_sent = -1.0
-        self._syn_fast_resends = 0
-        self._synack_due = False
         self._reset_due = False
         self._linger_until: float | None = None
-        self._rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto)
-        self._cc = make_controller(config.congestion, self._mss, int(config.target_delay * 1e6))
-        self._delay = DelayHistory()
+        self._rx = rx = Receiver(self, outbox, DataAvailable(self), EofReceived(self), config, mss, self._finish)
+        self._tx = tx = Sender(
+            self, outbox, SendSpaceAvailable(self), rx, remote_address, send_id, recv_id, isn, config, mss, now
+        )
+        rx.attach(tx)
+        self.send = tx.send
+        self.read = rx.read
+        self.receive_packet = self._receive_unconnected
 
-        # receive side
-        self._rcv_nxt = 0  # next expected seq (set at handshake)
-        self._syn_seq = -1
-        self._rbuf = bytearray()
-        self._reorder: dict[int, tuple[int, bytes]] = {}
-        self._reorder_bytes = 0
-        self._eof_seq: int | None = None
-        self._eof_reached = False
-        self._readable_signalled = False
-        # events are immutable: one DataAvailable serves every edge
-        self._readable_event = DataAvailable(self)
-        # config values read per packet
-        self._delayed_ack = config.delayed_ack
-        self._zero_window_probe = config.zero_window_probe
-        self._max_packets = config.max_packets_in_flight
-        self._keepalive_interval = config.keepalive_interval
-        self._ack_due = False
-        self._ack_deadline: float | None = None
-        self._unacked = 0
-        self._reply_micro = 0
-        self._last_adv_wnd = config.recv_buffer_size
-        self._last_recv = now
+    @classmethod
+    def outgoing(
+        cls, outbox: Outbox, remote_address: Address, recv_id: int, isn: int, config: UtpConfig, now: float
+    ) -> UtpConnection:
+        """An initiator: its SYN (which consumes ``isn``) leaves at the next flush."""
+        conn = cls(outbox, remote_address, recv_id, (recv_id + 1) & MASK16, isn, SYN_SENT, config, now)
+        conn._tx.start_syn()
+        outbox.dirty.add(conn)
+        return conn
 
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.retransmits = 0
+    @classmethod
+    def incoming(
+        cls,
+        outbox: Outbox,
+        remote_address: Address,
+        recv_id: int,
+        isn: int,
+        syn_seq: int,
+        wnd: int,
+        ts: int,
+        config: UtpConfig,
+        now: float,
+    ) -> UtpConnection:
+        """An acceptor of a SYN (seq_nr ``syn_seq``, wnd_size ``wnd``, timestamp
+        ``ts``) that carried ``recv_id - 1``: half-open, its SYN-ACK due."""
+        conn = cls(outbox, remote_address, recv_id, (recv_id - 1) & MASK16, isn, SYN_RECV, config, now)
+        conn._rx.start_incoming(syn_seq, wnd, ts, now)
+        conn._tx.start_incoming()
+        outbox.enter_half_open()
+        outbox.dirty.add(conn)
+        return conn
 
     # ------------------------------------------------------------------ API
 
@@ -207,397 +205,328 @@ class UtpConnection(SendSide, ReceiveSide):
     @property
     def rtt(self) -> float:
         """Smoothed round-trip time in seconds (0.0 before the first sample)."""
-        return self._rtt.srtt
+        return self._tx.rtt.srtt
 
     @property
     def rto(self) -> float:
-        return self._rtt.rto
+        return self._tx.rtt.rto
 
     @property
     def cwnd(self) -> int:
-        return self._cc.cwnd
+        return self._tx.cc.cwnd
 
     @property
     def at_eof(self) -> bool:
         """The peer's FIN arrived and every byte before it has been read."""
-        return self._eof_reached and not self._rbuf
+        return self._rx.at_eof
 
     @property
     def eof_sent(self) -> bool:
-        return self._eof_requested
+        return self._tx.eof_requested
 
     @property
     def fin_acked(self) -> bool:
-        return self._fin_acked
+        return self._tx.fin_acked
 
     @property
     def is_closed(self) -> bool:
-        return self.state is _CLOSED or self.state is _RESET
+        return self.state is CLOSED or self.state is RESET
 
     @property
     def send_buffer_free(self) -> int:
-        free = self._send_buffer_size - len(self._sendbuf) - self._outstanding_bytes
-        return free if free > 0 else 0
+        return self._tx.send_buffer_free
 
     @property
     def readable_bytes(self) -> int:
-        return len(self._rbuf)
+        return self._rx.buffered
 
     @property
     def all_data_acked(self) -> bool:
         """Everything written (and the FIN, if sent) has been acknowledged."""
-        return not self._sendbuf and not self._outstanding
+        tx = self._tx
+        return not tx.sendbuf and not tx.outstanding
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
-        """Queue up to the free send-buffer space; return the bytes taken."""
-        state = self.state
-        if state is _CLOSED or state is _RESET:
-            raise UtpClosed("connection is closed")
-        if self._eof_requested:
-            raise UtpClosed("send after send_eof")
-        free = self._send_buffer_size - len(self._sendbuf) - self._outstanding_bytes
-        size = len(data)
-        if size > free:
-            self._send_blocked = True
-            if free <= 0:
-                return 0
-            size = free
-            data = memoryview(data)[:size]
-        if size:
-            self._sendbuf += data
-            self._mux._dirty.add(self)
-        return size
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes sent (each byte once, retransmissions not counted)."""
+        return self._tx.bytes_sent
 
-    def read(self, max_bytes: int = 1 << 30) -> bytes:
-        """Return up to ``max_bytes`` in-order received bytes (b"" when none)."""
-        rbuf = self._rbuf
-        if not rbuf or max_bytes <= 0:
-            return b""
-        if max_bytes >= len(rbuf):
-            data = bytes(rbuf)
-            rbuf.clear()
-            self._readable_signalled = False
-        else:
-            data = bytes(rbuf[:max_bytes])
-            del rbuf[:max_bytes]
-        # Window update: when the peer last heard less than two packets of room
-        # and now there are two, or a quarter of the buffer has opened since
-        # (never for less than two packets: no silly-window updates).
-        if not self._ack_due:
-            size = self._recv_buffer_size
-            free = size - len(rbuf) - self._reorder_bytes
-            last = self._last_adv_wnd
-            # (neither rule can fire unless the window grew since the peer heard)
-            if free > last:
-                state = self.state
-                if state is _CLOSED or state is _RESET:
-                    return data
-                two = 2 * self._mss
-                if (last < two <= free) or free - last >= (size >> 2):
-                    self._ack_due = True
-                    self._mux._dirty.add(self)
-        return data
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes received in order (each byte once)."""
+        return self._rx.bytes_received
+
+    @property
+    def retransmits(self) -> int:
+        return self._tx.retransmits
 
     def send_eof(self) -> None:
         """Send FIN after all queued data; reading continues (half-close)."""
-        if self.state is _CLOSED or self.state is _RESET:
+        if self.state is CLOSED or self.state is RESET:
             return
-        if not self._eof_requested:
-            self._eof_requested = True
-            self._mux._dirty.add(self)
+        self._tx.send_eof()
 
     def close(self) -> None:
         """Graceful close: FIN after queued data, done when it is acknowledged.
 
         Bounded by ``close_timeout``; unread and later data is discarded.
         """
-        if self.state is _CLOSED or self.state is _RESET:
+        if self.state is CLOSED or self.state is RESET:
             return
         self._close_requested = True
-        self._rbuf.clear()
-        self._reorder.clear()
-        self._reorder_bytes = 0
+        self._rx.discard()
         self.send_eof()
-        self._mux._dirty.add(self)
+        self._dirty.add(self)
 
     def abort(self) -> None:
         """Send RESET now and drop the connection (buffered input stays readable)."""
-        if self.state is _CLOSED or self.state is _RESET:
+        if self.state is CLOSED or self.state is RESET:
             return
         self._reset_due = True
-        self._die(None, _RESET)
+        self._die(None, RESET)
 
-    # ------------------------------------------------------------ internals
+    # ---- introspection (tests, diagnostics)
 
-    def _free_window(self) -> int:
-        free = self._recv_buffer_size - len(self._rbuf) - self._reorder_bytes
-        return free if free > 0 else 0
+    @property
+    def receive_buffered(self) -> int:
+        """Receive memory in use: unread bytes plus bytes held out of order."""
+        return self._rx.buffered + self._rx.reorder_bytes
 
-    def _emit(self, event: object) -> None:
-        self._mux._events.append(event)
+    @property
+    def reorder_count(self) -> int:
+        """Packets held out of order."""
+        return self._rx.reorder_count
 
-    def _die(self, error: NatError | None, state: UtpState = _CLOSED) -> None:
-        """Enter a final state and tell the driver (once)."""
-        if self.state is _CLOSED or self.state is _RESET:
-            return
-        if self.state is _SYN_RECV:
-            self._mux._half_open -= 1
-        self.state = state
-        self.error = error
-        self._sendbuf.clear()
-        self._outstanding.clear()
-        self._outstanding_bytes = 0
-        self._flight = 0
-        self._resend.clear()
-        self._reorder.clear()
-        self._reorder_bytes = 0
-        self._rto_deadline = None
-        self._ack_deadline = None
-        self._probe_deadline = None
-        self._close_deadline = None
-        self._ack_due = False
-        self._synack_due = False
-        self._emit(ConnectionClosed(self, error))
-        if state is _RESET or error is not None:
-            self._linger_until = None
-            self._mux._retire(self)
-        self._mux._dirty.add(self)
+    @property
+    def send_buffered(self) -> int:
+        """Send memory in use: bytes not yet sent plus bytes not yet acknowledged."""
+        return len(self._tx.sendbuf) + self._tx.outstanding_bytes
 
-    def _become_connected(self) -> None:
-        if self.state is _SYN_RECV:
-            self._mux._half_open -= 1
-        self.state = _CONNECTED
-        self._emit(Connected(self))
+    @property
+    def unacked_packets(self) -> int:
+        """Packets sent (or due for retransmission) and not yet acknowledged."""
+        return len(self._tx.outstanding)
 
-    # ---- outgoing
+    @property
+    def initial_seq(self) -> int:
+        """Our initial sequence number (the SYN's, or the SYN-ACK's)."""
+        return self._tx.isn
 
-    # ---- timers
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of our next new packet (unbounded: no 16-bit wrap)."""
+        return self._tx.snd_nxt
+
+    @property
+    def next_expected_seq(self) -> int:
+        """The peer's next sequence number we expect (unbounded)."""
+        return self._rx.rcv_nxt
+
+    @property
+    def peer_window(self) -> int:
+        """The receive window the peer last advertised, in bytes."""
+        return self._rx.peer_window
+
+    @property
+    def congestion(self) -> CongestionController:
+        """The congestion controller (its ``cwnd`` may be set by tests)."""
+        return self._tx.cc
+
+    # ---- multiplexer side
 
     def next_deadline(self) -> float | None:
         """This connection's earliest timer (None: nothing scheduled)."""
         state = self.state
-        if state is _CLOSED or state is _RESET:
+        if state is CLOSED or state is RESET:
             return self._linger_until
+        tx = self._tx
         # (the driver asks after every batch: unrolled, no tuple)
-        deadline = self._rto_deadline
-        other = self._ack_deadline
+        deadline = tx.rto_deadline
+        other = self._rx.ack_deadline
         if other is not None and (deadline is None or other < deadline):
             deadline = other
-        other = self._probe_deadline
+        other = tx.probe_deadline
         if other is not None and (deadline is None or other < deadline):
             deadline = other
         other = self._close_deadline
         if other is not None and (deadline is None or other < deadline):
             deadline = other
-        if state is _CONNECTED:
-            if not self._outstanding:
-                keepalive = self._last_send + self._keepalive_interval
+        if state is CONNECTED:
+            if not tx.outstanding:
+                keepalive = tx.last_send + self._keepalive_interval
                 if deadline is None or keepalive < deadline:
                     deadline = keepalive
-        elif state is _SYN_RECV:
+        elif state is SYN_RECV:
             reap = self._created + self._config.syn_recv_timeout
             if deadline is None or reap < deadline:
                 deadline = reap
         return deadline
 
-    def _on_timer(self, now: float) -> None:
+    def run_timers(self, now: float) -> None:
+        """Run every timer of this connection that is due at ``now``."""
         state = self.state
-        mux = self._mux
-        if state is _CLOSED or state is _RESET:
+        if state is CLOSED or state is RESET:
             if self._linger_until is not None and now >= self._linger_until:
                 self._linger_until = None
-                mux._retire(self)
+                self._outbox.retire(self)
             return
         if self._close_deadline is not None and now >= self._close_deadline:
             self._reset_due = True
-            self._die(UtpTimeout("close: FIN not acknowledged in time"), _RESET)
+            self._die(UtpTimeout("close: FIN not acknowledged in time"), RESET)
             return
-        if state is _SYN_RECV and now >= self._created + self._config.syn_recv_timeout:
-            mux.stats.reaped_half_open += 1
+        if state is SYN_RECV and now >= self._created + self._config.syn_recv_timeout:
+            self._stats.reaped_half_open += 1
             self._die(UtpTimeout("incoming connection never completed"))
             return
-        if self._ack_deadline is not None and now >= self._ack_deadline:
-            self._ack_deadline = None
-            self._ack_due = True
-            mux._dirty.add(self)
-        if self._probe_deadline is not None and now >= self._probe_deadline:
-            self._probe_deadline = None
-            self._probe_ok = True
-            interval = self._probe_interval * 2
-            self._probe_interval = interval if interval < _MAX_PROBE_INTERVAL else _MAX_PROBE_INTERVAL
-            mux._dirty.add(self)
-        if self._rto_deadline is not None and now >= self._rto_deadline:
+        self._rx.on_ack_timer(now)
+        tx = self._tx
+        tx.on_probe_timer(now)
+        if tx.rto_deadline is not None and now >= tx.rto_deadline:
             self._on_rto(now)
             if self.is_closed:
                 return
-        if (
-            self.state is _CONNECTED
-            and now >= self._last_send + self._config.keepalive_interval
-            and not self._outstanding
-        ):
-            # libutp's keep-alive: a duplicate ACK (ack_nr - 1).
-            now_us = int(now * 1_000_000) & _MASK32
-            header = HEADER.pack(
-                (ST_STATE << 4) | _VERSION,
-                0,
-                self.send_id,
-                now_us,
-                self._reply_micro,
-                self._free_window(),
-                self._snd_nxt & _MASK16,
-                (self._rcv_nxt - 2) & _MASK16,
-            )
-            mux._pending.append((header, self.remote_address))
-            self._last_send = now
+        if self.state is CONNECTED and now >= tx.last_send + self._keepalive_interval and not tx.outstanding:
+            self._outbox.datagrams.append((tx.keepalive(now), self.remote_address))
 
-    # ---- incoming
-
-    def _on_packet(
-        self,
-        ptype: int,
-        ts: int,
-        ts_diff: int,
-        wnd: int,
-        seq16: int,
-        ack16: int,
-        sack: bytes | None,
-        data: bytes,
-        offset: int,
-        now: float,
-    ) -> None:
+    def flush_into(self, now: float, out: list[Datagram]) -> None:
+        """Append every datagram this connection wants to send now."""
         state = self.state
-        self._last_recv = now
-        if state is not _CONNECTED:
-            if state is _SYN_SENT:
-                self._on_packet_syn_sent(ptype, ts, ts_diff, wnd, seq16, ack16, now, int(now * 1_000_000) & _MASK32)
+        now_us = _trunc(now * 1e6) & MASK32
+        tx = self._tx
+        if state is not CONNECTED:
+            if state is CLOSED or state is RESET:
+                if self._reset_due:
+                    self._reset_due = False
+                    out.append((tx.reset_datagram(now_us), self.remote_address))
+                    self._stats.resets_sent += 1
+                elif self._rx.ack_due:
+                    self._rx.ack_sent()
+                    out.append((tx.header(ST_STATE, tx.snd_nxt, now_us, None), self.remote_address))
                 return
-            if state is _CLOSED or state is _RESET:
-                self._on_packet_closed(ptype, seq16, now)
+            if state is SYN_SENT:
+                if self._close_requested and self._close_deadline is None:
+                    self._close_deadline = now + self._config.close_timeout
+                tx.resend_lost_syn(now, now_us, out)
                 return
-        # ack_nr sanity (libutp): never accept an ACK of something not yet sent
-        una = self._snd_una
-        off = (ack16 - (una - 1)) & _MASK16
-        if off >= 0x8000:
-            off -= 0x10000
-        if off > self._snd_nxt - una:
-            self._mux.stats.invalid_ack += 1
-            return
-        self._reply_micro = (_trunc(now * 1e6) - ts) & _MASK32 if ts else 0
-        if state is _SYN_RECV:
-            self._become_connected()
-        if off > 0 or sack is not None or ptype == ST_STATE:
-            self._on_ack(ptype, una - 1 + off, off, sack, wnd, ts_diff, now)
-            if self.state is not _CONNECTED:
-                return
-        elif off == 0:
-            # the common DATA packet of a one-way flow: nothing new acked
-            self._peer_wnd = wnd
-            if wnd < self._mss:
-                self._consecutive_timeouts = 0
-            elif self._sendbuf or self._resend:
-                self._mux._dirty.add(self)
-        if ptype == ST_DATA:
-            # The next packet in order, nothing buffered out of order: taken
-            # here (a call less per packet); everything else is _on_data's.
-            rcv_nxt = self._rcv_nxt
-            if seq16 == rcv_nxt & _MASK16 and not self._reorder and self._eof_seq is None:
-                rbuf = self._rbuf
-                size = len(data) - offset
-                if len(rbuf) + size <= self._recv_buffer_size + self._mss and not self._close_requested:
-                    if size:
-                        rbuf += data[offset:]
-                        self.bytes_received += size
-                    self._rcv_nxt = rcv_nxt + 1
-                    unacked = self._unacked + 1
-                    self._unacked = unacked
-                    if unacked >= 2:
-                        if not self._ack_due:
-                            self._ack_due = True
-                            self._mux._dirty.add(self)
-                    elif self._ack_deadline is None:
-                        self._ack_deadline = now + self._delayed_ack
-                    if rbuf and not self._readable_signalled:
-                        self._readable_signalled = True
-                        self._mux._events.append(self._readable_event)
-                    return
-            self._on_data(ptype, seq16, data, offset, now)
-        elif ptype == ST_FIN:
-            self._on_data(ptype, seq16, data, offset, now)
+        if self._close_requested and self._close_deadline is None:
+            self._close_deadline = now + self._config.close_timeout
+        rx = self._rx
+        tx.flush(now, now_us, rx.build_sack() if rx.reorder else None, state is SYN_RECV, out)
 
-    def _on_packet_syn_sent(
-        self, ptype: int, ts: int, ts_diff: int, wnd: int, seq16: int, ack16: int, now: float, now_us: int
-    ) -> None:
-        if ack16 != (self._isn & _MASK16):
-            self._mux.stats.invalid_ack += 1
+    def receive_reset(self) -> None:
+        """A RESET for this connection."""
+        tx = self._tx
+        if (
+            self._rx.eof_reached
+            and tx.fin_sent
+            and not tx.sendbuf
+            and all(rec.ptype == ST_FIN for rec in tx.outstanding.values())
+        ):
+            # Every byte both ways was delivered; only the ACK of our FIN is
+            # missing (a peer that closed and forgot us, as libutp does).
+            self._die(None, CLOSED)
+            self._outbox.retire(self)
             return
-        if ptype != ST_STATE:
-            # The acceptor spoke before its SYN-ACK reached us: ask for it again.
-            if ptype in (ST_DATA, ST_FIN) and self._syn_fast_resends < 3:
-                rec = self._outstanding.get(self._isn)
-                if rec is not None and rec.in_flight:
-                    self._syn_fast_resends += 1
-                    rec.in_flight = False
-                    self._mux._dirty.add(self)
-            return
-        self._reply_micro = (now_us - ts) & _MASK32 if ts else 0
-        rec = self._outstanding.pop(self._isn, None)
-        if rec is not None and rec.transmissions == 1:
-            self._rtt.sample(now - rec.sent_at)
-        self._snd_una = self._snd_nxt
-        self._recovery_seq = self._snd_nxt
-        self._rto_deadline = None
-        self._consecutive_timeouts = 0
-        if self._rtt.has_sample is False:
-            # No clean sample (SYN was retransmitted): restart from the initial RTO.
-            self._rtt.rto = self._config.initial_rto
-        self._rcv_nxt = seq16  # ack_nr = STATE.seq_nr - 1
-        self._peer_wnd = wnd
-        self._become_connected()
-        self._mux._dirty.add(self)
-
-    def _on_packet_closed(self, ptype: int, seq16: int, now: float) -> None:
-        if ptype != ST_DATA and ptype != ST_FIN:
-            return
-        if self._linger_until is not None:
-            self._linger_until = now + self._config.linger_time
-        off = (seq16 - self._rcv_nxt) & _MASK16
-        if off >= 0x8000 or self._eof_reached:
-            # a retransmission of something we had (our last ACK was lost): re-ACK
-            self._ack_due = True
+        if self.state is SYN_SENT:
+            self._die(UtpConnectionRefused("connection refused (RESET)"), RESET)
         else:
-            # new data after our close(): nobody will read it
-            self._reset_due = True
-        self._mux._dirty.add(self)
+            self._die(UtpConnectionReset("connection reset by peer"), RESET)
 
-    def _on_duplicate_syn(self, now: float) -> None:
-        if self.state is _SYN_RECV:
-            self._synack_due = True
-            # The initiator never got our SYN-ACK, so it dropped any DATA we
-            # sent: send it again right after the SYN-ACK (no RTO wait).
-            for rec in self._outstanding.values():
-                if rec.in_flight:
-                    self._mark_lost(rec)
+    def receive_syn_again(self, seq: int, now: float) -> bool:
+        """A SYN with our connection id: True when it repeats the one that opened
+        us (answered again), False when it is another connection's."""
+        if seq != self._rx.syn_seq:
+            return False
+        if self.state is SYN_RECV:
+            self._tx.resend_synack()
         else:
-            self._ack_due = True
-        self._mux._dirty.add(self)
+            self._rx.request_ack()
+        self._dirty.add(self)
+        return True
 
-    def _on_reset(self) -> None:
-        if self._eof_reached and self._fin_sent and not self._sendbuf:
-            if all(rec.ptype == ST_FIN for rec in self._outstanding.values()):
-                # Every byte both ways was delivered; only the ACK of our FIN is
-                # missing (a peer that closed and forgot us, as libutp does).
-                self._die(None, _CLOSED)
-                self._mux._retire(self)
-                return
-        if self.state is _SYN_SENT:
-            self._die(UtpConnectionRefused("connection refused (RESET)"), _RESET)
-        else:
-            self._die(UtpConnectionReset("connection reset by peer"), _RESET)
+    # ------------------------------------------------------------ internals
 
-    def _finish(self) -> None:
-        """Clean end: our FIN acknowledged and (peer FIN received or close())."""
+    def _die(self, error: NatError | None, state: UtpState = CLOSED) -> None:
+        """Enter a final state and tell the driver (once)."""
+        if self.state is CLOSED or self.state is RESET:
+            return
+        if self.state is SYN_RECV:
+            self._outbox.leave_half_open()
+        self.state = state
+        self.error = error
+        self.receive_packet = self._receive_unconnected
+        self._tx.stop()
+        self._rx.stop()
+        self._close_deadline = None
+        self._events.append(ConnectionClosed(self, error))
+        if state is RESET or error is not None:
+            self._linger_until = None
+            self._outbox.retire(self)
+        self._dirty.add(self)
+
+    def _become_connected(self) -> None:
+        if self.state is SYN_RECV:
+            self._outbox.leave_half_open()
+        self.state = CONNECTED
+        # from now on the multiplexer hands packets straight to the receiver
+        self.receive_packet = self._rx.on_packet
+        self._events.append(Connected(self))
+
+    def _finish(self, now: float) -> None:
+        """Clean end: our FIN acknowledged and (peer FIN received or close()),
+        found by the packet that arrived at ``now``."""
         if self.is_closed:
             return
-        self._die(None, _CLOSED)
-        self._ack_due = True  # the ACK of the peer's FIN
-        self._linger_until = self._last_recv + self._config.linger_time
+        self._die(None, CLOSED)
+        self._rx.request_ack()  # the ACK of the peer's FIN
+        self._linger_until = now + self._config.linger_time
+
+    def _on_rto(self, now: float) -> None:
+        tx = self._tx
+        timeouts = tx.expire_rto()
+        if not timeouts:
+            return
+        state = self.state
+        if state is SYN_SENT:
+            if timeouts >= self._config.syn_retries:
+                self._die(UtpTimeout("connect: no answer to SYN"))
+                return
+        elif timeouts > self._config.max_retransmits:
+            self._reset_due = True
+            self._die(UtpTimeout("retransmissions exhausted"), RESET)
+            return
+        tx.retransmit_after_timeout(now, state is SYN_SENT, state is SYN_RECV)
+
+    def _receive_unconnected(self, ptype: int, ts: int, ts_diff: int, wnd: int, seq16: int, ack16: int,
+                             sack: bytes | None, data: bytes, offset: int, now: float) -> None:  # fmt: skip
+        """receive_packet before the handshake completed and after the end."""
+        state = self.state
+        if state is SYN_SENT:
+            tx = self._tx
+            if ack16 != (tx.isn & MASK16):
+                self._stats.invalid_ack += 1
+                return
+            if ptype != ST_STATE:
+                # The acceptor spoke before its SYN-ACK reached us: ask for it again.
+                if ptype == ST_DATA or ptype == ST_FIN:
+                    tx.resend_syn_now()
+                return
+            tx.on_syn_ack(now)
+            self._rx.start(seq16, wnd, ts, now)  # ack_nr = STATE.seq_nr - 1
+            self._become_connected()
+            self._dirty.add(self)
+        elif state is SYN_RECV:
+            # any valid packet of the initiator completes the handshake
+            rx = self._rx
+            if not rx.ack_in_window(ack16):
+                self._stats.invalid_ack += 1
+                return
+            self._become_connected()
+            rx.on_packet(ptype, ts, ts_diff, wnd, seq16, ack16, sack, data, offset, now)
+        elif ptype == ST_DATA or ptype == ST_FIN:  # CLOSED or RESET
+            if self._linger_until is not None:
+                self._linger_until = now + self._config.linger_time
+            if not self._rx.on_data_after_close(seq16):
+                # new data after our close(): nobody will read it
+                self._reset_due = True
+            self._dirty.add(self)

@@ -22,7 +22,7 @@ Events are edge-triggered notifications, not data carriers: data is read with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from nat.errors import NatError
 
@@ -61,9 +61,7 @@ class ConnectionClosed:
     error: NatError | None = None
 
 
-UtpEvent = Union[
-    IncomingConnection, Connected, DataAvailable, SendSpaceAvailable, EofReceived, ConnectionClosed
-]
+UtpEvent = IncomingConnection | Connected | DataAvailable | SendSpaceAvailable | EofReceived | ConnectionClosed
 
 __all__ = [
     "IncomingConnection",

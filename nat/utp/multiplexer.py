@@ -29,7 +29,7 @@ A driver loop is::
     while (event := mux.next_event()) is not None: dispatch(event)
     sleep until mux.get_timer() or readable
 
-UtpConnection (created only here; see connection.py)::
+UtpConnection (made only here, with UtpConnection.outgoing/incoming; see connection.py)::
 
     conn.remote_address, conn.state (UtpState), conn.recv_id, conn.send_id
     conn.send(data) -> int      # bytes taken (0 when full: wait for SendSpaceAvailable)
@@ -39,6 +39,14 @@ UtpConnection (created only here; see connection.py)::
   + conn.error (the NatError that ended it, or None), conn.is_closed, conn.eof_sent,
   + conn.fin_acked, conn.send_buffer_free, conn.readable_bytes, conn.all_data_acked,
   + conn.rto, conn.cwnd, conn.next_deadline() (that connection's part of get_timer)
+  + conn.receive_buffered, conn.send_buffered, conn.unacked_packets, conn.reorder_count,
+  + conn.peer_window, conn.initial_seq, conn.next_seq, conn.next_expected_seq,
+  + conn.congestion (introspection for tests and diagnostics)
+
+Connections never touch the multiplexer: what they hand it (dirty marks, events,
+keep-alives, the end of a half-open phase or of their life) goes through its
+Outbox (outbox.py); the multiplexer calls them through receive_packet,
+receive_reset, receive_syn_again, flush_into, run_timers and next_deadline.
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
@@ -63,19 +71,17 @@ remembered; beyond that they are dropped and counted.
 from __future__ import annotations
 
 import random
-from collections import deque
 
 from nat.errors import MalformedPacket
 from nat.utp.config import UtpConfig, UtpStats
 from nat.utp.connection import UtpConnection, UtpState
-from nat.utp.states import OutgoingPacket
-from nat.utp.events import IncomingConnection
-from nat.utp.packet import HEADER, ST_RESET, ST_SYN, parse_datagram
+from nat.utp.events import IncomingConnection, UtpEvent
+from nat.utp.outbox import Flushable, Outbox
+from nat.utp.packet import HEADER, HEADER_SIZE, ST_RESET, ST_SYN, UTP_FIRST_BYTE, pack_header, parse_datagram
+from nat.utp.states import MASK16, MASK32, Address, Datagram
 
 __all__ = ["UtpMultiplexer", "UtpConfig", "UtpStats", "UtpConnection", "UtpState"]
 
-_MASK16 = 0xFFFF
-_MASK32 = 0xFFFFFFFF
 _unpack_header = HEADER.unpack_from
 
 
@@ -87,12 +93,11 @@ class UtpMultiplexer:
         self._rng = rng if rng is not None else random.Random()
         self.accepting = True
         self.stats = UtpStats()
-        self._conns: dict[tuple[tuple, int], UtpConnection] = {}
-        self._dirty: set[UtpConnection] = set()
-        self._events: deque = deque()
-        self._pending: list[tuple[bytes, tuple]] = []
-        self._half_open = 0
-        self._reset_memory: dict[tuple[tuple, int], float] = {}
+        self._conns: dict[tuple[Address, int], UtpConnection] = {}
+        self._outbox = outbox = Outbox(self.stats, self._retire)
+        self._dirty = outbox.dirty
+        self._events = outbox.events
+        self._reset_memory: dict[tuple[Address, int], float] = {}
         self._next_reset_expiry = 0.0
 
     # ------------------------------------------------------------ public
@@ -101,7 +106,17 @@ class UtpMultiplexer:
     def connections(self) -> list[UtpConnection]:
         return list(self._conns.values())
 
-    def connect(self, addr: tuple, now: float) -> UtpConnection:
+    @property
+    def half_open(self) -> int:
+        """Incoming connections still in SYN_RECV."""
+        return self._outbox.half_open
+
+    @property
+    def reset_memory_size(self) -> int:
+        """(address, connection id) pairs recently answered with a RESET."""
+        return len(self._reset_memory)
+
+    def connect(self, addr: Address, now: float) -> UtpConnection:
         """Open an outgoing connection; its SYN leaves at the next datagrams_to_send."""
         conns = self._conns
         rng = self._rng
@@ -112,30 +127,24 @@ class UtpMultiplexer:
         else:
             raise RuntimeError("no free connection id for this address")
         isn = rng.randrange(0x10000)
-        conn = UtpConnection(
-            self, addr, recv_id, (recv_id + 1) & _MASK16, isn, UtpState.SYN_SENT, self.config, now
-        )
-        # the SYN consumes the ISN
-        conn._outstanding[isn] = OutgoingPacket(isn, ST_SYN, b"")
-        conn._snd_nxt = isn + 1
+        conn = UtpConnection.outgoing(self._outbox, addr, recv_id, isn, self.config, now)
         conns[(addr, recv_id)] = conn
-        self._dirty.add(conn)
         self.stats.connections_opened += 1
         return conn
 
-    def receive_datagram(self, data: bytes, addr: tuple, now: float) -> None:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Process one uTP datagram from ``addr``. Never raises on bad input."""
         stats = self.stats
         stats.datagrams_received += 1
-        if len(data) >= 20:
+        if len(data) >= HEADER_SIZE:
             first, extension, conn_id, ts, ts_diff, wnd, seq, ack = _unpack_header(data)
         else:
             first = extension = 0xFF
-        if not extension and first & 0x0F == 1 and first < 0x50:
+        if not extension and UTP_FIRST_BYTE[first]:
             # the common case, no extensions: skip the general parser
             ptype = first >> 4
             sack = None
-            offset = 20
+            offset = HEADER_SIZE
         else:
             try:
                 ptype, conn_id, ts, ts_diff, wnd, seq, ack, sack, offset = parse_datagram(data)
@@ -144,7 +153,7 @@ class UtpMultiplexer:
                 return
         conn = self._conns.get((addr, conn_id))
         if ptype < ST_RESET and conn is not None:  # DATA, FIN, STATE
-            conn._on_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
+            conn.receive_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
             return
         if ptype == ST_SYN:
             self._on_syn(addr, conn_id, ts, wnd, seq, now)
@@ -154,30 +163,32 @@ class UtpMultiplexer:
             if conn is None:
                 conn = self._find_by_send_id(addr, conn_id)
             if conn is not None:
-                conn._on_reset()
+                conn.receive_reset()
             return
         stats.unknown_connection += 1
         self._send_reset(addr, conn_id, seq, now)
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple]]:
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
         """Every datagram ready to go now, for all connections."""
-        out = self._pending
-        self._pending = []
+        outbox = self._outbox
+        out = outbox.datagrams
+        outbox.datagrams = []  # (Outbox.take_datagrams written out: a call less per flush)
         dirty = self._dirty
         if dirty:
             if len(dirty) == 1:
-                dirty.pop()._flush(now, out)
+                dirty.pop().flush_into(now, out)
             else:
-                self._dirty = set()
-                for conn in dirty:
-                    conn._flush(now, out)
+                conns = list(dirty)
+                dirty.clear()
+                for conn in conns:
+                    conn.flush_into(now, out)
         self.stats.datagrams_sent += len(out)
         return out
 
     @property
     def has_output(self) -> bool:
         """datagrams_to_send would have something to send (or to evaluate)."""
-        return bool(self._dirty or self._pending)
+        return bool(self._dirty or self._outbox.datagrams)
 
     def get_timer(self) -> float | None:
         """The earliest deadline of any connection (None: nothing scheduled)."""
@@ -193,11 +204,11 @@ class UtpMultiplexer:
         for conn in list(self._conns.values()):
             deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
-                conn._on_timer(now)
+                conn.run_timers(now)
         if self._reset_memory and now >= self._next_reset_expiry:
             self._expire_reset_memory(now)
 
-    def next_event(self):
+    def next_event(self) -> UtpEvent | None:
         """The next event, or None."""
         events = self._events
         return events.popleft() if events else None
@@ -210,31 +221,30 @@ class UtpMultiplexer:
 
     # ---------------------------------------------------------- internals
 
-    def _retire(self, conn: UtpConnection) -> None:
+    def _retire(self, conn: Flushable) -> None:
         key = (conn.remote_address, conn.recv_id)
         if self._conns.get(key) is conn:
             del self._conns[key]
 
-    def _find_by_send_id(self, addr: tuple, conn_id: int) -> UtpConnection | None:
-        for candidate in ((conn_id - 1) & _MASK16, (conn_id + 1) & _MASK16):
+    def _find_by_send_id(self, addr: Address, conn_id: int) -> UtpConnection | None:
+        for candidate in ((conn_id - 1) & MASK16, (conn_id + 1) & MASK16):
             conn = self._conns.get((addr, candidate))
             if conn is not None and conn.send_id == conn_id:
                 return conn
         return None
 
-    def _on_syn(self, addr: tuple, conn_id: int, ts: int, wnd: int, seq: int, now: float) -> None:
+    def _on_syn(self, addr: Address, conn_id: int, ts: int, wnd: int, seq: int, now: float) -> None:
         stats = self.stats
         stats.syn_received += 1
-        recv_id = (conn_id + 1) & _MASK16
+        recv_id = (conn_id + 1) & MASK16
         key = (addr, recv_id)
         existing = self._conns.get(key)
         if existing is not None:
-            if existing._syn_seq == seq and not existing.is_closed:
-                stats.duplicate_syn += 1
-                existing._on_duplicate_syn(now)
-                return
             if not existing.is_closed:
-                stats.syn_dropped += 1  # id clash with a live connection
+                if existing.receive_syn_again(seq, now):
+                    stats.duplicate_syn += 1
+                else:
+                    stats.syn_dropped += 1  # id clash with a live connection
                 return
             self._retire(existing)
         if not self.accepting:
@@ -242,24 +252,16 @@ class UtpMultiplexer:
             self._send_reset(addr, conn_id, seq, now)
             return
         config = self.config
-        if self._half_open >= config.max_half_open or len(self._conns) >= config.max_connections:
+        if self._outbox.half_open >= config.max_half_open or len(self._conns) >= config.max_connections:
             stats.syn_dropped += 1
             return
         isn = self._rng.randrange(0x10000)
-        conn = UtpConnection(self, addr, recv_id, conn_id, isn, UtpState.SYN_RECV, config, now)
-        conn._syn_seq = seq
-        conn._rcv_nxt = seq + 1
-        conn._peer_wnd = wnd
-        now_us = int(now * 1_000_000) & _MASK32
-        conn._reply_micro = (now_us - ts) & _MASK32 if ts else 0
-        conn._synack_due = True
+        conn = UtpConnection.incoming(self._outbox, addr, recv_id, isn, seq, wnd, ts, config, now)
         self._conns[key] = conn
-        self._half_open += 1
-        self._dirty.add(conn)
         stats.connections_accepted += 1
         self._events.append(IncomingConnection(conn))
 
-    def _send_reset(self, addr: tuple, conn_id: int, seq: int, now: float) -> None:
+    def _send_reset(self, addr: Address, conn_id: int, seq: int, now: float) -> None:
         memory = self._reset_memory
         key = (addr, conn_id)
         config = self.config
@@ -273,17 +275,9 @@ class UtpMultiplexer:
                 self.stats.resets_suppressed += 1
                 return
         memory[key] = now
-        datagram = HEADER.pack(
-            (ST_RESET << 4) | 1,
-            0,
-            conn_id,
-            int(now * 1_000_000) & _MASK32,
-            0,
-            0,
-            self._rng.randrange(0x10000),
-            seq,
-        )
-        self._pending.append((datagram, addr))
+        now_us = int(now * 1_000_000) & MASK32
+        datagram = pack_header(ST_RESET, conn_id, now_us, 0, 0, self._rng.randrange(0x10000), seq)
+        self._outbox.datagrams.append((datagram, addr))
         self.stats.resets_sent += 1
 
     def _expire_reset_memory(self, now: float) -> None:

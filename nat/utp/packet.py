@@ -20,11 +20,21 @@ being lenient on input matters).  Any other extension is skipped.
 Two decoders share one parser: :func:`decode_packet` (the contract: returns a
 :class:`Packet`) and :func:`parse_datagram` (the hot path used by the
 multiplexer: returns a plain tuple, no object allocation beyond the payload).
+
+This module is also the one place for the two rules every layer needs:
+
+- the header layout: :func:`pack_header` packs it (``HEADER`` is its struct, for
+  the one per-packet loop that calls it directly);
+- what a uTP datagram is, as opposed to the out-of-band messages sharing the
+  socket (DESIGN.md): at least a header long, and a first byte of version 1 with a
+  known type. :func:`looks_like_utp` applies it; ``UTP_FIRST_BYTE`` is the same
+  rule as a 256-entry table for the per-datagram paths that index it.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from nat.errors import MalformedPacket
 
@@ -40,8 +50,15 @@ EXTENSION_SELECTIVE_ACK = 1
 
 TYPE_NAMES = {ST_DATA: "DATA", ST_FIN: "FIN", ST_STATE: "STATE", ST_RESET: "RESET", ST_SYN: "SYN"}
 
-HEADER = struct.Struct(">BBHIIIHH")
-_EXT_HEADER = struct.Struct(">BB")
+HEADER: Final = struct.Struct(">BBHIIIHH")
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+_MASK16 = 0xFFFF
+_MASK32 = 0xFFFFFFFF
+
+# The uTP rule on the first byte (version 1 in the low nibble, type DATA..SYN in
+# the high one) as a table: UTP_FIRST_BYTE[first] is 1 when it holds, else 0.
+UTP_FIRST_BYTE: Final = bytes(int(first & 0x0F == VERSION and first >> 4 <= ST_SYN) for first in range(256))
 
 __all__ = [
     "ST_DATA",
@@ -53,7 +70,10 @@ __all__ = [
     "HEADER_SIZE",
     "EXTENSION_SELECTIVE_ACK",
     "HEADER",
+    "UTP_FIRST_BYTE",
     "Packet",
+    "pack_header",
+    "type_byte",
     "decode_packet",
     "encode_packet",
     "parse_datagram",
@@ -134,12 +154,45 @@ class Packet:
         )
 
 
-def looks_like_utp(data: bytes) -> bool:
-    """Cheap classification: version 1, a known type, at least a header long."""
-    if len(data) < HEADER_SIZE:
-        return False
-    first = data[0]
-    return (first & 0x0F) == VERSION and (first >> 4) <= ST_SYN
+def type_byte(ptype: int) -> int:
+    """The header's first byte for packet type ``ptype``: type and version."""
+    return (ptype << 4) | VERSION
+
+
+def pack_header(
+    ptype: int,
+    connection_id: int,
+    timestamp_us: int,
+    timestamp_diff_us: int,
+    wnd_size: int,
+    seq_nr: int,
+    ack_nr: int,
+    extension: int = 0,
+) -> bytes:
+    """The 20-byte header. Sequence and ACK numbers are taken modulo 2**16 (the
+    core counts them unbounded); every other field must already fit."""
+    return _pack(
+        (ptype << 4) | VERSION,
+        extension,
+        connection_id,
+        timestamp_us,
+        timestamp_diff_us,
+        wnd_size,
+        seq_nr & _MASK16,
+        ack_nr & _MASK16,
+    )
+
+
+def looks_like_utp(data: bytes | bytearray | memoryview) -> bool:
+    """The uTP rule: at least a header long, version 1 and a known type."""
+    return len(data) >= HEADER_SIZE and UTP_FIRST_BYTE[data[0]] == 1
+
+
+def _not_utp(first: int) -> str:
+    """Why a first byte fails the rule (for the error message)."""
+    if first & 0x0F != VERSION:
+        return f"uTP version {first & 0x0F} is not 1"
+    return f"unknown uTP packet type {first >> 4}"
 
 
 def parse_datagram(data: bytes) -> tuple[int, int, int, int, int, int, int, bytes | None, int]:
@@ -152,12 +205,10 @@ def parse_datagram(data: bytes) -> tuple[int, int, int, int, int, int, int, byte
     size = len(data)
     if size < HEADER_SIZE:
         raise MalformedPacket(f"datagram of {size} bytes is shorter than the uTP header")
-    first, extension, conn_id, ts, ts_diff, wnd, seq, ack = HEADER.unpack_from(data)
-    if first & 0x0F != VERSION:
-        raise MalformedPacket(f"uTP version {first & 0x0F} is not 1")
+    first, extension, conn_id, ts, ts_diff, wnd, seq, ack = _unpack_from(data)
+    if not UTP_FIRST_BYTE[first]:
+        raise MalformedPacket(_not_utp(first))
     ptype = first >> 4
-    if ptype > ST_SYN:
-        raise MalformedPacket(f"unknown uTP packet type {ptype}")
     sack = None
     offset = HEADER_SIZE
     hops = 0
@@ -215,15 +266,15 @@ def encode_packet(
         raise ValueError(f"unknown uTP packet type {type}")
     if sack is not None and not 1 <= len(sack) <= 255:
         raise ValueError("selective-ACK bitmask must be 1..255 bytes")
-    header = HEADER.pack(
-        (type << 4) | VERSION,
+    header = pack_header(
+        type,
+        connection_id & _MASK16,
+        timestamp_us & _MASK32,
+        timestamp_diff_us & _MASK32,
+        wnd_size & _MASK32,
+        seq_nr,
+        ack_nr,
         EXTENSION_SELECTIVE_ACK if sack is not None else 0,
-        connection_id & 0xFFFF,
-        timestamp_us & 0xFFFFFFFF,
-        timestamp_diff_us & 0xFFFFFFFF,
-        wnd_size & 0xFFFFFFFF,
-        seq_nr & 0xFFFF,
-        ack_nr & 0xFFFF,
     )
     if sack is not None:
         return header + bytes((0, len(sack))) + sack + payload

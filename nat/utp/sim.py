@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nat.utp.multiplexer import UtpMultiplexer
 
@@ -54,6 +54,11 @@ class SimNetwork:
     def add(self, addr: tuple, mux: UtpMultiplexer) -> UtpMultiplexer:
         self.nodes[addr] = mux
         return mux
+
+    def queue_delay(self, src: tuple, dst: tuple) -> float:
+        """How long a datagram from ``src`` to ``dst`` sent now would wait behind
+        the rate-limited link's queue (zero or less: no queue)."""
+        return self._link_free_at.get((src, dst), 0.0) - self.now
 
     def inject(self, src: tuple, dst: tuple, data: bytes, delay: float = 0.0) -> None:
         """Put an arbitrary datagram on the wire (bypasses impairments)."""

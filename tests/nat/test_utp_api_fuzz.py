@@ -115,8 +115,8 @@ class ConnectionMachine(RuleBasedStateMachine):
             conn = me.conn
             # what we read is exactly what the peer wrote, in order
             assert bytes(peer.written[: len(me.read)]) == bytes(me.read)
-            assert len(conn._rbuf) + conn._reorder_bytes <= CONFIG.recv_buffer_size + CONFIG.mtu_payload
-            assert len(conn._sendbuf) + conn._outstanding_bytes <= CONFIG.send_buffer_size
+            assert conn.receive_buffered <= CONFIG.recv_buffer_size + CONFIG.mtu_payload
+            assert conn.send_buffered <= CONFIG.send_buffer_size
             assert conn.error is None or not isinstance(conn.error, UtpClosed)
 
 

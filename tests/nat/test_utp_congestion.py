@@ -111,7 +111,7 @@ def bottleneck_transfer(congestion: str, loss: float, size: int = 3 << 20) -> tu
 
     def step() -> None:
         runner()
-        peak[0] = max(peak[0], net._link_free_at.get((A, B), 0.0) - net.now)
+        peak[0] = max(peak[0], net.queue_delay(A, B))
 
     net.run(lambda: client.done and all(app.done for app in runner.apps.values()), on_step=step, max_time=900)
     return net.now, peak[0]
@@ -204,7 +204,7 @@ def rate_link_run(
     config = UtpConfig(congestion="rate")
 
     def tail_drop(src: tuple, dst: tuple, data: bytes) -> bool:
-        return net._link_free_at.get((src, dst), 0.0) - net.now <= queue_limit
+        return net.queue_delay(src, dst) <= queue_limit
 
     if queue_limit is not None:
         net.filters.append(tail_drop)
@@ -220,7 +220,7 @@ def rate_link_run(
             clients.append(runner.add(StreamApp(a.connect(B, net.now), bytes(size))))
         runner()
         if net.now >= 1.0:
-            peak[0] = max(peak[0], net._link_free_at.get((A, B), 0.0) - net.now)
+            peak[0] = max(peak[0], net.queue_delay(A, B))
 
     net.run(lambda: net.now >= seconds, on_step=step, max_time=seconds + 1)
     servers = [app for app in runner.apps.values() if app not in clients]
@@ -369,7 +369,7 @@ def test_a_run_of_lost_packets_is_repaired_within_a_few_round_trips() -> None:
     drops = [0]
 
     def tail_drop(src: tuple, dst: tuple, data: bytes) -> bool:
-        if net._link_free_at.get((src, dst), 0.0) - net.now > 0.05:
+        if net.queue_delay(src, dst) > 0.05:
             drops[0] += 1
             return False
         return True

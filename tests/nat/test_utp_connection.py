@@ -184,7 +184,7 @@ def test_reset_for_unknown_connection_is_rate_limited() -> None:
     for conn_id in range(10):  # the cap bounds memory and the RESET rate
         b.receive_datagram(encode_packet(ST_DATA, conn_id, 1, 1), A, 1.0)
     assert b.stats.resets_sent == 3
-    assert len(b._reset_memory) <= 3
+    assert b.reset_memory_size <= 3
     b.receive_datagram(stray, A, 11.0)  # memory expired: answered again
     assert b.stats.resets_sent == 4
     # a RESET is never answered with a RESET
@@ -260,7 +260,7 @@ def test_half_open_connections_are_reaped() -> None:
     b.handle_timer(20.0)
     assert b.connections == [] and b.stats.reaped_half_open == 5
     assert all(isinstance(e.error, UtpTimeout) for e in drain(b) if isinstance(e, ConnectionClosed))
-    assert b._half_open == 0
+    assert b.half_open == 0
 
 
 def test_half_open_cap() -> None:
@@ -278,7 +278,7 @@ def test_invalid_ack_is_dropped() -> None:
     drain(a)
     server = b.connections[0]
     # DATA claiming to acknowledge data we never sent: ignored entirely
-    forged = encode_packet(ST_DATA, conn.recv_id, server._snd_nxt, conn._snd_nxt + 5, payload=b"evil")
+    forged = encode_packet(ST_DATA, conn.recv_id, server.next_seq, conn.next_seq + 5, payload=b"evil")
     a.receive_datagram(forged, B, 0.1)
     assert conn.read() == b"" and a.stats.invalid_ack == 1
 
@@ -301,7 +301,7 @@ def test_delayed_ack_every_second_packet_or_timer() -> None:
     conn.send(b"3")
     deliver(sent(a, 0.01), b, A, 0.01)
     (ack,) = sent(b, 0.01)  # second packet: ACK at once
-    assert ack.ack_nr == (conn._snd_nxt - 1) & 0xFFFF
+    assert ack.ack_nr == (conn.next_seq - 1) & 0xFFFF
 
 
 def test_keepalive_is_a_duplicate_ack() -> None:
@@ -316,7 +316,7 @@ def test_keepalive_is_a_duplicate_ack() -> None:
     assert a.get_timer() == pytest.approx(29.0)
     a.handle_timer(29.0)
     (keepalive,) = sent(a, 29.0)
-    assert keepalive.type == ST_STATE and keepalive.ack_nr == (conn._rcv_nxt - 2) & 0xFFFF
+    assert keepalive.type == ST_STATE and keepalive.ack_nr == (conn.next_expected_seq - 2) & 0xFFFF
     deliver([keepalive], b, A, 29.0)
     assert b.stats.resets_sent == 0 and not b.connections[0].is_closed
 
@@ -394,7 +394,7 @@ def _connected_pair(seed: int = 20):
     deliver(sent(b, 0.0), a, B, 0.0)
     drain(a)
     drain(b)
-    conn._cc.cwnd = 64 * 1382  # past slow start's first windows
+    conn.congestion.cwnd = 64 * 1382  # past slow start's first windows
     return a, b, conn, b.connections[0]
 
 
@@ -404,7 +404,7 @@ def test_fast_retransmit_on_three_duplicate_acks() -> None:
     packets = sent(a, 0.01)
     assert len(packets) == 6
     lost, rest = packets[0], packets[1:]
-    ack16 = (server._rcv_nxt - 1) & 0xFFFF
+    ack16 = (server.next_expected_seq - 1) & 0xFFFF
     # a peer without selective ACKs: three duplicate STATE packets
     for _ in range(3):
         a.receive_datagram(encode_packet(ST_STATE, conn.recv_id, 0, ack16, wnd_size=1 << 20), B, 0.02)
@@ -443,14 +443,14 @@ def test_duplicate_and_reordered_data_is_delivered_once() -> None:
 
 def test_nothing_after_the_fin_is_delivered() -> None:
     a, b, conn, server = _connected_pair(23)
-    seq = conn._snd_nxt
-    ack16 = (conn._rcv_nxt - 1) & 0xFFFF
+    seq = conn.next_seq
+    ack16 = (conn.next_expected_seq - 1) & 0xFFFF
     data = lambda s, payload: encode_packet(ST_DATA, server.recv_id, s, ack16, wnd_size=1 << 20, payload=payload)  # noqa: E731
     fin = encode_packet(ST_FIN, server.recv_id, seq + 1, ack16, wnd_size=1 << 20)
     b.receive_datagram(data(seq + 2, b"after the end"), A, 0.1)  # out of order, past the FIN
     b.receive_datagram(fin, A, 0.1)
     b.receive_datagram(data(seq, b"the data"), A, 0.1)
     assert server.read() == b"the data"
-    assert server.at_eof and server._reorder == {} and server._reorder_bytes == 0
+    assert server.at_eof and server.reorder_count == 0 and server.receive_buffered == 0
     b.receive_datagram(data(seq + 3, b"more"), A, 0.2)
     assert server.read() == b""

@@ -35,9 +35,9 @@ def test_slow_reader_stops_the_sender_and_memory_stays_bounded() -> None:
         runner()
         for app in server_apps:
             conn = app.conn
-            peak["rbuf"] = max(peak["rbuf"], len(conn._rbuf) + conn._reorder_bytes)
+            peak["rbuf"] = max(peak["rbuf"], conn.receive_buffered)
         conn = client.conn
-        peak["sendbuf"] = max(peak["sendbuf"], len(conn._sendbuf) + conn._outstanding_bytes)
+        peak["sendbuf"] = max(peak["sendbuf"], conn.send_buffered)
 
     # the reader does not read for 40 simulated seconds
     net.run(lambda: net.now > 40.0, on_step=step, max_time=100)
@@ -47,7 +47,7 @@ def test_slow_reader_stops_the_sender_and_memory_stays_bounded() -> None:
     assert peak["sendbuf"] <= config.send_buffer_size
     assert client.conn.bytes_sent <= config.recv_buffer_size + 8 * config.mtu_payload
     assert not client.conn.is_closed  # zero-window probes keep it alive, no timeout
-    assert client.conn._peer_wnd < config.mtu_payload
+    assert client.conn.peer_window < config.mtu_payload
     # then it reads again: everything arrives
     server.paused = False
     net.run(lambda: client.done and server.done, on_step=step, max_time=300)
@@ -103,8 +103,8 @@ def test_sequence_numbers_wrap() -> None:
     client, server, net = run_transfer(
         6, LinkProfile(delay=0.005, loss=0.05, reorder=0.1), 400_000, 300_000, rng_a=net_rng
     )
-    assert client.conn._isn > 0xFFFF - 41
-    assert client.conn._snd_nxt > 0x10000  # crossed the wrap
+    assert client.conn.initial_seq > 0xFFFF - 41
+    assert client.conn.next_seq > 0x10000  # crossed the wrap
 
 
 def test_sequence_numbers_wrap_on_the_acceptor() -> None:
@@ -126,7 +126,7 @@ def test_timestamps_wrap() -> None:
     assert net.now > 4294.967296
     assert 0.03 < client.conn.rtt < 0.2
     # LEDBAT saw sane delays across the wrap: the window was not collapsed by a bogus huge delay
-    assert client.conn._cc.last_delay_us < 1_000_000
+    assert client.conn.congestion.last_delay_us < 1_000_000
 
 
 def test_reading_sends_a_window_update() -> None:
@@ -142,12 +142,12 @@ def test_reading_sends_a_window_update() -> None:
     pump(a, b, A, 0.0)
     pump(b, a, B, 0.0)
     server = b.connections[0]
-    conn._cc.cwnd = 64 * 1382
+    conn.congestion.cwnd = 64 * 1382
     conn.send(bytes(20 * 1382))
     for step in range(5):
         pump(a, b, A, 0.01 * step)
         pump(b, a, B, 0.01 * step)
-    assert conn._peer_wnd < 1382  # the receiver is full; the sender waits
+    assert conn.peer_window < 1382  # the receiver is full; the sender waits
     sent_before = conn.bytes_sent
     assert server.read(1382) and not b.datagrams_to_send(1.0)  # one packet of room: no update
     server.read(1382)  # two packets of room: tell the sender at once
@@ -155,6 +155,6 @@ def test_reading_sends_a_window_update() -> None:
     assert len(updates) == 1
     for data, _ in updates:
         a.receive_datagram(data, B, 1.0)
-    assert conn._peer_wnd >= 2 * 1382
+    assert conn.peer_window >= 2 * 1382
     a.datagrams_to_send(1.0)
     assert conn.bytes_sent > sent_before

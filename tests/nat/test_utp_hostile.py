@@ -107,10 +107,10 @@ def test_forged_in_path_packets_are_handled(seed: int, attacks: list) -> None:
     def finished() -> bool:
         for app in apps:
             conn = app.conn
-            assert len(conn._rbuf) + conn._reorder_bytes <= config.recv_buffer_size + config.mtu_payload
-            assert len(conn._sendbuf) + conn._outstanding_bytes <= config.send_buffer_size
-            assert len(conn._outstanding) <= config.max_packets_in_flight + 1
-            assert len(conn._reorder) <= config.reorder_limit
+            assert conn.receive_buffered <= config.recv_buffer_size + config.mtu_payload
+            assert conn.send_buffered <= config.send_buffer_size
+            assert conn.unacked_packets <= config.max_packets_in_flight + 1
+            assert conn.reorder_count <= config.reorder_limit
         return all(app.done or app.conn.is_closed for app in apps)
 
     net.run(finished, on_step=runner, max_time=300)

@@ -1,0 +1,105 @@
+"""Loss detection for the uTP sender: which packets in flight are lost.
+
+The sender keeps the packets in flight (``OutgoingPacket`` records, in sequence
+order) and acts on what these rules find: it marks the packets lost (they are
+resent first at the next flush) and tells the congestion controller. The rules
+only judge; none of them changes a record.
+
+libutp's rules: 3 duplicate ACKs (ST_STATE only; ``Sender.on_ack`` counts them)
+or 3 packets selectively acknowledged past a hole (:func:`sack_holes_lost`). In
+addition a hole is declared lost again only if something sent after its last
+transmission was delivered (by transmission order, so a hole and the packets
+past it sent in one batch count), so one old SACK cannot trigger a second
+retransmission of the same packet. Only packets sent once move that "latest
+delivered" mark: an ACK of a retransmitted packet may come from its first
+transmission (a spurious retransmission), and taking the retransmission's place
+in the order would declare every other retransmission in flight lost again, a
+cascade.
+
+Ours on top: RACK (:func:`sent_before_delivered`), the lost retransmission of
+the oldest packet (:func:`head_retransmission_lost`), and a retransmission
+timeout that declares lost only what is overdue (:func:`timed_out`; libutp
+resends the whole window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from nat.utp.packet import ST_SYN
+from nat.utp.rtt import RttEstimator
+from nat.utp.states import DUP_ACK_THRESHOLD, OutgoingPacket
+
+__all__ = ["sack_holes_lost", "sent_before_delivered", "head_retransmission_lost", "timed_out"]
+
+
+def sack_holes_lost(
+    outstanding: Mapping[int, OutgoingPacket], base: int, bits: int, latest: int
+) -> list[OutgoingPacket]:
+    """The holes a selective ACK proves lost.
+
+    ``bits`` is the SACK bitmask (bit ``i`` stands for ``base + i``) with at least
+    ``DUP_ACK_THRESHOLD`` bits set, ``latest`` the transmission order of the
+    latest packet known delivered. A hole is lost once 3 packets above it are
+    SACKed and something sent after its last transmission was delivered (so a
+    retransmission is not declared lost again by the same old SACK bits).
+    """
+    for _ in range(DUP_ACK_THRESHOLD - 1):
+        bits ^= 1 << (bits.bit_length() - 1)
+    limit = base + bits.bit_length() - 1
+    lost = []
+    # outstanding is in sequence order and below ``limit`` holds only holes
+    for seq, rec in outstanding.items():
+        if seq >= limit:
+            break
+        if rec.in_flight and rec.order < latest:
+            lost.append(rec)
+    return lost
+
+
+def sent_before_delivered(in_sequence: Iterable[OutgoingPacket], cutoff: float) -> list[OutgoingPacket]:
+    """RACK (RFC 8985) in brief: what was sent a reordering window (a quarter
+    RTT) before a packet that got delivered is lost; ``cutoff`` is that packet's
+    send time minus the window.
+
+    This catches what the SACK rule cannot: a run of packets dropped together (a
+    bottleneck queue overflowing) with nothing after them delivered but
+    retransmissions of earlier holes. Their phantom flight would hold the window
+    shut, each ACK restarting the retransmission timer, and only one hole a
+    round trip would be repaired.
+    """
+    lost = []
+    # in sequence order, first transmissions were also sent in order
+    for rec in in_sequence:
+        if rec.sent_at >= cutoff:
+            if rec.transmissions == 1:
+                break
+            continue
+        if rec.in_flight and rec.ptype != ST_SYN:
+            lost.append(rec)
+    return lost
+
+
+def head_retransmission_lost(oldest: OutgoingPacket, rtt: RttEstimator, now: float, delayed_ack: float) -> bool:
+    """The retransmission of the oldest packet in flight was lost.
+
+    What was sent after that retransmission lies beyond the SACK range on a big
+    window, so the SACK rule never sees it delivered: an ACK arriving more than a
+    round trip (plus a reordering allowance and the peer's ACK delay) after the
+    retransmission, without covering it, is the evidence instead of an RTO.
+    """
+    if not oldest.in_flight or oldest.transmissions < 2 or not rtt.has_sample:
+        return False
+    allowance = rtt.srtt * 0.25
+    if rtt.rttvar > allowance:
+        allowance = rtt.rttvar
+    return now - oldest.sent_at > rtt.srtt + allowance + delayed_ack
+
+
+def timed_out(outstanding: Mapping[int, OutgoingPacket], oldest: int, overdue: float) -> list[OutgoingPacket]:
+    """What a retransmission timeout declares lost: the oldest packet (sequence
+    number ``oldest``) and every packet in flight sent at ``overdue`` or before
+    (one RTO ago, by its own clock). Younger ones are still on their way: marking
+    them too would resend a whole window after one lost retransmission."""
+    first = outstanding.get(oldest)
+    return [rec for rec in outstanding.values() if rec.in_flight and (rec is first or rec.sent_at <= overdue)]
