@@ -71,8 +71,8 @@ async def tcp_echo(stream: trio.SocketStream) -> None:
 
 
 async def serve(offload: bool) -> None:
-    from proxy.tls import TLSStream
     from proxy.identity.tls_config import TLSConfig
+    from proxy.tls import TLSStream
 
     tls_config = TLSConfig.generate()
     async with trio.open_nursery() as nursery:
@@ -164,8 +164,8 @@ async def stream_round_trips(stream: Any, count: int) -> list[float]:
 
 
 async def measure(ports: dict[str, int], stages: list[str], count: int, connects: int, offload: bool) -> None:
-    from proxy.tls import TLSStream
     from proxy.identity.tls_config import TLSConfig
+    from proxy.tls import TLSStream
 
     tls_config = TLSConfig.generate()
     if "udp" in stages:
@@ -202,15 +202,15 @@ async def measure(ports: dict[str, int], stages: list[str], count: int, connects
 
 
 async def measure_in_process(count: int, offload: bool) -> None:
-    from proxy.tls import TLSStream
     from proxy.identity.tls_config import TLSConfig
+    from proxy.tls import TLSStream
 
     tls_config = TLSConfig.generate()
     async with open_endpoint(offload=offload) as client_end, open_endpoint(offload=offload) as server_end:
         for use_tls in (False, True):
             async with trio.open_nursery() as nursery:
 
-                async def echo() -> None:
+                async def echo(use_tls: bool = use_tls) -> None:
                     stream: Any = await server_end.accept()
                     if use_tls:
                         stream = TLSStream(stream, tls_config, server_side=True)

@@ -91,8 +91,8 @@ class PlainStackNode:
         from OpenSSL import SSL
 
         from nat.utp.multiplexer import UtpMultiplexer
-        from proxy.tls.stream import _context_for
         from proxy.identity.tls_config import TLSConfig
+        from proxy.tls.stream import _context_for
 
         self.ssl = SSL
         self.mode, self.port, self.with_tls = mode, port, with_tls

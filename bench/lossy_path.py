@@ -118,8 +118,8 @@ def peer_keynode_utp_receive(host: str, port: int, seconds: float, use_tls: bool
             with trio.fail_after(seconds + 30):
                 stream = await endpoint.accept()
                 if use_tls:
-                    from proxy.tls import TLSStream
                     from proxy.identity.tls_config import TLSConfig
+                    from proxy.tls import TLSStream
 
                     stream = TLSStream(stream, TLSConfig.generate(), server_side=True)
             received, started = 0, None
@@ -151,8 +151,8 @@ def peer_keynode_utp_send(host: str, port: int, seconds: float, use_tls: bool,
             with trio.move_on_after(seconds):
                 stream = await endpoint.connect((host, port))
                 if use_tls:
-                    from proxy.tls import TLSStream
                     from proxy.identity.tls_config import TLSConfig
+                    from proxy.tls import TLSStream
 
                     stream = TLSStream(stream, TLSConfig.generate(), server_side=False)
                 payload = bytes(CHUNK)
@@ -412,7 +412,7 @@ def _write_certificate(directory: str) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lossy-path-bench")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -457,7 +457,7 @@ def main() -> int:
         for loss in losses:
             sender.uplink.impair(Impairment(loss=loss / 100, delay=args.rtt_ms / 2000,
                                             rate_bit=rate, seed=int(loss * 10)))
-            for name, measure, why in rows:
+            for name, measure, _why in rows:
                 if measure is None:
                     results[(name, loss)] = "n/a"
                     continue

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.identity.certificates import chain_to_pem  # noqa: E402
 from proxy.identity.keys import private_key_to_pem  # noqa: E402
-from proxy.tls.stream import TLSStream, _context_for  # noqa: E402
 from proxy.identity.tls_config import TLSConfig  # noqa: E402
+from proxy.tls.stream import TLSStream, _context_for  # noqa: E402
 
 MiB = 1024 * 1024
 SEND_CHUNK = 1 * MiB
@@ -239,7 +239,9 @@ def bare_pyopenssl_bulk(client: TLSConfig, server: TLSConfig, total: int) -> tup
     return total / MiB / (time.perf_counter() - start), total / MiB / (time.process_time() - start_cpu)
 
 
-def bare_stdlib_handshake(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
+def bare_stdlib_handshake(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
     bios = [ssl.MemoryBIO() for _ in range(4)]  # c_in, c_out, s_in, s_out
     c = contexts[0].wrap_bio(bios[0], bios[1], server_side=False)
     s = contexts[1].wrap_bio(bios[2], bios[3], server_side=True)
@@ -380,10 +382,12 @@ async def main() -> None:
     rows: list[tuple[str, str, str]] = []
     for key in ("ours", "stdlib"):
         times = stream_times[key]
-        rows.append((f"handshake, trio stream: {labels[key]}", f"{statistics.median(times) * 1e3:.2f} ms", f"{p99(times) * 1e3:.2f} ms"))
+        rows.append((f"handshake, trio stream: {labels[key]}",
+                     f"{statistics.median(times) * 1e3:.2f} ms", f"{p99(times) * 1e3:.2f} ms"))
     for key in ("ours", "stdlib"):
         times = bare_times[key]
-        rows.append((f"handshake, bare: {bare_labels[key]}", f"{statistics.median(times) * 1e3:.2f} ms", f"{p99(times) * 1e3:.2f} ms"))
+        rows.append((f"handshake, bare: {bare_labels[key]}",
+                     f"{statistics.median(times) * 1e3:.2f} ms", f"{p99(times) * 1e3:.2f} ms"))
 
     bulk_rows: list[tuple[str, str, str]] = []
 
@@ -400,7 +404,9 @@ async def main() -> None:
         for _ in range(rounds):
             for key in ("ours", "stdlib"):
 
-                async def make(wrap: Callable[[StreamPair], StreamPair] = wraps[key], make_transport=make_transport) -> StreamPair:
+                async def make(
+                    wrap: Callable[[StreamPair], StreamPair] = wraps[key], make_transport=make_transport
+                ) -> StreamPair:
                     return wrap(await make_transport())
 
                 results[key].append(await bulk_rate(make, total))

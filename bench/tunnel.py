@@ -40,8 +40,8 @@ SERVICE = "keynode.bench.Echo"
 
 
 async def run_node(server_port: int | None) -> None:
-    from proxy.tunnel.proxy import open_proxy
     from proxy.identity.tls_config import TLSConfig
+    from proxy.tunnel.proxy import open_proxy
 
     tls_config = TLSConfig.generate()
     async with open_proxy(
@@ -167,7 +167,9 @@ async def run_bare_node(server_port: int | None, peer_port: int | None) -> None:
 
 class BareNode:
     def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, __file__, "bare-node", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "bare-node", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.process.stdout is not None
         self.info = json.loads(self.process.stdout.readline())
 
@@ -285,7 +287,11 @@ def grpc_round_trips(calls: int) -> dict[str, Any]:
             ),
         }
         calls_of = {name: channel.unary_unary(f"/{SERVICE}/Echo") for name, channel in channels.items()}
-        processes = {"direct": (), "bare": (bare_forward.process, bare_reverse.process), "tunnel": (forward.process, reverse.process)}
+        processes = {
+            "direct": (),
+            "bare": (bare_forward.process, bare_reverse.process),
+            "tunnel": (forward.process, reverse.process),
+        }
         times: dict[str, list[float]] = {name: [] for name in channels}
         cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in channels}
         for echo in calls_of.values():
@@ -356,7 +362,8 @@ def main() -> None:
         direct, bare, tunnel = results["grpc_direct_ms"], results["grpc_bare_ms"], results["grpc_tunnel_ms"]
         print(f"gRPC unary round trip, {args.calls} calls (ms):")
         print(f"  direct                median {direct['median']:.3f}  p99 {direct['p99']:.3f}")
-        print(f"  bare relay (floor)    median {bare['median']:.3f}  p99 {bare['p99']:.3f}   (two trio processes copying TCP<->UDP, no TLS, no uTP)")
+        print(f"  bare relay (floor)    median {bare['median']:.3f}  p99 {bare['p99']:.3f}"
+              "   (two trio processes copying TCP<->UDP, no TLS, no uTP)")
         print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
         print(f"  added by the floor    median {(bare['median'] - direct['median']) * 1000:.0f} us")
         print(f"  added by the tunnel   median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")

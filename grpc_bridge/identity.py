@@ -60,9 +60,10 @@ class CallerLookup:
         if address is None:
             return None
         try:
-            return trio.from_thread.run_sync(
+            info: ConnectionInfo | None = trio.from_thread.run_sync(
                 self.proxy.get_connection_info_by_reverse, *address, trio_token=self.trio_token
             )
+            return info
         except trio.RunFinishedError:
             return None  # the proxy's loop is gone: nobody can vouch for the caller
 
@@ -76,7 +77,7 @@ def current_caller() -> ConnectionInfo | None:
     return _CALLER.get()
 
 
-class NodeIdentityInterceptor(grpc.ServerInterceptor):
+class NodeIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     """Expose the caller's verified identity to handlers; optionally require one."""
 
     def __init__(self, lookup: CallerLookup, *, require: bool = False) -> None:

@@ -329,7 +329,7 @@ def _add_command(
     examples: str,
     parents: Sequence[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         name,
         help=help_text,
         description=help_text,

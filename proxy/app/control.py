@@ -116,9 +116,11 @@ async def serve_control(
     try:
         async with trio.open_nursery() as nursery:
             task_status.started(path)
-            await trio.serve_listeners(
-                lambda stream: _serve_one(stream, handler), [listener], handler_nursery=nursery
-            )
+
+            async def serve(stream: trio.SocketStream) -> None:
+                await _serve_one(stream, handler)
+
+            await trio.serve_listeners(serve, [listener], handler_nursery=nursery)
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()

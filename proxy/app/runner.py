@@ -16,9 +16,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,6 +27,9 @@ from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound
 from proxy.tunnel.hosts import format_host_port
+
+if TYPE_CHECKING:
+    from proxy.tunnel.proxy import Proxy
 
 log = logging.getLogger("keynode.run")
 
@@ -171,7 +174,7 @@ def info_document(info: Any) -> dict[str, Any]:
 class NodeController:
     """The control socket's view of a running Proxy."""
 
-    def __init__(self, proxy: Any, config: Config, node_id: NodeId) -> None:
+    def __init__(self, proxy: Proxy, config: Config, node_id: NodeId) -> None:
         self.proxy = proxy
         self.config = config
         self.node_id = node_id
@@ -267,7 +270,7 @@ def print_addresses(addresses: dict[str, Any]) -> None:
         print(f"{name}: {addresses[name] or '-'}", flush=True)
 
 
-async def wait_for_signal(signals: trio.abc.ReceiveChannel[int]) -> None:
+async def wait_for_signal(signals: AsyncIterator[int]) -> None:
     async for number in signals:
         name = signal.Signals(number).name
         log.info("stopping on %s", name, extra={"fields": {"event": "stopping", "signal": name}})
@@ -334,7 +337,7 @@ async def serve_node(
 
 
 @contextmanager
-def stop_signal_receiver() -> Iterator[trio.abc.ReceiveChannel[int]]:
+def stop_signal_receiver() -> Iterator[AsyncIterator[int]]:
     """SIGINT/SIGTERM as a channel, for a graceful stop; once it closes, more of them
     are ignored. trio re-raises the signals still queued when the receiver closes,
     under the handlers that were in place before it opened, so those handlers must

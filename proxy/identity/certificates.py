@@ -46,8 +46,8 @@ SERIAL_NUMBER_SIZE = 16
 NODE_SIGNATURE_SIZE = 64
 
 # UTCTime bounds, as the original enforces: second resolution, 1970..2049.
-_EARLIEST = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-_LATEST = datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+_EARLIEST = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_LATEST = datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
 _EXTENDED_KEY_USAGES = (
     ExtendedKeyUsageOID.SERVER_AUTH,
@@ -224,9 +224,9 @@ def generate_certificate(
     validity = _as_timedelta(duration)
     if validity < datetime.timedelta(0):
         raise ValueError("duration must not be negative")
-    start = not_before or datetime.datetime.now(datetime.timezone.utc)
+    start = not_before or datetime.datetime.now(datetime.UTC)
     if start.tzinfo is None:
-        start = start.replace(tzinfo=datetime.timezone.utc)
+        start = start.replace(tzinfo=datetime.UTC)
     start = start.replace(microsecond=0)
     end = start + validity
     end = end.replace(microsecond=0)

@@ -6,7 +6,6 @@ import trio
 
 from proxy.identity.errors import KeynodeError
 
-
 # --- TLS ------------------------------------------------------------------------
 
 

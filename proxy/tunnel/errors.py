@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from proxy.identity.errors import KeynodeError
 
-
 # --- proxy connections ------------------------------------------------------------
 
 

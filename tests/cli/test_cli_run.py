@@ -15,7 +15,6 @@ import trio
 
 from proxy.app.cli import ExitCode
 from proxy.app.node_dir import keygen
-
 from tests.cli.helpers import run_keynode, run_keynode_async, start_keynode, start_node
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from proxy.app.cli import ExitCode
-
 from tests.cli.helpers import run_keynode
 
 

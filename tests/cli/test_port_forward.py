@@ -13,14 +13,14 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.app.config import HostPort
-from proxy.errors import PortForwardError
-from proxy.identity.node_id import NodeId
 from proxy.app.port_forward import (
     ForwardTarget,
     open_tunnel,
     parse_forward_target,
     serve_port_forward,
 )
+from proxy.errors import PortForwardError
+from proxy.identity.node_id import NodeId
 
 TOKEN = "s3cret"
 NODE_ID = NodeId.from_public_key(Ed25519PrivateKey.generate().public_key())

@@ -27,9 +27,9 @@ from tests.natlab import LabProcess, NatKind, open_lab
 PROXY_PORT = 4000
 SERVER_PORT = 7000
 
-DIGEST_SERVER = """
+DIGEST_SERVER = f"""
 import hashlib, socket
-listener = socket.create_server(("127.0.0.1", %d))
+listener = socket.create_server(("127.0.0.1", {SERVER_PORT}))
 print("ready", flush=True)
 while True:
     connection, _ = listener.accept()
@@ -38,7 +38,7 @@ while True:
         while data := connection.recv(65536):
             digest.update(data)
         connection.sendall(digest.hexdigest().encode())
-""" % SERVER_PORT
+"""
 
 
 def stop_by_pid(process: LabProcess, pid: int, timeout: float = 15.0) -> int | None:

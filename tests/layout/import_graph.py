@@ -163,10 +163,10 @@ def mutual_imports(modules: dict[str, Module]) -> list[tuple[str, str]]:
 
 def main(argv: list[str]) -> int:
     root = Path(argv[0]).resolve() if argv else REPO
-    for annotations in (False, True):
-        modules = read_modules(root, annotations=annotations)
+    for with_annotations in (False, True):
+        modules = read_modules(root, annotations=with_annotations)
         components = cycles(modules)
-        kind = "runtime and annotation-only imports" if annotations else "runtime imports"
+        kind = "runtime and annotation-only imports" if with_annotations else "runtime imports"
         print(f"{kind}: {len(modules)} modules, {sum(len(m.imports) for m in modules.values())} project imports, "
               f"{len(components)} cycles (strongly connected components), {len(mutual_imports(modules))} mutual pairs")
         for component in components:

@@ -101,8 +101,8 @@ def test_delay_daemon_delays_each_direction(pair: Pair, sock: socket.socket) -> 
     pair.link.impair(Impairment(delay=0.020), a_to_b=False)
     rtts: dict[int, float] = {}
     for number in range(20):  # one at a time: a pure latency measurement
-        rtts.update({number: rtt for rtt in
-                     _exchange(sock, pair.target, 1, settle=1.0).values()})
+        for rtt in _exchange(sock, pair.target, 1, settle=1.0).values():
+            rtts[number] = rtt
     print(f"delay 40+20 ms: rtt min {min(rtts.values()) * 1000:.1f} ms, "
           f"max {max(rtts.values()) * 1000:.1f} ms")
     assert len(rtts) == 20, "the delay daemon lost packets"

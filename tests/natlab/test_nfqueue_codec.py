@@ -7,9 +7,16 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.natlab.nfqueue_delay import (NFGEN_HEADER, NFNL_SUBSYS_QUEUE, NFQA_VERDICT_HDR,
-                                        NFQNL_MSG_VERDICT, _attribute, _message, parse_attributes,
-                                        parse_messages)
+from tests.natlab.nfqueue_delay import (
+    NFGEN_HEADER,
+    NFNL_SUBSYS_QUEUE,
+    NFQA_VERDICT_HDR,
+    NFQNL_MSG_VERDICT,
+    _attribute,
+    _message,
+    parse_attributes,
+    parse_messages,
+)
 
 
 def test_message_round_trip() -> None:

@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from proxy.errors import CertChainNameInvalid, CertChainSignatureInvalid, KeyFileError
 from proxy.identity.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
     VERSION_EXTENSION_OID,
@@ -27,11 +28,10 @@ from proxy.identity.certificates import (
     verify_node_signature,
     verify_signed_by,
 )
-from proxy.errors import CertChainNameInvalid, CertChainSignatureInvalid, KeyFileError
 from proxy.identity.keys import generate_key_pair
 from proxy.identity.node_id import NodeId
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def raw_public_key(key) -> bytes:

@@ -13,15 +13,15 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.tunnel.address_book import AddressBook
 from proxy.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.http_connect import (
     ConnectTarget,
     HTTPConnectEdge,
     check_proxy_authorization,
     parse_connect_target,
 )
-from proxy.identity.node_id import NodeId
 
 
 def random_node_id() -> NodeId:

@@ -26,13 +26,13 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import NameOID
 
+from proxy.errors import CertChainDateInvalid, CertChainKeyInvalid, CertChainSignatureInvalid, NodeIdInvalid
 from proxy.identity.certificates import (
     NODE_SIGNATURE_EXTENSION_OID,
     certificate_node_id,
     generate_certificate,
     rotate_key,
 )
-from proxy.errors import CertChainKeyInvalid, CertChainSignatureInvalid, CertChainDateInvalid, NodeIdInvalid
 from proxy.identity.keys import generate_key_pair
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.node
 
 NODE_DIRECTORY = Path(__file__).resolve().parents[1] / "node"
 SCRIPT = NODE_DIRECTORY / "polykey_certs.js"
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def polykey(*requests: dict[str, Any]) -> list[dict[str, Any]]:

@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.identity.certificates import certificate_node_id
 from proxy.errors import CertChainUnclaimed, CertificateChainError, TLSError, TLSProtocolError, TLSTruncatedError
-from proxy.tls import TLSStream
+from proxy.identity.certificates import certificate_node_id
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.tls import TLSStream
 from tests.proxy.test_tls_support import (
     handshake_both,
     make_foreign_tls_config,

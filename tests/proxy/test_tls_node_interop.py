@@ -17,8 +17,8 @@ import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.errors import TLSHandshakeError
-from proxy.tls import TLSStream
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.tls import TLSStream
 from tests.proxy.test_tls_support import echo_through, make_tls_config, node_tls_peer, random_bytes
 
 SIZE = 3 * 1024 * 1024

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat import open_endpoint
 from proxy.errors import TLSHandshakeError
-from proxy.tls import TLSStream
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.tls import TLSStream
 from tests.proxy.test_tls_support import (
     echo_through,
     handshake_both,
@@ -56,7 +56,8 @@ async def test_ours_over_our_utp_bulk_and_half_close() -> None:
             server = TLSStream(server_transport, server_config, server_side=True)  # type: ignore[arg-type]
             await handshake_both(client, server)
             assert verify_client_certificate_chain(server.peer_certificate_chain) == client_config.node_id
-            assert verify_server_certificate_chain([server_config.node_id], client.peer_certificate_chain) == server_config.node_id
+            wanted = [server_config.node_id]
+            assert verify_server_certificate_chain(wanted, client.peer_certificate_chain) == server_config.node_id
 
             async def collect(name: str, stream: TLSStream) -> None:
                 received[name] = await receive_until_eof(stream)

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from proxy.identity.certificates import rotate_key
-from proxy.tls import TLSStream
 from proxy.identity.tls_config import TLSConfig
+from proxy.tls import TLSStream
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _name(key: Ed25519PrivateKey) -> x509.Name:
 
 
 def _certificate(subject_key: Ed25519PrivateKey, issuer_key: Ed25519PrivateKey) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject_key))

@@ -8,12 +8,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.identity.certificates import generate_certificate
 from proxy.errors import CertChainDateInvalid, CertChainUnclaimed
+from proxy.identity.certificates import generate_certificate
 from proxy.identity.keys import generate_key_pair
-from proxy.tunnel.connection import VerifiedChains
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.tunnel.connection import VerifiedChains
 
 
 def counting(verify):  # type: ignore[no-untyped-def]
@@ -64,14 +64,14 @@ def test_an_entry_is_used_only_within_the_chains_validity() -> None:
     ((key_, (node_id, valid_from, valid_until)),) = cache._entries.items()
     assert (valid_from, valid_until) == (chain[0].not_valid_before_utc, chain[0].not_valid_after_utc)
     # As if the clock had moved past the end of the window: verified afresh.
-    cache._entries[key_] = (node_id, valid_from, datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1))
+    cache._entries[key_] = (node_id, valid_from, datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1))
     assert cache.verify("client", chain, verify) == node_id
     assert len(calls) == 2
 
 
 def test_an_expired_chain_fails_even_after_it_was_cached() -> None:
     key = generate_key_pair()
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
     chain = [generate_certificate(key, duration=3600, not_before=past)]
     cache = VerifiedChains()
     # A verdict cached while it was in date must not outlive the certificate.
