@@ -22,7 +22,6 @@ Connections see of the Proxy only a ``ConnectionContext`` (lifecycle.py); the
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -42,6 +41,7 @@ from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
 from proxy.tunnel.errors import ConnectionStartError, ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
+from proxy.tunnel.hosts import HostPortInvalid, ip_literal, parse_host
 from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
@@ -252,12 +252,11 @@ class Proxy:
         if not 0 < port < 65536:
             raise ConnectionStartError(f"cannot connect to port {port}")
         try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
+            host = parse_host(host, allow_wildcard=False)
+        except HostPortInvalid as error:
+            raise ConnectionStartError(f"cannot connect to {host!r}: {error}") from None
+        ip = ip_literal(host)
         if ip is not None:
-            if ip.is_unspecified:
-                raise ConnectionStartError(f"cannot connect to wildcard host {host}")
             return normalize_address((str(ip), port))
         if self.proxy_host == "::":
             family = trio.socket.AF_UNSPEC  # dual stack
@@ -270,7 +269,12 @@ class Proxy:
         except OSError as error:
             raise ConnectionStartError(f"cannot resolve {host}: {error}") from error
         for _, _, _, _, sockaddr in infos:
-            return normalize_address(sockaddr)
+            address = normalize_address(sockaddr)
+            resolved = ip_literal(address[0])
+            if resolved is not None and resolved.is_unspecified:
+                # "0" resolves to 0.0.0.0, which Linux connects to this host.
+                raise ConnectionStartError(f"cannot connect to {host!r}: it names the wildcard address {resolved}")
+            return address
         raise ConnectionStartError(f"no usable address for {host}")
 
     async def _connect_forward(
