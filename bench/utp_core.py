@@ -68,7 +68,7 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
         delivered = queue[:batch]
         del queue[:batch]
         packets += len(delivered)
-        for data, addr in delivered:
+        for data, _addr in delivered:
             b.receive_datagram(data, A, now)
         while True:
             data = server.read(1 << 20)
@@ -77,7 +77,7 @@ def run(total: int, batch: int) -> tuple[float, float, int, int]:
             received += len(data)
         back = b.datagrams_to_send(now)
         packets += len(back)
-        for data, addr in back:
+        for data, _addr in back:
             a.receive_datagram(data, B, now)
         timer = a.get_timer()
         if timer is not None and timer <= now:
@@ -108,13 +108,13 @@ def pingpong(congestion: str, rounds: int, size: int = 120, profiler: cProfile.P
     def round_trip() -> None:
         now = clock()
         conn.send(msg)
-        for data, addr in a.datagrams_to_send(now):
+        for data, _addr in a.datagrams_to_send(now):
             b.receive_datagram(data, A, now)
         while b.next_event() is not None:
             pass
         reply = server.read(65536)
         server.send(reply)
-        for data, addr in b.datagrams_to_send(now):
+        for data, _addr in b.datagrams_to_send(now):
             a.receive_datagram(data, B, now)
         while a.next_event() is not None:
             pass

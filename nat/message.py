@@ -84,7 +84,7 @@ def decode_message(data: bytes) -> int:
     """
     if not is_message(data):
         raise MalformedMessage(f"not an out-of-band message ({len(data)} bytes)")
-    (value,) = _UINT32.unpack(data)
+    value: int = _UINT32.unpack(data)[0]
     try:
         return MessageType(value)
     except ValueError:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
 
 from nat.errors import NatError, UtpConnectionReset
+from nat.utp.connection import UtpConnection
 
-if TYPE_CHECKING:
-    from nat.endpoint import Endpoint
-    from nat.utp.connection import UtpConnection
-
-__all__ = ["UtpStream", "DEFAULT_RECEIVE_SIZE"]
+__all__ = ["UtpStream", "StreamDriver", "DEFAULT_RECEIVE_SIZE"]
 
 DEFAULT_RECEIVE_SIZE = 65536
 # send() is given at most this much at a time so a huge send_all does not copy
@@ -33,10 +30,32 @@ _SEND_CHUNK = 256 * 1024
 _DISCARD_CHUNK = 1 << 20
 
 
+class StreamDriver(Protocol):
+    """What a stream needs of its endpoint (``nat.endpoint.Endpoint``)."""
+
+    @property
+    def address(self) -> tuple[Any, ...]: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def close_timeout(self) -> float: ...
+
+    def service(self, now: float) -> None:
+        """Run the core: timers, events, and send what it queued."""
+
+    def service_if_output(self) -> None:
+        """service(), only if the core queued something (a window update)."""
+
+    def forget(self, conn: UtpConnection) -> None:
+        """The stream of ``conn`` ended by itself: drop it from the endpoint."""
+
+
 class UtpStream(trio.abc.HalfCloseableStream):
     """A reliable, ordered byte stream over uTP. Made by ``Endpoint.connect/accept``."""
 
-    def __init__(self, endpoint: Endpoint, conn: UtpConnection, *, connected: bool) -> None:
+    def __init__(self, endpoint: StreamDriver, conn: UtpConnection, *, connected: bool) -> None:
         self._endpoint = endpoint
         self._conn = conn
         self._receive_lot = ParkingLot()
@@ -108,7 +127,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
                 if data:
                     # Reading may reopen the advertised window: if the core wants
                     # to say so (a window update), send it now.
-                    self._endpoint._service_if_output()
+                    self._endpoint.service_if_output()
                     break
                 if conn.at_eof:
                     break
@@ -147,7 +166,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
 
     def flush(self) -> None:
         """Send what the core queued (a window update after receive_nowait)."""
-        self._endpoint._service_if_output()
+        self._endpoint.service_if_output()
 
     # ---- sending --------------------------------------------------------------
 
@@ -161,7 +180,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
         except NatError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
         if taken:
-            self._endpoint._service(trio.current_time())
+            self._endpoint.service(trio.current_time())
         if taken < len(data):
             self._send_full = True
         return taken
@@ -187,7 +206,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
             offset = 0
             blocked = False
             conn = self._conn
-            service = self._endpoint._service
+            service = self._endpoint.service
             while offset < total:
                 end = offset + _SEND_CHUNK
                 chunk = view[offset:end] if (offset or end < total) else view
@@ -246,7 +265,7 @@ class UtpStream(trio.abc.HalfCloseableStream):
         if not self._eof_sent and not self._finished:
             self._eof_sent = True
             self._conn.send_eof()
-            self._endpoint._service(trio.current_time())
+            self._endpoint.service(trio.current_time())
         self._eof_sent = True
         self._send_lot.unpark_all()
         await cancel_shielded_checkpoint()
@@ -272,52 +291,54 @@ class UtpStream(trio.abc.HalfCloseableStream):
             # would now wait (close_timeout) for an acknowledgement that never
             # comes; end it now. The RESET tells a peer still sending that nobody
             # reads any more (what TCP does for data arriving after close()).
-            self._abort_quietly()
+            self.abort_quietly()
             await checkpoint()
             return
         try:
             conn.close()
-            self._endpoint._service(trio.current_time())
+            self._endpoint.service(trio.current_time())
             with trio.move_on_after(self._endpoint.close_timeout):
                 while not self._finished:
                     await self._state_lot.park()
             if not self._finished:
-                self._abort_quietly()
+                self.abort_quietly()
             await checkpoint()
         except BaseException:
-            self._abort_quietly()
+            self.abort_quietly()
             raise
 
-    def _abort_quietly(self) -> None:
+    def abort_quietly(self) -> None:
         """RESET the connection now (used on cancellation and timeouts)."""
         if self._finished:
             return
         self._closed = True
         self._conn.abort()
         if not self._endpoint.closed:
-            self._endpoint._service(trio.current_time())
+            self._endpoint.service(trio.current_time())
         # The multiplexer reports ConnectionClosed for an abort; mark the stream
         # finished regardless so nothing waits on it.
         if not self._finished:
-            self._endpoint._streams.pop(id(self._conn), None)
-            self._on_finished(None)
+            self._endpoint.forget(self._conn)
+            self.mark_finished(None)
 
     # ---- connecting -----------------------------------------------------------
 
-    async def _wait_connected(self) -> None:
+    async def wait_connected(self) -> None:
+        """Until the handshake completes (the error that ended it otherwise)."""
         while not self._connected:
             if self._finished:
                 error = self._error or UtpConnectionReset("connection closed while connecting")
                 raise error
             await self._state_lot.park()
 
-    # ---- endpoint callbacks (synchronous, from _service) -------------------------
+    # ---- endpoint side (synchronous, from Endpoint.service) ---------------------
 
     def _discard_unread(self) -> None:
         while self._conn.read(_DISCARD_CHUNK):
             pass
 
-    def _on_readable(self) -> None:
+    def wake_readers(self) -> None:
+        """Data or the peer's EOF arrived, or the connection ended."""
         if self._closed:
             # Nobody will read again: drop the bytes so the peer's FIN can land.
             self._discard_unread()
@@ -327,15 +348,18 @@ class UtpStream(trio.abc.HalfCloseableStream):
         if self._receive_lot:
             self._receive_lot.unpark_all()
 
-    def _on_send_space(self) -> None:
+    def wake_senders(self) -> None:
+        """Send-buffer space opened after a refused send."""
         self._send_full = False
         self._send_lot.unpark_all()
 
-    def _on_connected(self) -> None:
+    def mark_connected(self) -> None:
+        """The handshake completed."""
         self._connected = True
         self._state_lot.unpark_all()
 
-    def _on_finished(self, error: NatError | None) -> None:
+    def mark_finished(self, error: NatError | None) -> None:
+        """The connection is gone (``error`` None: a clean end or an abort)."""
         self._finished = True
         if self._error is None:
             self._error = error

@@ -91,7 +91,7 @@ class LedbatController:
             if queuing_delay_us > target // 2:
                 self.slow_start = False
                 self.ssthresh = cwnd
-                cwnd += gain
+                grown: float = cwnd + gain
             else:
                 # at most 16 packets per ACK (stretch ACKs after a recovery
                 # would otherwise open the window all at once)
@@ -99,10 +99,10 @@ class LedbatController:
                 ss_cwnd = cwnd + (acked_bytes if acked_bytes < limit else limit)
                 if ss_cwnd >= self.ssthresh:
                     self.slow_start = False
-                cwnd = ss_cwnd if ss_cwnd > cwnd + gain else cwnd + gain
+                grown = ss_cwnd if ss_cwnd > cwnd + gain else cwnd + gain
         else:
-            cwnd += gain
-        cwnd = _trunc(cwnd)
+            grown = cwnd + gain
+        cwnd = _trunc(grown)
         if cwnd < self.min_cwnd:
             cwnd = self.min_cwnd
         elif cwnd > self.max_cwnd:

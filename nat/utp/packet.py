@@ -121,7 +121,7 @@ class Packet:
         self.sack = sack
         self.payload = payload
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
 
     def __eq__(self, other: object) -> bool:

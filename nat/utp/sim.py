@@ -1,6 +1,7 @@
 """A simulated lossy network on a fake clock, for deterministic uTP tests.
 
-Nodes are UtpMultiplexers at made-up addresses. Every datagram a node emits is
+Nodes are UtpMultiplexers (or anything with their four driver methods, a
+``SimNode``) at made-up addresses. Every datagram a node emits is
 routed through seeded impairments: loss, duplication, reordering (an extra
 delay for some packets), base delay and jitter. Time only moves when nothing
 is due: the simulator jumps to the next delivery or timer, so a minute of
@@ -13,8 +14,27 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
+from nat.utp.connection import UtpConnection
+from nat.utp.events import IncomingConnection, UtpEvent
 from nat.utp.multiplexer import UtpMultiplexer
+from nat.utp.states import Address, Datagram
+
+
+class SimNode(Protocol):
+    """What the network drives at each address (a UtpMultiplexer)."""
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None: ...
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+NodeT = TypeVar("NodeT", bound=SimNode)
 
 
 @dataclass
@@ -42,30 +62,30 @@ class SimNetwork:
         self.rng = random.Random(seed)
         self.profile = profile if profile is not None else LinkProfile()
         self.now = start_time
-        self.nodes: dict[tuple, UtpMultiplexer] = {}
-        self._queue: list[tuple[float, int, tuple, tuple, bytes]] = []
+        self.nodes: dict[Address, SimNode] = {}
+        self._queue: list[tuple[float, int, Address, Address, bytes]] = []
         self._counter = 0
-        self._link_free_at: dict[tuple, float] = {}
+        self._link_free_at: dict[tuple[Address, Address], float] = {}
         self.delivered = 0
         self.dropped = 0
         # hooks: filter(src, dst, data) -> bool (False drops the datagram)
-        self.filters: list[Callable[[tuple, tuple, bytes], bool]] = []
+        self.filters: list[Callable[[Address, Address, bytes], bool]] = []
 
-    def add(self, addr: tuple, mux: UtpMultiplexer) -> UtpMultiplexer:
-        self.nodes[addr] = mux
-        return mux
+    def add(self, addr: Address, node: NodeT) -> NodeT:
+        self.nodes[addr] = node
+        return node
 
-    def queue_delay(self, src: tuple, dst: tuple) -> float:
+    def queue_delay(self, src: Address, dst: Address) -> float:
         """How long a datagram from ``src`` to ``dst`` sent now would wait behind
         the rate-limited link's queue (zero or less: no queue)."""
         return self._link_free_at.get((src, dst), 0.0) - self.now
 
-    def inject(self, src: tuple, dst: tuple, data: bytes, delay: float = 0.0) -> None:
+    def inject(self, src: Address, dst: Address, data: bytes, delay: float = 0.0) -> None:
         """Put an arbitrary datagram on the wire (bypasses impairments)."""
         self._counter += 1
         heapq.heappush(self._queue, (self.now + delay, self._counter, src, dst, data))
 
-    def _route(self, src: tuple, dst: tuple, data: bytes) -> None:
+    def _route(self, src: Address, dst: Address, data: bytes) -> None:
         for keep in self.filters:
             if not keep(src, dst, data):
                 self.dropped += 1
@@ -114,10 +134,10 @@ class SimNetwork:
         now = self.now
         while queue and queue[0][0] <= now:
             _, _, src, dst, data = heapq.heappop(queue)
-            mux = self.nodes.get(dst)
-            if mux is not None:
+            node = self.nodes.get(dst)
+            if node is not None:
                 self.delivered += 1
-                mux.receive_datagram(data, src, now)
+                node.receive_datagram(data, src, now)
         for mux in self.nodes.values():
             timer = mux.get_timer()
             if timer is not None and timer <= now:
@@ -161,7 +181,7 @@ class StreamApp:
 
     def __init__(
         self,
-        conn,
+        conn: UtpConnection,
         outgoing: bytes = b"",
         *,
         send_eof: bool = True,
@@ -175,7 +195,7 @@ class StreamApp:
         self.read_budget = read_budget
         self.write_chunk = write_chunk
         self.received = bytearray()
-        self.events: list = []
+        self.events: list[UtpEvent] = []
         self.paused = False  # a reader that stopped reading
 
     @property
@@ -220,19 +240,19 @@ class StreamApp:
 class AppRunner:
     """Dispatches multiplexer events to StreamApps (one per connection)."""
 
-    def __init__(self, muxes: list[UtpMultiplexer], make_incoming: Callable | None = None) -> None:
+    def __init__(
+        self, muxes: list[UtpMultiplexer], make_incoming: Callable[[UtpConnection], StreamApp] | None = None
+    ) -> None:
         self.muxes = muxes
-        self.apps: dict[object, StreamApp] = {}
+        self.apps: dict[UtpConnection, StreamApp] = {}
         self.make_incoming = make_incoming
-        self.events: list = []
+        self.events: list[UtpEvent] = []
 
     def add(self, app: StreamApp) -> StreamApp:
         self.apps[app.conn] = app
         return app
 
     def __call__(self) -> None:
-        from nat.utp.events import IncomingConnection
-
         for mux in self.muxes:
             while (event := mux.next_event()) is not None:
                 self.events.append(event)

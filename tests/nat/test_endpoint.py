@@ -123,10 +123,10 @@ async def test_dual_stack_serves_ipv4_peers() -> None:
                 async with trio.open_nursery() as nursery:
                     accepted: list = []
 
-                    async def accept_one() -> None:
-                        accepted.append(await server_endpoint.accept())
+                    async def accept_one(into: list) -> None:
+                        into.append(await server_endpoint.accept())
 
-                    nursery.start_soon(accept_one)
+                    nursery.start_soon(accept_one, accepted)
                     host = "127.0.0.1" if client_endpoint is v4 else "::1"
                     with trio.fail_after(10):
                         client = await client_endpoint.connect((host, port))
@@ -188,7 +188,7 @@ async def test_hostile_datagrams_during_transfer_change_nothing() -> None:
         async def attack() -> None:
             with raw_socket() as attacker:
                 attacker.setblocking(False)
-                for round_number in range(20):
+                for _round in range(20):
                     for datagram in _hostile_datagrams(rng, live_ids):
                         for target in (a.address, b.address):
                             try:
@@ -301,7 +301,7 @@ class _SometimesFullSocket(socket.socket):
 async def test_send_backlog_when_the_socket_would_block(monkeypatch: pytest.MonkeyPatch) -> None:
     import nat.endpoint
 
-    real_bind = nat.endpoint._bind_socket
+    real_bind = nat.endpoint.bind_udp_socket
     flaky: list[_SometimesFullSocket] = []
 
     async def bind_flaky(*args):  # type: ignore[no-untyped-def]
@@ -310,7 +310,7 @@ async def test_send_backlog_when_the_socket_would_block(monkeypatch: pytest.Monk
         flaky.append(wrapped)
         return wrapped
 
-    monkeypatch.setattr(nat.endpoint, "_bind_socket", bind_flaky)
+    monkeypatch.setattr(nat.endpoint, "bind_udp_socket", bind_flaky)
     data = random.Random(8).randbytes(2 * 1024 * 1024)
     async with open_endpoint() as a, open_endpoint() as b:
         client, server = await connect_pair(a, b)
@@ -336,13 +336,13 @@ class _NoSegmentationSocket(socket.socket):
 async def test_offload_falls_back_when_the_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     import nat.endpoint
 
-    real_bind = nat.endpoint._bind_socket
+    real_bind = nat.endpoint.bind_udp_socket
 
     async def bind_without_gso(*args):  # type: ignore[no-untyped-def]
         sock = await real_bind(*args)
         return _NoSegmentationSocket(sock.family, sock.type, sock.proto, sock.detach())
 
-    monkeypatch.setattr(nat.endpoint, "_bind_socket", bind_without_gso)
+    monkeypatch.setattr(nat.endpoint, "bind_udp_socket", bind_without_gso)
     data = random.Random(10).randbytes(1024 * 1024)
     async with open_endpoint(offload=True) as a, open_endpoint(offload=True) as b:
         client, server = await connect_pair(a, b)

@@ -9,8 +9,8 @@ import pytest
 from nat.errors import UtpConnectionRefused, UtpConnectionReset, UtpTimeout
 from nat.utp.connection import UtpState
 from nat.utp.events import (
-    ConnectionClosed,
     Connected,
+    ConnectionClosed,
     DataAvailable,
     EofReceived,
     IncomingConnection,

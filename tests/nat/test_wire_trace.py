@@ -138,7 +138,7 @@ def _bulk(
     config = config or UtpConfig(congestion=congestion)
     mux_a, mux_b = _pair(net, config, a, b, seed)
     if read_budget is not None:
-        net.add(("ticker", 0), Ticker(0.01))  # type: ignore[arg-type]  # duck-typed node
+        net.add(("ticker", 0), Ticker(0.01))  # a duck-typed node
     payload_ab = pattern_payload(seed, size_ab)
     payload_ba = pattern_payload(seed + 1, size_ba)
     runner = AppRunner(
@@ -287,7 +287,7 @@ def scenario_lifecycle_ledbat(trace: Trace) -> None:
         return app
 
     runner = AppRunner(muxes, make_incoming=incoming)
-    net.add(("ticker", 0), Ticker(0.05))  # type: ignore[arg-type]  # duck-typed node
+    net.add(("ticker", 0), Ticker(0.05))  # a duck-typed node
     refused = runner.add(StreamApp(muxes[0].connect(nodes[1], net.now), b"hello"))
     keepalive = runner.add(StreamApp(muxes[2].connect(nodes[3], net.now), pattern_payload(62, 10_000), send_eof=False))
     aborted = runner.add(StreamApp(muxes[4].connect(nodes[5], net.now), pattern_payload(63, 400_000)))
