@@ -4,7 +4,7 @@ See nat/utp/multiplexer.py for the API the trio driver builds on.
 """
 
 from nat.utp.config import UtpConfig, UtpStats
-from nat.utp.connection import UtpConnection, UtpState
+from nat.utp.connection import UtpConnection, UtpEvent, UtpState
 from nat.utp.events import (
     Connected,
     ConnectionClosed,
@@ -12,7 +12,6 @@ from nat.utp.events import (
     EofReceived,
     IncomingConnection,
     SendSpaceAvailable,
-    UtpEvent,
 )
 from nat.utp.multiplexer import UtpMultiplexer
 

@@ -78,14 +78,14 @@ from typing import Protocol
 from nat.errors import NatError, UtpConnectionRefused, UtpConnectionReset, UtpTimeout
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController
-from nat.utp.events import Connected, ConnectionClosed, DataAvailable, EofReceived, SendSpaceAvailable
+from nat.utp.events import Connected, ConnectionClosed, DataAvailable, EofReceived, SendSpaceAvailable, UtpEventOf
 from nat.utp.outbox import Outbox
 from nat.utp.packet import ST_DATA, ST_FIN, ST_STATE
 from nat.utp.receiving import Receiver
 from nat.utp.sending import Sender
 from nat.utp.states import CLOSED, CONNECTED, MASK16, MASK32, RESET, SYN_RECV, SYN_SENT, Address, Datagram, UtpState
 
-__all__ = ["UtpConnection", "UtpState"]
+__all__ = ["UtpConnection", "UtpState", "UtpEvent"]
 
 
 class _Send(Protocol):
@@ -127,7 +127,7 @@ class UtpConnection:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: Outbox[UtpConnection],
         remote_address: Address,
         recv_id: int,
         send_id: int,
@@ -153,6 +153,8 @@ class UtpConnection:
         self._close_deadline: float | None = None
         self._reset_due = False
         self._linger_until: float | None = None
+        self._rx: Receiver[UtpConnection]
+        self._tx: Sender[UtpConnection]
         self._rx = rx = Receiver(self, outbox, DataAvailable(self), EofReceived(self), config, mss, self._finish)
         self._tx = tx = Sender(
             self, outbox, SendSpaceAvailable(self), rx, remote_address, send_id, recv_id, isn, config, mss, now
@@ -164,7 +166,7 @@ class UtpConnection:
 
     @classmethod
     def outgoing(
-        cls, outbox: Outbox, remote_address: Address, recv_id: int, isn: int, config: UtpConfig, now: float
+        cls, outbox: Outbox[UtpConnection], remote_address: Address, recv_id: int, isn: int, config: UtpConfig, now: float
     ) -> UtpConnection:
         """An initiator: its SYN (which consumes ``isn``) leaves at the next flush."""
         conn = cls(outbox, remote_address, recv_id, (recv_id + 1) & MASK16, isn, SYN_SENT, config, now)
@@ -175,7 +177,7 @@ class UtpConnection:
     @classmethod
     def incoming(
         cls,
-        outbox: Outbox,
+        outbox: Outbox[UtpConnection],
         remote_address: Address,
         recv_id: int,
         isn: int,
@@ -530,3 +532,7 @@ class UtpConnection:
                 # new data after our close(): nobody will read it
                 self._reset_due = True
             self._dirty.add(self)
+
+
+UtpEvent = UtpEventOf[UtpConnection]
+"""What UtpMultiplexer.next_event returns (see nat/utp/events.py)."""

@@ -22,46 +22,54 @@ Events are edge-triggered notifications, not data carriers: data is read with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from nat.errors import NatError
 
-if TYPE_CHECKING:
-    from nat.utp.connection import UtpConnection
+# The connection type the events carry: UtpConnection (nat.utp.connection, which
+# imports this module; UtpEvent there is UtpEventOf[UtpConnection]).
+ConnT = TypeVar("ConnT")
 
 
 @dataclass(frozen=True)
-class IncomingConnection:
-    conn: UtpConnection
+class IncomingConnection(Generic[ConnT]):
+    conn: ConnT
 
 
 @dataclass(frozen=True)
-class Connected:
-    conn: UtpConnection
+class Connected(Generic[ConnT]):
+    conn: ConnT
 
 
 @dataclass(frozen=True)
-class DataAvailable:
-    conn: UtpConnection
+class DataAvailable(Generic[ConnT]):
+    conn: ConnT
 
 
 @dataclass(frozen=True)
-class SendSpaceAvailable:
-    conn: UtpConnection
+class SendSpaceAvailable(Generic[ConnT]):
+    conn: ConnT
 
 
 @dataclass(frozen=True)
-class EofReceived:
-    conn: UtpConnection
+class EofReceived(Generic[ConnT]):
+    conn: ConnT
 
 
 @dataclass(frozen=True)
-class ConnectionClosed:
-    conn: UtpConnection
+class ConnectionClosed(Generic[ConnT]):
+    conn: ConnT
     error: NatError | None = None
 
 
-UtpEvent = IncomingConnection | Connected | DataAvailable | SendSpaceAvailable | EofReceived | ConnectionClosed
+UtpEventOf = (
+    IncomingConnection[ConnT]
+    | Connected[ConnT]
+    | DataAvailable[ConnT]
+    | SendSpaceAvailable[ConnT]
+    | EofReceived[ConnT]
+    | ConnectionClosed[ConnT]
+)
 
 __all__ = [
     "IncomingConnection",
@@ -70,5 +78,6 @@ __all__ = [
     "SendSpaceAvailable",
     "EofReceived",
     "ConnectionClosed",
-    "UtpEvent",
+    "ConnT",
+    "UtpEventOf",
 ]

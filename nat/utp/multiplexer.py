@@ -74,8 +74,8 @@ import random
 
 from nat.errors import MalformedPacket
 from nat.utp.config import UtpConfig, UtpStats
-from nat.utp.connection import UtpConnection, UtpState
-from nat.utp.events import IncomingConnection, UtpEvent
+from nat.utp.connection import UtpConnection, UtpEvent, UtpState
+from nat.utp.events import IncomingConnection
 from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import HEADER, HEADER_SIZE, ST_RESET, ST_SYN, UTP_FIRST_BYTE, pack_header, parse_datagram
 from nat.utp.states import MASK16, MASK32, Address, Datagram
@@ -94,7 +94,8 @@ class UtpMultiplexer:
         self.accepting = True
         self.stats = UtpStats()
         self._conns: dict[tuple[Address, int], UtpConnection] = {}
-        self._outbox = outbox = Outbox(self.stats, self._retire)
+        self._outbox: Outbox[UtpConnection] = Outbox(self.stats, self._retire)
+        outbox = self._outbox
         self._dirty = outbox.dirty
         self._events = outbox.events
         self._reset_memory: dict[tuple[Address, int], float] = {}

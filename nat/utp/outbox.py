@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol
 
 from nat.utp.config import UtpStats
-from nat.utp.events import UtpEvent
+from nat.utp.events import ConnT, UtpEventOf
 from nat.utp.states import Address, Datagram
 
 __all__ = ["Outbox", "Flushable"]
@@ -37,15 +37,16 @@ class Flushable(Protocol):
     def flush_into(self, now: float, out: list[Datagram]) -> None: ...
 
 
-class Outbox:
-    """Dirty connections, events and queued datagrams of one multiplexer."""
+class Outbox(Generic[ConnT]):
+    """Dirty connections, events and queued datagrams of one multiplexer (events
+    about connections of type ``ConnT``: UtpConnection)."""
 
     __slots__ = ("dirty", "events", "datagrams", "stats", "half_open", "_retire")
 
     def __init__(self, stats: UtpStats, retire: Callable[[Flushable], None]) -> None:
         # connections to flush at the next datagrams_to_send
         self.dirty: set[Flushable] = set()
-        self.events: deque[UtpEvent] = deque()
+        self.events: deque[UtpEventOf[ConnT]] = deque()
         # datagrams queued outside a flush (RESETs, keep-alives): they leave first
         self.datagrams: list[Datagram] = []
         self.stats = stats

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
-from typing import Protocol
+from typing import Generic, Protocol
 
 from nat.utp.config import UtpConfig
-from nat.utp.events import UtpEvent
+from nat.utp.events import ConnT, UtpEventOf
 from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import ST_DATA, ST_FIN, ST_STATE
 from nat.utp.states import MASK16, MASK32, OutgoingPacket
@@ -53,7 +53,7 @@ class AckTaker(Protocol):
 _SACK_MAX_BITS = 252 * 8
 
 
-class Receiver:
+class Receiver(Generic[ConnT]):
     """Receive buffer, reorder buffer, FIN and owed ACKs of one connection.
 
     Public attributes are read by the connection and its sender; only this class
@@ -69,8 +69,8 @@ class Receiver:
     )
 
     def __init__(
-        self, owner: Flushable, outbox: Outbox, readable_event: UtpEvent, eof_event: UtpEvent, config: UtpConfig,
-        mss: int, end: Callable[[float], None],
+        self, owner: Flushable, outbox: Outbox[ConnT], readable_event: UtpEventOf[ConnT],
+        eof_event: UtpEventOf[ConnT], config: UtpConfig, mss: int, end: Callable[[float], None],
     ) -> None:  # fmt: skip
         # What the peer's last packet said: its receive window, and the
         # timestamp_difference_microseconds our headers echo (our clock minus

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import heapq
 from math import trunc as _trunc  # int(float), about 60 ns cheaper per call
+from typing import Generic
 
 from nat.errors import UtpClosed
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController, DelayHistory, make_controller
-from nat.utp.events import UtpEvent
+from nat.utp.events import ConnT, UtpEventOf
 from nat.utp.loss import head_retransmission_lost, sack_holes_lost, sent_before_delivered, timed_out
 from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN, pack_header, type_byte
@@ -33,7 +34,7 @@ _DATA_FIRST = type_byte(ST_DATA)
 _pack = HEADER.pack
 
 
-class Sender:
+class Sender(Generic[ConnT]):
     """Send buffer, packets in flight, timers and congestion state of one connection.
 
     Public attributes are read by the connection; only this class writes them.
@@ -52,8 +53,8 @@ class Sender:
     )
 
     def __init__(
-        self, owner: Flushable, outbox: Outbox, space_event: UtpEvent, receiver: Receiver, remote_address: Address,
-        send_id: int, recv_id: int, isn: int, config: UtpConfig, mss: int, now: float,
+        self, owner: Flushable, outbox: Outbox[ConnT], space_event: UtpEventOf[ConnT], receiver: Receiver[ConnT],
+        remote_address: Address, send_id: int, recv_id: int, isn: int, config: UtpConfig, mss: int, now: float,
     ) -> None:  # fmt: skip
         # sequence numbers are unbounded integers; 16 bits only on the wire
         self.isn = isn

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from nat.utp.connection import UtpConnection
-from nat.utp.events import IncomingConnection, UtpEvent
+from nat.utp.connection import UtpConnection, UtpEvent
+from nat.utp.events import IncomingConnection
 from nat.utp.multiplexer import UtpMultiplexer
 from nat.utp.states import Address, Datagram
 
