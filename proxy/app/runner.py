@@ -307,6 +307,7 @@ async def serve_node(
         server_port=None if server is None else server.port,
         address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
         utp_config=UtpConfig(congestion=config.congestion),
+        max_chain_length=config.max_chain_length,
         conn_connect_time=timeouts.conn_connect_time,
         conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
         conn_end_time=timeouts.conn_end_time,

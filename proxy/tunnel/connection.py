@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from nat.errors import NatError
 from proxy.identity.errors import CertificateChainError, KeynodeError
 from proxy.identity.node_id import NodeId
+from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
 from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionStartError,
@@ -136,8 +137,15 @@ def start_error(error: BaseException, what: str) -> KeynodeError:
     return mapped
 
 
-ChainKey = tuple[Hashable, tuple[bytes, ...]]  # (the question asked, the chain's DER bytes)
+ChainKey = tuple[Hashable, int, tuple[bytes, ...]]  # (the question asked, the length limit, the chain's DER bytes)
 ChainVerdict = tuple[NodeId, datetime.datetime, datetime.datetime]  # NodeId, valid from, valid until
+
+# Chains longer than this are verified in a worker thread. A certificate costs about
+# 0.5 ms (two Ed25519 signatures plus parsing): a 32-certificate chain (the default
+# limit) held the event loop 18-40 ms, every other connection waiting; in a thread
+# the loop keeps running (Python switches threads every 5 ms). Short chains, the
+# common case, stay inline: a thread hop costs more than verifying them.
+THREAD_ABOVE = 4
 
 
 class VerifiedChains:
@@ -147,9 +155,11 @@ class VerifiedChains:
     0.6-0.8 ms here, on the critical path of every connection start; a node
     mostly meets the same peers' chains again. The verdict is a pure function of
     the chain's bytes, the question asked (``what``: the wanted NodeIds, or the
-    client rule) and the time, so a hit is reused only while every certificate
-    of the chain is in date. Failures are never cached. The TLS handshake proves
-    possession of the leaf key every time; only the chain check is reused.
+    client rule), the length limit and the time, so a hit is reused only while
+    every certificate of the chain is in date. Failures are never cached. The TLS
+    handshake proves possession of the leaf key every time; only the chain check
+    is reused. A chain over ``max_length`` is handed straight to ``verify`` (which
+    refuses it before examining anything): it is never encoded, looked up or kept.
     """
 
     def __init__(self, capacity: int = 512) -> None:
@@ -163,9 +173,45 @@ class VerifiedChains:
         what: Hashable,
         chain: Sequence[x509.Certificate],
         verify: Callable[[list[x509.Certificate]], NodeId],
+        *,
+        max_length: int = DEFAULT_MAX_CHAIN_LENGTH,
     ) -> NodeId:
+        """The verdict, from the cache or from ``verify(chain)`` here and now."""
         chain = list(chain)
-        key = (what, tuple(certificate.public_bytes(Encoding.DER) for certificate in chain))
+        if len(chain) > max_length:
+            return verify(chain)
+        key, node_id = self._lookup(what, chain, max_length)
+        if node_id is None:
+            node_id = verify(chain)
+            self._store(key, chain, node_id)
+        return node_id
+
+    async def verify_async(
+        self,
+        what: Hashable,
+        chain: Sequence[x509.Certificate],
+        verify: Callable[[list[x509.Certificate]], NodeId],
+        *,
+        max_length: int = DEFAULT_MAX_CHAIN_LENGTH,
+    ) -> NodeId:
+        """As ``verify``, but a chain longer than THREAD_ABOVE is verified in a worker
+        thread. The cache itself is only touched from the event loop."""
+        chain = list(chain)
+        if len(chain) > max_length:
+            return verify(chain)
+        key, node_id = self._lookup(what, chain, max_length)
+        if node_id is None:
+            if len(chain) > THREAD_ABOVE:
+                node_id = await trio.to_thread.run_sync(verify, chain)
+            else:
+                node_id = verify(chain)
+            self._store(key, chain, node_id)
+        return node_id
+
+    def _lookup(
+        self, what: Hashable, chain: list[x509.Certificate], max_length: int
+    ) -> tuple[ChainKey, NodeId | None]:
+        key = (what, max_length, tuple(certificate.public_bytes(Encoding.DER) for certificate in chain))
         now = datetime.datetime.now(datetime.UTC)
         entry = self._entries.get(key)
         if entry is not None:
@@ -173,16 +219,17 @@ class VerifiedChains:
             if valid_from <= now <= valid_until:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return node_id
+                return key, node_id
             del self._entries[key]
         self.misses += 1
-        node_id = verify(chain)
+        return key, None
+
+    def _store(self, key: ChainKey, chain: list[x509.Certificate], node_id: NodeId) -> None:
         valid_from = max(certificate.not_valid_before_utc for certificate in chain)
         valid_until = min(certificate.not_valid_after_utc for certificate in chain)
         self._entries[key] = (node_id, valid_from, valid_until)
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-        return node_id
 
 
 verified_chains = VerifiedChains()  # one per process: verdicts do not depend on the proxy

@@ -61,10 +61,12 @@ class ConnectionForward(TunnelConnection):
                 await until_peer_dies(peer, connect_and_handshake)
             assert self.tls is not None
             chain = self.tls.peer_certificate_chain
-            node_id = verified_chains.verify(
+            limit = context.max_chain_length
+            node_id = await verified_chains.verify_async(
                 ("server", frozenset(self.node_ids)),
                 chain,
-                lambda chain: verify_server_certificate_chain(self.node_ids, chain),
+                lambda chain: verify_server_certificate_chain(self.node_ids, chain, max_chain_length=limit),
+                max_length=limit,
             )
             self.node_id = node_id
             self.certificates = tuple(chain)

@@ -55,6 +55,7 @@ class ConnectionContext:
     end_time: float  # conn_end_time: bound of a graceful finish
     local_address: Address  # this proxy's UDP address, for ConnectionInfo
     server: Address | None  # where reverse connections connect; None: refused
+    max_chain_length: int  # certificates a peer's chain may hold (longer: refused unexamined, 526)
     established: Callable[[TunnelConnection], None]  # the registry's: registered connection established
     ended: Callable[[TunnelConnection], None]  # the registry's: registered connection finished
 

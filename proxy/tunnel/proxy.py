@@ -36,6 +36,7 @@ from nat.utp.config import UtpConfig
 from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
+from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
@@ -73,7 +74,10 @@ class Proxy:
         conn_keep_alive_interval_time: float = 1.0,
         connection_established_callback: ConnectionCallback | None = None,
         connection_lost_callback: ConnectionCallback | None = None,
+        max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
     ) -> None:
+        if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
+            raise ValueError(f"max_chain_length must be a positive integer, not {max_chain_length!r}")
         if not 0 < conn_connect_time <= MAX_CONN_CONNECT_TIME:
             raise ValueError(f"conn_connect_time must be in (0, {MAX_CONN_CONNECT_TIME}]")
         for name, value in (
@@ -96,6 +100,8 @@ class Proxy:
         self.conn_end_time = conn_end_time
         self.conn_punch_interval_time = conn_punch_interval_time
         self.conn_keep_alive_interval_time = conn_keep_alive_interval_time
+        # Longer peer chains are refused (526) before any certificate is examined.
+        self.max_chain_length = max_chain_length
         self._registry = ConnectionRegistry(
             end_time=conn_end_time,
             established_callback=connection_established_callback,
@@ -174,6 +180,7 @@ class Proxy:
                             if self.server_host is not None and self.server_port is not None
                             else None
                         ),
+                        max_chain_length=self.max_chain_length,
                         established=self._registry.established,
                         ended=self._registry.ended,
                     )

@@ -95,7 +95,13 @@ class ConnectionReverse(TunnelConnection):
                 self.tls = TLSStream(self.utp, self.context.tls_config(), server_side=True)
                 await until_peer_dies(self.peer, self.tls.do_handshake)
             chain = self.tls.peer_certificate_chain
-            self.node_id = verified_chains.verify("client", chain, verify_client_certificate_chain)
+            limit = self.context.max_chain_length
+            self.node_id = await verified_chains.verify_async(
+                "client",
+                chain,
+                lambda chain: verify_client_certificate_chain(chain, max_chain_length=limit),
+                max_length=limit,
+            )
             self.certificates = tuple(chain)
         except Exception as error:
             raise start_error(error, self.what) from error
