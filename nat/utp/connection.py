@@ -88,14 +88,6 @@ from nat.utp.states import CLOSED, CONNECTED, MASK16, MASK32, RESET, SYN_RECV, S
 __all__ = ["UtpConnection", "UtpState", "UtpEvent"]
 
 
-class _Send(Protocol):
-    def __call__(self, data: bytes | bytearray | memoryview, /) -> int: ...
-
-
-class _Read(Protocol):
-    def __call__(self, max_bytes: int = ..., /) -> bytes: ...
-
-
 class _PacketHandler(Protocol):
     def __call__(self, ptype: int, ts: int, ts_diff: int, wnd: int, seq16: int, ack16: int,
                  sack: bytes | None, data: bytes, offset: int, now: float, /) -> None: ...  # fmt: skip
@@ -105,22 +97,14 @@ class UtpConnection:
     """A uTP connection. Made by :class:`UtpMultiplexer` with ``outgoing`` or
     ``incoming``; the methods under "multiplexer side" are its interface."""
 
-    # The application's calls go straight to the half that serves them, bound
-    # methods in slots (no delegating frame: about 2% of a ping-pong round trip
-    # in bench/utp_core.py --pingpong).
-    send: _Send
-    """Sender.send: queue up to the free send-buffer space; return the bytes taken
-    (UtpClosed once closed or after send_eof)."""
-    read: _Read
-    """Receiver.read: up to ``max_bytes`` in-order received bytes (b"" when none)."""
     receive_packet: _PacketHandler
     """Multiplexer side: a DATA, FIN or STATE packet for this connection (header
     fields as on the wire, the payload at ``data[offset:]``). The handler of the
-    current state: once connected, the receiver's ``on_packet`` itself (no
-    dispatching frame per packet; see _become_connected)."""
+    current state, bound in a slot: once connected the receiver's ``on_packet``
+    itself (a dispatching method cost 1-2% of the bulk loop of bench/utp_core.py)."""
 
     __slots__ = (
-        "remote_address", "recv_id", "send_id", "state", "error", "send", "read", "receive_packet",
+        "remote_address", "recv_id", "send_id", "state", "error", "receive_packet",
         "_rx", "_tx", "_outbox", "_dirty", "_events", "_stats", "_config", "_created", "_keepalive_interval",
         "_close_requested", "_close_deadline", "_reset_due", "_linger_until",
     )
@@ -160,8 +144,6 @@ class UtpConnection:
             self, outbox, SendSpaceAvailable(self), rx, remote_address, send_id, recv_id, isn, config, mss, now
         )
         rx.attach(tx)
-        self.send = tx.send
-        self.read = rx.read
         self.receive_packet = self._receive_unconnected
 
     @classmethod
@@ -261,6 +243,15 @@ class UtpConnection:
     @property
     def retransmits(self) -> int:
         return self._tx.retransmits
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue up to the free send-buffer space; return the bytes taken
+        (UtpClosed once closed or after send_eof)."""
+        return self._tx.send(data)
+
+    def read(self, max_bytes: int = 1 << 30) -> bytes:
+        """Return up to ``max_bytes`` in-order received bytes (b"" when none)."""
+        return self._rx.read(max_bytes)
 
     def send_eof(self) -> None:
         """Send FIN after all queued data; reading continues (half-close)."""

@@ -24,7 +24,7 @@ multiplexer: returns a plain tuple, no object allocation beyond the payload).
 This module is also the one place for the two rules every layer needs:
 
 - the header layout: :func:`pack_header` packs it (``HEADER`` is its struct, for
-  the one per-packet loop that calls it directly);
+  the DATA paths of ``Sender.flush`` that call it directly, per packet);
 - what a uTP datagram is, as opposed to the out-of-band messages sharing the
   socket (DESIGN.md): at least a header long, and a first byte of version 1 with a
   known type. :func:`looks_like_utp` applies it; ``UTP_FIRST_BYTE`` is the same

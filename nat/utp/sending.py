@@ -285,7 +285,9 @@ class Sender(Generic[ConnT]):
                 flight += total
             else:
                 # The bulk path: header fields computed once, packets built
-                # inline (HEADER.pack directly: see pack_header for the layout).
+                # inline. Both paths call HEADER.pack directly (pack_header's
+                # layout): pack_header's frame per packet cost 4% of the bulk
+                # and 3% of the ping-pong loop of bench/utp_core.py.
                 wnd = rx.advertise()
                 max_packets = self._max_packets
                 data_record = new_data_record
