@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
+import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TypeVar
@@ -24,9 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat.errors import NatError
+from nat.stream import UtpStream
 from proxy.identity.errors import CertificateChainError, KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
+from proxy.tls import TLSStream
 from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionStartError,
@@ -46,6 +50,8 @@ from proxy.tunnel.records import (
 __all__ = [
     "TRANSPORT_ERRORS",
     "close_streams",
+    "close_tunnel",
+    "reset_tcp",
     "until_peer_dies",
     "start_error",
     "VerifiedChains",
@@ -95,6 +101,61 @@ async def close_streams(*streams: trio.abc.AsyncResource | None, graceful: bool,
                     await stream.aclose()
                 except TRANSPORT_ERRORS as error:
                     log.debug("force-closing %r: %s", stream, error)
+
+
+# SO_LINGER on, zero seconds: close() sends RST and drops what was not sent.
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+# What the goodbye reads at once while it waits for the peer's close_notify and FIN.
+_GOODBYE_READ = 64 * 1024
+
+
+async def reset_tcp(stream: trio.SocketStream) -> None:
+    """Close a TCP connection with a reset (RST), never a FIN: the other end sees
+    ECONNRESET, not an end of data that could pass for a complete transfer."""
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError as error:  # already gone: the close below is all there is
+        log.debug("SO_LINGER on %r: %s", stream, error)
+    await close_streams(stream, graceful=False, end_time=0)
+
+
+async def _goodbye(tunnel: TLSStream | UtpStream) -> None:
+    """close_notify (if not sent yet) and uTP FIN, then read and drop what the peer
+    still sends until its close_notify and its FIN, then close the uTP connection."""
+    if isinstance(tunnel, TLSStream):
+        await tunnel.send_eof()
+        while await tunnel.receive_some(_GOODBYE_READ):
+            pass
+        transport = tunnel.transport
+    else:
+        await tunnel.send_eof()
+        transport = tunnel
+    # The FIN follows the close_notify; reading it before closing means our close
+    # does not answer it with a RESET (a uTP connection closed while the peer
+    # still sends gets one, as a TCP socket does).
+    while await transport.receive_some(_GOODBYE_READ):
+        pass
+    await tunnel.aclose()
+
+
+async def close_tunnel(tunnel: TLSStream | UtpStream | None, *, graceful: bool, end_time: float) -> None:
+    """End the tunnel side of a connection.
+
+    Graceful: TLS close_notify and uTP FIN, then wait for the peer's close_notify
+    and FIN, all within ``end_time`` (the original's goodbye; a peer's answering
+    close_notify is read, never answered with a RESET). Not graceful, past
+    ``end_time`` or on any failure meanwhile: uTP RESET at once, which the peer
+    reports as a reset, never as a clean end.
+    """
+    if tunnel is None:
+        return
+    if graceful:
+        with trio.CancelScope(shield=True), trio.move_on_after(end_time):
+            try:
+                await _goodbye(tunnel)
+            except TRANSPORT_ERRORS as error:
+                log.debug("goodbye on %r: %s", tunnel, error)
+    await close_streams(tunnel, graceful=False, end_time=0)
 
 
 async def until_peer_dies(peer: Peer, work: Callable[[], Awaitable[T]]) -> T:

@@ -77,6 +77,7 @@ class ConnectionForward(TunnelConnection):
         self.tcp = client
         self.tcp_address = client_address
         self.initial_data = initial_data
+        self._joined = True  # it was answered 200: from now on only a clean end is a FIN
         self._attached.set()
 
     async def run(self) -> None:

@@ -5,9 +5,17 @@ A connection starts (a typed error after undoing what it opened, see
 ``connection.start_error``), is registered, waits for its missing end (the
 CONNECT client of a forward connection opened ahead of time, the uTP connection
 of a reverse connection prepared ahead of time) unless its peer dies first, splices
-its TCP end to TLS over uTP, and finishes: closes its streams, gracefully within
-``conn_end_time`` when nothing failed, releases its peer and tells the registry
-why it ended. ``close()`` ends it from outside at any point.
+its TCP end to TLS over uTP, and finishes. ``close()`` ends it from outside at
+any point.
+
+How it finishes says whether the data was complete. The TCP end gets a FIN only
+after a clean end of the splice (both directions ended with close_notify and FIN);
+a TCP end that was joined to the tunnel and ended any other way (the peer died or
+reset, TLS broke, closed or stopped here midway) gets a reset, so truncation is
+never silent. The tunnel gets the original's goodbye (close_notify, uTP FIN, the
+peer's answer awaited within ``conn_end_time``) unless it broke or our own
+direction still had data to carry: then a uTP RESET, so the far side resets its
+TCP end too instead of taking a part for the whole.
 
 A connection sees of the Proxy only its ``ConnectionContext``.
 """
@@ -25,11 +33,11 @@ from cryptography import x509
 
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
-from proxy.tunnel.connection import close_streams, start_error, until_peer_dies
-from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionStartError
+from proxy.tunnel.connection import close_streams, close_tunnel, reset_tcp, start_error, until_peer_dies
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionStartError, ConnectionVerifyError, ProxyNotRunning
 from proxy.tunnel.peer import Address, Peer, PeerRegistry
 from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason
-from proxy.tunnel.splice import relay
+from proxy.tunnel.splice import PipeOutcome, relay
 
 if TYPE_CHECKING:
     from nat.stream import UtpStream
@@ -58,15 +66,17 @@ class ConnectionContext:
     max_chain_length: int  # certificates a peer's chain may hold (longer: refused unexamined, 526)
     established: Callable[[TunnelConnection], None]  # the registry's: registered connection established
     ended: Callable[[TunnelConnection], None]  # the registry's: registered connection finished
+    # Runs a task in the proxy's connection nursery; ProxyNotRunning once that is gone.
+    spawn: Callable[[Callable[[], Awaitable[None]]], None]
 
 
 @dataclass(frozen=True)
 class Ending:
-    """Why a connection ended, and whether its streams may close gracefully."""
+    """Why a connection ended, and whether its tunnel broke."""
 
     reason: EndReason = EndReason.CLOSED_LOCALLY  # also when cancelled: closed or stopped here
     error: BaseException | None = None
-    graceful: bool = True
+    broken: bool = False  # reset, broken TLS, a defect: no goodbye is possible
 
 
 class TunnelConnection:
@@ -94,6 +104,11 @@ class TunnelConnection:
         self.end_error: BaseException | None = None
         # The missing end arrived: a forward connection's client, a prepared reverse connection's uTP.
         self._attached = trio.Event()
+        # The TCP end was promised the tunnel's data (a CONNECT client answered 200,
+        # the server connection spliced): from then on only a clean end is a FIN.
+        self._joined = False
+        self._outcome: PipeOutcome | None = None  # the splice's, once it started
+        self._finishing = False
         self._exit_stack = AsyncExitStack()
 
     # --- state ----------------------------------------------------------------------
@@ -165,16 +180,37 @@ class TunnelConnection:
         try:
             yield
         except BaseException as error:
-            await self._abandon()
-            if isinstance(error, Exception):
-                raise start_error(error, self.what) from error
-            raise
+            if not isinstance(error, Exception):
+                await self._abandon()
+                raise
+            mapped = start_error(error, self.what)
+            # A rejected chain ends TLS with close_notify and FIN, as the original did.
+            await self._abandon(goodbye=isinstance(mapped, ConnectionVerifyError))
+            raise mapped from error
 
-    async def _abandon(self) -> None:
-        """Close at once what a start opened and release the peer."""
-        await close_streams(self.tls or self.utp, self.tcp, graceful=False, end_time=0)
+    async def _abandon(self, *, goodbye: bool = False) -> None:
+        """Close what a start opened and release the peer. The tunnel is reset at
+        once, or with ``goodbye`` ends with close_notify and FIN in a task of its
+        own (the peer's answer is awaited there, up to conn_end_time, so the
+        failure is answered at once)."""
+        tunnel = self.tls or self.utp
+        await close_streams(self.tcp, graceful=False, end_time=0)
         self.tls = self.utp = None
         self.tcp = None
+        if goodbye and tunnel is not None:
+            exit_stack = self._exit_stack.pop_all()
+
+            async def say_goodbye() -> None:
+                with trio.CancelScope(shield=True):
+                    await close_tunnel(tunnel, graceful=True, end_time=self.context.end_time)
+                    await exit_stack.aclose()
+
+            try:
+                self.context.spawn(say_goodbye)
+                return
+            except ProxyNotRunning:  # stopping: no time for goodbyes
+                self._exit_stack.push_async_exit(exit_stack)
+        await close_tunnel(tunnel, graceful=False, end_time=0)
         with trio.CancelScope(shield=True):
             await self._exit_stack.aclose()
 
@@ -188,8 +224,11 @@ class TunnelConnection:
 
     async def _splice(self, initial_data: bytes = b"") -> Ending:
         assert self.tcp is not None and self.tls is not None and self.peer is not None
-        outcome = await relay(self.tcp, self.tls, self.peer, initial_data=initial_data)
-        return Ending(outcome.reason, outcome.reported_error, graceful=outcome.error is None)
+        self._joined = True
+        self._outcome = outcome = PipeOutcome()
+        await relay(self.tcp, self.tls, self.peer, initial_data=initial_data, outcome=outcome)
+        broken = outcome.error is not None and not isinstance(outcome.error, ConnectionKeepAliveTimeout)
+        return Ending(outcome.reason, outcome.reported_error, broken=broken)
 
     async def _live(self, body: Callable[[], Awaitable[Ending]]) -> None:
         """Run ``body`` in the connection's scope, then finish with why it ended.
@@ -200,33 +239,60 @@ class TunnelConnection:
                 ending = await body()
         except ConnectionStartError as failure:
             log.info("%s", failure)
-            ending = Ending(EndReason.RESET, failure, graceful=False)
+            # A rejected chain still gets the goodbye (close_notify and FIN).
+            ending = Ending(EndReason.RESET, failure, broken=not isinstance(failure, ConnectionVerifyError))
         except ConnectionKeepAliveTimeout as death:
-            ending = Ending(EndReason.KEEP_ALIVE_TIMEOUT, death, graceful=False)
+            ending = Ending(EndReason.KEEP_ALIVE_TIMEOUT, death)
         except Exception as bug:  # a defect must end this connection, never the proxy
             log.exception("%s connection %s %s failed", self.direction.value, self.toward, self.address)
-            ending = Ending(EndReason.RESET, bug, graceful=False)
+            ending = Ending(EndReason.RESET, bug, broken=True)
         finally:
             await self.finish(ending)
 
     # --- end --------------------------------------------------------------------------
 
+    @property
+    def _ended_cleanly(self) -> bool:
+        """The splice ended with both directions' close_notify and FIN."""
+        outcome = self._outcome
+        return outcome is not None and outcome.error is None and outcome.local_eof and outcome.peer_eof
+
+    def _may_say_goodbye(self, ending: Ending) -> bool:
+        """close_notify says "that was all from me": only when it is true."""
+        if ending.broken:
+            return False
+        if not self._joined:
+            return True  # nothing of ours was in flight
+        outcome = self._outcome
+        return outcome is not None and outcome.local_eof
+
     async def finish(self, ending: Ending) -> None:
-        """Close the streams (gracefully within conn_end_time if the ending allows),
-        release the peer, and tell the registry."""
-        if self.ended.is_set():
+        """End the TCP end (a FIN only after a clean end, else a reset), tell the
+        registry, end the tunnel (the goodbye within conn_end_time when it may,
+        else a RESET) and release the peer."""
+        if self._finishing:
             return
+        self._finishing = True
         self.end_reason, self.end_error = ending.reason, ending.error
         with trio.CancelScope(shield=True):
-            await close_streams(
-                self.tls or self.utp, self.tcp, graceful=ending.graceful, end_time=self.context.end_time
-            )
-            await self._exit_stack.aclose()
-        self.ended.set()
-        self.context.ended(self)
+            try:
+                if self.tcp is not None:
+                    if self._joined and not self._ended_cleanly:
+                        await reset_tcp(self.tcp)
+                    else:
+                        await close_streams(self.tcp, graceful=False, end_time=0)
+                # Reported when it ended, not after the goodbye to a peer that may be gone.
+                self.context.ended(self)
+                await close_tunnel(
+                    self.tls or self.utp, graceful=self._may_say_goodbye(ending), end_time=self.context.end_time
+                )
+                await self._exit_stack.aclose()
+            finally:
+                self.ended.set()
 
     async def finish_unstarted(self) -> None:
         """Drop a started connection that was never registered (the proxy is stopping)."""
+        self._finishing = True
         await self._abandon()
         self.ended.set()
 

@@ -183,6 +183,7 @@ class Proxy:
                         max_chain_length=self.max_chain_length,
                         established=self._registry.established,
                         ended=self._registry.ended,
+                        spawn=self._spawn,
                     )
                     listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
                     sockname = listeners[0].socket.getsockname()

@@ -290,13 +290,16 @@ async def relay(
     peer: Peer,
     *,
     initial_data: bytes = b"",
+    outcome: PipeOutcome | None = None,
 ) -> PipeOutcome:
     """Relay local <-> tls (over uTP) until both directions ended or one failed.
 
     Cancellation (close locally) propagates to the caller; errors are returned in
-    the outcome so the caller can report a reason.
+    the outcome so the caller can report a reason. ``outcome``: the record to
+    fill, which the caller keeps when cancelled (which directions had ended).
     """
-    outcome = PipeOutcome()
+    if outcome is None:
+        outcome = PipeOutcome()
     state = _Relay(local, tls, outcome)
 
     async def watch_peer() -> None:
