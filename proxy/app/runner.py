@@ -139,10 +139,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_received": status.bytes_received,
             "rtt": status.rtt,
         })
-    # The Proxy facade is getting this method; until it has it, status lists only
-    # established connections.
-    prepared_reverse = getattr(proxy, "prepared_reverse_connections", None)
-    for prepared in prepared_reverse() if prepared_reverse is not None else ():
+    for prepared in proxy.prepared_reverse_connections():
         rows.append({
             "direction": "reverse",
             "state": "prepared",

@@ -46,7 +46,7 @@ from proxy.tunnel.hosts import HostPortInvalid, ip_literal, parse_host
 from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
-from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus
+from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
 
@@ -434,6 +434,14 @@ class Proxy:
             raise ProxyNotRunning("proxy is stopping")
         self._registry.add(connection)
         self._spawn(functools.partial(connection.run, prepared=True))
+
+    def prepared_reverse_connections(self) -> list[PreparedReverse]:
+        """Reverse connections open_connection_reverse prepared whose peer has not connected yet."""
+        return [
+            PreparedReverse(connection.address[0], connection.address[1], connection.prepared_at)
+            for connection in self._registry.reverse
+            if connection.prepared_at is not None and connection.usable
+        ]
 
     async def close_connection_reverse(self, host: str, port: int) -> None:
         await self._registry.end(self._registry.to_proxy(self._registry.reverse, host, port))

@@ -54,6 +54,16 @@ class ConnectionStatus:
 
 
 @dataclass(frozen=True)
+class PreparedReverse:
+    """A reverse connection ``open_connection_reverse`` prepared (server connected,
+    peer punched) whose peer has not connected yet: no NodeId, no bytes."""
+
+    remote_host: str  # the remote proxy (UDP) address expected to connect
+    remote_port: int
+    prepared_at: float  # trio.current_time() when it was prepared
+
+
+@dataclass(frozen=True)
 class ConnectionEvent:
     """Argument of the established and lost callbacks."""
 

@@ -33,6 +33,8 @@ class ConnectionReverse(TunnelConnection):
     tcp_role = "server"
     toward = "from"
 
+    prepared_at: float | None = None  # when open_connection_reverse finished preparing it
+
     @property
     def usable(self) -> bool:
         """Prepared by open_connection_reverse, still waiting for its uTP connection."""
@@ -47,6 +49,7 @@ class ConnectionReverse(TunnelConnection):
                 await self._open_server()
                 peer = await self._use_peer()
                 await peer.wait_heard()
+        self.prepared_at = trio.current_time()
 
     async def _open_server(self) -> None:
         server = self.context.server

@@ -97,6 +97,13 @@ async def test_two_nodes_control_commands_forward_and_sigterm(tmp_path: Path) ->
             a_proxy = node_a.info["proxy"]
             opened = await run_keynode_async("open-reverse", a_proxy, "--dir", str(dir_b))
             assert opened.returncode == 0, opened.stderr.decode()
+            # status lists the prepared connection (no peer connected yet, no NodeId)
+            status_b = await keynode_json("status", "--dir", str(dir_b))
+            prepared = [c for c in status_b["connections"] if c["state"] == "prepared"]
+            assert [(c["direction"], c["remote"], c["node_id"]) for c in prepared] == [("reverse", a_proxy, None)]
+            assert status_b["connection_reverse_count"] == 1
+            human = await run_keynode_async("status", "--dir", str(dir_b))
+            assert "prepared" in human.stdout.decode() and "no connections" not in human.stdout.decode()
             closed = await run_keynode_async("close", "reverse", a_proxy, "--dir", str(dir_b))
             assert closed.returncode == 0, closed.stderr.decode()
 

@@ -156,3 +156,22 @@ async def test_long_chains_are_verified_off_the_event_loop() -> None:
     # The cache still applies: a hit verifies nothing.
     await cache.verify_async("client", long, verify)
     assert len(threads) == 2 and cache.hits == 1
+
+
+async def test_prepared_reverse_connections_until_the_peer_connects() -> None:
+    with trio.fail_after(15):
+        async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
+            assert remote.proxy.prepared_reverse_connections() == []
+            before = trio.current_time()
+            await remote.proxy.open_connection_reverse("127.0.0.1", local.proxy.proxy_port)
+            [prepared] = remote.proxy.prepared_reverse_connections()
+            assert (prepared.remote_host, prepared.remote_port) == ("127.0.0.1", local.proxy.proxy_port)
+            assert before <= prepared.prepared_at <= trio.current_time()
+            assert remote.proxy.connections() == []  # not established: no NodeId yet
+            reply = await http_connect(local.proxy, target_for(remote.proxy, remote.node_id))
+            assert reply.status == 200
+            while not remote.events.established:
+                await remote.events.changed.wait()
+            assert remote.proxy.prepared_reverse_connections() == []
+            assert len(remote.proxy.connections()) == 1
+            await reply.stream.aclose()
