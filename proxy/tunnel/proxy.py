@@ -365,6 +365,8 @@ class Proxy:
 
     async def _answer_connect(self, edge: HTTPConnectEdge, client: trio.SocketStream) -> bool:
         connection: ConnectionForward | None = None
+        # Now, while the client is surely there (OSError if it is gone already).
+        client_address = normalize_address(client.socket.getpeername())
         try:
             target: ConnectTarget = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
             if not self.running:
@@ -388,13 +390,16 @@ class Proxy:
             log.exception("CONNECT to %r failed", edge.request.target if edge.request else None)
             await edge.send_error_for(error)
             return False
+        # From here the connection is this client's: nothing may outlive it.
         try:
             await edge.send_established()
         except TRANSPORT_ERRORS:
             connection.close()
             return False
-        sockname = client.socket.getpeername()
-        connection.attach_client(client, normalize_address(sockname), edge.trailing_data)
+        except BaseException:
+            connection.close()
+            raise
+        connection.attach_client(client, client_address, edge.trailing_data)
         return True
 
     # --- reverse ----------------------------------------------------------------------
