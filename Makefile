@@ -8,7 +8,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_SYS := $(VENV)/.system
 STAMP_NODE := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: all install system node test demo bench clean
+.PHONY: all install system node lint test demo bench clean
 
 all: test
 
@@ -41,7 +41,12 @@ install: $(STAMP_PY)
 system: $(STAMP_SYS)
 node: $(STAMP_NODE)
 
-test: $(STAMP_PY) $(STAMP_SYS) $(STAMP_NODE)
+# Style and types: ruff over the tree, mypy as pyproject.toml says (strict on nat/ and proxy/identity/).
+lint: $(STAMP_PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint $(STAMP_SYS) $(STAMP_NODE)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP_PY)
