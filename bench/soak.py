@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,33 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TOKEN = "soak-token"
+
+from node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+
 ROUND_SIZE = 64
 
 
 # --- a node process ------------------------------------------------------------------
-
-
-async def run_node(server_port: int | None) -> None:
-    from proxy.identity.tls_config import TLSConfig
-    from proxy.tunnel.proxy import open_proxy
-
-    tls_config = TLSConfig.generate()
-    async with open_proxy(
-        tls_config=tls_config,
-        auth_token=TOKEN,
-        proxy_host="127.0.0.1",
-        server_host="127.0.0.1" if server_port else None,
-        server_port=server_port,
-    ) as proxy:
-        print(
-            json.dumps({"node_id": str(tls_config.node_id), "forward_port": proxy.forward_port, "proxy_port": proxy.proxy_port}),
-            flush=True,
-        )
-        # Run until the parent closes our stdin, then report the uTP counters.
-        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-        endpoint = proxy.endpoint
-        counters = {"utp": endpoint.multiplexer.stats.as_dict(), "endpoint": endpoint.stats.as_dict()}
-        print(json.dumps(counters), flush=True)
 
 
 def node_main(server_port: int | None) -> None:
@@ -76,30 +54,17 @@ def node_main(server_port: int | None) -> None:
         format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    trio.run(run_node, server_port)
+    trio.run(run_node, server_port, TOKEN)
 
 
-class Node:
+class Node(NodeProcess):
     """A keynode node in a child process; its log goes to a file we read on failures."""
 
     def __init__(self, name: str, server_port: int | None, log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        command = [sys.executable, __file__, "node"] + ([str(server_port)] if server_port else [])
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"node {name} failed to start (log: {self.log_path})")
-        info = json.loads(line)
-        self.node_id: str = info["node_id"]
-        self.forward_port: int = info["forward_port"]
-        self.proxy_port: int = info["proxy_port"]
-        self.counters: dict[str, dict[str, int]] = {}
-
-    def target(self) -> str:
-        return f"127.0.0.1:{self.proxy_port}?nodeId={self.node_id}"
+        super().__init__(__file__, server_port, stderr=self._log)
 
     def log_offset(self) -> int:
         return self.log_path.stat().st_size
@@ -118,18 +83,7 @@ class Node:
         return rss_kib / 1024, len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
     def close(self) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-            line = self.process.stdout.readline()
-            if line:
-                self.counters = json.loads(line)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        except ValueError:
-            pass
+        super().close()
         self._log.close()
 
 

@@ -35,30 +35,9 @@ sys.path.insert(0, str(ROOT))
 TOKEN = "bench-token"
 SERVICE = "keynode.bench.Echo"
 
+from node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
 
 # --- a node process ------------------------------------------------------------------
-
-
-async def run_node(server_port: int | None) -> None:
-    from proxy.identity.tls_config import TLSConfig
-    from proxy.tunnel.proxy import open_proxy
-
-    tls_config = TLSConfig.generate()
-    async with open_proxy(
-        tls_config=tls_config,
-        auth_token=TOKEN,
-        proxy_host="127.0.0.1",
-        server_host="127.0.0.1" if server_port else None,
-        server_port=server_port,
-    ) as proxy:
-        print(
-            json.dumps(
-                {"node_id": str(tls_config.node_id), "forward_port": proxy.forward_port, "proxy_port": proxy.proxy_port}
-            ),
-            flush=True,
-        )
-        # Run until the parent closes our stdin.
-        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
 
 
 def cpu_seconds(process: subprocess.Popen[str]) -> float:
@@ -67,33 +46,9 @@ def cpu_seconds(process: subprocess.Popen[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Node:
+class Node(NodeProcess):
     def __init__(self, server_port: int | None) -> None:
-        command = [sys.executable, __file__, "node"] + ([str(server_port)] if server_port else [])
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("node process failed to start")
-        info = json.loads(line)
-        self.node_id: str = info["node_id"]
-        self.forward_port: int = info["forward_port"]
-        self.proxy_port: int = info["proxy_port"]
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process)
-
-    def target(self) -> str:
-        return f"127.0.0.1:{self.proxy_port}?nodeId={self.node_id}"
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        super().__init__(__file__, server_port)
 
 
 # --- the floor: a bare relay (no TLS, no uTP) ---------------------------------------------
@@ -333,7 +288,7 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 def main() -> None:
     if len(sys.argv) >= 2 and sys.argv[1] == "node":
-        trio.run(run_node, int(sys.argv[2]) if len(sys.argv) > 2 else None)
+        trio.run(run_node, int(sys.argv[2]) if len(sys.argv) > 2 else None, TOKEN)
         return
     if len(sys.argv) == 4 and sys.argv[1] == "bare-node":
         reverse = sys.argv[2] == "reverse"
@@ -366,7 +321,9 @@ def main() -> None:
               "   (two trio processes copying TCP<->UDP, no TLS, no uTP)")
         print(f"  through the tunnel    median {tunnel['median']:.3f}  p99 {tunnel['p99']:.3f}")
         print(f"  added by the floor    median {(bare['median'] - direct['median']) * 1000:.0f} us")
-        print(f"  added by the tunnel   median {(tunnel['median'] - direct['median']) * 1000:.0f} us   (target <= 300 us)")
+        print(f"  added by the tunnel   median {(tunnel['median'] - direct['median']) * 1000:.0f} us")
+        # What we compare against is the floor of the same run (the 300 us target is retired).
+        print(f"  tunnel over the floor median {(tunnel['median'] - bare['median']) * 1000:.0f} us")
         for name in ("bare", "tunnel"):
             cpu = results[f"grpc_{name}_cpu_us"]
             print(f"  CPU per call, {name + ':':7s}    forward node {cpu[0]:.0f} us  reverse node {cpu[1]:.0f} us")
