@@ -53,7 +53,7 @@ demo: $(STAMP_PY)
 	$(VENV)/bin/keynode demo
 
 bench: $(STAMP_PY) $(STAMP_SYS) $(STAMP_NODE)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .hypothesis

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 TOKEN = "soak-token"
 
-from node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
 
 ROUND_SIZE = 64
 

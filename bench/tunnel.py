@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 TOKEN = "bench-token"
 SERVICE = "keynode.bench.Echo"
 
-from node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
 
 # --- a node process ------------------------------------------------------------------
 
