@@ -445,6 +445,15 @@ class Sender(Generic[ConnT]):
         if wnd < self._mss:
             # the peer is alive, just full: timeouts here are not a dead path
             self._consecutive_timeouts = 0
+        if off < 0:
+            # A stale ACK (ack_nr below snd_una - 1: overtaken on the path by a
+            # newer one, or a keep-alive): no duplicate (libutp counts only the
+            # latest ack_nr again), and its SACK and arrival say nothing new to
+            # the loss rules. The counter is not reset either (libutp resets it
+            # on any other ack_nr; a reordered old ACK is no sign of recovery).
+            if wnd >= self._mss:
+                self._dirty.add(self._owner)  # the window it carries may have opened
+            return self.fin_acked and not outstanding
         acked_bytes = 0
         flight_before = flight = self._flight
         newest_rtt_sent = -1.0

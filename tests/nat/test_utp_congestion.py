@@ -385,3 +385,48 @@ def test_a_run_of_lost_packets_is_repaired_within_a_few_round_trips() -> None:
     assert drops[0] > 1000  # the queue did overflow
     assert a.stats.timeouts == 0
     assert received > 0.75 * 8700 * MSS * seconds
+
+
+@pytest.mark.parametrize("congestion", ["ledbat", "rate"])
+def test_stale_reordered_acks_are_not_duplicate_acks(congestion: str) -> None:
+    # libutp counts as a duplicate ACK only an ST_STATE whose ack_nr is the
+    # latest one (snd_una - 1). ACKs overtaken by newer ones (reordered on the
+    # path) say nothing new: three of them must not fast-retransmit or shrink
+    # the window.
+    from nat.utp.packet import ST_STATE, decode_packet, encode_packet
+
+    config = UtpConfig(congestion=congestion)
+    a = UtpMultiplexer(config, rng=random.Random(30))
+    b = UtpMultiplexer(config, rng=random.Random(130))
+    conn = a.connect(B, 0.0)
+    for data, _ in a.datagrams_to_send(0.0):
+        b.receive_datagram(data, A, 0.0)
+    for data, _ in b.datagrams_to_send(0.0):
+        a.receive_datagram(data, B, 0.0)
+    conn.congestion.cwnd = 64 * MSS
+    conn.send(bytes(MSS * 8))
+    packets = [decode_packet(data) for data, _ in a.datagrams_to_send(0.01)]
+    assert len(packets) == 8
+    first = packets[0].seq_nr
+
+    def ack(seq16: int) -> bytes:
+        return encode_packet(ST_STATE, conn.recv_id, 0, seq16 & 0xFFFF, wnd_size=1 << 20)
+
+    # the ACKs of the first three packets, in order: snd_una is the fourth
+    for index, at in ((0, 0.05), (1, 0.051), (2, 0.052)):
+        a.receive_datagram(ack(first + index), B, at)
+    a.datagrams_to_send(0.052)
+    window = conn.cwnd
+    unacked = conn.unacked_packets
+    # three late copies of older ACKs (ack_nr below snd_una - 1)
+    for seq16, at in ((first, 0.053), (first + 1, 0.054), (first, 0.055)):
+        a.receive_datagram(ack(seq16), B, at)
+    assert a.datagrams_to_send(0.056) == []  # nothing retransmitted
+    assert a.stats.fast_retransmits == 0 and a.stats.retransmits == 0
+    assert conn.cwnd == window and conn.unacked_packets == unacked
+    # real duplicates of the latest ACK still trigger the fast retransmit
+    for at in (0.06, 0.061, 0.062):
+        a.receive_datagram(ack(first + 2), B, at)
+    (resent,) = [decode_packet(data) for data, _ in a.datagrams_to_send(0.063)]
+    assert resent.seq_nr == packets[3].seq_nr
+    assert a.stats.fast_retransmits == 1
