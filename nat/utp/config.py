@@ -47,6 +47,10 @@ class UtpConfig:
     # reset_memory seconds, at most reset_memory_cap remembered.
     reset_memory: float = 10.0
     reset_memory_cap: int = 1000
+    # connect() draws no id next to a connection to the same address that ended
+    # less than reset_memory seconds ago (its late packets and the RESETs they
+    # draw would be taken for the new one's): at most this many remembered.
+    retired_id_memory_cap: int = 4096
 
     def __post_init__(self) -> None:
         for mtu in (self.mtu_payload, self.mtu_payload_ipv6):
@@ -70,6 +74,7 @@ class UtpStats:
     resets_sent: int = 0
     resets_suppressed: int = 0
     resets_received: int = 0
+    resets_ignored: int = 0  # a RESET whose ack_nr echoes nothing we sent (another connection's)
     syn_received: int = 0
     duplicate_syn: int = 0
     syn_dropped: int = 0

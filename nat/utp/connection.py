@@ -55,6 +55,10 @@ Where we do better than libutp (documented deviations):
   its state first and always reports ECONNRESET). A RESET that arrives when
   every byte both ways was delivered and only our FIN is unacknowledged (a
   libutp peer that closed and forgot us) is a clean close, not an error.
+- A RESET is applied only if it echoes one of our sequence numbers in play (or
+  carries the seq_nr we expect next): libutp takes any RESET with either id, so
+  the RESET drawn by a late packet of an ended connection killed the next one
+  between the same addresses when its ids touched the old ones (issue item 16).
 - After a clean close the connection id lingers (``linger_time``, extended by
   every retransmitted FIN) to re-ACK the peer's FIN; new data then gets RESET.
 - Our selective ACKs cover the whole reorder buffer, up to 2016 packets (a
@@ -406,8 +410,22 @@ class UtpConnection:
         rx = self._rx
         tx.flush(now, now_us, rx.build_sack() if rx.reorder else None, state is SYN_RECV, out)
 
+    def reset_is_ours(self, seq16: int, ack16: int) -> bool:
+        """A RESET with our ids (seq_nr, ack_nr as on the wire) is about this
+        connection, not an earlier one with touching ids: its ack_nr echoes one
+        of our sequence numbers in play, snd_una - 1 .. snd_nxt (libutp answers
+        a packet for an unknown id with its seq_nr; a connection's own RESET
+        acknowledges what it received of ours), or its seq_nr is the one we
+        expect next (a connection that never heard from us: an initiator
+        aborting in SYN_SENT sends ack_nr 0xFFFF and seq_nr ISN + 1)."""
+        tx = self._tx
+        una = tx.snd_una
+        if (ack16 - (una - 1)) & MASK16 <= tx.snd_nxt - una + 1:
+            return True
+        return seq16 == self._rx.rcv_nxt & MASK16
+
     def receive_reset(self) -> None:
-        """A RESET for this connection."""
+        """A RESET for this connection (the multiplexer asked reset_is_ours)."""
         tx = self._tx
         if (
             self._rx.eof_reached

@@ -46,7 +46,8 @@ UtpConnection (made only here, with UtpConnection.outgoing/incoming; see connect
 Connections never touch the multiplexer: what they hand it (dirty marks, events,
 keep-alives, the end of a half-open phase or of their life) goes through its
 Outbox (outbox.py); the multiplexer calls them through receive_packet,
-receive_reset, receive_syn_again, flush_into, run_timers and next_deadline.
+reset_is_ours, receive_reset, receive_syn_again, flush_into, run_timers and
+next_deadline.
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
@@ -66,11 +67,29 @@ carry either id of the connection, so RESETs are also matched by send_id, as
 libutp does. Non-SYN packets for unknown connections get a RESET, at most one
 per (address, id) per ``reset_memory`` seconds with at most ``reset_memory_cap``
 remembered; beyond that they are dropped and counted.
+
+Ids of consecutive connections between the same two addresses (issue item 16):
+a connection that ended may still have packets on the wire, and the RESET such
+a packet draws from a node that forgot it carries that connection's id. Since a
+RESET is matched by either id, a new connection whose ids touch the old one's
+({r, r+1} against {R, R+1}: r = R-1, R, R+1) would take it for its own. So
+
+- ``connect`` draws a recv_id whose pair of ids shares none with a connection
+  to the same address that is open, lingering, or retired less than
+  ``reset_memory`` seconds ago (at most ``retired_id_memory_cap`` remembered);
+- a RESET is applied only if it answers something of this connection: its
+  ack_nr echoes one of our sequence numbers still in play, [snd_una - 1,
+  snd_nxt] (libutp's RESET for an unknown id echoes the packet's seq_nr; a
+  connection's own RESET acknowledges what it received of ours), or its seq_nr
+  is the one we expect next (a connection's RESET sent before it heard from us:
+  an initiator aborting in SYN_SENT). Others are counted in ``resets_ignored``.
+  This also covers initiators that do not avoid ids (libutp, a restarted node).
 """
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 from nat.errors import MalformedPacket
 from nat.utp.config import UtpConfig, UtpStats
@@ -100,6 +119,12 @@ class UtpMultiplexer:
         self._events = outbox.events
         self._reset_memory: dict[tuple[Address, int], float] = {}
         self._next_reset_expiry = 0.0
+        # (address, recv_id) -> (send_id, when) of connections that left the
+        # table, in retirement order (see connect)
+        self._retired_ids: OrderedDict[tuple[Address, int], tuple[int, float]] = OrderedDict()
+        # the latest time the driver gave us (stamps retirements, which happen
+        # inside calls that are not given the time)
+        self._clock = 0.0
 
     # ------------------------------------------------------------ public
 
@@ -119,14 +144,21 @@ class UtpMultiplexer:
 
     def connect(self, addr: Address, now: float) -> UtpConnection:
         """Open an outgoing connection; its SYN leaves at the next datagrams_to_send."""
+        self._clock = now
         conns = self._conns
         rng = self._rng
         for _ in range(64):
             recv_id = rng.randrange(0x10000)
-            if (addr, recv_id) not in conns:
+            if self._ids_apart(addr, recv_id, now):
                 break
         else:
-            raise RuntimeError("no free connection id for this address")
+            # (thousands of connections to this one address): only the id itself
+            for _ in range(64):
+                recv_id = rng.randrange(0x10000)
+                if (addr, recv_id) not in conns:
+                    break
+            else:
+                raise RuntimeError("no free connection id for this address")
         isn = rng.randrange(0x10000)
         conn = UtpConnection.outgoing(self._outbox, addr, recv_id, isn, self.config, now)
         conns[(addr, recv_id)] = conn
@@ -164,13 +196,17 @@ class UtpMultiplexer:
             if conn is None:
                 conn = self._find_by_send_id(addr, conn_id)
             if conn is not None:
-                conn.receive_reset()
+                if conn.reset_is_ours(seq, ack):
+                    conn.receive_reset()
+                else:
+                    stats.resets_ignored += 1
             return
         stats.unknown_connection += 1
         self._send_reset(addr, conn_id, seq, now)
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
         """Every datagram ready to go now, for all connections."""
+        self._clock = now
         outbox = self._outbox
         out = outbox.datagrams
         outbox.datagrams = []  # (Outbox.take_datagrams written out: a call less per flush)
@@ -202,11 +238,12 @@ class UtpMultiplexer:
 
     def handle_timer(self, now: float) -> None:
         """Run every deadline that is due at ``now``."""
+        self._clock = now
         for conn in list(self._conns.values()):
             deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
                 conn.run_timers(now)
-        if self._reset_memory and now >= self._next_reset_expiry:
+        if (self._reset_memory or self._retired_ids) and now >= self._next_reset_expiry:
             self._expire_reset_memory(now)
 
     def next_event(self) -> UtpEvent | None:
@@ -224,8 +261,37 @@ class UtpMultiplexer:
 
     def _retire(self, conn: Flushable) -> None:
         key = (conn.remote_address, conn.recv_id)
-        if self._conns.get(key) is conn:
+        known = self._conns.get(key)
+        if known is conn:
             del self._conns[key]
+            retired = self._retired_ids
+            retired.pop(key, None)  # re-inserted last: the memory stays in time order
+            if len(retired) >= self.config.retired_id_memory_cap:
+                retired.popitem(last=False)
+            retired[key] = (known.send_id, self._clock)
+
+    def _ids_apart(self, addr: Address, recv_id: int, now: float) -> bool:
+        """An initiator's ids {recv_id, recv_id + 1} share none with a connection
+        to ``addr`` that is open, lingering or retired within reset_memory."""
+        conns = self._conns
+        retired = self._retired_ids
+        horizon = now - self.config.reset_memory
+        send_id = (recv_id + 1) & MASK16
+        # a connection keyed k has ids {k, k +- 1}: only k in recv_id-1 .. recv_id+2 can touch
+        for key_id, clash in (
+            (recv_id, -1),  # any connection keyed recv_id or send_id clashes
+            (send_id, -1),
+            ((recv_id - 1) & MASK16, recv_id),  # keyed below: clashes if its send_id is our recv_id
+            ((recv_id + 2) & MASK16, send_id),  # keyed above: clashes if its send_id is our send_id
+        ):
+            key = (addr, key_id)
+            conn = conns.get(key)
+            if conn is not None and (clash < 0 or conn.send_id == clash):
+                return False
+            old = retired.get(key)
+            if old is not None and old[1] > horizon and (clash < 0 or old[0] == clash):
+                return False
+        return True
 
     def _find_by_send_id(self, addr: Address, conn_id: int) -> UtpConnection | None:
         for candidate in ((conn_id - 1) & MASK16, (conn_id + 1) & MASK16):
@@ -287,3 +353,9 @@ class UtpMultiplexer:
         memory = self._reset_memory
         for key in [k for k, t in memory.items() if now - t >= horizon]:
             del memory[key]
+        retired = self._retired_ids
+        while retired:  # in time order: the oldest first
+            key, (_, when) = next(iter(retired.items()))
+            if now - when < horizon:
+                break
+            retired.popitem(last=False)
