@@ -33,11 +33,17 @@ from cryptography import x509
 
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
-from proxy.tunnel.connection import close_streams, close_tunnel, reset_tcp, start_error, until_peer_dies
-from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionStartError, ConnectionVerifyError, ProxyNotRunning
+from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams, close_tunnel, reset_tcp, start_error, until_peer_dies
+from proxy.tunnel.errors import (
+    ConnectionKeepAliveTimeout,
+    ConnectionResetByPeer,
+    ConnectionStartError,
+    ConnectionVerifyError,
+    ProxyNotRunning,
+)
 from proxy.tunnel.peer import Address, Peer, PeerRegistry
 from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason
-from proxy.tunnel.splice import PipeOutcome, relay
+from proxy.tunnel.splice import IDLE_BUFFER, IdleTunnel, PipeOutcome, relay
 
 if TYPE_CHECKING:
     from nat.stream import UtpStream
@@ -79,6 +85,14 @@ class Ending:
     broken: bool = False  # reset, broken TLS, a defect: no goodbye is possible
 
 
+class _FarSideEnded(Exception):
+    """The far side of a connection waiting for its missing end went away."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason.value)
+        self.ending = ending
+
+
 class TunnelConnection:
     """What a forward and a reverse connection share: the remote peer, the verified
     identity, the streams, the lifetime and the ``ConnectionInfo`` record."""
@@ -108,6 +122,12 @@ class TunnelConnection:
         # the server connection spliced): from then on only a clean end is a FIN.
         self._joined = False
         self._outcome: PipeOutcome | None = None  # the splice's, once it started
+        # While waiting for the missing end, the far side it has (the remote's tunnel,
+        # the server) is watched: what it sends first is kept for the splice, and an
+        # end sets far_gone, after which the connection is never handed out.
+        self._early_from_tunnel = b""
+        self._early_from_tcp = bytearray()
+        self._far_gone = trio.Event()
         self._finishing = False
         self._exit_stack = AsyncExitStack()
 
@@ -124,10 +144,12 @@ class TunnelConnection:
 
     @property
     def alive(self) -> bool:
-        """Not ended, not being cancelled, and its peer not fallen silent."""
+        """Not ended, not being cancelled, its far side not gone, and its peer not
+        fallen silent."""
         return (
             not self.ended.is_set()
             and not self.scope.cancel_called
+            and not self._far_gone.is_set()
             and self.peer is not None
             and not self.peer.died.is_set()
         )
@@ -217,16 +239,82 @@ class TunnelConnection:
     # --- life -------------------------------------------------------------------------
 
     async def _wait_attached(self) -> None:
-        """Wait for the missing end; ConnectionKeepAliveTimeout if the peer dies first."""
-        if not self.composed:
-            assert self.peer is not None
+        """Wait for the missing end, watching the far side meanwhile (the tunnel of a
+        forward connection opened ahead of time, the server connection of a prepared
+        reverse one). ConnectionKeepAliveTimeout if the peer dies first, _FarSideEnded
+        if the far side ends first."""
+        if self.composed:
+            return
+        assert self.peer is not None
+        if self.tls is not None and self.tcp is None:
+            await until_peer_dies(self.peer, self._watch_tunnel)
+        elif self.tcp is not None and self.tls is None and self.utp is None:
+            await until_peer_dies(self.peer, self._watch_server)
+        else:
             await until_peer_dies(self.peer, self._attached.wait)
+
+    async def _watch_tunnel(self) -> None:
+        assert self.tls is not None
+        with IdleTunnel(self.tls) as watch:
+            async with trio.open_nursery() as nursery:
+
+                async def far_end() -> None:
+                    await watch.ended.wait()
+                    self._far_gone.set()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(far_end)
+                await self._attached.wait()
+                nursery.cancel_scope.cancel()
+        self._early_from_tunnel = bytes(watch.early)
+        if watch.reason is not None and not self.composed:
+            error = watch.error
+            if error is not None:
+                wrapped = ConnectionResetByPeer(f"while idle: {type(error).__name__}: {error}")
+                wrapped.__cause__ = error
+                error = wrapped
+            raise _FarSideEnded(Ending(watch.reason, error, broken=error is not None))
+
+    async def _watch_server(self) -> None:
+        assert self.tcp is not None
+        tcp, early = self.tcp, self._early_from_tcp
+        ending: Ending | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def read_server() -> None:
+                nonlocal ending
+                try:
+                    while len(early) < IDLE_BUFFER:
+                        data = await tcp.receive_some(IDLE_BUFFER - len(early))
+                        if not data:
+                            ending = Ending(EndReason.CLOSED_LOCALLY)  # the server ended it
+                            break
+                        early.extend(data)
+                    else:
+                        return  # full: read on once spliced
+                except TRANSPORT_ERRORS as error:
+                    ending = Ending(EndReason.RESET, error)
+                self._far_gone.set()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read_server)
+            await self._attached.wait()
+            nursery.cancel_scope.cancel()
+        if ending is not None and not self.composed:
+            raise _FarSideEnded(ending)
 
     async def _splice(self, initial_data: bytes = b"") -> Ending:
         assert self.tcp is not None and self.tls is not None and self.peer is not None
         self._joined = True
         self._outcome = outcome = PipeOutcome()
-        await relay(self.tcp, self.tls, self.peer, initial_data=initial_data, outcome=outcome)
+        await relay(
+            self.tcp,
+            self.tls,
+            self.peer,
+            initial_data=initial_data + self._early_from_tcp,
+            early_data=self._early_from_tunnel,
+            outcome=outcome,
+        )
         broken = outcome.error is not None and not isinstance(outcome.error, ConnectionKeepAliveTimeout)
         return Ending(outcome.reason, outcome.reported_error, broken=broken)
 
@@ -243,6 +331,8 @@ class TunnelConnection:
             ending = Ending(EndReason.RESET, failure, broken=not isinstance(failure, ConnectionVerifyError))
         except ConnectionKeepAliveTimeout as death:
             ending = Ending(EndReason.KEEP_ALIVE_TIMEOUT, death)
+        except _FarSideEnded as gone:
+            ending = gone.ending
         except Exception as bug:  # a defect must end this connection, never the proxy
             log.exception("%s connection %s %s failed", self.direction.value, self.toward, self.address)
             ending = Ending(EndReason.RESET, bug, broken=True)

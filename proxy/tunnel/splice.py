@@ -53,6 +53,9 @@ DECRYPT_CHUNK = 256 * 1024
 # Socket reads in a row that found data before the reading task yields anyway,
 # so a client that never pauses cannot starve the other tasks.
 READS_BEFORE_YIELD = 16
+# What an idle connection keeps of what its far side sends before the splice
+# starts (a server that speaks first); past it, reading stops (backpressure).
+IDLE_BUFFER = 256 * 1024
 
 
 @dataclass
@@ -103,6 +106,65 @@ class _ToLocal(enum.Enum):
     BLOCKED = "blocked"  # the socket is full: the to_local task drains `pending`
     EOF = "eof"  # the peer's close_notify arrived: the to_local task sends EOF
     STOPPED = "stopped"  # failed
+
+
+class IdleTunnel:
+    """Watches the tunnel of a connection that has no TCP end yet (opened ahead of
+    a CONNECT), so that its end is noticed: what arrives is decrypted into
+    ``early`` (at most IDLE_BUFFER; the splice hands it on first), and ``ended``
+    is set on the peer's close_notify, a uTP end without it, or any failure.
+    Runs inside the endpoint, like the relay's pump."""
+
+    def __init__(self, tls: TLSStream) -> None:
+        if not isinstance(tls.transport, UtpStream):
+            raise TypeError("IdleTunnel watches a TLSStream over a UtpStream")
+        self.tls = tls
+        self.utp: UtpStream = tls.transport
+        self.early = bytearray()
+        self.ended = trio.Event()
+        self.reason: EndReason | None = None
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> IdleTunnel:
+        self.utp.on_readable = self._pump
+        self._pump()  # what came with the handshake, or before
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.utp.on_readable = None
+
+    def _end(self, reason: EndReason, error: BaseException | None) -> None:
+        self.reason, self.error = reason, error
+        self.utp.on_readable = None
+        self.ended.set()
+
+    def _pump(self) -> None:
+        tls, utp = self.tls, self.utp
+        try:
+            read = False
+            while (room := IDLE_BUFFER - len(self.early)) > 0:
+                plaintext = tls.decrypt_nowait(None, room)
+                if plaintext is None:
+                    ciphertext = utp.receive_nowait(TUNNEL_READ)
+                    if ciphertext is None:
+                        break
+                    if not ciphertext:
+                        raise TLSTruncatedError("the tunnel ended without the peer's TLS close_notify")
+                    read = True
+                    plaintext = tls.decrypt_nowait(ciphertext, room)
+                    if plaintext is None:
+                        continue
+                if not plaintext:
+                    self._end(EndReason.CLOSED_BY_PEER, None)
+                    return
+                self.early += plaintext
+            if read:
+                utp.flush()  # reading may have reopened the receive window
+        except TRANSPORT_ERRORS as error:
+            self._end(EndReason.RESET, error)
+        except Exception as bug:  # raising here would break the endpoint: contain it
+            log.exception("watching an idle tunnel failed")
+            self._end(EndReason.RESET, bug)
 
 
 class _Relay:
@@ -290,17 +352,23 @@ async def relay(
     peer: Peer,
     *,
     initial_data: bytes = b"",
+    early_data: bytes = b"",
     outcome: PipeOutcome | None = None,
 ) -> PipeOutcome:
     """Relay local <-> tls (over uTP) until both directions ended or one failed.
 
     Cancellation (close locally) propagates to the caller; errors are returned in
-    the outcome so the caller can report a reason. ``outcome``: the record to
-    fill, which the caller keeps when cancelled (which directions had ended).
+    the outcome so the caller can report a reason. ``initial_data`` goes to the
+    tunnel first, ``early_data`` (what the tunnel carried before, see
+    IdleTunnel) to ``local`` first. ``outcome``: the record to fill, which the
+    caller keeps when cancelled (which directions had ended).
     """
     if outcome is None:
         outcome = PipeOutcome()
     state = _Relay(local, tls, outcome)
+    if early_data:
+        state.pending = memoryview(early_data)
+        state.state = _ToLocal.BLOCKED  # to_local writes it before anything newer
 
     async def watch_peer() -> None:
         await peer.died.wait()
