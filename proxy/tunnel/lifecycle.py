@@ -255,12 +255,12 @@ class TunnelConnection:
 
     async def _watch_tunnel(self) -> None:
         assert self.tls is not None
-        with IdleTunnel(self.tls) as watch:
+        # The watch sets _far_gone itself: from the moment the end is seen, not alive.
+        with IdleTunnel(self.tls, ended=self._far_gone) as watch:
             async with trio.open_nursery() as nursery:
 
                 async def far_end() -> None:
                     await watch.ended.wait()
-                    self._far_gone.set()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(far_end)

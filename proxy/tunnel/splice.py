@@ -113,15 +113,16 @@ class IdleTunnel:
     a CONNECT), so that its end is noticed: what arrives is decrypted into
     ``early`` (at most IDLE_BUFFER; the splice hands it on first), and ``ended``
     is set on the peer's close_notify, a uTP end without it, or any failure.
-    Runs inside the endpoint, like the relay's pump."""
+    Runs inside the endpoint, like the relay's pump. ``ended``: the event to set
+    (the caller's own, so the end shows at once, before any task runs)."""
 
-    def __init__(self, tls: TLSStream) -> None:
+    def __init__(self, tls: TLSStream, ended: trio.Event | None = None) -> None:
         if not isinstance(tls.transport, UtpStream):
             raise TypeError("IdleTunnel watches a TLSStream over a UtpStream")
         self.tls = tls
         self.utp: UtpStream = tls.transport
         self.early = bytearray()
-        self.ended = trio.Event()
+        self.ended = ended if ended is not None else trio.Event()
         self.reason: EndReason | None = None
         self.error: BaseException | None = None
 
