@@ -51,6 +51,17 @@ class UtpConfig:
     # less than reset_memory seconds ago (its late packets and the RESETs they
     # draw would be taken for the new one's): at most this many remembered.
     retired_id_memory_cap: int = 4096
+    # New incoming connections per source IP (a token bucket): a burst of
+    # syn_burst SYNs, then syn_rate per second. SYNs over it are dropped
+    # silently (no SYN-ACK, no RESET): a spoofed flood reflects a bounded number
+    # of datagrams to the address it claims. syn_burst 0: no limit. At most
+    # syn_sources addresses are tracked (the least recently seen is forgotten).
+    # An address that proved it receives what we send (a connection with it
+    # had a packet of ours acknowledged) is not limited for syn_proven_time.
+    syn_burst: int = 32
+    syn_rate: float = 16.0
+    syn_sources: int = 4096
+    syn_proven_time: float = 60.0
 
     def __post_init__(self) -> None:
         for mtu in (self.mtu_payload, self.mtu_payload_ipv6):
@@ -78,6 +89,7 @@ class UtpStats:
     syn_received: int = 0
     duplicate_syn: int = 0
     syn_dropped: int = 0
+    syn_rate_limited: int = 0  # new-connection SYNs over their source's limit (dropped silently)
     refused: int = 0
     invalid_ack: int = 0
     dropped_packets: int = 0

@@ -56,9 +56,18 @@ is closed; nothing else in the API raises on network input.
 
 ``IncomingConnection`` comes with the SYN (the acceptor may write at once;
 spoofed SYNs are bounded by ``max_half_open`` and reaped after
-``syn_recv_timeout``). Addresses are opaque hashable tuples; a host containing
-":" is treated as IPv6 and gets libutp's IPv6 packet ceiling, so a dual-stack
-driver should hand IPv4 peers over unmapped.
+``syn_recv_timeout``). SYNs that would open a connection (or be refused with a
+RESET) are limited per source IP by a token bucket (``syn_burst``, then
+``syn_rate`` per second); those over it are dropped silently and counted in
+``syn_rate_limited``. A repeated SYN of an existing connection is not limited,
+nor is an address that proved it receives what we send (a connection with it
+had a packet of ours acknowledged: it has an RTT sample) within the last
+``syn_proven_time``: a peer opening tunnels faster than ``syn_rate`` is not
+slowed down, a spoofed source never proves anything.
+
+Addresses are opaque hashable tuples; a host containing ":" is treated as IPv6
+and gets libutp's IPv6 packet ceiling, so a dual-stack driver should hand IPv4
+peers over unmapped.
 
 Connections are keyed by (remote address, recv_id). The initiator picks a
 random recv_id with send_id = recv_id + 1; the SYN carries recv_id; the acceptor
@@ -88,6 +97,7 @@ RESET is matched by either id, a new connection whose ids touch the old one's
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 
@@ -102,6 +112,8 @@ from nat.utp.states import MASK16, MASK32, Address, Datagram
 __all__ = ["UtpMultiplexer", "UtpConfig", "UtpStats", "UtpConnection", "UtpState"]
 
 _unpack_header = HEADER.unpack_from
+
+PROOF_SCAN_INTERVAL = 1.0  # seconds between looks for a limited address's proof (see _syn_allowed)
 
 
 class UtpMultiplexer:
@@ -122,6 +134,13 @@ class UtpMultiplexer:
         # (address, recv_id) -> (send_id, when) of connections that left the
         # table, in retirement order (see connect)
         self._retired_ids: OrderedDict[tuple[Address, int], tuple[int, float]] = OrderedDict()
+        # source host -> (tokens, when, last proof scan) of the SYN limit, least
+        # recently seen first
+        self._syn_buckets: OrderedDict[object, tuple[float, float, float]] = OrderedDict()
+        # host -> when it last proved it receives our packets (see _on_syn)
+        self._proven: OrderedDict[object, float] = OrderedDict()
+        # host -> its connections in the table (for that proof)
+        self._by_host: dict[object, set[UtpConnection]] = {}
         # the latest time the driver gave us (stamps retirements, which happen
         # inside calls that are not given the time)
         self._clock = 0.0
@@ -162,6 +181,7 @@ class UtpMultiplexer:
         isn = rng.randrange(0x10000)
         conn = UtpConnection.outgoing(self._outbox, addr, recv_id, isn, self.config, now)
         conns[(addr, recv_id)] = conn
+        self._by_host.setdefault(addr[0], set()).add(conn)
         self.stats.connections_opened += 1
         return conn
 
@@ -243,7 +263,7 @@ class UtpMultiplexer:
             deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
                 conn.run_timers(now)
-        if (self._reset_memory or self._retired_ids) and now >= self._next_reset_expiry:
+        if (self._reset_memory or self._retired_ids or self._syn_buckets or self._proven) and now >= self._next_reset_expiry:
             self._expire_reset_memory(now)
 
     def next_event(self) -> UtpEvent | None:
@@ -264,6 +284,14 @@ class UtpMultiplexer:
         known = self._conns.get(key)
         if known is conn:
             del self._conns[key]
+            host = key[0][0]
+            same_host = self._by_host.get(host)
+            if same_host is not None:
+                same_host.discard(known)
+                if not same_host:
+                    del self._by_host[host]
+            if known.rtt > 0.0:
+                self._mark_proven(host, self._clock)
             retired = self._retired_ids
             retired.pop(key, None)  # re-inserted last: the memory stays in time order
             if len(retired) >= self.config.retired_id_memory_cap:
@@ -314,6 +342,9 @@ class UtpMultiplexer:
                     stats.syn_dropped += 1  # id clash with a live connection
                 return
             self._retire(existing)
+        if not self._syn_allowed(addr[0], now):
+            stats.syn_rate_limited += 1
+            return
         if not self.accepting:
             stats.refused += 1
             self._send_reset(addr, conn_id, seq, now)
@@ -325,8 +356,52 @@ class UtpMultiplexer:
         isn = self._rng.randrange(0x10000)
         conn = UtpConnection.incoming(self._outbox, addr, recv_id, isn, seq, wnd, ts, config, now)
         self._conns[key] = conn
+        self._by_host.setdefault(addr[0], set()).add(conn)
         stats.connections_accepted += 1
         self._events.append(IncomingConnection(conn))
+
+    def _syn_allowed(self, host: object, now: float) -> bool:
+        """Take a token from ``host``'s bucket; without one, whether ``host``
+        has proved it receives our packets."""
+        config = self.config
+        burst = config.syn_burst
+        if burst <= 0:
+            return True
+        buckets = self._syn_buckets
+        bucket = buckets.get(host)
+        scanned = -math.inf
+        if bucket is None:
+            if len(buckets) >= config.syn_sources:
+                buckets.popitem(last=False)
+            tokens = float(burst)
+        else:
+            tokens, when, scanned = bucket
+            tokens = min(float(burst), tokens + max(0.0, now - when) * config.syn_rate)
+            buckets.move_to_end(host)
+        if tokens >= 1.0:
+            buckets[host] = (tokens - 1.0, now, scanned)
+            return True
+        proven = self._proven.get(host)
+        if proven is not None and now - proven < config.syn_proven_time:
+            buckets[host] = (tokens, now, scanned)
+            return True
+        if now - scanned >= PROOF_SCAN_INTERVAL:
+            # (at most once a second per address: a spoofed source may hold
+            # hundreds of half-open connections)
+            scanned = now
+            if any(conn.rtt > 0.0 for conn in self._by_host.get(host, ())):
+                self._mark_proven(host, now)
+                buckets[host] = (tokens, now, scanned)
+                return True
+        buckets[host] = (tokens, now, scanned)
+        return False
+
+    def _mark_proven(self, host: object, now: float) -> None:
+        proven = self._proven
+        proven.pop(host, None)
+        if len(proven) >= self.config.syn_sources:
+            proven.popitem(last=False)
+        proven[host] = now
 
     def _send_reset(self, addr: Address, conn_id: int, seq: int, now: float) -> None:
         memory = self._reset_memory
@@ -359,3 +434,15 @@ class UtpMultiplexer:
             if now - when < horizon:
                 break
             retired.popitem(last=False)
+        config = self.config
+        burst, rate = config.syn_burst, config.syn_rate
+        buckets = self._syn_buckets
+        full = [h for h, (tokens, when, scanned) in buckets.items() if tokens + (now - when) * rate >= burst]
+        for host in full:
+            del buckets[host]  # full again: the same as not tracked
+        proven = self._proven
+        while proven:  # in time order: the oldest first
+            host, when = next(iter(proven.items()))
+            if now - when < config.syn_proven_time:
+                break
+            proven.popitem(last=False)
