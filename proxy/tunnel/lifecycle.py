@@ -128,6 +128,10 @@ class TunnelConnection:
         self._early_from_tunnel = b""
         self._early_from_tcp = bytearray()
         self._far_gone = trio.Event()
+        # Told established (registry), and a close asked for before that, held back
+        # (see close()).
+        self._established = False
+        self._close_held = False
         self._finishing = False
         self._exit_stack = AsyncExitStack()
 
@@ -149,6 +153,7 @@ class TunnelConnection:
         return (
             not self.ended.is_set()
             and not self.scope.cancel_called
+            and not self._close_held
             and not self._far_gone.is_set()
             and self.peer is not None
             and not self.peer.died.is_set()
@@ -387,7 +392,21 @@ class TunnelConnection:
         self.ended.set()
 
     def close(self) -> None:
+        """End the connection from outside. Between a completed TLS handshake and its
+        report as established (the chain checked, for a reverse connection its server
+        connected), the close waits for the report, so a connection whose peer
+        proved itself is always reported established, then lost."""
+        tls = self.tls
+        if not self._established and tls is not None and tls.handshake_done and not self.ended.is_set():
+            self._close_held = True
+            return
         self.scope.cancel()
+
+    def reported_established(self) -> None:
+        """The registry reported it established: a close held back applies now."""
+        self._established = True
+        if self._close_held:
+            self.scope.cancel()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address} node={self.node_id} {self.tcp_role}={self.tcp_address}>"

@@ -110,10 +110,8 @@ class Proxy:
         # Set when running:
         self.endpoint: Any = None
         self.peers: PeerRegistry = None  # type: ignore[assignment]
-        self.forward_host = ""
-        self.forward_port = 0
-        self.proxy_host = ""
-        self.proxy_port = 0
+        self._forward_address: tuple[str, int] | None = None
+        self._proxy_address: tuple[str, int] | None = None
         self._context: ConnectionContext | None = None
         self._starting: set[trio.CancelScope] = set()
         # CONNECTs past their request, not yet answered: stop lets them answer.
@@ -122,6 +120,7 @@ class Proxy:
         self._connection_nursery: trio.Nursery | None = None
         self._service_scope = trio.CancelScope()
         self._stopping = False
+        self._started = False
         self._running = False
         self._done = trio.Event()
 
@@ -130,6 +129,29 @@ class Proxy:
     @property
     def running(self) -> bool:
         return self._running and not self._stopping
+
+    def _bound(self, address: tuple[str, int] | None) -> tuple[str, int]:
+        if not self._running or address is None:
+            raise ProxyNotRunning("proxy is not running: it has no bound address")
+        return address
+
+    @property
+    def forward_host(self) -> str:
+        """The CONNECT listener's host (ProxyNotRunning unless running or stopping)."""
+        return self._bound(self._forward_address)[0]
+
+    @property
+    def forward_port(self) -> int:
+        return self._bound(self._forward_address)[1]
+
+    @property
+    def proxy_host(self) -> str:
+        """The UDP endpoint's host (ProxyNotRunning unless running or stopping)."""
+        return self._bound(self._proxy_address)[0]
+
+    @property
+    def proxy_port(self) -> int:
+        return self._bound(self._proxy_address)[1]
 
     @property
     def connection_established_callback(self) -> ConnectionCallback | None:
@@ -154,11 +176,14 @@ class Proxy:
         forward_port: int,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        if self._started or self._stopping:
+            raise ProxyNotRunning("a Proxy runs once")
+        self._started = True
         try:
             with self._service_scope:
                 async with trio.open_nursery() as services:
                     self.endpoint = endpoint
-                    self.proxy_host, self.proxy_port = endpoint.address[0], endpoint.address[1]
+                    self._proxy_address = proxy_address = (endpoint.address[0], endpoint.address[1])
                     self.peers = PeerRegistry(
                         endpoint,
                         PeerTimers(
@@ -174,7 +199,7 @@ class Proxy:
                         tls_config=lambda: self.tls_config,
                         connect_time=self.conn_connect_time,
                         end_time=self.conn_end_time,
-                        local_address=(self.proxy_host, self.proxy_port),
+                        local_address=proxy_address,
                         server=(
                             (self.server_host, self.server_port)
                             if self.server_host is not None and self.server_port is not None
@@ -187,8 +212,9 @@ class Proxy:
                     )
                     listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
                     sockname = listeners[0].socket.getsockname()
-                    self.forward_host, self.forward_port = sockname[0], sockname[1]
+                    self._forward_address = (sockname[0], sockname[1])
                     self._connection_nursery = await services.start(self._run_connection_nursery)
+                    self._registry.spawn = self._spawn  # async callbacks run in the connection nursery
                     for listener in listeners:
                         services.start_soon(self._accept_forward, listener)
                     services.start_soon(self._accept_reverse)
@@ -206,7 +232,11 @@ class Proxy:
             await trio.sleep_forever()
 
     async def stop(self) -> None:
-        """New CONNECTs get 503, uTP refused, connections end within conn_end_time, tasks end."""
+        """New CONNECTs get 503, uTP refused, connections end within conn_end_time, tasks end.
+        A Proxy that never started is only marked stopped."""
+        if not self._started:
+            self._stopping = True
+            self._done.set()
         if self._done.is_set():
             return
         if not self._stopping:
@@ -223,6 +253,7 @@ class Proxy:
                     await connection.ended.wait()
                 while self._answering:
                     await self._answered.wait()
+                await self._registry.callbacks_done()
             self._service_scope.cancel()
         await self._done.wait()
 
@@ -318,6 +349,8 @@ class Proxy:
         return connection.node_id
 
     async def close_connection_forward(self, host: str, port: int) -> None:
+        if not self._running:
+            raise ProxyNotRunning("proxy is not running")
         await self._registry.end(self._registry.to_proxy(self._registry.forward, host, port))
 
     async def _accept_forward(self, listener: trio.SocketListener) -> None:
@@ -449,6 +482,8 @@ class Proxy:
         ]
 
     async def close_connection_reverse(self, host: str, port: int) -> None:
+        if not self._running:
+            raise ProxyNotRunning("proxy is not running")
         await self._registry.end(self._registry.to_proxy(self._registry.reverse, host, port))
 
     # --- lookups ------------------------------------------------------------------------

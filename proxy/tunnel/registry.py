@@ -10,12 +10,15 @@ connections within ``conn_end_time``.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import trio
 
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
 from proxy.tunnel.lifecycle import TunnelConnection
 from proxy.tunnel.peer import Address, normalize_address
@@ -29,14 +32,7 @@ log = logging.getLogger(__name__)
 END_MARGIN = 0.5
 
 
-def call_callback(callback: ConnectionCallback | None, event: ConnectionEvent) -> None:
-    """Run a user callback; its failure is logged, never breaks a connection."""
-    if callback is None:
-        return
-    try:
-        callback(event)
-    except Exception:  # a user callback is foreign code: contain it, say so
-        log.exception("connection callback failed for %s", event)
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 class ConnectionRegistry:
@@ -55,6 +51,57 @@ class ConnectionRegistry:
         self.forward: set[ConnectionForward] = set()
         self.reverse: set[ConnectionReverse] = set()
         self._established_at: dict[TunnelConnection, float] = {}
+        # Where an async callback runs: a task of the Proxy's connection nursery
+        # (set by the Proxy once running; ProxyNotRunning once it is gone).
+        self.spawn: Spawn | None = None
+        self._callbacks_running = 0
+        self._callbacks_idle = trio.Event()
+        self._callbacks_idle.set()
+
+    # --- callbacks --------------------------------------------------------------------
+
+    def _call(self, callback: ConnectionCallback | None, event: ConnectionEvent) -> None:
+        """Run a user callback, a plain function or an async one (awaited in a task of
+        its own); its failure is logged, never breaks a connection or the proxy."""
+        if callback is None:
+            return
+        try:
+            result: Any = callback(event)
+        except Exception:  # a user callback is foreign code: contain it, say so
+            log.exception("connection callback failed for %s", event)
+            return
+        if inspect.isawaitable(result):
+            self._await_callback(result, event)
+
+    def _await_callback(self, result: Awaitable[Any], event: ConnectionEvent) -> None:
+        async def run() -> None:
+            try:
+                await result
+            except Exception:  # foreign code, as above
+                log.exception("connection callback failed for %s", event)
+            finally:
+                self._callback_done()
+
+        self._callbacks_running += 1
+        self._callbacks_idle = trio.Event()
+        try:
+            if self.spawn is None:
+                raise ProxyNotRunning("proxy is not running")
+            self.spawn(run)
+        except ProxyNotRunning:
+            self._callback_done()
+            log.warning("connection callback for %s not run: the proxy is not running", event)
+            if inspect.iscoroutine(result):
+                result.close()
+
+    def _callback_done(self) -> None:
+        self._callbacks_running -= 1
+        if not self._callbacks_running:
+            self._callbacks_idle.set()
+
+    async def callbacks_done(self) -> None:
+        """Until no async callback is running."""
+        await self._callbacks_idle.wait()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -67,10 +114,11 @@ class ConnectionRegistry:
     def established(self, connection: TunnelConnection) -> None:
         assert connection.node_id is not None
         self._established_at[connection] = trio.current_time()
-        call_callback(
+        self._call(
             self.established_callback,
             ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
         )
+        connection.reported_established()
 
     def ended(self, connection: TunnelConnection) -> None:
         """Drop a finished connection; the lost callback hears of it if it had been established."""
@@ -80,7 +128,7 @@ class ConnectionRegistry:
         elif isinstance(connection, ConnectionReverse):
             self.reverse.discard(connection)
         if was_established and connection.node_id is not None:
-            call_callback(
+            self._call(
                 self.lost_callback,
                 ConnectionEvent(
                     connection.node_id,

@@ -50,14 +50,17 @@ async def test_proxy_readiness() -> None:
             assert proxy.forward_host == "127.0.0.1" and proxy.forward_port > 0
             assert proxy.proxy_host == "127.0.0.1" and proxy.proxy_port > 0
             assert proxy.connection_forward_count == 0 and proxy.connection_reverse_count == 0
+            forward_port = proxy.forward_port
             await proxy.stop()
             assert not proxy.running
             await proxy.stop()  # idempotent
             with pytest.raises(ProxyNotRunning):
                 await proxy.open_connection_forward(node.node_id, "127.0.0.1", 1)
+            with pytest.raises(ProxyNotRunning):  # no bound address any more
+                _ = proxy.forward_port
         # The CONNECT port is closed once stopped.
         with pytest.raises(OSError):
-            await trio.open_tcp_stream("127.0.0.1", proxy.forward_port)
+            await trio.open_tcp_stream("127.0.0.1", forward_port)
 
 
 async def test_http_connect_bad_request_failures() -> None:
@@ -345,13 +348,14 @@ async def test_stopping_the_proxy_with_open_reverse_connections() -> None:
             for client in clients:
                 await tunnel_echo_round(client, b"ping")
             assert remote.proxy.connection_reverse_count == 3
+            target = target_for(remote.proxy, remote.node_id)
             await remote.proxy.stop()
             assert remote.proxy.connection_reverse_count == 0
             for client in clients:
                 assert await connection_ended(client)
                 await client.aclose()
             # Incoming uTP connections are refused now (RESET): a new CONNECT gets 502.
-            reply = await http_connect(local.proxy, target_for(remote.proxy, remote.node_id))
+            reply = await http_connect(local.proxy, target)
             assert reply.status == 502
 
 
