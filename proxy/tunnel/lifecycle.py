@@ -196,9 +196,10 @@ class TunnelConnection:
 
     # --- start ------------------------------------------------------------------------
 
-    async def _use_peer(self) -> Peer:
-        """The shared Peer of the remote address, held until the connection finishes."""
-        self.peer = await self._exit_stack.enter_async_context(self.context.peers.use(self.address))
+    async def _use_peer(self, *, quiet: bool = False) -> Peer:
+        """The shared Peer of the remote address, held until the connection finishes
+        (``quiet``: an unannounced caller's, see PeerRegistry.use)."""
+        self.peer = await self._exit_stack.enter_async_context(self.context.peers.use(self.address, quiet=quiet))
         return self.peer
 
     @asynccontextmanager

@@ -15,6 +15,12 @@ Readiness: the original forward side waited for a PING from the target and the
 reverse side for a PONG. Here both wait for *any* message from the peer: either
 proves a datagram from the peer reached us after ours reached it, which is what
 punching needs, and a peer shared with an older connection is already heard.
+
+Strangers: a peer first used by an unannounced incoming connection is *quiet*
+(``use(address, quiet=True)``): its source address may be spoofed, so nothing is
+sent to it on our own (PINGs are still answered, one PONG each) until the
+connection ``prove()``s that the peer receives what we send (its first uTP data
+acknowledged our SYN-ACK). A local request (``use`` without ``quiet``) proves it.
 """
 
 from __future__ import annotations
@@ -70,7 +76,9 @@ class PeerTimers:
 class Peer:
     """Punch and keep-alive state of one remote proxy address."""
 
-    def __init__(self, endpoint: MessageEndpoint, address: Address, timers: PeerTimers) -> None:
+    def __init__(
+        self, endpoint: MessageEndpoint, address: Address, timers: PeerTimers, *, quiet: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.address = address
         self.timers = timers
@@ -83,6 +91,15 @@ class Peer:
         self._wakeup = trio.Event()
         self._users = 0
         self._pinged_at_start = False
+        # Set when we may send to the peer on our own: at once unless quiet.
+        self.proven = trio.Event()
+        if not quiet:
+            self.proven.set()
+
+    def prove(self) -> None:
+        """The peer showed it receives what we send: punch and keep alive from now on."""
+        if not self.proven.is_set():
+            self.proven.set()
 
     def message_received(self, message: int) -> None:
         self.messages_received += 1
@@ -121,10 +138,16 @@ class Peer:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        await self.proven.wait()  # a quiet peer: nothing is sent before it proved it receives
         timers = self.timers
         while True:
             now = trio.current_time()
-            if self.last_heard is not None and now - self.last_heard >= timers.keep_alive_timeout:
+            # The deadline is computed once and compared, and the sleep ends at it:
+            # with "now - last_heard >= timeout" and a sleep of "last_heard + timeout
+            # - now", float rounding could leave now one ulp short with nothing left
+            # to sleep, and the loop spun (forever on a frozen clock).
+            death_at = None if self.last_heard is None else self.last_heard + timers.keep_alive_timeout
+            if death_at is not None and now >= death_at:
                 self.death = ConnectionKeepAliveTimeout(
                     f"no message from {self.address[0]}:{self.address[1]} in {timers.keep_alive_timeout}s"
                 )
@@ -134,13 +157,12 @@ class Peer:
                 self._pinged_at_start = False  # the registry sent the first one
             else:
                 self._send_ping()
-            if self.heard.is_set():
-                assert self.last_heard is not None
-                wait = min(timers.keep_alive_interval, self.last_heard + timers.keep_alive_timeout - now)
+            if death_at is not None and self.heard.is_set():
+                wake_at = min(now + timers.keep_alive_interval, death_at)
             else:
-                wait = timers.punch_interval
+                wake_at = now + timers.punch_interval
             self._wakeup = trio.Event()
-            with trio.move_on_after(max(wait, 0.0)):
+            with trio.move_on_at(wake_at):
                 await self._wakeup.wait()
 
 
@@ -186,20 +208,29 @@ class PeerRegistry:
             peer.message_received(message)
 
     @asynccontextmanager
-    async def use(self, address: tuple[Any, ...]) -> AsyncIterator[Peer]:
-        """The live Peer for ``address`` while the block runs (started if needed)."""
+    async def use(self, address: tuple[Any, ...], *, quiet: bool = False) -> AsyncIterator[Peer]:
+        """The live Peer for ``address`` while the block runs (started if needed).
+
+        ``quiet``: for an unannounced incoming connection; a new Peer sends
+        nothing until proven (see the module docstring). Without it, the use is a
+        local request and proves the peer.
+        """
         key = normalize_address(address)
         peer = self._peers.get(key)
-        if peer is None or peer.died.is_set():
+        if peer is not None and not peer.died.is_set():
+            if not quiet:
+                peer.prove()
+        else:
             if self._nursery is None:
                 raise ProxyNotRunning("peer registry is not running")
-            peer = Peer(self.endpoint, key, self.timers)
+            peer = Peer(self.endpoint, key, self.timers, quiet=quiet)
             self._peers[key] = peer
-            # The first PING leaves now, ahead of the uTP SYN the caller is about
-            # to send, not when the peer's task first runs: the answer (which
-            # wait_heard needs) comes back one scheduler pass or more sooner.
-            peer._send_ping()
-            peer._pinged_at_start = True
+            if not quiet:
+                # The first PING leaves now, ahead of the uTP SYN the caller is about
+                # to send, not when the peer's task first runs: the answer (which
+                # wait_heard needs) comes back one scheduler pass or more sooner.
+                peer._send_ping()
+                peer._pinged_at_start = True
             scope = trio.CancelScope()
             self._scopes[peer] = scope
             self._nursery.start_soon(self._run_peer, peer, scope)

@@ -1,28 +1,32 @@
 """A reverse connection: a remote node -> uTP + TLS server -> the local TCP server.
 
-Start sequence (bounded by ``conn_connect_time``): connect TCP to the server, use
-the shared Peer for the remote proxy address (PING every
-``conn_punch_interval_time`` until the peer is heard), and, once the uTP
-connection is there, run the TLS server handshake (client certificate required)
-and verify the client's chain. For an unannounced incoming connection the
-handshake runs at the same time as the first two steps. ``open_connection_reverse``
-runs the first part ahead of time (punching a NAT hole for an expected caller); the
-next uTP connection from that address then completes it. Then it pipes and
-finishes (lifecycle.py).
+Start sequence (bounded by ``conn_connect_time``) of a connection prepared by
+``open_connection_reverse`` (the original's order, an explicit local request that
+punches a NAT hole for an expected caller): connect TCP to the server, use the
+shared Peer for the remote proxy address (PING every ``conn_punch_interval_time``
+until the peer is heard); then, once the uTP connection from that address is
+there, run the TLS server handshake (client certificate required) and verify the
+client's chain.
+
+An unannounced incoming connection gets no work before it earns it (DESIGN.md,
+"nothing works for a stranger"): nothing is sent to its address on our own before
+its first bytes show that it receives ours; then the TLS handshake and the chain;
+only then the server connection and the punch. Then both pipe and finish
+(lifecycle.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import trio
 
 from nat.stream import UtpStream
+from nat.utp.states import SYN_RECV
 from proxy.identity.verification import verify_client_certificate_chain
 from proxy.tls import TLSStream
 from proxy.tunnel.connection import start_error, until_peer_dies, verified_chains
 from proxy.tunnel.errors import ConnectionStartError
 from proxy.tunnel.lifecycle import Ending, TunnelConnection
+from proxy.tunnel.peer import Peer
 from proxy.tunnel.records import Direction
 
 
@@ -60,31 +64,45 @@ class ConnectionReverse(TunnelConnection):
         self.tcp_address = (sockname[0], sockname[1])
 
     async def _start_incoming(self, deadline: float) -> None:
-        """prepare() and _complete() at once, for a connection that arrived
-        unannounced: the TLS handshake runs while the server connection opens and
-        the peer is punched, so the client's handshake waits for neither (a TCP
-        connect and a round trip, both on the critical path of CONNECT-to-200)."""
-        failures: list[Exception] = []
+        """The start of a connection that arrived unannounced. Its source address
+        may be spoofed, so it gets nothing it did not ask for until it shows that
+        it receives what we send: its first bytes (the TLS ClientHello) acknowledge
+        our SYN-ACK. Until then its Peer is quiet (PINGs answered, none sent).
+        Then the TLS handshake and the client chain; only a verified caller gets a
+        connection to the server, and the peer punched until heard (it punches us
+        too, so that is at once, mostly)."""
         async with self._starting():
             with trio.fail_at(deadline):
-                peer = await self._use_peer()
-                async with trio.open_nursery() as nursery:
+                peer = await self._use_peer(quiet=True)
+                await self._until_proven(peer)
+            await self._complete(deadline)
+            with trio.fail_at(deadline):
+                await self._open_server()
+                await peer.wait_heard()
 
-                    async def part(work: Callable[[], Awaitable[None]]) -> None:
-                        try:
-                            await work()
-                        except Exception as error:  # the first failure ends the start
-                            failures.append(error)
-                            nursery.cancel_scope.cancel()
+    async def _until_proven(self, peer: Peer) -> None:
+        """Until the caller's first bytes arrive (then the peer is proven) or its
+        connection ends (the handshake that follows fails)."""
+        utp = self.utp
+        assert utp is not None
+        arrived = trio.Event()
+        utp.on_readable = arrived.set  # called by the endpoint on data, EOF or the end
+        try:
+            if not utp.bytes_received:
+                await arrived.wait()
+        finally:
+            utp.on_readable = None
+        if utp.bytes_received:
+            peer.prove()
 
-                    async def open_and_punch() -> None:
-                        await self._open_server()
-                        await peer.wait_heard()
-
-                    nursery.start_soon(part, open_and_punch)
-                    nursery.start_soon(part, lambda: self._complete(deadline))
-                if failures:
-                    raise failures[0]
+    async def _abandon(self, *, goodbye: bool = False) -> None:
+        utp = self.utp
+        if utp is not None and utp.connection.state is SYN_RECV:
+            # The caller never answered our SYN-ACK, so the address may be anybody's:
+            # nothing more goes to it, not even a RESET. The transport drops the
+            # half-open connection itself (syn_recv_timeout).
+            self.tls = self.utp = None
+        await super()._abandon(goodbye=goodbye)
 
     def attach_utp(self, utp: UtpStream) -> None:
         self.utp = utp

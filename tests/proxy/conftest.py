@@ -10,11 +10,10 @@ from trio.testing import MockClock
 def virtual_clock() -> MockClock:
     """trio's MockClock, jumping to the next deadline whenever every task waits.
 
-    Timers then fire to the tick and cost no wall time. Real time trickles in at a
-    millionth (a second of wall time is a microsecond here) only so that a loop
-    waiting for the clock to pass a deadline it computed with float rounding moves
-    on: Peer.run re-checks ``now - last_heard >= timeout`` at an instant where the
-    difference is one ulp short, and on a frozen clock it would spin there forever.
-    Compare times with ``virtual()`` (test_proxy_support), which allows 1 ms.
+    Timers then fire to the tick and cost no wall time; the clock is frozen
+    otherwise (no real time trickles in), so a loop that waits for the clock to
+    pass a deadline without sleeping until it would spin forever here: Peer.run
+    sleeps until the deadline it then compares with. Compare times with
+    ``virtual()`` (test_proxy_support), which allows 1 ms.
     """
-    return MockClock(rate=1e-6, autojump_threshold=0)
+    return MockClock(autojump_threshold=0)

@@ -428,12 +428,14 @@ async def test_closed_connection_due_to_ending_server() -> None:
 
 
 async def test_connect_timeout_due_to_hanging_client(virtual_clock: MockClock) -> None:
-    """A uTP client that never starts TLS is dropped after conn_connect_time (virtual time)."""
+    """A uTP client that starts TLS and hangs is dropped after conn_connect_time (virtual time)."""
     with trio.fail_after(10):
         async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as remote:
             async with raw_peer() as client_peer:
                 start = trio.current_time()
                 stream = await client_peer.endpoint.connect(("127.0.0.1", remote.proxy.proxy_port))
+                # The first bytes of a ClientHello (a TLS handshake record header), then nothing.
+                await stream.send_all(b"\x16\x03\x01\x02\x00")
                 assert await connection_ended(stream)
                 assert trio.current_time() - start == virtual(0.5)
                 await trio.aclose_forcefully(stream)
@@ -441,6 +443,29 @@ async def test_connect_timeout_due_to_hanging_client(virtual_clock: MockClock) -
                 while remote.proxy.connection_reverse_count:
                     await trio.sleep(0.01)
             assert remote.events.established == []
+            assert server.peers == []  # no server connection for an unverified caller
+
+
+async def test_a_uTP_client_that_never_speaks_gets_nothing_more(virtual_clock: MockClock) -> None:
+    """A client that sends nothing after its SYN may be a spoofed address: after the
+    SYN-ACK it gets nothing, no PING, no RESET when the start gives up (deviation from
+    the original, DESIGN.md: nothing works for a stranger). Its half-open uTP
+    connection is the transport's to drop."""
+    with trio.fail_after(10):
+        async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as remote:
+            async with raw_peer() as client_peer:
+                stats = client_peer.endpoint.stats
+                stream = await client_peer.endpoint.connect(("127.0.0.1", remote.proxy.proxy_port))
+                assert stats.datagrams_received == 1  # the SYN-ACK
+                with trio.fail_after(3):
+                    while not remote.proxy.connection_reverse_count:
+                        await trio.sleep(0.01)
+                    while remote.proxy.connection_reverse_count:
+                        await trio.sleep(0.01)
+                await trio.sleep(1.0)  # well past the start's end
+                assert stats.datagrams_received == 1  # nothing since: no PING, no RESET
+                assert remote.events.established == [] and server.peers == []
+                await trio.aclose_forcefully(stream)
 
 
 async def test_connect_fails_due_to_missing_client_certificates() -> None:
