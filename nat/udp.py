@@ -20,11 +20,18 @@ run of equal-size datagrams (the last may be shorter) with a UDP_SEGMENT control
 message; the kernel sends them as separate datagrams. A receiver that enables
 UDP_GRO may get such a run in one read, with a UDP_GRO control message giving the
 segment size. One syscall then carries up to 64 datagrams.
+
+An unexpected exception while one datagram is handled (a defect in the core, or
+in a subscriber) is contained: counted in ``EndpointStats.handler_errors``,
+logged (the first few with their traceback, then one line per minute with the
+count), the datagram dropped; the receive loop, the endpoint and every other
+connection carry on. Likewise for the service that follows a batch.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket as stdlib_socket
 import struct
 from collections import deque
@@ -54,6 +61,8 @@ __all__ = [
 ]
 
 Address = tuple[Any, ...]
+
+log = logging.getLogger(__name__)
 
 RECEIVE_BATCH = 64  # datagrams drained before yielding to the scheduler
 MAX_DATAGRAM_SIZE = 65535
@@ -153,9 +162,39 @@ class EndpointStats:
     accept_overflow: int = 0  # incoming connections refused: nobody accepting
     offload_failures: int = 0  # GSO refused by the kernel: fell back to plain sends
     segmented_sends: int = 0  # sendmsg calls that carried a run of datagrams (GSO)
+    handler_errors: int = 0  # unexpected exceptions handling a datagram (dropped) or after a batch
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ErrorReport:
+    """Logs unexpected exceptions without flooding the log: the first ``first``
+    with their traceback, then at most one line per ``interval`` seconds saying
+    how many came meanwhile (with the latest)."""
+
+    def __init__(self, first: int = 5, interval: float = 60.0) -> None:
+        self.first = first
+        self.interval = interval
+        self.count = 0
+        self._unlogged = 0
+        self._next_line = -float("inf")
+
+    def report(self, error: BaseException, what: str, now: float) -> None:
+        self.count += 1
+        if self.count <= self.first:
+            log.error("unexpected error %s (contained: dropped, the endpoint carries on)", what, exc_info=error)
+            if self.count == self.first:
+                self._next_line = now + self.interval
+            return
+        self._unlogged += 1
+        if now >= self._next_line:
+            log.error(
+                "%d more unexpected errors handling datagrams (contained), the latest %s: %s: %s",
+                self._unlogged, what, type(error).__name__, error,
+            )
+            self._unlogged = 0
+            self._next_line = now + self.interval
 
 
 class UdpSocket:
@@ -190,6 +229,7 @@ class UdpSocket:
         self.address: Address = (bound[0], bound[1])
         self._send_backlog: deque[tuple[bytes, Address]] = deque()
         self._backlog_waiting = trio.Event()
+        self.errors = ErrorReport()
 
     # ---- addresses
 
@@ -222,7 +262,10 @@ class UdpSocket:
             now = current_time()
             would_block, utp, errors = self.drain(now)
             if utp or errors:
-                after_batch(now)
+                try:
+                    after_batch(now)
+                except Exception as error:  # a defect: it must not end the endpoint
+                    self.contain(error, "after a batch of datagrams", now)
             if would_block:
                 # No cancel scope per wait (entering and leaving one with a
                 # deadline costs more than the syscalls): the endpoint's timers
@@ -283,8 +326,13 @@ class UdpSocket:
                         # The core counts malformed input itself; this guards
                         # the driver should a typed error escape anyway.
                         self.stats.malformed_utp += 1
+                    except Exception as error:  # a defect: drop this datagram only
+                        self.contain(error, f"handling a uTP datagram from {addr!r}", now)
                 elif is_message(datagram):
-                    self._receive_message(datagram, addr)
+                    try:
+                        self._receive_message(datagram, addr)
+                    except Exception as error:
+                        self.contain(error, f"handling a message from {addr!r}", now)
                 else:
                     junk += 1
                 start = end
@@ -297,6 +345,11 @@ class UdpSocket:
         stats.junk_dropped += junk
         stats.receive_errors += errors
         return would_block, utp, errors
+
+    def contain(self, error: Exception, what: str, now: float) -> None:
+        """An unexpected exception: counted and logged (rate-limited), not raised."""
+        self.stats.handler_errors += 1
+        self.errors.report(error, what, now)
 
     # ---- sending
 

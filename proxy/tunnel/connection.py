@@ -69,13 +69,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Errors that mean "the other end or the path went away", not a bug.
+# Errors that mean "the other end or the path went away", not a bug. Not
+# KeynodeError: keynode's own errors are local (a TLS error that means the
+# transport broke is a trio.BrokenResourceError too), and a defect must be
+# reported as one, not as a peer reset.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     OSError,
     NatError,
-    KeynodeError,
 )
 
 
