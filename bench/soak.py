@@ -283,15 +283,18 @@ async def soak(args: argparse.Namespace) -> int:
             "resets_sent",
             "resets_received",
             "resets_suppressed",
+            "resets_ignored",
             "unknown_connection",
             "syn_dropped",
+            "syn_rate_limited",
             "duplicate_syn",
             "invalid_ack",
             "retransmits",
             "timeouts",
         )
         shown = " ".join(f"{key}={utp[key]}" for key in keys if key in utp)
-        print(f"node {node.name} uTP: {shown} send_dropped={endpoint.get('send_dropped', '?')}")
+        print(f"node {node.name} uTP: {shown} send_dropped={endpoint.get('send_dropped', '?')} "
+              f"handler_errors={endpoint.get('handler_errors', '?')}")
     statuses: dict[str, int] = {}
     for _, failure in failures:
         key = str(failure.status) if failure.status else failure.stage
