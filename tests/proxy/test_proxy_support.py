@@ -297,6 +297,9 @@ def random_payload(size: int) -> bytes:
 # --- a UDP middlebox that can black-hole the path ------------------------------------------
 
 
+UTP_RESET = b"\x31"
+
+
 @dataclass
 class UdpRelay:
     """Forwards datagrams between one local peer and a remote address; ``drop`` cuts the path."""
@@ -306,6 +309,7 @@ class UdpRelay:
     drop: bool = False
     forwarded: int = 0
     dropped: int = 0
+    resets: int = 0  # uTP RESET datagrams seen, either way (first byte 0x31: type 3, version 1)
 
 
 @asynccontextmanager
@@ -323,6 +327,7 @@ async def udp_relay(remote: tuple[str, int]) -> AsyncIterator[UdpRelay]:
         async def front_to_back() -> None:
             while True:
                 data, address = await front.recvfrom(65536)
+                relay.resets += data[:1] == UTP_RESET
                 if not local:
                     local.append(address)
                 if relay.drop:
@@ -334,6 +339,7 @@ async def udp_relay(remote: tuple[str, int]) -> AsyncIterator[UdpRelay]:
         async def back_to_front() -> None:
             while True:
                 data, _ = await back.recvfrom(65536)
+                relay.resets += data[:1] == UTP_RESET
                 if relay.drop or not local:
                     relay.dropped += 1
                     continue
