@@ -344,6 +344,9 @@ class Proxy:
             raise ProxyNotRunning("proxy is not running")
         wanted = (node_ids,) if isinstance(node_ids, NodeId) else tuple(node_ids)
         address = await self._resolve(host, port)
+        live = self._registry.live_forward(address, wanted)
+        if live is not None and live.node_id is not None:
+            return live.node_id  # the original's: a live connection to the address is enough
         connection = await self._connect_forward(wanted, address, claim=False)
         assert connection.node_id is not None
         return connection.node_id
@@ -463,14 +466,28 @@ class Proxy:
         if not self.running:
             raise ProxyNotRunning("proxy is not running")
         address = await self._resolve(host, port)
-        if self._registry.idle_reverse(address) is not None:
-            return
+        if self._registry.live_reverse(address) is not None:
+            return  # prepared already, or the peer is connected or connecting
         connection = ConnectionReverse(self._connection_context(), address)
-        await connection.prepare()
-        if self._stopping:
-            await connection.finish_unstarted()
-            raise ProxyNotRunning("proxy is stopping")
+        # Registered while it prepares: a uTP connection from the address that arrives
+        # meanwhile (an original forward's SYN comes before its first PING) joins it.
         self._registry.add(connection)
+        try:
+            with trio.CancelScope() as starting:  # stop() cancels it
+                self._starting.add(starting)
+                try:
+                    await connection.prepare()
+                finally:
+                    self._starting.discard(starting)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.finish_unstarted()  # ended: stop() may be waiting for it
+            self._registry.ended(connection)
+            raise
+        if self._stopping or starting.cancelled_caught:
+            await connection.finish_unstarted()
+            self._registry.ended(connection)
+            raise ProxyNotRunning("proxy is stopping")
         self._spawn(functools.partial(connection.run, prepared=True))
 
     def prepared_reverse_connections(self) -> list[PreparedReverse]:

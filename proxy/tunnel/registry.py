@@ -168,6 +168,26 @@ class ConnectionRegistry:
                 return connection
         return None
 
+    def live_forward(self, address: Address, node_ids: tuple[NodeId, ...]) -> ConnectionForward | None:
+        """A started connection to ``address``, to one of ``node_ids``, still alive (taken or not)."""
+        for connection in self.forward:
+            if connection.address == address and connection.node_id in node_ids and connection.alive:
+                return connection
+        return None
+
+    def live_reverse(self, address: Address) -> ConnectionReverse | None:
+        """A connection from ``address`` that is prepared (or being prepared) for it, or
+        was started by it once it proved it receives (not a stranger's half-open SYN)."""
+        for connection in self.reverse:
+            if connection.address != address:
+                continue
+            if connection.usable:
+                return connection
+            peer = connection.peer
+            if connection.alive and peer is not None and peer.proven.is_set():
+                return connection
+        return None
+
     def to_proxy(self, connections: Iterable[TunnelConnection], host: str, port: int) -> list[TunnelConnection]:
         """Those of ``connections`` to or from the remote proxy at (host, port)."""
         key = normalize_address((host, port))

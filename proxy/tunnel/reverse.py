@@ -38,21 +38,30 @@ class ConnectionReverse(TunnelConnection):
     toward = "from"
 
     prepared_at: float | None = None  # when open_connection_reverse finished preparing it
+    _preparing = False
 
     @property
     def usable(self) -> bool:
-        """Prepared by open_connection_reverse, still waiting for its uTP connection."""
-        return self.tcp is not None and not self.composed and self.alive
+        """Prepared (or being prepared) by open_connection_reverse, still waiting for
+        its uTP connection: an original forward's SYN leaves before its first PING, so
+        its connection may arrive while we still punch; it completes this one."""
+        if self.composed or self.ended.is_set() or self.scope.cancel_called:
+            return False
+        return self._preparing or (self.tcp is not None and self.alive)
 
     async def prepare(self, deadline: float | None = None) -> None:
         """Connect to the server and punch until the peer is heard (bounded)."""
         if deadline is None:
             deadline = trio.current_time() + self.context.connect_time
-        async with self._starting():
-            with trio.fail_at(deadline):
-                await self._open_server()
-                peer = await self._use_peer()
-                await peer.wait_heard()
+        self._preparing = True
+        try:
+            async with self._starting():
+                with trio.fail_at(deadline):
+                    await self._open_server()
+                    peer = await self._use_peer()
+                    await peer.wait_heard()
+        finally:
+            self._preparing = False
         self.prepared_at = trio.current_time()
 
     async def _open_server(self) -> None:

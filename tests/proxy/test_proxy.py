@@ -38,6 +38,7 @@ from tests.proxy.test_proxy_support import (
     target_for,
     tcp_server,
     tls_server_handler,
+    udp_relay,
     virtual,
 )
 
@@ -318,27 +319,30 @@ async def test_stopping_the_proxy_with_open_forward_connections(virtual_clock: M
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             clients = [await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id)) for _ in range(3)]
-            await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", remote.proxy.proxy_port)
-            assert local.proxy.connection_forward_count == 4
-            start = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(local.proxy.stop)
-                while local.proxy.running:  # until the stop has begun
-                    await trio.sleep(0)
-                # While stopping, a new CONNECT is refused with 503 (or the port is closed).
-                try:
-                    reply = await http_connect(local.proxy, target_for(remote.proxy, remote.node_id))
-                    assert reply.status == 503
-                except (OSError, trio.BrokenResourceError):
-                    pass
-            # Virtual time: the live connections closed gracefully within conn_end_time.
-            assert trio.current_time() - start <= local.proxy.conn_end_time + VIRTUAL_TOLERANCE
-            assert local.proxy.connection_forward_count == 0
-            for client in clients:
-                assert await connection_ended(client)
-                await client.aclose()
-            with pytest.raises(ProxyNotRunning):
-                await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", remote.proxy.proxy_port)
+            # An idle one too, over another path to the remote: toward an address with a
+            # live connection open_connection_forward is the original's no-op.
+            async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
+                await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", relay.port)
+                assert local.proxy.connection_forward_count == 4
+                start = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(local.proxy.stop)
+                    while local.proxy.running:  # until the stop has begun
+                        await trio.sleep(0)
+                    # While stopping, a new CONNECT is refused with 503 (or the port is closed).
+                    try:
+                        reply = await http_connect(local.proxy, target_for(remote.proxy, remote.node_id))
+                        assert reply.status == 503
+                    except (OSError, trio.BrokenResourceError):
+                        pass
+                # Virtual time: the live connections closed gracefully within conn_end_time.
+                assert trio.current_time() - start <= local.proxy.conn_end_time + VIRTUAL_TOLERANCE
+                assert local.proxy.connection_forward_count == 0
+                for client in clients:
+                    assert await connection_ended(client)
+                    await client.aclose()
+                with pytest.raises(ProxyNotRunning):
+                    await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", remote.proxy.proxy_port)
 
 
 async def test_stopping_the_proxy_with_open_reverse_connections() -> None:

@@ -40,14 +40,19 @@ async def test_503_while_stopping_and_connections_end_within_conn_end_time(virtu
     end_time = 1.0
     with trio.fail_after(20):
         async with tcp_server() as server, running_node(server.port) as remote:
-            async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
+            async with (
+                udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay,
+                udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as idle_relay,
+            ):
                 async with running_node(conn_end_time=end_time) as local:
                     target = f"127.0.0.1:{relay.port}?nodeId={remote.node_id}"
                     client = await connect_ok(local.proxy, target)
                     await echo_round(client, b"before the dark")
                     # An idle connection too: nothing of ours in flight, so it says goodbye.
-                    await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", relay.port)
-                    relay.drop = True  # the graceful close can no longer complete
+                    # (Over its own path: toward an address with a live connection
+                    # open_connection_forward is the original's no-op.)
+                    await local.proxy.open_connection_forward(remote.node_id, "127.0.0.1", idle_relay.port)
+                    relay.drop = idle_relay.drop = True  # the graceful close can no longer complete
                     stopped_after: list[float] = []
 
                     async def stop() -> None:

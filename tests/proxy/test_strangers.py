@@ -88,42 +88,59 @@ class OriginalForward:
     TLS is up *and* a PING from the target arrived (a PONG is not enough)."""
 
     endpoint: Any
-    target: tuple[str, int]
-    tls_config: TLSConfig
+    nursery: trio.Nursery
+    tls_config: TLSConfig = field(default_factory=TLSConfig.generate)
+    answering: bool = True  # PINGs are answered with PONGs
     pings_from_target: list[float] = field(default_factory=list)
     pinged: trio.Event = field(default_factory=trio.Event)
     tls: TLSStream | None = None
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.endpoint.address[0], self.endpoint.address[1])
+
+    async def connect(self, target: tuple[str, int], punch_interval: float = 0.02) -> TLSStream:
+        stream = await self.endpoint.connect(target)  # the SYN first, then the pings
+        self.answering = True
+
+        async def punch() -> None:
+            while True:
+                self.endpoint.send_message(PING, target)
+                await trio.sleep(punch_interval)
+
+        self.nursery.start_soon(punch)
+        self.tls = TLSStream(stream, self.tls_config, server_side=False)
+        await self.tls.do_handshake()
+        await self.pinged.wait()
+        return self.tls
+
 
 @asynccontextmanager
-async def original_forward(target: tuple[str, int], punch_interval: float = 0.02) -> AsyncIterator[OriginalForward]:
-    async with open_endpoint("127.0.0.1", 0) as endpoint:
-        forward = OriginalForward(endpoint, target, TLSConfig.generate())
-        async with trio.open_nursery() as nursery:
+async def original_node(*, answering: bool = True) -> AsyncIterator[OriginalForward]:
+    """An endpoint that answers PINGs (once ``answering``) and records them; connect() later."""
+    async with open_endpoint("127.0.0.1", 0) as endpoint, trio.open_nursery() as nursery:
+        forward = OriginalForward(endpoint, nursery, answering=answering)
 
-            async def answer(task_status: trio.TaskStatus[None]) -> None:
-                with endpoint.subscribe_messages() as messages:
-                    task_status.started()
-                    async for message, _ in messages:
-                        if message == PING:
-                            forward.pings_from_target.append(trio.current_time())
-                            forward.pinged.set()
-                            endpoint.send_message(PONG, target)
+        async def answer(task_status: trio.TaskStatus[None]) -> None:
+            with endpoint.subscribe_messages() as messages:
+                task_status.started()
+                async for message, address in messages:
+                    if message == PING:
+                        forward.pings_from_target.append(trio.current_time())
+                        forward.pinged.set()
+                        if forward.answering:
+                            endpoint.send_message(PONG, address)
 
-            await nursery.start(answer)
-            stream = await endpoint.connect(target)  # the SYN first, then the pings
+        await nursery.start(answer)
+        yield forward
+        nursery.cancel_scope.cancel()
 
-            async def punch() -> None:
-                while True:
-                    endpoint.send_message(PING, target)
-                    await trio.sleep(punch_interval)
 
-            nursery.start_soon(punch)
-            forward.tls = TLSStream(stream, forward.tls_config, server_side=False)
-            await forward.tls.do_handshake()
-            await forward.pinged.wait()
-            yield forward
-            nursery.cancel_scope.cancel()
+@asynccontextmanager
+async def original_forward(target: tuple[str, int]) -> AsyncIterator[OriginalForward]:
+    async with original_node() as forward:
+        await forward.connect(target)
+        yield forward
 
 
 async def test_an_original_forward_still_gets_the_ping_it_waits_for() -> None:
