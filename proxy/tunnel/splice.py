@@ -78,10 +78,13 @@ class PipeOutcome:
 
     @property
     def reported_error(self) -> BaseException | None:
-        """The error given to connection_lost_callback: the keep-alive timeout as is,
-        anything else as ConnectionResetByPeer caused by the underlying error."""
+        """The error given to connection_lost_callback: the keep-alive timeout as is, a
+        transport failure as ConnectionResetByPeer caused by it, and a fault of our own
+        (logged where it happened) as itself, so that a bug is never told as a peer reset."""
         error = self.error
         if error is None or isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer):
+            return error
+        if not isinstance(error, TRANSPORT_ERRORS):
             return error
         wrapped = ConnectionResetByPeer(f"{type(error).__name__}: {error}")
         wrapped.__cause__ = error

@@ -33,3 +33,16 @@ def test_keynodes_own_errors_are_not_transport_errors() -> None:
     assert KeynodeError not in TRANSPORT_ERRORS
     for error in (KeynodeError, ProxyNotRunning, ConnectionStartError, CertChainBrokenLink, NodeIdInvalid, TLSBusyError):
         assert not issubclass(error, TRANSPORT_ERRORS), error
+
+
+def test_a_fault_of_our_own_is_reported_as_itself_not_as_a_peer_reset() -> None:
+    from proxy.tunnel.errors import ConnectionResetByPeer
+    from proxy.tunnel.splice import PipeOutcome
+
+    broken = trio.BrokenResourceError("reset by peer")
+    reported = PipeOutcome(error=broken).reported_error
+    assert isinstance(reported, ConnectionResetByPeer) and reported.__cause__ is broken
+
+    bug = AttributeError("'NoneType' object has no attribute 'send'")
+    assert PipeOutcome(error=bug).reported_error is bug
+    assert PipeOutcome(error=ProxyNotRunning("stopping")).reported_error.__class__ is ProxyNotRunning
