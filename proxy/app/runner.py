@@ -25,7 +25,7 @@ import trio
 from proxy.app.config import Config
 from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
-from proxy.tunnel.errors import ConnectionNotFound
+from proxy.tunnel.errors import ConnectionNotFound, ProxyBindError
 from proxy.tunnel.hosts import format_host_port
 
 if TYPE_CHECKING:
@@ -319,7 +319,7 @@ async def serve_node(
         except (OSError, BaseExceptionGroup) as error:
             # Only start-up failures are binding problems; later ones keep their own type.
             leaf = _single_leaf(error)
-            if isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError):
+            if isinstance(leaf, ProxyBindError) or (isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError)):
                 raise BindError(config, leaf) from error
             raise
         controller = NodeController(proxy, config, tls_config.node_id)
@@ -357,8 +357,13 @@ class BindError(KeynodeError, OSError):
     """The node could not bind one of its addresses."""
 
     def __init__(self, config: Config, error: OSError) -> None:
-        what = f"forward {config.forward} and proxy {config.proxy} (UDP)"
-        super().__init__(
-            f"cannot bind {what}: {error.strerror or error} "
-            "(choose other ports in the config, or stop what uses them)"
-        )
+        if isinstance(error, ProxyBindError):  # it says which socket, at which address
+            section = "[proxy]" if error.socket_name.startswith("UDP") else "[forward]"
+            super().__init__(f"{error} (choose another port in the config's {section}, or stop what uses it)")
+        else:
+            what = f"forward {config.forward} and proxy {config.proxy} (UDP)"
+            super().__init__(
+                f"cannot bind {what}: {error.strerror or error} "
+                "(choose other ports in the config, or stop what uses them)"
+            )
+        self.errno = error.errno

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat.errors import NatError
 from nat.stream import UtpStream
+from proxy.identity.certificates import certificate_node_id
 from proxy.identity.errors import CertificateChainError, KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
@@ -54,6 +55,7 @@ __all__ = [
     "reset_tcp",
     "until_peer_dies",
     "start_error",
+    "presented_identity",
     "VerifiedChains",
     "verified_chains",
     # records.py's, for importers from before it
@@ -182,6 +184,25 @@ async def until_peer_dies(peer: Peer, work: Callable[[], Awaitable[T]]) -> T:
     if not results:
         raise peer.death or ConnectionKeepAliveTimeout("peer died")
     return results[0]
+
+
+def presented_identity(chain: Sequence[x509.Certificate]) -> str:
+    """Who a peer's chain says it is, for messages: the NodeId of its leaf key (what
+    the TLS handshake proved it holds), and the CN's claim when that differs."""
+    if not chain:
+        return "no certificate"
+    leaf = chain[0]
+    try:
+        node_id = str(NodeId.from_public_key(leaf.public_key()))  # type: ignore[arg-type]
+    except (KeynodeError, ValueError, TypeError):
+        return "a leaf certificate whose key is not an Ed25519 key (no NodeId)"
+    try:
+        claimed = str(certificate_node_id(leaf))
+    except (KeynodeError, ValueError):
+        claimed = None
+    if claimed is not None and claimed != node_id:
+        return f"NodeId {node_id} (its certificate claims {claimed})"
+    return f"NodeId {node_id}"
 
 
 def start_error(error: BaseException, what: str) -> KeynodeError:

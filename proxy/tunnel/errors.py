@@ -29,10 +29,52 @@ class ConnectionStartTimeout(ConnectionStartError):
     http_status = 504
 
 
-class ConnectionVerifyError(ConnectionStartError):
+class StartRefused(ConnectionStartError):
+    """A start ended by a decision, not by a broken path: a rejected chain, a refusal
+    the remote sent. The tunnel still ends with close_notify and FIN (HTTP 502)."""
+
+
+class ConnectionVerifyError(StartRefused):
     """The peer's certificate chain was rejected while starting (HTTP 526)."""
 
     http_status = 526
+
+
+class ServerUnavailable(StartRefused):
+    """The reverse side could not connect to its server (or has none) for a verified
+    caller; the caller is told so (HTTP 502 there, see ``RemoteServerUnavailable``)."""
+
+    reason = "no server is configured"  # what the caller is told (no address)
+
+
+class ConnectionRefusedByRemote(StartRefused):
+    """The remote node refused the start and said why, in its start status
+    (start_status.py); a reason this node does not know (HTTP 502)."""
+
+
+class RemoteServerUnavailable(ConnectionRefusedByRemote):
+    """The remote node could not connect to its server (it is down or unreachable
+    from there), or it serves none (HTTP 502)."""
+
+
+class RemoteRejectedChain(ConnectionRefusedByRemote):
+    """The remote node rejected this node's certificate chain (HTTP 502)."""
+
+
+class BadStartStatus(ConnectionStartError):
+    """The remote's start status (start_status.py) was malformed or never came
+    (HTTP 502)."""
+
+
+class ProxyBindError(ProxyError, OSError):
+    """The Proxy could not bind one of its sockets: the UDP proxy socket or the
+    CONNECT listener; the message names which, with the address."""
+
+    def __init__(self, socket_name: str, address: str, error: OSError) -> None:
+        super().__init__(f"cannot bind the {socket_name} to {address}: {error.strerror or error}")
+        self.socket_name = socket_name
+        self.address = address
+        self.errno = error.errno
 
 
 class ConnectionKeepAliveTimeout(ProxyError):

@@ -1,11 +1,14 @@
 """A forward connection: local TCP client -> uTP + TLS client -> a remote node.
 
-Start sequence (bounded by ``conn_connect_time``, else ConnectionStartTimeout/504):
-use the shared Peer for the remote proxy address (it punches: PING every
-``conn_punch_interval_time``), open uTP to it, run the TLS client handshake, wait
-until the peer has been heard, then verify the server's chain against the wanted
-NodeIds (ConnectionVerifyError/526). A peer whose keep-alive times out meanwhile
-ends the start with ConnectionKeepAliveTimeout (524).
+Start sequence (bounded by ``conn_connect_time``, else ConnectionStartTimeout/504,
+whose text names the step it was in and the likely causes): use the shared Peer for
+the remote proxy address (it punches: PING every ``conn_punch_interval_time``), open
+uTP to it, run the TLS client handshake (offering start_status.ALPN), wait until the
+peer has been heard, then verify the server's chain against the wanted NodeIds
+(ConnectionVerifyError/526, naming the NodeId the peer presented). With a keynode
+peer (ALPN agreed), wait for its start status: ready, or its refusal
+(RemoteServerUnavailable and the like, 502). A peer whose keep-alive times out
+meanwhile ends the start with ConnectionKeepAliveTimeout (524).
 
 After the start the connection waits for its client (a CONNECT that arrives now,
 or a later one when opened by ``open_connection_forward``), pipes, and finishes
@@ -14,12 +17,19 @@ or a later one when opened by ``open_connection_forward``), pipes, and finishes
 
 from __future__ import annotations
 
-import trio
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import trio
+from cryptography import x509
+
+from proxy.identity.errors import CertificateChainError
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_server_certificate_chain
 from proxy.tls import TLSStream
-from proxy.tunnel.connection import until_peer_dies, verified_chains
+from proxy.tunnel import start_status
+from proxy.tunnel.connection import presented_identity, until_peer_dies, verified_chains
+from proxy.tunnel.errors import ConnectionStartTimeout, ConnectionVerifyError
 from proxy.tunnel.lifecycle import ConnectionContext, Ending, TunnelConnection
 from proxy.tunnel.peer import Address
 from proxy.tunnel.records import Direction
@@ -48,29 +58,67 @@ class ConnectionForward(TunnelConnection):
     async def start(self) -> NodeId:
         """Run the start sequence; raise a typed error after cleaning up."""
         context = self.context
+        deadline = trio.current_time() + context.connect_time
         async with self._starting():
-            with trio.fail_after(context.connect_time):
+            with self._in_time(deadline):
+                self._stage = "waiting to use the peer"
                 peer = await self._use_peer()
 
                 async def connect_and_handshake() -> None:
+                    self._stage = "opening uTP (no answer to its SYN)"
                     self.utp = utp = await context.endpoint.connect(self.address)
-                    self.tls = TLSStream(utp, context.tls_config(), server_side=False)
+                    self._stage = "in the TLS handshake"
+                    self.tls = TLSStream(utp, context.tls_config(), server_side=False, alpn=(start_status.ALPN,))
                     await self.tls.do_handshake()
+                    self._stage = "waiting for a PING or PONG from the peer"
                     await peer.wait_heard()
 
                 await until_peer_dies(peer, connect_and_handshake)
-            assert self.tls is not None
-            chain = self.tls.peer_certificate_chain
-            limit = context.max_chain_length
-            node_id = await verified_chains.verify_async(
+            tls = self.tls
+            assert tls is not None
+            chain = tls.peer_certificate_chain
+            node_id = await self._verify(chain)
+            if tls.alpn_protocol == start_status.ALPN:
+                with self._in_time(deadline):
+                    self._stage = "waiting for the remote's start status (its server connection)"
+                    status = await until_peer_dies(peer, lambda: start_status.receive_start_status(tls))
+                if not status.ready:
+                    raise start_status.refusal_error(status, self.what)
+            self.node_id = node_id
+            self.certificates = tuple(chain)
+        return node_id
+
+    _stage = "starting"
+
+    @contextmanager
+    def _in_time(self, deadline: float) -> Iterator[None]:
+        """fail_at(deadline), but the timeout is ConnectionStartTimeout saying what to do."""
+        try:
+            with trio.fail_at(deadline):
+                yield
+        except trio.TooSlowError:
+            raise ConnectionStartTimeout(
+                f"{self.what}: not started within conn_connect_time ({self.context.connect_time:g} s), "
+                f"{self._stage}. Likely: the peer is not running at that address; or it is behind a NAT "
+                "that lets nothing in until it opens the way (`keynode open-reverse` toward this node "
+                "on the peer) or a relay; or both nodes are behind symmetric NATs (needs a relay)"
+            ) from None
+
+    async def _verify(self, chain: list[x509.Certificate]) -> NodeId:
+        limit = self.context.max_chain_length
+        try:
+            return await verified_chains.verify_async(
                 ("server", frozenset(self.node_ids)),
                 chain,
                 lambda chain: verify_server_certificate_chain(self.node_ids, chain, max_chain_length=limit),
                 max_length=limit,
             )
-            self.node_id = node_id
-            self.certificates = tuple(chain)
-        return node_id
+        except CertificateChainError as error:
+            wanted = ", ".join(str(node_id) for node_id in self.node_ids)
+            raise ConnectionVerifyError(
+                f"{self.what}: certificate chain rejected: {error}; "
+                f"the peer presented {presented_identity(chain)}, wanted {wanted}"
+            ) from error
 
     def attach_client(self, client: trio.SocketStream, client_address: Address, initial_data: bytes) -> None:
         """Hand the (already answered) CONNECT client to this connection's task."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -86,6 +87,14 @@ def _looks_like_node_id(host: str) -> bool:
     return True
 
 
+# A host that is meant as a NodeId (``<NodeId>:<PORT>``) but is not one: 'v' and a
+# long run of base32hex letters, in any case. Names like that are not hostnames
+# anyone uses, so the error says "invalid", not "missing".
+_NODE_ID_ATTEMPT = re.compile(r"[vV][0-9a-vA-V]{31,}\Z")
+
+TARGET_FORMS = "HOST:PORT?nodeId=<NodeId>, or <NodeId>:<PORT> for a node in the address book"
+
+
 def parse_connect_target(
     target: str, address_book: Mapping[NodeId, tuple[str, int]] | None = None
 ) -> ConnectTarget:
@@ -105,14 +114,22 @@ def parse_connect_target(
         host, proxy_port = address_book[node_id]
         return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,))
     if not has_query:
-        raise BadConnectRequest("missing nodeId")
+        if _NODE_ID_ATTEMPT.match(host_text):
+            try:
+                NodeId.decode(host_text)
+            except NodeIdInvalid as error:
+                raise BadConnectRequest(f"invalid nodeId {host_text!r}: {error}") from None
+        raise BadConnectRequest(f"missing nodeId: the target is {TARGET_FORMS}")
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
     except ValueError:
-        raise BadConnectRequest("bad query") from None
+        raise BadConnectRequest(f"bad query: the target is {TARGET_FORMS}") from None
     values = params.get("nodeId", [])
+    if not values:
+        others = ", ".join(sorted(params))
+        raise BadConnectRequest(f"missing nodeId (the query has {others}; the parameter is nodeId)")
     if len(values) != 1:
-        raise BadConnectRequest("missing nodeId" if not values else "more than one nodeId")
+        raise BadConnectRequest("more than one nodeId")
     return ConnectTarget(_target_host(host_text), port, (_decode_node_id(values[0]),))
 
 

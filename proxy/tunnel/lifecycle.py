@@ -38,10 +38,12 @@ from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
     ConnectionResetByPeer,
     ConnectionStartError,
-    ConnectionVerifyError,
     ProxyNotRunning,
+    StartRefused,
 )
+from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.peer import Address, Peer, PeerRegistry
+from proxy.tunnel.ratelimit import RateLimitedLog
 from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason
 from proxy.tunnel.splice import IDLE_BUFFER, IdleTunnel, PipeOutcome, relay
 
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from proxy.tls import TLSStream
 
 log = logging.getLogger(__name__)
+# Start failures, per remote host: a caller (or a spoofer) must not fill the log.
+_start_failures = RateLimitedLog(log)
 
 
 class UtpConnector(Protocol):
@@ -139,7 +143,7 @@ class TunnelConnection:
 
     @property
     def what(self) -> str:
-        return f"{self.direction.value} {self.toward} {self.address[0]}:{self.address[1]}"
+        return f"{self.direction.value} {self.toward} {format_host_port(*self.address)}"
 
     @property
     def composed(self) -> bool:
@@ -212,8 +216,9 @@ class TunnelConnection:
                 await self._abandon()
                 raise
             mapped = start_error(error, self.what)
-            # A rejected chain ends TLS with close_notify and FIN, as the original did.
-            await self._abandon(goodbye=isinstance(mapped, ConnectionVerifyError))
+            # A rejected chain (or another refusal) ends TLS with close_notify and FIN,
+            # as the original did.
+            await self._abandon(goodbye=isinstance(mapped, StartRefused))
             raise mapped from error
 
     async def _abandon(self, *, goodbye: bool = False) -> None:
@@ -332,15 +337,15 @@ class TunnelConnection:
             with self.scope:
                 ending = await body()
         except ConnectionStartError as failure:
-            log.info("%s", failure)
-            # A rejected chain still gets the goodbye (close_notify and FIN).
-            ending = Ending(EndReason.RESET, failure, broken=not isinstance(failure, ConnectionVerifyError))
+            _start_failures.info(self.address[0], "%s", failure)  # a peer can cause these: rate-limited
+            # A rejected chain (or another refusal) still gets the goodbye (close_notify and FIN).
+            ending = Ending(EndReason.RESET, failure, broken=not isinstance(failure, StartRefused))
         except ConnectionKeepAliveTimeout as death:
             ending = Ending(EndReason.KEEP_ALIVE_TIMEOUT, death)
         except _FarSideEnded as gone:
             ending = gone.ending
         except Exception as bug:  # a defect must end this connection, never the proxy
-            log.exception("%s connection %s %s failed", self.direction.value, self.toward, self.address)
+            log.exception("%s connection failed", self.what)
             ending = Ending(EndReason.RESET, bug, broken=True)
         finally:
             await self.finish(ending)

@@ -36,6 +36,7 @@ import trio
 
 from nat.message import PING, PONG
 from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ProxyNotRunning
+from proxy.tunnel.hosts import format_host_port
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Peer:
         try:
             self.endpoint.send_message(PING, self.address)
         except OSError as error:  # unreachable right now: punching keeps trying
-            log.debug("ping to %s failed: %s", self.address, error)
+            log.debug("ping to %s failed: %s", format_host_port(*self.address), error)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -149,7 +150,7 @@ class Peer:
             death_at = None if self.last_heard is None else self.last_heard + timers.keep_alive_timeout
             if death_at is not None and now >= death_at:
                 self.death = ConnectionKeepAliveTimeout(
-                    f"no message from {self.address[0]}:{self.address[1]} in {timers.keep_alive_timeout}s"
+                    f"no message from {format_host_port(*self.address)} in {timers.keep_alive_timeout}s"
                 )
                 self.died.set()
                 return
@@ -202,7 +203,7 @@ class PeerRegistry:
             try:
                 self.endpoint.send_message(PONG, address)
             except OSError as error:
-                log.debug("pong to %s failed: %s", address, error)
+                log.debug("pong to %s failed: %s", format_host_port(address[0], address[1]), error)
         peer = self._peers.get(normalize_address(address))
         if peer is not None:
             peer.message_received(message)

@@ -25,7 +25,7 @@ import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -40,12 +40,13 @@ from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
-from proxy.tunnel.errors import ConnectionStartError, ProxyNotRunning
+from proxy.tunnel.errors import ConnectionStartError, ProxyBindError, ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
-from proxy.tunnel.hosts import HostPortInvalid, ip_literal, parse_host
+from proxy.tunnel.hosts import HostPortInvalid, format_host_port, ip_literal, parse_host
 from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
+from proxy.tunnel.ratelimit import RateLimitedLog
 from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
@@ -117,6 +118,8 @@ class Proxy:
         # CONNECTs past their request, not yet answered: stop lets them answer.
         self._answering = 0
         self._answered = trio.Event()
+        # Failed CONNECTs, logged here too (the client only sees its answer), per target.
+        self._connect_failures = RateLimitedLog(log)
         self._connection_nursery: trio.Nursery | None = None
         self._service_scope = trio.CancelScope()
         self._stopping = False
@@ -172,8 +175,7 @@ class Proxy:
     async def _run(
         self,
         endpoint: Any,
-        forward_host: str,
-        forward_port: int,
+        listeners: list[trio.SocketListener],
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         if self._started or self._stopping:
@@ -210,7 +212,6 @@ class Proxy:
                         ended=self._registry.ended,
                         spawn=self._spawn,
                     )
-                    listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
                     sockname = listeners[0].socket.getsockname()
                     self._forward_address = (sockname[0], sockname[1])
                     self._connection_nursery = await services.start(self._run_connection_nursery)
@@ -403,8 +404,9 @@ class Proxy:
         connection: ConnectionForward | None = None
         # Now, while the client is surely there (OSError if it is gone already).
         client_address = normalize_address(client.socket.getpeername())
+        target: ConnectTarget | None = None
         try:
-            target: ConnectTarget = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
+            target = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")
             # stop() cancels starts in progress; their clients get 503.
@@ -418,6 +420,8 @@ class Proxy:
             if connection is None:
                 raise ProxyNotRunning("proxy is stopping")
         except KeynodeError as error:
+            if target is not None:  # a start that failed (or 503): say so here too, rate-limited
+                self._log_failed_connect(target, error)
             await edge.send_error_for(error)
             return False
         except TRANSPORT_ERRORS:
@@ -437,6 +441,13 @@ class Proxy:
             raise
         connection.attach_client(client, client_address, edge.trailing_data)
         return True
+
+    def _log_failed_connect(self, target: ConnectTarget, error: KeynodeError) -> None:
+        where = format_host_port(target.host, target.port)
+        node_ids = ", ".join(str(node_id) for node_id in target.node_ids)
+        self._connect_failures.info(
+            (target.host, target.port), "CONNECT to %s (%s) answered %d: %s", where, node_ids, error.http_status, error
+        )
 
     # --- reverse ----------------------------------------------------------------------
 
@@ -556,16 +567,29 @@ async def open_proxy(
         **options,
     )
     dual_stack = proxy_host == "::"
-    async with open_endpoint(
-        proxy_host,
-        proxy_port,
-        dual_stack=dual_stack,
-        config=utp_config if utp_config is not None else UtpConfig(congestion=DEFAULT_CONGESTION),
-        close_timeout=proxy.conn_end_time,
-        offload=offload,
-    ) as endpoint:
+    async with AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(
+                open_endpoint(
+                    proxy_host,
+                    proxy_port,
+                    dual_stack=dual_stack,
+                    config=utp_config if utp_config is not None else UtpConfig(congestion=DEFAULT_CONGESTION),
+                    close_timeout=proxy.conn_end_time,
+                    offload=offload,
+                )
+            )
+        except OSError as error:
+            raise ProxyBindError("UDP proxy socket", format_host_port(proxy_host, proxy_port), error) from error
+        try:
+            listeners = await trio.open_tcp_listeners(forward_port, host=forward_host)
+        except OSError as error:
+            where = format_host_port(forward_host, forward_port)
+            raise ProxyBindError("CONNECT listener (TCP)", where, error) from error
+        for listener in listeners:  # closed by their accept tasks, or here if never run
+            stack.push_async_callback(listener.aclose)
         async with trio.open_nursery() as nursery:
-            await nursery.start(proxy._run, endpoint, forward_host, forward_port)
+            await nursery.start(proxy._run, endpoint, listeners)
             try:
                 yield proxy
             finally:

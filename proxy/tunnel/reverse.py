@@ -17,17 +17,30 @@ only then the server connection and the punch. Then both pipe and finish
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 from nat.stream import UtpStream
 from nat.utp.states import SYN_RECV
+from proxy.identity.errors import CertificateChainError
 from proxy.identity.verification import verify_client_certificate_chain
 from proxy.tls import TLSStream
-from proxy.tunnel.connection import start_error, until_peer_dies, verified_chains
-from proxy.tunnel.errors import ConnectionStartError
+from proxy.tunnel import start_status
+from proxy.tunnel.connection import TRANSPORT_ERRORS, presented_identity, start_error, until_peer_dies, verified_chains
+from proxy.tunnel.errors import ConnectionVerifyError, ServerUnavailable
+from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.lifecycle import Ending, TunnelConnection
 from proxy.tunnel.peer import Peer
 from proxy.tunnel.records import Direction
+
+
+def _why(error: OSError) -> str:
+    """The OS's reason for a failed connect (trio wraps it: one error per address tried)."""
+    for cause in (error, *getattr(error.__cause__, "exceptions", ())):
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+    return str(error)
 
 
 class ConnectionReverse(TunnelConnection):
@@ -67,8 +80,15 @@ class ConnectionReverse(TunnelConnection):
     async def _open_server(self) -> None:
         server = self.context.server
         if server is None:
-            raise ConnectionStartError("no server configured for reverse connections")
-        self.tcp = await trio.open_tcp_stream(*server)
+            raise ServerUnavailable(f"{self.what}: no server is configured for reverse connections")
+        try:
+            self.tcp = await trio.open_tcp_stream(*server)
+        except OSError as error:
+            unavailable = ServerUnavailable(
+                f"{self.what}: cannot connect to the server {format_host_port(*server)}: {_why(error)}"
+            )
+            unavailable.reason = _why(error)
+            raise unavailable from error
         sockname = self.tcp.socket.getsockname()
         self.tcp_address = (sockname[0], sockname[1])
 
@@ -86,8 +106,15 @@ class ConnectionReverse(TunnelConnection):
                 await self._until_proven(peer)
             await self._complete(deadline)
             with trio.fail_at(deadline):
-                await self._open_server()
+                try:
+                    await self._open_server()
+                except ServerUnavailable as error:
+                    # The reason only (not the server's address): the caller is verified,
+                    # not necessarily entitled to know this node's insides.
+                    await self._refuse(start_status.REASON_SERVER_UNAVAILABLE, error.reason)
+                    raise
                 await peer.wait_heard()
+                await self._send_status(start_status.encode_ready())
 
     async def _until_proven(self, peer: Peer) -> None:
         """Until the caller's first bytes arrive (then the peer is proven) or its
@@ -122,19 +149,41 @@ class ConnectionReverse(TunnelConnection):
         assert self.utp is not None and self.peer is not None
         try:
             with trio.fail_at(deadline):
-                self.tls = TLSStream(self.utp, self.context.tls_config(), server_side=True)
+                self.tls = TLSStream(
+                    self.utp, self.context.tls_config(), server_side=True, alpn=(start_status.ALPN,)
+                )
                 await until_peer_dies(self.peer, self.tls.do_handshake)
             chain = self.tls.peer_certificate_chain
             limit = self.context.max_chain_length
-            self.node_id = await verified_chains.verify_async(
-                "client",
-                chain,
-                lambda chain: verify_client_certificate_chain(chain, max_chain_length=limit),
-                max_length=limit,
-            )
+            try:
+                self.node_id = await verified_chains.verify_async(
+                    "client",
+                    chain,
+                    lambda chain: verify_client_certificate_chain(chain, max_chain_length=limit),
+                    max_length=limit,
+                )
+            except CertificateChainError as error:
+                await self._refuse(start_status.REASON_CHAIN_REJECTED, str(error))
+                raise ConnectionVerifyError(
+                    f"{self.what}: certificate chain rejected: {error}; the peer presented {presented_identity(chain)}"
+                ) from error
             self.certificates = tuple(chain)
         except Exception as error:
             raise start_error(error, self.what) from error
+
+    async def _send_status(self, frame: bytes) -> None:
+        """The start status, to a forward side that asked for it (start_status.py)."""
+        if self.tls is not None and self.tls.alpn_protocol == start_status.ALPN:
+            await self.tls.send_all(frame)
+
+    async def _refuse(self, reason: int, text: str) -> None:
+        """Tell the caller why it gets no tunnel (best effort: it may be gone); the
+        close_notify and FIN follow as the start's failure ends the connection."""
+        with trio.move_on_after(self.context.end_time):
+            try:
+                await self._send_status(start_status.encode_refusal(reason, text))
+            except TRANSPORT_ERRORS:
+                pass
 
     async def run(self, utp: UtpStream | None = None, *, prepared: bool = False) -> None:
         """The whole life of a reverse connection; runs in the proxy's connection nursery.
@@ -157,5 +206,10 @@ class ConnectionReverse(TunnelConnection):
                 await self._wait_attached()
                 deadline = trio.current_time() + self.context.connect_time
             await self._complete(deadline)
+            try:
+                with trio.fail_at(deadline):
+                    await self._send_status(start_status.encode_ready())
+            except Exception as error:
+                raise start_error(error, self.what) from error
         self.context.established(self)
         return await self._splice()

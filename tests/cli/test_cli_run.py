@@ -181,6 +181,9 @@ async def test_run_refuses_a_taken_port_and_a_second_instance(tmp_path: Path) ->
     assert result.returncode == ExitCode.NETWORK
     stderr = result.stderr.decode()
     assert "cannot bind" in stderr and "Traceback" not in stderr
+    # which socket, at which address, and where to change it
+    assert f"cannot bind the CONNECT listener (TCP) to 127.0.0.1:{port}: " in stderr
+    assert "the config's [forward]" in stderr
     assert stderr.strip().splitlines()[-1].startswith("keynode run: ")
 
     (directory / "config.toml").write_text('[proxy]\nhost = "127.0.0.1"\n')
