@@ -3,15 +3,21 @@
 
     .venv/bin/python bench/utp_bulk.py            # the table (well under 2 minutes)
     .venv/bin/python bench/utp_bulk.py --profile  # cProfile of ours->ours, one process
+    .venv/bin/python bench/utp_bulk.py --to-libutp 3 --slow-size 8  # only the rows into libutp
 
 Peer roles (JSON lines on stdout; used by this script, and usable from network
 namespaces, e.g. by the natlab benches): `--role receive [--bind HOST]`,
 `--role echo [--bind HOST]`, `--role send HOST PORT NBYTES [--bind HOST]`;
-`--offload` makes them use UDP GSO/GRO.
+`--offload` makes them use UDP GSO/GRO; `--congestion NAME` picks the uTP congestion
+controller of our peers (default: UtpConfig's, libutp's `ledbat`).
 
 Rows: ours->ours, utp-native->utp-native (libutp under Node, default socket buffers
 as the original ran, and with 8 MiB buffers) and both cross pairs; each with sender
-and receiver in one process (same-language pairs only) and in two processes. All
+and receiver in one process (same-language pairs only) and in two processes. Ours
+sending to utp-native runs once per controller: keynode's default (`rate`, what the
+proxy uses) and libutp's `ledbat`. Rows with a utp-native receiver on default socket
+buffers also print the UDP receive-buffer drops during the row (the system's
+RcvbufErrors, /proc/net/snmp). All
 at libutp's 1402-byte UDP payload ceiling (1382 payload + 20 header). Receivers
 time from the accepted connection to the sender's FIN. Figures are MiB/s (MiB =
 2**20 bytes).
@@ -40,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 
 from nat import UtpStream, open_endpoint  # noqa: E402
+from nat.utp.config import UtpConfig  # noqa: E402
+from proxy.tunnel.defaults import DEFAULT_CONGESTION  # noqa: E402
 
 NODE_DIR = ROOT / "tests" / "node"
 MIB = 1024 * 1024
@@ -84,8 +92,9 @@ async def role_receive(bind: str, offload: bool) -> None:
             await stream.aclose()
 
 
-async def role_send(host: str, port: int, total: int, bind: str, offload: bool) -> None:
-    async with open_endpoint(bind, offload=offload) as endpoint:
+async def role_send(host: str, port: int, total: int, bind: str, offload: bool, congestion: str | None) -> None:
+    config = UtpConfig(congestion=congestion) if congestion is not None else None
+    async with open_endpoint(bind, offload=offload, config=config) as endpoint:
         stream = await endpoint.connect((host, port))
         await send_bytes(stream, total)
         with trio.move_on_after(10):
@@ -240,6 +249,15 @@ def node_echo_rtt(count: int) -> list[float]:
 # ---- the table ----------------------------------------------------------------------
 
 
+def rcvbuf_errors() -> int:
+    """The system's UDP receive-buffer drops so far (/proc/net/snmp; -1: unknown)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        return int(lines[1][lines[0].index("RcvbufErrors")])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def rate(result: tuple[int, float], expected: int) -> str:
     count, seconds = result
     if count != expected:
@@ -247,15 +265,43 @@ def rate(result: tuple[int, float], expected: int) -> str:
     return f"{count / MIB / seconds:8.1f}"
 
 
+def native_to_native(size_native: int, size_slow: int, one: str = "n/a") -> tuple[str, str, str, int]:
+    """The original: utp-native to utp-native in two processes, default socket buffers."""
+    drops = rcvbuf_errors()
+    two = rate(
+        two_processes(
+            node_script("receive", 0),
+            lambda port: node_script("send", "127.0.0.1", port, size_slow, 0),
+        ),
+        size_slow,
+    )
+    return f"utp-native -> utp-native ({size_native // MIB}/{size_slow // MIB} MiB)", one, two, rcvbuf_errors() - drops
+
+
+def ours_to_native(size: int, congestion: str) -> tuple[str, str, str, int]:
+    """Ours sending to a utp-native receiver on default socket buffers."""
+    drops = rcvbuf_errors()
+    two = rate(
+        two_processes(
+            node_script("receive", 0),
+            lambda port: python_role("send", "127.0.0.1", port, size, "--congestion", congestion),
+        ),
+        size,
+    )
+    label = f"{congestion}, default" if congestion == DEFAULT_CONGESTION else congestion
+    return f"ours ({label}) -> utp-native ({size // MIB} MiB)", "n/a", two, rcvbuf_errors() - drops
+
+
 def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count: int) -> None:
     rows: list[tuple[str, str, str]] = []
 
-    def row(name: str, one: str, two: str) -> None:
+    def row(name: str, one: str, two: str, drops: int | None = None) -> None:
         rows.append((name, one, two))
-        print(f"  {name:<40} {one:>12} {two:>12}", flush=True)
+        dropped = f"{drops:>10}" if drops is not None else ""
+        print(f"  {name:<44} {one:>12} {two:>12}{dropped}", flush=True)
 
     print(f"uTP bulk over loopback, MiB/s (1402-byte datagrams); python {sys.version.split()[0]}")
-    print(f"  {'sender -> receiver':<40} {'1 process':>12} {'2 processes':>12}")
+    print(f"  {'sender -> receiver':<44} {'1 process':>12} {'2 processes':>12} {'drops':>9}")
     one = rate(trio.run(ours_one_process, size_ours), size_ours)
     two = rate(
         two_processes(python_role("receive"), lambda port: python_role("send", "127.0.0.1", port, size_ours)),
@@ -272,14 +318,7 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
     )
     row(f"ours -> ours, UDP GSO/GRO ({size_ours // MIB} MiB)", one, two)
     one = rate(node_one_process(size_native, 0), size_native)
-    two = rate(
-        two_processes(
-            node_script("receive", 0),
-            lambda port: node_script("send", "127.0.0.1", port, size_native_slow, 0),
-        ),
-        size_native_slow,
-    )
-    row(f"utp-native -> utp-native ({size_native // MIB}/{size_native_slow // MIB} MiB)", one, two)
+    row(*native_to_native(size_native, size_native_slow, one))
     one = rate(node_one_process(size_native, LARGE_SOCKBUF), size_native)
     two = rate(
         two_processes(
@@ -289,14 +328,8 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
         size_native,
     )
     row(f"utp-native, 8 MiB sockbufs ({size_native // MIB} MiB)", one, two)
-    two = rate(
-        two_processes(
-            node_script("receive", 0),
-            lambda port: python_role("send", "127.0.0.1", port, size_native_slow),
-        ),
-        size_native_slow,
-    )
-    row(f"ours -> utp-native ({size_native_slow // MIB} MiB)", "n/a", two)
+    for congestion in (DEFAULT_CONGESTION, "ledbat"):
+        row(*ours_to_native(size_native_slow, congestion))
     two = rate(
         two_processes(
             python_role("receive"),
@@ -307,7 +340,7 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
     row(f"utp-native -> ours ({size_native // MIB} MiB)", "n/a", two)
 
     print(f"\n1-byte echo round trip, microseconds ({rtt_count} samples)")
-    print(f"  {'client -> echo server':<40} {'median':>12} {'p99':>12}")
+    print(f"  {'client -> echo server':<44} {'median':>12} {'p99':>12}")
     for name, samples in (
         ("ours -> ours (1 process)", trio.run(ours_rtt, rtt_count)),
         ("utp-native -> utp-native (1 process)", node_rtt(rtt_count)),
@@ -315,7 +348,22 @@ def run_table(size_ours: int, size_native: int, size_native_slow: int, rtt_count
     ):
         samples.sort()
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-        print(f"  {name:<40} {statistics.median(samples):12.0f} {p99:12.0f}", flush=True)
+        print(f"  {name:<44} {statistics.median(samples):12.0f} {p99:12.0f}", flush=True)
+
+
+def run_to_libutp(size: int, repeat: int) -> None:
+    """Only the rows with a utp-native receiver on default socket buffers (the
+    original's 208 KiB), ``repeat`` rounds in turn: original -> original, ours
+    with the default controller, ours with ledbat."""
+    print(f"to a utp-native receiver, default socket buffers, 2 processes, {size // MIB} MiB, MiB/s")
+    print(f"  {'sender -> receiver':<44} {'MiB/s':>12} {'drops':>9}")
+    for _ in range(repeat):
+        for name, _one, two, drops in (
+            native_to_native(size, size),
+            ours_to_native(size, DEFAULT_CONGESTION),
+            ours_to_native(size, "ledbat"),
+        ):
+            print(f"  {name:<44} {two:>12} {drops:>9}", flush=True)
 
 
 def run_profile(total: int, offload: bool) -> None:
@@ -338,10 +386,17 @@ def main() -> None:
     parser.add_argument("--rtt-count", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--to-libutp",
+        type=int,
+        metavar="ROUNDS",
+        help="only the rows sending to utp-native on default buffers, ROUNDS times (--slow-size MiB)",
+    )
+    parser.add_argument(
         "--offload",
         action="store_true",
         help="--role peers and --profile use UDP GSO/GRO (open_endpoint(offload=True))",
     )
+    parser.add_argument("--congestion", help="--role send: our uTP congestion controller (default: UtpConfig's)")
     parser.add_argument(
         "--bind",
         default="127.0.0.1",
@@ -355,12 +410,15 @@ def main() -> None:
         elif role == "echo":
             trio.run(role_echo, args.bind, args.offload)
         elif role == "send":
-            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]), args.bind, args.offload)
+            trio.run(role_send, rest[0], int(rest[1]), int(rest[2]), args.bind, args.offload, args.congestion)
         else:
             sys.exit(f"unknown role {role}")
         return
     if args.profile:
         run_profile(args.size * MIB, args.offload)
+        return
+    if args.to_libutp:
+        run_to_libutp(args.slow_size * MIB, args.to_libutp)
         return
     started = time.monotonic()
     run_table(args.size * MIB, args.size * MIB, args.slow_size * MIB, args.rtt_count)

@@ -8,6 +8,9 @@ A controller owns ``cwnd`` (bytes allowed in flight). The connection calls:
   echoed a timestamp). ``flight_bytes`` is what was in flight before the ACK.
 - ``on_loss(now)`` once per window of data when a loss is detected by duplicate
   ACKs or selective ACKs (fast retransmit).
+- ``on_overflow(flight_bytes, now)`` at most once per loss episode, when its
+  losses look like a buffer overflowing (loss.overflow_burst: a dense burst);
+  ``flight_bytes`` was in flight when the episode began.
 - ``on_timeout(now)`` when the retransmission timer fires.
 - ``on_rtt(rtt, now)`` for every round-trip sample (packets sent once only,
   Karn's rule); LEDBAT ignores it, the rate controller keeps the minimum.
@@ -28,7 +31,9 @@ while the delay target still bounds the queue. Timeouts still collapse it.
 ``RateController`` (``congestion="rate"``) does not grow by delay at all: it
 estimates the bottleneck rate from delivered bytes and the min RTT, keeps a
 window of 1.25 BDPs, ignores random loss, and drains when the queuing delay
-passes the target or a loss comes with a long queue (see the class).
+passes the target or a loss comes with a long queue; a burst of loss without a
+queue (a receiver's small socket buffer overflowing) caps the window at an
+overflow ceiling that probes upwards slowly (see the class).
 
 ``DelayHistory`` tracks the base (minimum) one-way delay, wrap-aware on the
 32-bit microsecond clock, over 13 one-minute buckets as libutp does (clock
@@ -52,6 +57,8 @@ class CongestionController(Protocol):
     def on_ack(self, acked_bytes: int, queuing_delay_us: int | None, flight_bytes: int, now: float) -> None: ...
 
     def on_loss(self, now: float) -> None: ...
+
+    def on_overflow(self, flight_bytes: int, now: float) -> None: ...
 
     def on_timeout(self, now: float) -> None: ...
 
@@ -121,6 +128,9 @@ class LedbatController:
         self.ssthresh = self.cwnd
         self.slow_start = False
 
+    def on_overflow(self, flight_bytes: int, now: float) -> None:
+        """Every loss already halves the window (on_loss)."""
+
     def on_timeout(self, now: float) -> None:
         half = self.cwnd // 2
         self.ssthresh = half if half > self.min_cwnd else self.min_cwnd
@@ -181,6 +191,21 @@ class RateController:
     packets but regrows by what is acknowledged up to the model's window, so
     one timeout costs a few RTTs, not a slow start from scratch.
 
+    A burst of loss with no queue behind it (``on_overflow``: a dozen packets
+    lost within sixteen, and the queuing delay below an eighth of the target
+    since the loss episode began) is a buffer too small for the flight: libutp
+    advertises a 1 MiB window while its UDP socket buffer (208 KiB by default)
+    holds a hundred-odd datagrams, and on loopback or a LAN the whole flight
+    lands in it at once. The model cannot see that (the rate is fine, the
+    queue is not on the path), and random-loss tolerance kept the flight
+    there: every window overflowed again (1 MiB/s to utp-native on loopback,
+    a quarter of the datagrams dropped). Such a burst sets ``ceiling`` to half
+    the flight the episode began with; the window never exceeds it, and each
+    round the ceiling held the window it grows by 1/32 (``ceiling_growth_shift``),
+    so it settles under the receiver's capacity and finds more if the receiver
+    speeds up. Random loss spreads thinly and a path queue that overflows has
+    delay: neither sets it.
+
     The model never uses an RTT below ``min_model_rtt``: on short paths (a LAN,
     loopback) the lowest RTT sample is one idle packet's, while an ACK-clocked
     round under load takes the hosts' batching and delayed ACKs too, so a window
@@ -201,6 +226,8 @@ class RateController:
     bandwidth_rounds = 10
     averaged_rounds = 4
     min_model_rtt = 0.010  # seconds; see the class docstring
+    overflow_backoff = 0.5  # the ceiling after an overflow, times the flight
+    ceiling_growth_shift = 5  # the ceiling grows by 1/32 per round it held the window
 
     def __init__(self, mss: int, *, target_delay_us: int = 100_000, max_cwnd: int = 8 << 20) -> None:
         self.mss = mss
@@ -221,6 +248,9 @@ class RateController:
         self._stalled_rounds = 0
         self._round_len = float("inf")  # model_rtt once min_rtt is known (per-ACK check)
         self._half_target = target_delay_us // 2
+        self.ceiling: int | None = None  # the overflow ceiling (bytes; see on_overflow)
+        self._peak_delay_us = 0  # the highest queuing delay since the latest loss episode began
+        self._ceiling_held = False
 
     @property
     def bdp(self) -> float:
@@ -242,6 +272,8 @@ class RateController:
     def on_ack(self, acked_bytes: int, queuing_delay_us: int | None, flight_bytes: int, now: float) -> None:
         delay = queuing_delay_us if queuing_delay_us is not None else 0
         self.last_delay_us = delay
+        if delay > self._peak_delay_us:
+            self._peak_delay_us = delay
         # rate sampling: per ACK only a sum; a round ends once per model RTT
         start = self._round_start
         if start is None:
@@ -274,6 +306,10 @@ class RateController:
             # collapsed by a timeout comes back within a few rounds); shrink at once.
             grown = cwnd + acked_bytes
             cwnd = grown if grown < target else target
+        ceiling = self.ceiling
+        if ceiling is not None and cwnd > ceiling:
+            cwnd = ceiling
+            self._ceiling_held = True  # the ceiling holds the window (it grows per round)
         if cwnd < self.min_cwnd:
             cwnd = self.min_cwnd
         elif cwnd > self.max_cwnd:
@@ -303,6 +339,14 @@ class RateController:
         self._round_start = now
         self._round_bytes = 0
         self._round_flight = 0
+        if self._ceiling_held:
+            # The ceiling held the window this round: probe upwards, by
+            # 1/32 per round (per ACK it doubled within a dozen loopback
+            # round trips, an overflow every few dozen milliseconds).
+            self._ceiling_held = False
+            ceiling = self.ceiling
+            if ceiling is not None:
+                self.ceiling = ceiling + (ceiling >> self.ceiling_growth_shift)
         # Only rounds that used the window say the rate stopped growing (a TLS
         # handshake before the bulk data must not end startup).
         if self.startup and not limited:
@@ -315,6 +359,7 @@ class RateController:
                     self.startup = False
 
     def on_loss(self, now: float) -> None:
+        self._peak_delay_us = self.last_delay_us
         if self.last_delay_us <= self.target_us // 2 or self.bandwidth <= 0.0:
             return  # random loss on a short queue: the model stands
         # Loss with a long queue is congestion: drain to one BDP and forget rate
@@ -325,6 +370,19 @@ class RateController:
             self.bandwidth = self._samples[0]
         bdp = int(self.bdp)
         self.cwnd = bdp if bdp > self.min_cwnd else self.min_cwnd
+
+    def on_overflow(self, flight_bytes: int, now: float) -> None:
+        if self._peak_delay_us > self.target_us >> 3:
+            # A queue had built up since the loss episode began (a path queue
+            # that overflowed has drained by the time the burst is counted):
+            # the delay rules' case, not a small buffer's.
+            return
+        ceiling = _trunc(flight_bytes * self.overflow_backoff)
+        if ceiling < self.min_cwnd:
+            ceiling = self.min_cwnd
+        self.ceiling = ceiling
+        if self.cwnd > ceiling:
+            self.cwnd = ceiling
 
     def on_timeout(self, now: float) -> None:
         self.cwnd = self.min_cwnd

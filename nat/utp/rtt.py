@@ -4,6 +4,10 @@ BEP 29: ``timeout = max(rtt + 4 * rtt_var, 500 ms)``, initial 1000 ms, doubled
 on each consecutive timeout. libutp uses a 1000 ms floor; we keep BEP 29's
 500 ms (configurable) because selective ACKs and fast retransmit repair most
 losses and a long floor only hurts tail losses.
+
+``pto`` is the tail-loss probe's timeout (RFC 8985): two smoothed round trips
+plus the peer's ACK delay, at most the RTO; kept with every sample (the sender
+arms it on every ACK that makes progress).
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ from __future__ import annotations
 class RttEstimator:
     """Smoothed RTT, its variance and the current (backed-off) RTO, in seconds."""
 
-    __slots__ = ("srtt", "rttvar", "rto", "min_rto", "max_rto", "has_sample")
+    __slots__ = ("srtt", "rttvar", "rto", "pto", "min_rto", "max_rto", "has_sample", "_ack_delay")
 
-    def __init__(self, initial_rto: float = 1.0, min_rto: float = 0.5, max_rto: float = 30.0) -> None:
+    def __init__(
+        self, initial_rto: float = 1.0, min_rto: float = 0.5, max_rto: float = 30.0, ack_delay: float = 0.0
+    ) -> None:
         self.srtt = 0.0
         self.rttvar = 0.0
         self.rto = initial_rto
+        self.pto = initial_rto  # no probe before the first sample
         self.min_rto = min_rto
         self.max_rto = max_rto
         self.has_sample = False
+        self._ack_delay = ack_delay
 
     def sample(self, rtt: float) -> None:
         """Feed one RTT measurement (only from packets sent once: Karn's rule)."""
@@ -44,6 +52,8 @@ class RttEstimator:
         elif rto > self.max_rto:
             rto = self.max_rto
         self.rto = rto
+        pto = srtt * 2.0 + self._ack_delay
+        self.pto = pto if pto < rto else rto
 
     def backoff(self) -> None:
         """Double the RTO after a timeout (bounded)."""

@@ -8,6 +8,15 @@ The sender packs every header the connection sends; the ACK fields (ack_nr,
 window, timestamp echo) come from the connection's
 :class:`~nat.utp.receiving.Receiver`, which also hands it the ACK part of every
 packet received (``on_ack``) and knows the peer's window.
+
+The retransmission timer (``rto_deadline``) runs from the oldest packet's last
+transmission (so ACKs of its retransmitted predecessors cannot postpone the
+timeout of a flight lost behind them), and after an ACK that made progress it
+first fires as a tail-loss probe: two round trips (plus the peer's ACK delay)
+without any ACK send the oldest packet again, without touching the window
+(libutp's RTO floor is a second, ours half of one). The sender also sorts the
+first transmissions found lost into loss episodes and tells the congestion
+controller of a dense burst (``on_overflow``, loss.overflow_burst).
 """
 
 from __future__ import annotations
@@ -20,7 +29,15 @@ from nat.errors import UtpClosed
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController, DelayHistory, make_controller
 from nat.utp.events import ConnT, UtpEventOf
-from nat.utp.loss import head_retransmission_lost, sack_holes_lost, sent_before_delivered, timed_out
+from nat.utp.loss import (
+    OVERFLOW_RUN,
+    head_retransmission_lost,
+    overflow_burst,
+    sack_holes_lost,
+    sent_before_delivered,
+    timed_out,
+    unsacked_range_lost,
+)
 from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN, pack_header, type_byte
 from nat.utp.receiving import Receiver
@@ -50,6 +67,7 @@ class Sender(Generic[ConnT]):
         "_probe_ok", "_rto_force", "_sack_skipped", "_syn_fast_resends", "_synack_due", "_stopped", "_delay",
         "_rx", "_owner", "_dirty", "_events", "_stats", "_space_event", "_remote_address", "_send_id", "_recv_id",
         "_mss", "_max_packets", "_send_buffer_size", "_config",
+        "_ep_end", "_ep_recent", "_ep_flight", "_ep_reported", "_pto_due",
     )
 
     def __init__(
@@ -65,18 +83,29 @@ class Sender(Generic[ConnT]):
         self.eof_requested = False
         self.fin_sent = False
         self.fin_acked = False
+        # the retransmission timer; after an ACK that made progress it first
+        # fires as the tail-loss probe (_pto_due; see expire_rto)
         self.rto_deadline: float | None = None
+        self._pto_due = False
         self.probe_deadline: float | None = None
         self.last_send = now
         self.bytes_sent = 0
         self.retransmits = 0
-        self.rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto)
+        self.rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto, config.delayed_ack)
         self.cc: CongestionController = make_controller(config.congestion, mss, int(config.target_delay * 1e6))
         self.sendbuf = bytearray()
         self._flight = 0
         self.resend: list[int] = []  # a heap of sequence numbers to retransmit
         self._dup_acks = 0
         self._recovery_seq = isn
+        # loss episodes (loss.overflow_burst): one lasts until snd_una passes
+        # _ep_end; the sequence numbers of the latest first transmissions found
+        # lost (across episodes), the flight when the episode began, and
+        # whether the controller heard of a burst in it
+        self._ep_end = isn
+        self._ep_recent: list[int] = []
+        self._ep_flight = 0
+        self._ep_reported = False
         self._latest_delivered_order = 0
         # the last SACK applied: its base sequence number and bits (-1: none yet)
         self._sack_seen_base = -1
@@ -405,10 +434,28 @@ class Sender(Generic[ConnT]):
 
     def expire_rto(self) -> int:
         """The retransmission timer fired: the number of consecutive timeouts
-        (0: nothing was outstanding)."""
+        (0: nothing was outstanding, or this was the tail-loss probe)."""
+        fired = self.rto_deadline
         self.rto_deadline = None
         if not self.outstanding:
             return 0
+        if self._pto_due:
+            self._pto_due = False
+            rto_at = self._oldest_rto()
+            if fired is None or rto_at > fired:
+                # Tail-loss probe (RFC 8985's TLP, on the oldest packet): no
+                # ACK for two round trips. What was lost at the end of a flight
+                # has nothing after it to be found by; the oldest packet sent
+                # again draws an ACK, and the SACK or the send time of what it
+                # acknowledges lets the loss rules find the rest (libutp's SACK
+                # names only the 32 packets past the cumulative ACK: the newest
+                # packet would tell nothing). The window stays.
+                self.rto_deadline = rto_at
+                rec = self.outstanding.get(self.snd_una)
+                if rec is not None and rec.in_flight:
+                    self._mark_lost(rec)
+                    self._dirty.add(self._owner)
+                return 0
         self._consecutive_timeouts += 1
         self._stats.timeouts += 1
         return self._consecutive_timeouts
@@ -496,20 +543,45 @@ class Sender(Generic[ConnT]):
                 while una < nxt and una not in outstanding:
                     una += 1
                 self.snd_una = una
-                self.rto_deadline = now + rtt.rto
+                # The RTO runs from the oldest packet's (last) transmission, not
+                # from this ACK: ACKs of its retransmitted predecessors, one a
+                # round trip, must not hold off forever the timeout of a flight
+                # lost whole behind them. The tail-loss probe may come first.
+                rto_at = outstanding[una].sent_at + rtt.rto
+                pto_at = now + rtt.pto
+                if pto_at < rto_at:
+                    self.rto_deadline = pto_at
+                    self._pto_due = True
+                else:
+                    self.rto_deadline = rto_at
+                    self._pto_due = False
             else:
                 self.snd_una = self.snd_nxt
                 self.rto_deadline = None
+                self._pto_due = False
             self._consecutive_timeouts = 0
-        elif ptype == ST_STATE and outstanding:
-            self._dup_acks += 1
-            if self._dup_acks == DUP_ACK_THRESHOLD:
-                rec = outstanding.get(self.snd_una)
-                if rec is not None and rec.in_flight:
-                    self._mark_lost(rec)
-                    lost = True
+        else:
+            if self._pto_due and outstanding:
+                # The peer is not silent: the probe waits for two round trips
+                # without any ACK (a loss the ACKs tell of is the loss rules'
+                # business; a probe then only added a retransmission), the RTO
+                # not beyond the oldest packet's.
+                pto_at = now + rtt.pto
+                rto_at = self._oldest_rto()
+                if pto_at < rto_at:
+                    self.rto_deadline = pto_at
+                else:
+                    self.rto_deadline = rto_at
+                    self._pto_due = False
+            if ptype == ST_STATE and outstanding:
+                self._dup_acks += 1
+                if self._dup_acks == DUP_ACK_THRESHOLD:
+                    rec = outstanding.get(self.snd_una)
+                    if rec is not None and rec.in_flight:
+                        self._lose(rec, flight_before)
+                        lost = True
         if sack is not None and outstanding:
-            sacked_bytes, sack_lost = self._on_sack(ack, sack)
+            sacked_bytes, sack_lost = self._on_sack(ack, sack, flight_before, now)
             acked_bytes += sacked_bytes
             lost = lost or sack_lost
         if newest_rtt_sent >= 0.0:
@@ -520,19 +592,24 @@ class Sender(Generic[ConnT]):
             if not lost:
                 rec = outstanding.get(self.snd_una)
                 if rec is not None and head_retransmission_lost(rec, rtt, now, self._config.delayed_ack):
-                    self._mark_lost(rec)
+                    self._lose(rec, flight_before)
                     lost = True
             rack = self._rack_sent_at
             if rack > self._rack_checked:  # something sent later was delivered
                 self._rack_checked = rack
                 for rec in sent_before_delivered(outstanding.values(), rack - rtt.srtt * 0.25):
-                    self._mark_lost(rec)
+                    self._lose(rec, flight_before)
                     lost = True
         if lost:
             self._stats.fast_retransmits += 1
             if self.snd_una >= self._recovery_seq:
                 self.cc.on_loss(now)
                 self._recovery_seq = self.snd_nxt
+            if not self._ep_reported and overflow_burst(self._ep_recent):
+                # the receiver (or a short queue) overflowed: the controller
+                # decides what to make of it
+                self._ep_reported = True
+                self.cc.on_overflow(self._ep_flight, now)
         if acked_bytes:
             delay = None
             if ts_diff:
@@ -550,7 +627,7 @@ class Sender(Generic[ConnT]):
             self._dirty.add(self._owner)
         return self.fin_acked and not outstanding
 
-    def _on_sack(self, ack: int, sack: bytes) -> tuple[int, bool]:
+    def _on_sack(self, ack: int, sack: bytes, flight_before: int, now: float) -> tuple[int, bool]:
         """Apply a selective ACK; return (bytes newly acked, a loss was detected)."""
         outstanding = self.outstanding
         base = ack + 2
@@ -558,6 +635,13 @@ class Sender(Generic[ConnT]):
         if span <= 0:
             return 0, False
         bits = int.from_bytes(sack, "little")
+        if not bits:
+            if span <= 8 * len(sack) or not self.rtt.has_sample:
+                return 0, False
+            lost = unsacked_range_lost(outstanding, ack + 1, base + 8 * len(sack), now - self.rtt.srtt * 1.25)
+            for hole in lost:
+                self._lose(hole, flight_before)
+            return 0, bool(lost)
         if bits.bit_length() > span:  # bits for packets never sent
             bits &= (1 << span) - 1
         if not bits:
@@ -593,8 +677,30 @@ class Sender(Generic[ConnT]):
             return acked_bytes, False
         holes = sack_holes_lost(outstanding, base, bits, latest)
         for rec in holes:
-            self._mark_lost(rec)
+            self._lose(rec, flight_before)
         return acked_bytes, bool(holes)
+
+    def _oldest_rto(self) -> float:
+        """When the RTO of the oldest packet outstanding is due."""
+        rec = self.outstanding.get(self.snd_una)
+        sent_at = rec.sent_at if rec is not None else self.last_send
+        return sent_at + self.rtt.rto
+
+    def _lose(self, rec: _Outgoing, flight: int) -> None:
+        """An ACK proved ``rec`` lost (``flight``: in flight before that ACK):
+        marked for retransmission, and a first transmission counts in the loss
+        episode's pattern."""
+        self._mark_lost(rec)
+        if rec.transmissions == 1:
+            if self.snd_una >= self._ep_end:
+                # a new episode: until everything now in flight is acknowledged
+                self._ep_end = self.snd_nxt
+                self._ep_flight = flight
+                self._ep_reported = False
+            recent = self._ep_recent
+            recent.append(rec.seq)
+            if len(recent) > OVERFLOW_RUN:
+                del recent[0]
 
     def _mark_lost(self, rec: _Outgoing) -> None:
         rec.in_flight = False

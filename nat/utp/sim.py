@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 from nat.utp.connection import UtpConnection, UtpEvent
 from nat.utp.events import IncomingConnection
 from nat.utp.multiplexer import UtpMultiplexer
+from nat.utp.packet import decode_packet
 from nat.utp.states import Address, Datagram
 
 
@@ -171,6 +172,80 @@ class SimNetwork:
             if self.now > limit:
                 raise SimulationTimeout(f"goal not reached by t={self.now:.3f}")
         raise SimulationTimeout("step limit reached")
+
+
+class ReceiveBuffer:
+    """A node behind a small socket receive buffer, read in batches by a busy host.
+
+    Models a UDP receiver such as libutp under Node: datagrams wait in a kernel
+    buffer of ``capacity`` datagrams (arrivals beyond it are dropped, counted in
+    ``dropped``); the host takes everything queued (up to ``batch``) at once,
+    spends ``1 / rate`` seconds per datagram on it, and only then hands the
+    batch to the wrapped node (so its ACKs go out once per batch, as libutp's
+    deferred ACKs do). While it works, arrivals queue. ``sack_bytes`` cuts the
+    selective ACKs the node sends to that many bytes (libutp's are 4: 32 packets
+    past the cumulative ACK).
+    """
+
+    def __init__(
+        self, node: SimNode, capacity: int, rate: float, batch: int = 64, sack_bytes: int | None = None
+    ) -> None:
+        self.node = node
+        self.capacity = capacity
+        self.rate = rate
+        self.batch = batch
+        self.sack_bytes = sack_bytes
+        self.dropped = 0
+        self.received = 0
+        self._queue: list[tuple[bytes, Address]] = []
+        self._working: list[tuple[bytes, Address]] = []
+        self._done_at: float | None = None
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        if len(self._queue) >= self.capacity:
+            self.dropped += 1
+            return
+        self._queue.append((data, addr))
+        if self._done_at is None:
+            self._take(now)
+
+    def _take(self, now: float) -> None:
+        batch, self._queue = self._queue[: self.batch], self._queue[self.batch :]
+        self._working = batch
+        self._done_at = now + len(batch) / self.rate if batch else None
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        out = self.node.datagrams_to_send(now)
+        limit = self.sack_bytes
+        if limit is None:
+            return out
+        cut = []
+        for data, addr in out:
+            if data[1]:  # an extension: the SACK
+                packet = decode_packet(data)
+                if packet.sack is not None and len(packet.sack) > limit:
+                    packet.sack = packet.sack[:limit]
+                    data = packet.encode()
+            cut.append((data, addr))
+        return cut
+
+    def get_timer(self) -> float | None:
+        timer = self.node.get_timer()
+        done = self._done_at
+        if done is None:
+            return timer
+        return done if timer is None or done < timer else timer
+
+    def handle_timer(self, now: float) -> None:
+        done = self._done_at
+        if done is not None and done <= now:
+            for data, addr in self._working:
+                self.received += 1
+                self.node.receive_datagram(data, addr, now)
+            self._take(now)
+        timer = self.node.get_timer()
+        if timer is not None and timer <= now:
+            self.node.handle_timer(now)
 
 
 class StreamApp:

@@ -10,7 +10,7 @@ import pytest
 from nat.utp.congestion import DelayHistory, LedbatController, LossTolerantController, RateController, make_controller
 from nat.utp.multiplexer import UtpConfig, UtpMultiplexer
 from nat.utp.rtt import RttEstimator
-from nat.utp.sim import AppRunner, LinkProfile, SimNetwork, StreamApp
+from nat.utp.sim import AppRunner, LinkProfile, ReceiveBuffer, SimNetwork, StreamApp
 
 A = ("10.0.0.1", 1000)
 B = ("10.0.0.2", 2000)
@@ -430,3 +430,193 @@ def test_stale_reordered_acks_are_not_duplicate_acks(congestion: str) -> None:
     (resent,) = [decode_packet(data) for data, _ in a.datagrams_to_send(0.063)]
     assert resent.seq_nr == packets[3].seq_nr
     assert a.stats.fast_retransmits == 1
+
+
+# ---- a receiver behind a small socket buffer (libutp: 1 MiB window, 208 KiB buffer)
+
+
+def small_buffer_run(congestion: str, capacity: int, rate: float, batch: int, size: int = 8 << 20):
+    """Send ``size`` bytes to a receiver behind a socket buffer of ``capacity``
+    datagrams drained ``rate`` datagrams/s in batches (ACKs once per batch,
+    SACKs cut to libutp's 4 bytes), over a loopback-like path (0.5 ms each way,
+    the sender's datagrams leave at 150k/s). Returns the goodput as a share of
+    the drain rate, the sender's connection and stats, and the buffer."""
+    net = SimNetwork(1, LinkProfile(delay=0.0005, rate=150_000.0))
+    config = UtpConfig(congestion=congestion)
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = UtpMultiplexer(config, rng=random.Random(2))
+    buffer = net.add(B, ReceiveBuffer(b, capacity, rate, batch, sack_bytes=4))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    payload = random.Random(3).randbytes(size)
+    client = runner.add(StreamApp(a.connect(B, net.now), payload))
+    net.run(lambda: client.done and len(runner.apps) == 2 and all(app.done for app in runner.apps.values()),
+            on_step=runner, max_time=120)
+    server = next(app for app in runner.apps.values() if app is not client)
+    assert bytes(server.received) == payload
+    return size / net.now / (rate * MSS), client.conn, a.stats, buffer
+
+
+@pytest.mark.parametrize(
+    ("capacity", "rate", "batch"), [(60, 20_000.0, 16), (90, 20_000.0, 64), (90, 40_000.0, 64), (150, 20_000.0, 64)]
+)
+def test_rate_controller_keeps_a_receiver_with_a_small_socket_buffer_busy(capacity: int, rate: float, batch: int) -> None:
+    # Before: the whole flight (1.25 x rate x 10 ms) landed in the buffer, its
+    # tail was dropped, the drops (no queuing delay) were taken for random loss
+    # and every retransmission went into the full buffer again; the tail past
+    # libutp's 32-packet SACK was only found by the RTO: 1-4% of the drain rate,
+    # a dozen timeouts for 8 MiB.
+    share, conn, stats, buffer = small_buffer_run("rate", capacity, rate, batch)
+    assert buffer.dropped > 0  # the buffer did overflow
+    assert share > 0.7
+    assert stats.timeouts == 0
+    assert conn.congestion.ceiling is not None  # the burst was recognised
+
+
+def test_ledbat_keeps_a_receiver_with_a_small_socket_buffer_busy() -> None:
+    # LEDBAT halves on every loss; what it lacked was the tail: one cell of the
+    # grid above lost a third of its time to timeouts
+    share, _, stats, _ = small_buffer_run("ledbat", 150, 40_000.0, 16)
+    assert share > 0.7
+    assert stats.timeouts == 0
+
+
+def long_path_run(loss: float, queue_limit: float | None, delay: float, seconds: float = 6.0):
+    """6 s over a 4000 packets/s link, ``2 x delay`` RTT, random loss each way and
+    a tail-drop queue of ``queue_limit`` seconds (None: unbounded): share of
+    the link received, the sender's timeouts and its overflow ceiling."""
+    net = SimNetwork(7, LinkProfile(delay=delay, rate=4000, loss=loss))
+    config = UtpConfig(congestion="rate")
+    if queue_limit is not None:
+        net.filters.append(lambda src, dst, data: net.queue_delay(src, dst) <= queue_limit)
+    a = net.add(A, UtpMultiplexer(config, rng=random.Random(1)))
+    b = net.add(B, UtpMultiplexer(config, rng=random.Random(2)))
+    runner = AppRunner([a, b], make_incoming=lambda conn: StreamApp(conn, b""))
+    link_bytes = 4000 * MSS * seconds
+    client = runner.add(StreamApp(a.connect(B, net.now), bytes(int(link_bytes))))
+    net.run(lambda: net.now >= seconds, on_step=runner, max_time=seconds + 1)
+    received = sum(len(app.received) for app in runner.apps.values() if app is not client)
+    return received / link_bytes, a.stats.timeouts, getattr(client.conn.congestion, "ceiling", None)
+
+
+@pytest.mark.parametrize(
+    ("loss", "queue_limit", "delay", "before"),
+    [
+        # the share of the link each received before the overflow ceiling
+        (0.01, 0.05, 0.02, 0.942),
+        (0.03, 0.05, 0.02, 0.911),
+        (0.03, 0.05, 0.05, 0.545),
+        (0.01, None, 0.02, 0.937),
+        (0.03, None, 0.05, 0.651),
+        (0.10, None, 0.02, 0.807),
+        (0.20, None, 0.02, 0.478),
+    ],
+)
+def test_random_loss_on_a_long_path_is_not_taken_for_overflow(
+    loss: float, queue_limit: float | None, delay: float, before: float
+) -> None:
+    # Random loss (up to 20% each way) and a path queue that overflows (it has
+    # delay) set no ceiling, and the goodput stays what it was.
+    share, _, ceiling = long_path_run(loss, queue_limit, delay)
+    assert ceiling is None
+    assert share > before * 0.98
+
+
+def test_overflow_burst_rule() -> None:
+    from nat.utp.loss import OVERFLOW_RUN, overflow_burst
+
+    assert OVERFLOW_RUN == 12
+    assert overflow_burst(list(range(100, 112)))  # a run of twelve
+    assert overflow_burst([100, 101, 103, 104, 105, 106, 108, 109, 110, 112, 114, 115])  # twelve within sixteen
+    assert not overflow_burst([100, 101, 103, 104, 105, 106, 108, 109, 110, 112, 114, 116])  # within seventeen
+    assert not overflow_burst(list(range(100, 111)))  # eleven
+    assert not overflow_burst(list(range(100, 160, 5)))  # random loss: spread out
+
+
+def test_rate_controller_overflow_ceiling() -> None:
+    rate = RateController(MSS)
+    rate.on_rtt(0.001, 0.0)
+    now = 0.0
+    for _ in range(400):  # a steady 10k packets/s on loopback
+        now += 0.001
+        rate.on_ack(10 * MSS, 500, rate.cwnd, now)
+    window = rate.cwnd
+    assert rate.ceiling is None and window > 100 * MSS
+    # a burst lost with no queue behind it: the window is capped at half the flight
+    rate.on_loss(now)
+    rate.on_overflow(window, now)
+    assert rate.ceiling == window // 2 and rate.cwnd == window // 2
+    for _ in range(5):  # the model's window would be larger: the ceiling holds it
+        now += 0.001
+        rate.on_ack(10 * MSS, 500, rate.cwnd, now)
+    assert rate.cwnd == rate.ceiling and window // 2 <= rate.ceiling <= window // 2 * 33 // 32
+    # each round (10 ms on loopback) the ceiling held the window it grows by 1/32
+    for _ in range(100):
+        now += 0.001
+        rate.on_ack(10 * MSS, 500, rate.cwnd, now)
+    assert window // 2 * 1.2 < rate.ceiling < window // 2 * 1.45
+    assert rate.cwnd == rate.ceiling
+    # a burst during a loss episode that saw a queue (delay above target/8) is
+    # a path queue's overflow: the delay rules handle it
+    ceiling = rate.ceiling
+    rate.on_loss(now)
+    rate.on_ack(10 * MSS, 20_000, rate.cwnd, now)
+    rate.on_ack(10 * MSS, 500, rate.cwnd, now)
+    rate.on_overflow(rate.cwnd, now)
+    assert rate.ceiling == ceiling
+    # LEDBAT halves on every loss already (on_loss); the burst changes nothing more
+    for other in (LedbatController(MSS), LossTolerantController(MSS)):
+        other.cwnd = 100 * MSS
+        other.on_overflow(100 * MSS, now)
+        assert other.cwnd == 100 * MSS
+
+
+def test_a_tail_lost_past_libutps_sack_is_probed_and_resent_before_the_timeout() -> None:
+    # 40 packets; the receiver (libutp: 4-byte SACKs) got the first two and the
+    # last two, a receive buffer dropped the rest. Its ACK says ack_nr = the
+    # second, and a SACK with no bit set (what it holds is past its 32-packet
+    # range). Then nothing more comes: before, only the RTO (0.5 s after) found
+    # the loss. Now two round trips of silence send the oldest packet again
+    # (the tail-loss probe), and its ACK, another empty SACK a round trip
+    # later, proves the range lost.
+    from nat.utp.packet import ST_STATE, decode_packet, encode_packet
+
+    config = UtpConfig(congestion="rate")
+    a = UtpMultiplexer(config, rng=random.Random(40))
+    b = UtpMultiplexer(config, rng=random.Random(140))
+    conn = a.connect(B, 0.0)
+    for data, _ in a.datagrams_to_send(0.0):
+        b.receive_datagram(data, A, 0.02)
+    for data, _ in b.datagrams_to_send(0.02):
+        a.receive_datagram(data, B, 0.04)  # a 40 ms round trip
+    assert conn.rtt == pytest.approx(0.04)
+    conn.congestion.cwnd = 64 * MSS
+    conn.send(bytes(MSS * 40))
+    packets = [decode_packet(data) for data, _ in a.datagrams_to_send(0.05)]
+    assert len(packets) == 40
+    first = packets[0].seq_nr
+
+    def ack(seq16: int, at: float) -> None:
+        a.receive_datagram(
+            encode_packet(ST_STATE, conn.recv_id, 0, seq16 & 0xFFFF, wnd_size=1 << 20, sack=bytes(4)), B, at
+        )
+
+    ack(first + 1, 0.09)
+    assert a.datagrams_to_send(0.09) == []  # sent a round trip ago: not yet proven lost
+    window = conn.cwnd
+    probe_at = a.get_timer()
+    assert probe_at is not None and 0.17 < probe_at < 0.18  # two round trips and the ACK delay
+    a.handle_timer(probe_at)
+    (probe,) = [decode_packet(data) for data, _ in a.datagrams_to_send(probe_at)]
+    assert probe.seq_nr == packets[2].seq_nr
+    assert a.stats.timeouts == 0 and conn.cwnd == window
+    # the timeout still runs from the oldest packet's transmission, not from that ACK
+    assert a.get_timer() == pytest.approx(0.05 + conn.rto)
+    ack(first + 2, probe_at + 0.04)
+    resent = [decode_packet(data) for data, _ in a.datagrams_to_send(probe_at + 0.04)]
+    # the SACK's range and the packet before it, at once (as many as the
+    # window takes: 33 packets lost in a row are a burst, the window is now
+    # capped at half the flight)
+    assert len(resent) >= 16
+    assert [p.seq_nr for p in resent] == [p.seq_nr for p in packets[3 : 3 + len(resent)]]
+    assert conn.congestion.ceiling is not None
+    assert a.stats.timeouts == 0
