@@ -42,6 +42,13 @@ ALLOWED_PRIVATE_REACHES = {
 }
 
 MAX_MODULE_LINES = 620
+# Modules allowed past it, with the reason.
+LONG_MODULES = {
+    # One class, the uTP sender, whose per-packet paths (flush, on_ack) are tuned by
+    # bench/utp_core.py: a split along a seam would add a call or an attribute hop per
+    # packet (one extra call measured +3-4% on bulk). Cap it all the same.
+    "nat.utp.sending": 720,
+}
 
 
 def layer_of(module: str) -> str:
@@ -105,7 +112,7 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
 
 def test_modules_stay_readable() -> None:
     long = [f"{name}: {n} lines" for name, module in sorted(RUNTIME.items())
-            if (n := len(module.path.read_text().splitlines())) > MAX_MODULE_LINES]
+            if (n := len(module.path.read_text().splitlines())) > LONG_MODULES.get(name, MAX_MODULE_LINES)]
     assert long == []
 
 
