@@ -59,23 +59,38 @@ async def send_spoofed(count: int, victim: tuple[str, int], target: tuple[str, i
         raw.close()
 
 
-async def test_spoofed_syns_open_no_backend_connection_and_send_victim_at_most_one_datagram_each() -> None:
-    spoofed = 10
-    async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as node:
-        victim = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+async def datagrams_to_victim(node_port: int, spoofed: int, watch: float) -> int:
+    """Send ``spoofed`` SYNs that claim to come from a victim, then count what reaches
+    the victim for ``watch`` seconds: longer than a connection start may take, so that
+    whatever a start would send (punch pings, TLS) or open (the backend) happens in it."""
+    victim = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with victim:
         await victim.bind((VICTIM_HOST, 0))
         received = [0]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(count_received, victim, received)
-            await send_spoofed(spoofed, victim.getsockname(), ("127.0.0.1", node.proxy.proxy_port))
-            # Watch for longer than a connection start may take: whatever a start
-            # would send (punch pings, TLS) or open (the backend) happens in it.
-            await trio.sleep(3 * 0.5)
+            await send_spoofed(spoofed, victim.getsockname(), ("127.0.0.1", node_port))
+            await trio.sleep(watch)  # observing an absence: nothing to wait on
             nursery.cancel_scope.cancel()
-        victim.close()
+    return received[0]
+
+
+async def test_spoofed_syns_open_no_backend_connection_and_send_victim_at_most_one_datagram_each() -> None:
+    spoofed = 10
+    async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as node:
+        received = await datagrams_to_victim(node.proxy.proxy_port, spoofed, 3 * 0.5)
         assert server.peers == [], "a stranger's SYN opened a connection to the server"
-        assert received[0] <= spoofed, f"{received[0]} datagrams sent to a victim for {spoofed} spoofed SYNs"
+        assert received <= spoofed, f"{received} datagrams sent to a victim for {spoofed} spoofed SYNs"
         assert node.proxy.connection_reverse_count == 0
+
+
+async def test_a_syn_flood_from_one_source_is_rate_limited() -> None:
+    # The uTP multiplexer's per-source limit on new connections (nat/utp/multiplexer.py).
+    flood = 400
+    async with tcp_server() as server, running_node(server.port, conn_connect_time=0.5) as node:
+        received = await datagrams_to_victim(node.proxy.proxy_port, flood, 3 * 0.5)
+        assert server.peers == []
+        assert received <= flood // 4, f"{received} datagrams answered a flood of {flood}"
 
 
 # --- the original's forward side, as a peer that is not a keynode -----------------------
