@@ -1,4 +1,5 @@
-"""A keynode node in a child process, for the benchmarks that want one process per node.
+"""A keynode node in a child process, for the benchmarks that want one process per node,
+and the CONNECT client they drive it with.
 
 The parent runs ``python <its script> node [SERVER_PORT]``; the script's ``node``
 branch calls ``run_node``. The child prints one JSON line (NodeId, forward and proxy
@@ -8,6 +9,7 @@ uTP core's counters as a second JSON line.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -77,3 +79,39 @@ class NodeProcess:
             self.process.wait()
         except ValueError:
             pass
+
+
+class ConnectFailed(Exception):
+    """The forward proxy did not answer a CONNECT with 200 (``status`` None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def connect_through(forward_port: int, target: str, token: str) -> tuple[trio.SocketStream, bytes]:
+    """CONNECT through the forward proxy on loopback; the stream and the tunnel bytes
+    that came with the 200."""
+    import h11
+
+    stream = await trio.open_tcp_stream("127.0.0.1", forward_port)
+    client = h11.Connection(h11.CLIENT)
+    auth = "Basic " + base64.b64encode(token.encode()).decode()
+    request = h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)])
+    await stream.send_all(client.send(request))
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            if not data:
+                await stream.aclose()
+                raise ConnectFailed("the proxy closed without an answer")
+            client.receive_data(data)
+            continue
+        if not isinstance(event, h11.Response):
+            await stream.aclose()
+            raise ConnectFailed(f"unexpected {event!r}")
+        if event.status_code != 200:
+            await stream.aclose()
+            raise ConnectFailed(f"{event.status_code} {event.reason.decode(errors='replace')}", event.status_code)
+        return stream, bytes(client.trailing_data[0])

@@ -22,7 +22,6 @@ Stops after ``--tunnels`` tunnels or ``--seconds`` seconds, whichever comes firs
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import logging
 import os
@@ -39,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 TOKEN = "soak-token"
 
-from _node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _node_process import ConnectFailed, NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _node_process import connect_through as connect_to  # noqa: E402
 
 ROUND_SIZE = 64
 
@@ -150,30 +150,10 @@ class TunnelFailed(Exception):
 
 
 async def connect_through(forward_port: int, target: str) -> tuple[trio.SocketStream, bytes]:
-    import h11
-
-    stream = await trio.open_tcp_stream("127.0.0.1", forward_port)
-    client = h11.Connection(h11.CLIENT)
-    auth = "Basic " + base64.b64encode(TOKEN.encode()).decode()
-    await stream.send_all(
-        client.send(h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)]))
-    )
-    while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(4096)
-            if not data:
-                await stream.aclose()
-                raise TunnelFailed("connect", "the proxy closed without an answer")
-            client.receive_data(data)
-            continue
-        if not isinstance(event, h11.Response):
-            await stream.aclose()
-            raise TunnelFailed("connect", f"unexpected {event!r}")
-        if event.status_code != 200:
-            await stream.aclose()
-            raise TunnelFailed("connect", f"{event.status_code} {event.reason.decode(errors='replace')}", event.status_code)
-        return stream, bytes(client.trailing_data[0])
+    try:
+        return await connect_to(forward_port, target, TOKEN)
+    except ConnectFailed as error:
+        raise TunnelFailed("connect", str(error), error.status) from None
 
 
 async def one_tunnel(forward_port: int, target: str, rounds: int, payload: bytes, expected: bytes, wait_for_eof: bool) -> None:

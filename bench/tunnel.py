@@ -36,6 +36,7 @@ TOKEN = "bench-token"
 SERVICE = "keynode.bench.Echo"
 
 from _node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _node_process import connect_through as connect_to  # noqa: E402
 
 # --- a node process ------------------------------------------------------------------
 
@@ -144,22 +145,8 @@ async def sink(stream: trio.SocketStream) -> None:
 
 
 async def connect_through(forward_port: int, target: str) -> trio.SocketStream:
-    import h11
-
-    stream = await trio.open_tcp_stream("127.0.0.1", forward_port)
-    client = h11.Connection(h11.CLIENT)
-    auth = "Basic " + base64.b64encode(TOKEN.encode()).decode()
-    await stream.send_all(
-        client.send(h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)]))
-    )
-    while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
-            client.receive_data(await stream.receive_some(4096))
-            continue
-        if not isinstance(event, h11.Response) or event.status_code != 200:
-            raise RuntimeError(f"CONNECT failed: {event}")
-        return stream
+    stream, _ = await connect_to(forward_port, target, TOKEN)
+    return stream
 
 
 async def push(stream: trio.SocketStream, size: int) -> float:
