@@ -115,6 +115,8 @@ class Proxy:
         self._proxy_address: tuple[str, int] | None = None
         self._context: ConnectionContext | None = None
         self._starting: set[trio.CancelScope] = set()
+        # open_connection_forward calls under way, by address: a second one waits for the first
+        self._opening_forward: dict[Address, trio.Event] = {}
         # CONNECTs past their request, not yet answered: stop lets them answer.
         self._answering = 0
         self._answered = trio.Event()
@@ -345,10 +347,17 @@ class Proxy:
             raise ProxyNotRunning("proxy is not running")
         wanted = (node_ids,) if isinstance(node_ids, NodeId) else tuple(node_ids)
         address = await self._resolve(host, port)
+        while (opening := self._opening_forward.get(address)) is not None:
+            await opening.wait()
         live = self._registry.live_forward(address, wanted)
         if live is not None and live.node_id is not None:
             return live.node_id  # the original's: a live connection to the address is enough
-        connection = await self._connect_forward(wanted, address, claim=False)
+        self._opening_forward[address] = opened = trio.Event()
+        try:
+            connection = await self._connect_forward(wanted, address, claim=False)
+        finally:
+            del self._opening_forward[address]
+            opened.set()
         assert connection.node_id is not None
         return connection.node_id
 

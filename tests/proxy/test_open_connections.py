@@ -49,6 +49,23 @@ async def test_open_connection_forward_to_a_live_connection_is_a_no_op() -> None
             await client.aclose()
 
 
+async def test_simultaneous_open_connection_forward_calls_open_one_connection() -> None:
+    with trio.fail_after(15):
+        async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
+            address = ("127.0.0.1", remote.proxy.proxy_port)
+            answers: list[object] = []
+
+            async def open_one() -> None:
+                answers.append(await local.proxy.open_connection_forward(remote.node_id, *address))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(open_one)
+            assert answers == [remote.node_id] * 3
+            assert local.proxy.connection_forward_count == 1
+            assert remote.proxy.connection_reverse_count == 1
+
+
 async def test_open_connection_reverse_toward_a_live_connection_does_nothing() -> None:
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
