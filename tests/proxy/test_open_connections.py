@@ -11,22 +11,13 @@ from proxy.errors import ConnectionVerifyError
 from proxy.identity.tls_config import TLSConfig
 from tests.proxy.test_proxy_support import (
     connect_ok,
+    echo_round,
     receive_all,
     running_node,
     target_for,
     tcp_server,
 )
 from tests.proxy.test_strangers import original_node
-
-
-async def echo_round(stream: trio.SocketStream, data: bytes) -> None:
-    await stream.send_all(data)
-    received = b""
-    while len(received) < len(data):
-        chunk = await stream.receive_some(65536)
-        assert chunk
-        received += chunk
-    assert received == data
 
 
 async def test_open_connection_forward_to_a_live_connection_is_a_no_op() -> None:

@@ -29,6 +29,7 @@ from tests.proxy.test_proxy_support import (
     connect_ok,
     connection_ended,
     digest_after_eof,
+    echo_round,
     http_connect,
     random_payload,
     raw_peer,
@@ -164,16 +165,6 @@ async def test_open_connection_and_http_connect_fail_due_to_invalid_node_id() ->
             assert local.events.established == []
 
 
-async def tunnel_echo_round(stream: trio.SocketStream, payload: bytes) -> None:
-    await stream.send_all(payload)
-    received = b""
-    while len(received) < len(payload):
-        chunk = await stream.receive_some(65536)
-        assert chunk
-        received += chunk
-    assert received == payload
-
-
 async def end_and_check(local: Node, remote: Node, client: trio.SocketStream, ender: str) -> None:
     """End a live tunnel from one side; every side ends, with the right reason, counts back to 0."""
     with trio.fail_after(5):
@@ -214,7 +205,7 @@ async def test_open_connection_success(ender: str) -> None:
             assert local.proxy.connection_forward_count == 1
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
             assert local.proxy.connection_forward_count == 1  # the CONNECT used the opened connection
-            await tunnel_echo_round(client, b"hello through the tunnel")
+            await echo_round(client, b"hello through the tunnel")
             with trio.fail_after(5):
                 while remote.proxy.connection_reverse_count != 1:
                     await trio.sleep(0.01)
@@ -230,7 +221,7 @@ async def test_http_connect_success(form: str, ender: str) -> None:
             async with running_node(address_book=book) as local:
                 target = target_for(remote.proxy, remote.node_id) if form == "query" else f"{remote.node_id}:443"
                 client = await connect_ok(local.proxy, target)
-                await tunnel_echo_round(client, random_payload(300_000))
+                await echo_round(client, random_payload(300_000))
                 info = local.proxy.get_connection_info_by_client(*client.socket.getsockname()[:2])
                 assert info is not None and info.remote_node_id == remote.node_id
                 assert info.direction == Direction.FORWARD
@@ -251,12 +242,12 @@ async def test_http_connect_success_by_opening_connection_first() -> None:
             assert local.proxy.connection_forward_count == 1  # reused while idle
             assert len(local.events.established) == 1
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
-            await tunnel_echo_round(client, b"x" * 1000)
+            await echo_round(client, b"x" * 1000)
             # A second CONNECT to the same remote gets its own connection.
             second = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
             assert local.proxy.connection_forward_count == 2
-            await tunnel_echo_round(second, b"y" * 1000)
-            await tunnel_echo_round(client, b"z" * 1000)
+            await echo_round(second, b"y" * 1000)
+            await echo_round(client, b"z" * 1000)
             await client.aclose()
             await second.aclose()
 
@@ -271,7 +262,7 @@ async def test_open_connection_and_http_connect_keep_alive_timeout(virtual_clock
                 node_id = await local.proxy.open_connection_forward(config.node_id, "127.0.0.1", silent.port)
                 assert node_id == config.node_id
                 client = await connect_ok(local.proxy, f"127.0.0.1:{silent.port}?nodeId={node_id}")
-                await tunnel_echo_round(client, b"alive")
+                await echo_round(client, b"alive")
                 peer = local.proxy.peers.get(("127.0.0.1", silent.port))
                 assert peer is not None
                 silent.responsive = False
@@ -350,7 +341,7 @@ async def test_stopping_the_proxy_with_open_reverse_connections() -> None:
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             clients = [await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id)) for _ in range(3)]
             for client in clients:
-                await tunnel_echo_round(client, b"ping")
+                await echo_round(client, b"ping")
             assert remote.proxy.connection_reverse_count == 3
             target = target_for(remote.proxy, remote.node_id)
             await remote.proxy.stop()
@@ -377,7 +368,7 @@ async def test_open_connection_to_multiple_servers() -> None:
                     info = a.proxy.get_connection_info_by_proxy("127.0.0.1", remote.proxy.proxy_port)
                     assert info is not None and info.remote_node_id == remote.node_id
                     client = await connect_ok(a.proxy, target_for(remote.proxy, remote.node_id))
-                    await tunnel_echo_round(client, remote.node_id.encode().encode())
+                    await echo_round(client, remote.node_id.encode().encode())
                     await client.aclose()
 
 
@@ -389,7 +380,7 @@ async def test_open_connection_from_multiple_clients() -> None:
                 for local in (b, c):
                     clients.append(await connect_ok(local.proxy, target_for(a.proxy, a.node_id)))
                 for client in clients:
-                    await tunnel_echo_round(client, b"from a client")
+                    await echo_round(client, b"from a client")
                 assert a.proxy.connection_reverse_count == 2
                 seen = {a.proxy.get_connection_info_by_reverse(*peer).remote_node_id for peer in server.peers}
                 assert seen == {b.node_id, c.node_id}
@@ -510,7 +501,7 @@ async def test_connection_established_callback() -> None:
     with trio.fail_after(15):
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
-            await tunnel_echo_round(client, b"hi")
+            await echo_round(client, b"hi")
             (forward_event,) = local.events.established
             assert forward_event.direction == Direction.FORWARD
             assert forward_event.remote_node_id == remote.node_id
@@ -527,7 +518,7 @@ async def test_connections_lists_established_tunnels_with_counters() -> None:
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             assert local.proxy.connections() == [] and remote.proxy.connections() == []
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
-            await tunnel_echo_round(client, b"x" * 50_000)
+            await echo_round(client, b"x" * 50_000)
             (forward,) = local.proxy.connections()
             assert forward.info.direction == Direction.FORWARD
             assert forward.info.remote_node_id == remote.node_id
@@ -551,7 +542,7 @@ async def test_open_connection_reverse_then_incoming() -> None:
             assert remote.proxy.connection_reverse_count == 1
             assert len(server.peers) == 1  # the server connection exists ahead of the caller
             client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id))
-            await tunnel_echo_round(client, b"prepared")
+            await echo_round(client, b"prepared")
             assert remote.proxy.connection_reverse_count == 1 and len(server.peers) == 1
             await client.aclose()
 
@@ -561,7 +552,7 @@ async def test_token_forms_accepted() -> None:
         async with tcp_server() as server, running_node(server.port) as remote, running_node() as local:
             for credentials in (TOKEN, TOKEN + ":", "grpc:" + TOKEN):
                 client = await connect_ok(local.proxy, target_for(remote.proxy, remote.node_id), token=credentials)
-                await tunnel_echo_round(client, b"auth ok")
+                await echo_round(client, b"auth ok")
                 await client.aclose()
 
 

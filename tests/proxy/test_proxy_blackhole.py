@@ -16,6 +16,7 @@ from tests.proxy.test_proxy_support import (
     VIRTUAL_TOLERANCE,
     connect_ok,
     connection_ended,
+    echo_round,
     http_connect,
     raw_peer,
     running_node,
@@ -23,16 +24,6 @@ from tests.proxy.test_proxy_support import (
     udp_relay,
     virtual,
 )
-
-
-async def echo_round(stream: trio.SocketStream, payload: bytes) -> None:
-    await stream.send_all(payload)
-    received = b""
-    while len(received) < len(payload):
-        chunk = await stream.receive_some(65536)
-        assert chunk
-        received += chunk
-    assert received == payload
 
 
 async def test_503_while_stopping_and_connections_end_within_conn_end_time(virtual_clock: MockClock) -> None:

@@ -96,6 +96,17 @@ async def connect_ok(proxy: Proxy, target: str, **kwargs: Any) -> trio.SocketStr
     return reply.stream
 
 
+async def echo_round(stream: trio.SocketStream, payload: bytes) -> None:
+    """Send ``payload`` through an echoing tunnel and check exactly it comes back."""
+    await stream.send_all(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        received += chunk
+    assert received == payload
+
+
 async def receive_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 30) -> bytes:
     data = bytearray()
     while chunk := await stream.receive_some(1 << 16):
