@@ -19,6 +19,7 @@ from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint, ch
 
 from nat.errors import NatError, UtpConnectionReset
 from nat.utp.connection import UtpConnection
+from nat.utp.states import SYN_RECV
 
 __all__ = ["UtpStream", "StreamDriver", "DEFAULT_RECEIVE_SIZE"]
 
@@ -95,6 +96,12 @@ class UtpStream(trio.abc.HalfCloseableStream):
     @property
     def bytes_received(self) -> int:
         return self._conn.bytes_received
+
+    @property
+    def peer_confirmed(self) -> bool:
+        """False while an accepted connection is half-open: the peer has not answered
+        our SYN-ACK, so its address may be anybody's (a spoofed SYN)."""
+        return self._conn.state is not SYN_RECV
 
     @property
     def connection(self) -> UtpConnection:

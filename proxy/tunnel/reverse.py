@@ -22,7 +22,6 @@ import os
 import trio
 
 from nat.stream import UtpStream
-from nat.utp.states import SYN_RECV
 from proxy.identity.errors import CertificateChainError
 from proxy.identity.verification import verify_client_certificate_chain
 from proxy.tls import TLSStream
@@ -133,7 +132,7 @@ class ConnectionReverse(TunnelConnection):
 
     async def _abandon(self, *, goodbye: bool = False) -> None:
         utp = self.utp
-        if utp is not None and utp.connection.state is SYN_RECV:
+        if utp is not None and not utp.peer_confirmed:
             # The caller never answered our SYN-ACK, so the address may be anybody's:
             # nothing more goes to it, not even a RESET. The transport drops the
             # half-open connection itself (syn_recv_timeout).
