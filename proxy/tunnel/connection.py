@@ -34,6 +34,7 @@ from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
 from proxy.tls import TLSStream
 from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
+    ConnectionResetByPeer,
     ConnectionStartError,
     ConnectionStartTimeout,
     ConnectionVerifyError,
@@ -203,6 +204,18 @@ def presented_identity(chain: Sequence[x509.Certificate]) -> str:
     if claimed is not None and claimed != node_id:
         return f"NodeId {node_id} (its certificate claims {claimed})"
     return f"NodeId {node_id}"
+
+
+def as_peer_reset(error: BaseException, prefix: str = "") -> BaseException:
+    """How an error that ended a connection is reported: a transport failure as
+    ConnectionResetByPeer caused by it; a keep-alive timeout, an error already so
+    reported, or a fault of this node (logged where it happened) as itself, so that
+    a bug is never told as a peer reset."""
+    if isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer) or not isinstance(error, TRANSPORT_ERRORS):
+        return error
+    wrapped = ConnectionResetByPeer(f"{prefix}{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def start_error(error: BaseException, what: str) -> KeynodeError:

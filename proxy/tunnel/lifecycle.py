@@ -33,10 +33,17 @@ from cryptography import x509
 
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
-from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams, close_tunnel, reset_tcp, start_error, until_peer_dies
+from proxy.tunnel.connection import (
+    TRANSPORT_ERRORS,
+    as_peer_reset,
+    close_streams,
+    close_tunnel,
+    reset_tcp,
+    start_error,
+    until_peer_dies,
+)
 from proxy.tunnel.errors import (
     ConnectionKeepAliveTimeout,
-    ConnectionResetByPeer,
     ConnectionStartError,
     ProxyNotRunning,
     StartRefused,
@@ -279,11 +286,7 @@ class TunnelConnection:
                 nursery.cancel_scope.cancel()
         self._early_from_tunnel = bytes(watch.early)
         if watch.reason is not None and not self.composed:
-            error = watch.error
-            if error is not None:
-                wrapped = ConnectionResetByPeer(f"while idle: {type(error).__name__}: {error}")
-                wrapped.__cause__ = error
-                error = wrapped
+            error = None if watch.error is None else as_peer_reset(watch.error, "while idle: ")
             raise _FarSideEnded(Ending(watch.reason, error, broken=error is not None))
 
     async def _watch_server(self) -> None:

@@ -38,8 +38,8 @@ from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
 from nat.stream import UtpStream
 from proxy.tls import SEND_SLICE, TLSStream
 from proxy.tls.errors import TLSTruncatedError
-from proxy.tunnel.connection import TRANSPORT_ERRORS
-from proxy.tunnel.errors import ConnectionKeepAliveTimeout, ConnectionResetByPeer
+from proxy.tunnel.connection import TRANSPORT_ERRORS, as_peer_reset
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout
 from proxy.tunnel.peer import Peer
 from proxy.tunnel.records import EndReason
 
@@ -78,17 +78,8 @@ class PipeOutcome:
 
     @property
     def reported_error(self) -> BaseException | None:
-        """The error given to connection_lost_callback: the keep-alive timeout as is, a
-        transport failure as ConnectionResetByPeer caused by it, and a fault of our own
-        (logged where it happened) as itself, so that a bug is never told as a peer reset."""
-        error = self.error
-        if error is None or isinstance(error, ConnectionKeepAliveTimeout | ConnectionResetByPeer):
-            return error
-        if not isinstance(error, TRANSPORT_ERRORS):
-            return error
-        wrapped = ConnectionResetByPeer(f"{type(error).__name__}: {error}")
-        wrapped.__cause__ = error
-        return wrapped
+        """The error given to connection_lost_callback (connection.as_peer_reset)."""
+        return None if self.error is None else as_peer_reset(self.error)
 
 
 _buffers = threading.local()
