@@ -250,6 +250,12 @@ class RendezvousService:
         now = trio.current_time()
         core.punch(target, done.candidates, now)
         self._after(now)
+        confirmed = core.node.path(target)
+        if confirmed is not None:  # another caller's punch toward it got there first
+            waiting = self._paths.get(target, [])
+            if path in waiting:
+                waiting.remove(path)
+            return confirmed
         await path.event.wait()
         if isinstance(path.result, PathConfirmed):
             return path.result.address
