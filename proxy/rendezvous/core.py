@@ -51,7 +51,7 @@ class Rendezvous:
         self.counters["received"] += 1
         wall_ms = self.wall_ms(now)
         try:
-            opened = self.opener.open(data, wall_ms)
+            opened = self.opener.open(data, wall_ms, source[0], now)
             if opened.message_type > MAX_RENDEZVOUS_TYPE:
                 self.counters["unexpected_type"] += 1
                 return

@@ -39,6 +39,9 @@ class KeyRing:
         """From a cryptography Ed25519PrivateKey (the node's TLS key)."""
         return cls(private_key.private_bytes_raw())  # type: ignore[attr-defined]
 
+    def has_shared_key(self, peer: bytes) -> bool:
+        return peer in self._cache
+
     def shared_key(self, peer: bytes) -> bytes:
         """The box key between this node and the peer NodeId (32 raw bytes);
         Unauthenticated when the bytes are no valid Ed25519 point."""

@@ -11,6 +11,11 @@ malformed, does not open (forged, corrupted, or not for us), its timestamp is
 more than MAX_SKEW from now (stale), or its nonce was seen from that sender
 within the window (replayed).
 
+New senders cost a shared key (about 94 us): how many may be built is limited per
+source host (``NEW_KEYS_BURST``, ``NEW_KEYS_RATE``) and overall (ten times that), so
+a flood of messages under made-up NodeIds costs little; what is over the limit is
+dropped as overloaded before any crypto.
+
 Replay window: per sender the nonces of the last MAX_SKEW (up to
 NONCES_PER_SENDER; when that is full the oldest goes and nothing older than it is
 accepted from that sender). At most MAX_SENDERS senders are tracked; a sender is
@@ -30,6 +35,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from proxy.identity.node_id import NodeId
+from proxy.rendezvous.buckets import TokenBuckets
 from proxy.rendezvous.errors import Malformed, Overloaded, Replayed, Stale, Unauthenticated
 from proxy.rendezvous.keys import KeyRing
 
@@ -44,6 +50,8 @@ MAX_SKEW_MS = 30_000
 NONCES_PER_SENDER = 256
 MAX_SENDERS = 8192
 MIN_TYPE, MAX_TYPE = 2, 255
+NEW_KEYS_BURST = 50.0  # shared keys built per source host: burst, then per second
+NEW_KEYS_RATE = 50.0
 
 
 def seal(keyring: KeyRing, receiver: bytes, message_type: int, body: bytes, wall_ms: int,
@@ -85,18 +93,21 @@ class Opener:
         self.dropped: dict[str, int] = {"malformed": 0, "unauthenticated": 0, "stale": 0, "replayed": 0,
                                         "overloaded": 0}
         self.opened = 0
+        self.new_keys_per_source = TokenBuckets(NEW_KEYS_BURST, NEW_KEYS_RATE, limit=4096)
+        self.new_keys_overall = TokenBuckets(NEW_KEYS_BURST * 10, NEW_KEYS_RATE * 10, limit=1)
 
-    def open(self, data: bytes, wall_ms: int) -> Opened:
-        """The message, or a MessageRejected subclass (already counted)."""
+    def open(self, data: bytes, wall_ms: int, source_host: str = "", now: float = 0.0) -> Opened:
+        """The message, or a MessageRejected subclass (already counted). ``source_host``
+        and ``now`` (monotonic) charge the new-key budget."""
         try:
-            opened = self._open(data, wall_ms)
+            opened = self._open(data, wall_ms, source_host, now)
         except (Malformed, Unauthenticated, Stale, Replayed, Overloaded) as error:
             self.dropped[error.reason] += 1
             raise
         self.opened += 1
         return opened
 
-    def _open(self, data: bytes, wall_ms: int) -> Opened:
+    def _open(self, data: bytes, wall_ms: int, source_host: str, now: float) -> Opened:
         if not MIN_SIZE <= len(data) <= MAX_SIZE:
             raise Malformed(f"keyed message of {len(data)} bytes")
         magic, version, sender, nonce = HEADER.unpack_from(data)
@@ -105,6 +116,10 @@ class Opener:
             raise Malformed("not a keyed message of version 1")
         if sender == self.keyring.node_id_bytes:
             raise Unauthenticated("a message claiming to come from this node")
+        if not self.keyring.has_shared_key(sender) and not (
+            self.new_keys_per_source.take(source_host, now) and self.new_keys_overall.take("", now)
+        ):
+            raise Overloaded("too many new senders from this source")
         key = self.keyring.shared_key(sender)
         try:
             plaintext = nacl.bindings.crypto_box_open_easy_afternm(data[HEADER.size:], nonce, key)

@@ -169,14 +169,32 @@ def test_the_sender_table_is_bounded() -> None:
         sender = KeyRing(index.to_bytes(32, "big"))
         data = seal(sender, BOB.node_id_bytes, m.PING, m.Ping(os.urandom(12)).encode(), NOW_MS)
         try:
-            opener.open(data, NOW_MS)
+            opener.open(data, NOW_MS, f"192.0.2.{index}")
         except MessageRejected:
             pass
     assert opener.sender_count == 50 and opener.dropped["overloaded"] == 10
     # once those senders' messages are stale they make room
     late = seal(KeyRing(b"\xff" * 32), BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS + 40_000)
-    opener.open(late, NOW_MS + 40_000)
+    opener.open(late, NOW_MS + 40_000, "192.0.2.200")
     assert opener.sender_count == 50
+
+
+def test_new_sender_keys_are_budgeted_per_source_before_any_crypto() -> None:
+    opener = Opener(BOB)
+    opener.open(seal(ALICE, BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS), NOW_MS, "192.0.2.9")
+    built = BOB.shared_keys_built
+    for index in range(200):  # made-up NodeIds from one host, all at once
+        data = seal(KeyRing(os.urandom(32)), BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS)
+        try:
+            opener.open(data, NOW_MS, "192.0.2.1", now=0.0)
+        except MessageRejected:
+            pass
+    assert opener.dropped["overloaded"] == 150
+    assert BOB.shared_keys_built - built == 50
+    known = seal(ALICE, BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS)
+    opener.open(known, NOW_MS, "192.0.2.1", now=0.0)  # a sender whose key is known is not limited
+    later = seal(KeyRing(os.urandom(32)), BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS)
+    opener.open(later, NOW_MS, "192.0.2.1", now=1.0)  # the budget refills
 
 
 # --- multiserver addresses --------------------------------------------------------
