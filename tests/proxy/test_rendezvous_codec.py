@@ -183,7 +183,7 @@ def test_new_sender_keys_are_budgeted_per_source_before_any_crypto() -> None:
     opener = Opener(BOB)
     opener.open(seal(ALICE, BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS), NOW_MS, "192.0.2.9")
     built = BOB.shared_keys_built
-    for index in range(200):  # made-up NodeIds from one host, all at once
+    for _ in range(200):  # made-up NodeIds from one host, all at once
         data = seal(KeyRing(os.urandom(32)), BOB.node_id_bytes, m.PING, m.Ping(bytes(12)).encode(), NOW_MS)
         try:
             opener.open(data, NOW_MS, "192.0.2.1", now=0.0)
