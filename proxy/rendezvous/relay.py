@@ -1,7 +1,9 @@
 """The relay node's rendezvous role (sans-IO): observed addresses, registrations,
 lookups and introductions.
 
-- An authenticated PING is answered with a PONG carrying the address it came from.
+- An authenticated PING from a registered node is answered with a PONG carrying
+  the address it came from (a node asks this again without re-registering; a
+  stranger's PING gets nothing, so the relay reflects nothing at made-up keys).
 - REGISTER stores NodeId -> (observed address = the datagram's source, the LAN
   addresses it reports, its signed record) until ``registration_ttl``; the last
   registration wins. The table is bounded (the oldest refreshed entry goes).
@@ -70,7 +72,7 @@ class RelayCore:
         self.per_node = TokenBuckets(burst, rate)
         self.per_source = TokenBuckets(burst, rate)
         self.counters = {"pings": 0, "registrations": 0, "lookups": 0, "introductions": 0, "not_found": 0,
-                         "rate_limited": 0, "evicted": 0, "bad_records": 0}
+                         "rate_limited": 0, "evicted": 0, "bad_records": 0, "pings_ignored": 0}
 
     def allowed(self, sender: bytes, source: Address, now: float) -> bool:
         # Both buckets are charged: a flood from one host under many NodeIds, or one
@@ -85,6 +87,9 @@ class RelayCore:
     def handle(self, sender: bytes, message: Message, source: Address, now: float, wall_ms: int) -> list[Send]:
         """What to send in answer to one authenticated message (nothing if limited)."""
         if isinstance(message, Ping):
+            if self.registration(sender, now) is None:
+                self.counters["pings_ignored"] += 1
+                return []
             if not self.allowed(sender, source, now):
                 return []
             self.counters["pings"] += 1

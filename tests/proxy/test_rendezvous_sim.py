@@ -341,9 +341,13 @@ def test_relay_rate_limits_per_node_id_and_per_source() -> None:
                            ("192.0.2.5", 1000), 0.0)
     assert len(relay.core.take_datagrams()) == 20  # the burst
     for index in range(100):  # many NodeIds from one host: the per-source bucket
-        relay.core.receive(seal(keyring(), relay_id, m.PING, m.Ping(os.urandom(12)).encode(), wall_ms),
+        relay.core.receive(seal(keyring(), relay_id, m.REGISTER, m.Register(os.urandom(12), ()).encode(), wall_ms),
                            ("192.0.2.6", 1000 + index), 0.0)
     assert len(relay.core.take_datagrams()) == 20
+    stranger = keyring()  # a PING from a NodeId that never registered: no answer
+    relay.core.receive(seal(stranger, relay_id, m.PING, m.Ping(os.urandom(12)).encode(), wall_ms),
+                       ("192.0.2.7", 1000), 0.0)
+    assert relay.core.take_datagrams() == []
     relay.core.receive(seal(node, relay_id, m.PING, m.Ping(os.urandom(12)).encode(), wall_ms + 1000),
                        ("192.0.2.5", 1000), 1.0)
     assert len(relay.core.take_datagrams()) == 1  # refilled: 10/s
