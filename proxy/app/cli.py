@@ -285,7 +285,7 @@ def command_open_forward(args: argparse.Namespace) -> int:
     if args.address is not None:
         body.update(host=args.address.host, port=args.address.port)
     answer = _control(args, "POST", "/v1/forward", body)
-    where = args.address if args.address is not None else "the address its relay nodes introduced"
+    where = args.address if args.address is not None else answer.get("address")
     return report(args, answer, f"forward connection open to {answer.get('node_id')} at {where}")
 
 
@@ -315,7 +315,19 @@ def command_forward(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if isinstance(args.target, NodeId):
-        address = peer_address(args, args.target)
+        if args.target not in config.peers and config.relay_servers:
+            # By NodeId alone: the running node finds it through its relay nodes and opens
+            # the tunnel; the CONNECTs then name the address it was found at.
+            try:
+                answer = _control(args, "POST", "/v1/forward", {"node_id": str(args.target)})
+            except ControlUnreachable as error:
+                raise CommandError(
+                    f"finding {args.target} through the relay nodes needs the running node: {error}",
+                    ExitCode.CONTROL_UNREACHABLE,
+                ) from None
+            address = parse_host_port(answer["address"])
+        else:
+            address = peer_address(args, args.target)
         args.target = ForwardTarget(args.target, address.host, address.port)
     via: HostPort | None = args.via
     tls_config = None
@@ -487,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "forward", command_forward,
         "listen locally and tunnel every connection to NODEID's server (like ssh -L)",
         "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz@198.51.100.7:4000\n"
-        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz   # address from [peers]\n"
+        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz   # address from [peers], else found\n"
+        "                                       # through [relay] servers by the running node\n"
         "  ssh -p 2222 localhost                # reaches the server behind that node",
         [common, node_dir, config, control],
     )
@@ -496,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--via", metavar="HOST:PORT", type=host_port_argument,
                          help="the local node's CONNECT port (default: from config or status)")
     forward.add_argument("target", metavar="NODEID@HOST:PORT", type=forward_target_argument,
-                         help="remote NodeId and its proxy (UDP) address (NODEID alone: from [peers])")
+                         help="remote NodeId and its proxy (UDP) address "
+                              "(NODEID alone: from [peers], else via [relay] servers)")
     demo = _add_command(
         subparsers, "demo", command_demo,
         "two nodes with fresh identities, gRPC echo through the tunnel, figures, PASS/FAIL",

@@ -229,8 +229,11 @@ class NodeController:
         }
 
     async def open_forward(self, node_id: NodeId, host: str | None, port: int | None) -> dict[str, Any]:
+        """Without host and port: [peers], else the relay nodes find it (both sides punch)."""
+        if host is None or port is None:
+            host, port = await self.proxy.find_path(node_id)
         verified = await self.proxy.open_connection_forward([node_id], host, port)
-        return {"node_id": str(verified)}
+        return {"node_id": str(verified), "address": format_host_port(host, port)}
 
     async def open_reverse(self, host: str, port: int) -> dict[str, Any]:
         await self.proxy.open_connection_reverse(host, port)
