@@ -129,6 +129,12 @@ def split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def observed_addresses(status: dict[str, Any]) -> list[tuple[str, int]]:
+    """`observed_addresses` of a status: one entry per relay node that answered,
+    `{"address": "host:port", "relay": NodeId}`; the addresses, in that order."""
+    return [split_address(entry["address"]) for entry in status["observed_addresses"]]
+
+
 async def wait_for_nat_mapping(node: KeynodeNode, timeout: float) -> dict[str, Any]:
     """Poll `status` until the node has an observed address and has classified its
     mapping (two relay nodes answered); returns that status."""
