@@ -381,13 +381,13 @@ def format_status(status: Mapping[str, Any]) -> str:
             str(item.get("direction", "?")),
             str(item.get("state") or "established"),
             str(item.get("node_id") or "-"),
-            str(item.get("path") or "direct"),
             str(item.get("remote") or "?"),
+            str(item.get("path") or "-"),
             str(item.get("local") or "-"),
             format_age(float(item.get("age") or 0)),
             format_bytes(float(item.get("bytes_sent") or 0)),
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
         ])
-    header = ["DIRECTION", "STATE", "NODEID", "PATH", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
     return "\n".join(lines) + f"\n\n{format_table(header, rows)}"

@@ -145,7 +145,6 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "direction": "reverse",
             "state": "prepared",
             "node_id": None,
-            "path": "direct",
             "remote": _address_text((prepared.remote_host, prepared.remote_port)),
             "local": None,
             "age": round(now - prepared.prepared_at, 3),
