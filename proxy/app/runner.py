@@ -261,6 +261,10 @@ class NodeController:
 
         tls_config = load_identity(self.config.node_dir)
         self.proxy.set_tls_config(tls_config)
+        if self.proxy.rendezvous is not None:  # register and sign under the new NodeId
+            from proxy.rendezvous.keys import KeyRing
+
+            self.proxy.rendezvous.set_identity(KeyRing.from_private_key(tls_config.private_key))
         previous, self.node_id = self.node_id, tls_config.node_id
         log.info("identity reloaded: %s (was %s)", self.node_id, previous,
                  extra={"fields": {"event": "identity_reloaded", "node_id": str(self.node_id),

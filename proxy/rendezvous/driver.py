@@ -81,6 +81,8 @@ class RendezvousService:
         self._sequence = SequenceClock()
         self._relay_names: dict[bytes, RelayAddress] = {relay.node_id.__bytes__(): relay for relay in self.relays}
         self.send_failures = 0
+        self._resolved: tuple[tuple[bytes, Address], ...] = ()
+        self._lan: tuple[Address, ...] = ()
 
     # --- what the node knows ------------------------------------------------------
 
@@ -128,9 +130,10 @@ class RendezvousService:
                 log.warning("relay node %s@%s:%d not resolved: %s", relay.node_id, relay.host, relay.port, error)
                 continue
             relays.append((bytes(relay.node_id), address))
-        lan = self._lan_addresses([address for _, address in relays])
+        self._resolved = tuple(relays)
+        self._lan = self._lan_addresses([address for _, address in relays])
         now = trio.current_time()
-        self.core = Rendezvous(self.keyring, tuple(relays), serve=self.serve, lan=lan,
+        self.core = Rendezvous(self.keyring, self._resolved, serve=self.serve, lan=self._lan,
                                wall_offset=time.time() - now, timers=self.timers)
         self.endpoint.on_keyed_message = self._receive
         try:
@@ -146,6 +149,27 @@ class RendezvousService:
                 self._after(now)
         finally:
             self.endpoint.on_keyed_message = None
+
+    def set_identity(self, keyring: KeyRing) -> None:
+        """A new key (after `keynode rotate`): a fresh core registers the new NodeId with
+        the relays at once; lookups and punches under way end as failed."""
+        self.keyring = keyring
+        if self.core is None:
+            return
+        now = trio.current_time()
+        self.core = Rendezvous(keyring, self._resolved, serve=self.serve, lan=self._lan,
+                               wall_offset=time.time() - now, timers=self.timers)
+        for target, waiters in self._lookups.items():
+            for waiter in waiters:
+                waiter.result = LookupDone(target, False)
+                waiter.event.set()
+        for target, waiters in self._paths.items():
+            for waiter in waiters:
+                waiter.result = PunchFailed(target, ())
+                waiter.event.set()
+        self._lookups.clear()
+        self._paths.clear()
+        self._wakeup.set()
 
     async def _resolve(self, host: str, port: int) -> Address:
         try:

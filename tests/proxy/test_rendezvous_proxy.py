@@ -127,3 +127,19 @@ async def test_original_ping_pong_and_peers_still_work_beside_rendezvous() -> No
         stream = await connect_ok(caller.proxy, host_target)
         await echo_round(stream, b"plain address")
         assert caller.proxy.endpoint.stats.keyed_unhandled == 0
+
+
+async def test_a_rotated_identity_registers_its_new_node_id() -> None:
+    from proxy.identity.tls_config import TLSConfig
+    from proxy.rendezvous.keys import KeyRing
+
+    async with three_nodes() as (relay, caller, target, _server):
+        new = TLSConfig.generate()
+        target.proxy.set_tls_config(new)
+        assert target.proxy.rendezvous is not None
+        target.proxy.rendezvous.set_identity(KeyRing.from_private_key(new.private_key))
+        with trio.fail_after(5):
+            while bytes(new.node_id) not in relay.proxy.rendezvous.core.relay.registrations:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        stream = await connect_ok(caller.proxy, f"{new.node_id}:443")
+        await echo_round(stream, b"new identity")
