@@ -6,7 +6,9 @@ lookups and introductions.
   stranger's PING gets nothing, so the relay reflects nothing at made-up keys).
 - REGISTER stores NodeId -> (observed address = the datagram's source, the LAN
   addresses it reports, its signed record) until ``registration_ttl``; the last
-  registration wins. The table is bounded (the oldest refreshed entry goes).
+  registration wins, but a record is kept only if it verifies under the sender's
+  NodeId and its sequence number is above the one held (forged or older: refused).
+  The table is bounded (the oldest refreshed entry goes).
 - LOOKUP of a registered target: a LOOKUP_REPLY to the caller with the target's
   observed and LAN addresses and record, and an INTRODUCTION, signed by this relay,
   to the target at its observed address with the caller's *observed* address (as
@@ -72,7 +74,7 @@ class RelayCore:
         self.per_node = TokenBuckets(burst, rate)
         self.per_source = TokenBuckets(burst, rate)
         self.counters = {"pings": 0, "registrations": 0, "lookups": 0, "introductions": 0, "not_found": 0,
-                         "rate_limited": 0, "evicted": 0, "bad_records": 0, "pings_ignored": 0}
+                         "rate_limited": 0, "evicted": 0, "bad_records": 0, "old_records": 0, "pings_ignored": 0}
 
     def allowed(self, sender: bytes, source: Address, now: float) -> bool:
         # Both buckets are charged: a flood from one host under many NodeIds, or one
@@ -106,15 +108,18 @@ class RelayCore:
 
     def _register(self, sender: bytes, message: Register, source: Address, now: float) -> list[Send]:
         record = message.record
+        held = self.registrations.pop(sender, None)
         if record:
             try:
                 parsed = record_from_bytes(record)
             except RecordInvalid:
                 parsed = None
             if parsed is None or bytes(parsed.node_id) != sender:
-                self.counters["bad_records"] += 1
-                record = b""
-        self.registrations.pop(sender, None)
+                self.counters["bad_records"] += 1  # forged, or someone else's
+                record = held.record if held is not None else b""
+            elif held is not None and held.record and record_from_bytes(held.record).seq >= parsed.seq:
+                self.counters["old_records"] += 1  # older than the one held: keep that
+                record = held.record
         self.registrations[sender] = Registration(source, message.lan, record, now + self.registration_ttl)
         self.counters["registrations"] += 1
         while len(self.registrations) > self.max_registrations:

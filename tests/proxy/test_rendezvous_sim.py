@@ -18,6 +18,7 @@ from proxy.rendezvous import messages as m
 from proxy.rendezvous.core import Rendezvous
 from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.node import Introduced, PathConfirmed, PunchFailed, RendezvousTimers
+from proxy.rendezvous.relay import RelayCore
 from proxy.rendezvous.wire import seal
 
 Address = tuple[str, int]
@@ -373,3 +374,22 @@ def test_relay_memory_stays_bounded_under_a_registration_flood_from_many_sources
     assert len(relay.relay.per_node) <= 2000 and len(relay.relay.per_source) <= 2000
     assert len(relay.keyring._cache) <= relay.keyring.cache_size
     assert relay.relay.counters["evicted"] > 0
+
+
+def test_the_relay_keeps_only_verified_newer_records() -> None:
+    from proxy.rendezvous.addresses import SequenceClock, sign_record
+
+    relay_ring = keyring()
+    relay = RelayCore(relay_ring)
+    node, other = keyring(), keyring()
+    clock = SequenceClock()
+    older = sign_record(node.signing_key, clock.next(), "utp:198.51.100.7:4000").to_bytes()
+    newer = sign_record(node.signing_key, clock.next(), "utp:198.51.100.7:4001").to_bytes()
+    foreign = sign_record(other.signing_key, clock.next(), "utp:192.0.2.1:1").to_bytes()
+    forged = bytearray(newer)
+    forged[-1] ^= 1
+    source = ("198.51.100.7", 4000)
+    for index, record in enumerate((newer, older, foreign, bytes(forged))):
+        relay.handle(node.node_id_bytes, m.Register(os.urandom(12), (), record), source, float(index), 0)
+        assert relay.registrations[node.node_id_bytes].record == newer
+    assert relay.counters["old_records"] == 1 and relay.counters["bad_records"] == 2
