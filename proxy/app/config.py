@@ -448,7 +448,7 @@ def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
             node_id = NodeId.decode(name)
         except (NodeIdInvalid, ValueError) as error:
             raise reader.fail(key, f"not a NodeId: {error}") from None
-        if isinstance(raw, str) and (raw.startswith("keynode-record:") or ";" in raw or raw[:4] in ("utp:", "rela")):
+        if isinstance(raw, str) and _is_address_list(raw):
             peers[node_id] = _peer_from_list(reader, key, node_id, raw)
             continue
         try:
@@ -456,6 +456,13 @@ def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
         except HostPortInvalid as error:
             raise reader.fail(key, str(error)) from None
     return peers
+
+
+def _is_address_list(text: str) -> bool:
+    """A record or multiserver list rather than `host:port` (`utp:4000` is the host
+    `utp`, port 4000: a list's utp/relay address has two colons at least)."""
+    return (text.startswith("keynode-record:") or ";" in text
+            or (text.startswith(("utp:", "relay:")) and text.count(":") >= 2))
 
 
 def _peer_from_list(reader: _Reader, key: str, node_id: Any, text: str) -> HostPort:

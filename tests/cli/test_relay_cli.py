@@ -149,3 +149,43 @@ def test_relay_config_errors_name_the_key(tmp_path: Path) -> None:
         result = run_keynode("run", "--dir", str(tmp_path), timeout=30)
         assert result.returncode == ExitCode.CONFIG, result.stderr
         assert key in result.stderr
+
+
+def test_peers_take_a_host_port_a_multiserver_list_or_a_signed_record(tmp_path: Path) -> None:
+    import nacl.signing
+
+    from proxy.app.config import config_from_mapping
+    from proxy.app.errors import ConfigError
+    from proxy.identity.node_id import NodeId
+    from proxy.rendezvous.addresses import SequenceClock, sign_record
+    from proxy.tunnel.hosts import HostPort
+
+    key = nacl.signing.SigningKey(bytes(range(32)))
+    node_id = NodeId(bytes(key.verify_key))
+    relay = NodeId(bytes(32))
+    record = sign_record(key, SequenceClock().next(), f"relay:{relay}@198.18.0.2:4000;utp:198.51.100.7:4000")
+    other = NodeId(bytes(range(1, 33)))
+
+    def peers(value: str, name: NodeId = node_id) -> Any:
+        data = {"auth": {"token": "t"}, "peers": {str(name): value}}
+        return config_from_mapping(data, "x.toml", base_dir=tmp_path).peers[name]
+
+    assert peers("198.51.100.7:4000") == HostPort("198.51.100.7", 4000)
+    assert peers(f"relay:{relay}@198.18.0.2:4000;utp:2001!:db8!:!:1:4000") == HostPort("2001:db8::1", 4000)
+    assert peers(record.to_text()) == HostPort("198.51.100.7", 4000)
+    for value, name, reason in (
+        (record.to_text(), other, "signed by"),  # filed under another NodeId
+        (record.to_text()[:-3] + "AAA", node_id, "signature"),  # forged
+        (f"relay:{relay}@198.18.0.2:4000", node_id, "no utp"),
+        ("utp:198.51.100.7", node_id, "is not a number"),  # one colon: read as host:port
+        ("utp:198.51.100.7:x;utp:1.2.3.4:5", node_id, "bad port"),
+    ):
+        try:
+            peers(value, name)
+        except ConfigError as error:
+            assert reason in str(error) and f"peers.{name}" in str(error)
+        else:
+            raise AssertionError(f"{value!r} accepted")
+    # host names that merely look like layer names stay host:port
+    assert peers("relay.example:4000") == HostPort("relay.example", 4000)
+    assert peers("utp:4000") == HostPort("utp", 4000)
