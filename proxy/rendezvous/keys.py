@@ -39,6 +39,10 @@ class KeyRing:
         """From a cryptography Ed25519PrivateKey (the node's TLS key)."""
         return cls(private_key.private_bytes_raw())  # type: ignore[attr-defined]
 
+    @property
+    def cached_keys(self) -> int:
+        return len(self._cache)
+
     def has_shared_key(self, peer: bytes) -> bool:
         return peer in self._cache
 

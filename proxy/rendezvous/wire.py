@@ -17,8 +17,9 @@ a flood of messages under made-up NodeIds costs little; what is over the limit i
 dropped as overloaded before any crypto.
 
 Replay window: per sender the nonces of the last MAX_SKEW (up to
-NONCES_PER_SENDER; when that is full the oldest goes and nothing older than it is
-accepted from that sender). At most MAX_SENDERS senders are tracked; a sender is
+NONCES_PER_SENDER, and MAX_NONCES over all senders; when a sender's share is full,
+or the total, its oldest goes and nothing at or below its timestamp is accepted
+from that sender any more). At most MAX_SENDERS senders are tracked; a sender is
 forgotten only once everything it sent is stale anyway, so forgetting opens no
 window for a replay; a new sender finding the table full of live ones is dropped
 (overloaded).
@@ -48,7 +49,8 @@ MIN_SIZE = HEADER.size + MAC_SIZE + INNER.size
 MAX_SIZE = 1400  # keyed messages fit one datagram on any path
 MAX_SKEW_MS = 30_000
 NONCES_PER_SENDER = 256
-MAX_SENDERS = 8192
+MAX_SENDERS = 16384  # above the relay's registration table (10000)
+MAX_NONCES = 131072  # over all senders (each about 100 bytes kept)
 MIN_TYPE, MAX_TYPE = 2, 255
 NEW_KEYS_BURST = 50.0  # shared keys built per source host: burst, then per second
 NEW_KEYS_RATE = 50.0
@@ -93,6 +95,7 @@ class Opener:
         self.dropped: dict[str, int] = {"malformed": 0, "unauthenticated": 0, "stale": 0, "replayed": 0,
                                         "overloaded": 0}
         self.opened = 0
+        self._total = 0  # nonces held over all senders
         self.new_keys_per_source = TokenBuckets(NEW_KEYS_BURST, NEW_KEYS_RATE, limit=4096)
         self.new_keys_overall = TokenBuckets(NEW_KEYS_BURST * 10, NEW_KEYS_RATE * 10, limit=1)
 
@@ -144,23 +147,44 @@ class Opener:
                 # Everything it sent is stale now, so forgetting it lets no replay in.
                 if oldest.newest_ms + MAX_SKEW_MS >= wall_ms:
                     raise Overloaded("replay table full of live senders")
-                senders.popitem(last=False)
+                self._forget(*senders.popitem(last=False))
             state = senders[sender] = _Sender()
         else:
             senders.move_to_end(sender)
         nonces = state.nonces
         if stamp <= state.floor_ms or nonce in nonces:
             raise Replayed("nonce seen before from this sender")
-        # Forget nonces that went stale (anything that old is refused as stale).
+        # Forget this sender's nonces that went stale (anything that old is refused as
+        # stale), and its oldest one when it holds its share.
         while nonces:
             first_nonce, first_stamp = next(iter(nonces.items()))
             if first_stamp + MAX_SKEW_MS >= wall_ms and len(nonces) < NONCES_PER_SENDER:
                 break
-            del nonces[first_nonce]
-            if first_stamp + MAX_SKEW_MS >= wall_ms:
-                state.floor_ms = max(state.floor_ms, first_stamp)  # evicted while live
+            self._evict(state, wall_ms)
         nonces[nonce] = stamp
+        self._total += 1
         state.newest_ms = max(state.newest_ms, stamp)
+        # All senders together hold at most MAX_NONCES: the least recently heard lose
+        # their oldest first (their floor rises, so nothing evicted can come back).
+        while self._total > MAX_NONCES:
+            _, victim = next(iter(senders.items()))
+            if victim.nonces:
+                self._evict(victim, wall_ms)
+            else:
+                senders.move_to_end(next(iter(senders)))
+
+    def _evict(self, state: _Sender, wall_ms: int) -> None:
+        first_nonce, first_stamp = state.nonces.popitem(last=False)
+        self._total -= 1
+        if first_stamp + MAX_SKEW_MS >= wall_ms:
+            state.floor_ms = max(state.floor_ms, first_stamp)  # evicted while live
+
+    def _forget(self, sender: bytes, state: _Sender) -> None:
+        self._total -= len(state.nonces)
+
+    @property
+    def nonce_count(self) -> int:
+        return self._total
 
     @property
     def sender_count(self) -> int:

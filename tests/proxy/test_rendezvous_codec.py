@@ -293,3 +293,21 @@ def test_hostile_records_raise_only_record_invalid(data: bytes) -> None:
         record_from_text("keynode-record:" + data.hex())
     except RecordInvalid:
         pass
+
+
+def test_nonces_over_all_senders_are_bounded_and_evicted_ones_stay_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.rendezvous import wire
+
+    monkeypatch.setattr(wire, "MAX_NONCES", 100)
+    opener = Opener(BOB)
+    senders = [KeyRing(index.to_bytes(32, "big")) for index in range(1, 11)]
+    sent = []
+    for round_ in range(30):
+        for index, sender in enumerate(senders):
+            data = seal(sender, BOB.node_id_bytes, m.PING, m.Ping(os.urandom(12)).encode(), NOW_MS + round_)
+            opener.open(data, NOW_MS + 100, f"192.0.2.{index}")
+            sent.append(data)
+    assert opener.nonce_count <= 100
+    for data in sent:
+        with pytest.raises(Replayed):
+            opener.open(data, NOW_MS + 100, "192.0.2.1")
