@@ -34,8 +34,9 @@ the dotted key and the reason, so a typo never silently becomes a default.
     "v0123...abc" = "198.51.100.7:4000"  # host:port, or [v6]:port
     "v4567...def" = "utp:198.51.100.8:4000;relay:v89ab...@198.18.0.2:4000"   # a multiserver list
     "vcdef...012" = "keynode-record:AYCC..."   # a record pasted from `keynode id --address`
-    # (a list or record: its first utp address is used; a record must verify under the
-    #  NodeId it is filed under)
+    # (a list or record: its first utp address is used; without one, its relay:
+    #  entries are the relay nodes asked for that node; a record must verify under
+    #  the NodeId it is filed under)
 
     [relay]                              # rendezvous: reach nodes by NodeId alone
     serve = false                        # true: be a relay node (needs a reachable address)
@@ -147,6 +148,7 @@ class Config:
     max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH  # certificates a peer's chain may hold
     relay_serve: bool = False  # [relay] serve: answer, register and introduce other nodes
     relay_servers: tuple[Any, ...] = ()  # [relay] servers: proxy.rendezvous.addresses.RelayAddress
+    peer_relays: Mapping[Any, tuple[Any, ...]] = field(default_factory=dict)  # [peers] relay: entries
 
     @property
     def key_path(self) -> Path:
@@ -282,7 +284,7 @@ def config_from_mapping(
 
     auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir, read_auth)
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
-    peers = _read_peers(reader, reader.table(data, "peers"))
+    peers, peer_relays = _read_peers(reader, reader.table(data, "peers"))
 
     transport = reader.table(data, "transport")
     reader.reject_unknown(transport, "transport", ("congestion",))
@@ -328,6 +330,7 @@ def config_from_mapping(
         max_chain_length=max_chain_length,
         relay_serve=relay_serve,
         relay_servers=relay_servers,
+        peer_relays=peer_relays,
     )
 
 
@@ -438,10 +441,13 @@ def _read_relay(reader: _Reader, table: dict[str, Any]) -> tuple[bool, tuple[Any
     return serve, tuple(servers)
 
 
-def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
+def _read_peers(reader: _Reader, table: dict[str, Any]) -> tuple[dict[Any, HostPort], dict[Any, tuple[Any, ...]]]:
+    """NodeId -> its proxy address, and NodeId -> its home relays (the relay: entries of
+    an address list or record; asked for that node when it has no utp address)."""
     from proxy.identity.node_id import NodeId  # identity layer; imported late to keep config light
 
     peers: dict[Any, HostPort] = {}
+    peer_relays: dict[Any, tuple[Any, ...]] = {}
     for name, raw in table.items():
         key = f"peers.{name}"
         try:
@@ -449,13 +455,17 @@ def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
         except (NodeIdInvalid, ValueError) as error:
             raise reader.fail(key, f"not a NodeId: {error}") from None
         if isinstance(raw, str) and _is_address_list(raw):
-            peers[node_id] = _peer_from_list(reader, key, node_id, raw)
+            address, relays = _peer_from_list(reader, key, node_id, raw)
+            if address is not None:
+                peers[node_id] = address
+            if relays:
+                peer_relays[node_id] = relays
             continue
         try:
             peers[node_id] = parse_host_port(raw, allow_wildcard=False)
         except HostPortInvalid as error:
             raise reader.fail(key, str(error)) from None
-    return peers
+    return peers, peer_relays
 
 
 def _is_address_list(text: str) -> bool:
@@ -465,10 +475,10 @@ def _is_address_list(text: str) -> bool:
             or (text.startswith(("utp:", "relay:")) and text.count(":") >= 2))
 
 
-def _peer_from_list(reader: _Reader, key: str, node_id: Any, text: str) -> HostPort:
-    """The first utp address of a multiserver list or of a signed record (which must be
-    the NodeId's own)."""
-    from proxy.rendezvous.addresses import UtpAddress, keynode_addresses, record_from_text
+def _peer_from_list(reader: _Reader, key: str, node_id: Any, text: str) -> tuple[HostPort | None, tuple[Any, ...]]:
+    """The first utp address and the relay addresses of a multiserver list or of a
+    signed record (which must be the NodeId's own)."""
+    from proxy.rendezvous.addresses import RelayAddress, UtpAddress, keynode_addresses, record_from_text
     from proxy.rendezvous.errors import RendezvousError
 
     try:
@@ -481,7 +491,6 @@ def _peer_from_list(reader: _Reader, key: str, node_id: Any, text: str) -> HostP
             addresses = keynode_addresses(text)
     except RendezvousError as error:
         raise reader.fail(key, str(error)) from None
-    for address in addresses:
-        if isinstance(address, UtpAddress):
-            return HostPort(address.host, address.port)
-    raise reader.fail(key, "no utp:host:port address in the list (a relay-only list needs [relay] servers)")
+    utp = [HostPort(address.host, address.port) for address in addresses if isinstance(address, UtpAddress)]
+    relays = tuple(address for address in addresses if isinstance(address, RelayAddress))
+    return (utp[0] if utp else None), relays

@@ -350,6 +350,7 @@ async def serve_node(
         connection_lost_callback=events.lost,
         relay_servers=config.relay_servers,
         relay_serve=config.relay_serve,
+        peer_relays=config.peer_relays,
     )
     async with AsyncExitStack() as stack:
         try:

@@ -80,8 +80,8 @@ class Rendezvous:
     def next_deadline(self) -> float:
         return self.node.next_deadline()
 
-    def lookup(self, target: bytes, now: float) -> None:
-        self.node.lookup(target, now)
+    def lookup(self, target: bytes, now: float, via: tuple[bytes, ...] = ()) -> None:
+        self.node.lookup(target, now, via)
         self._flush_node(now)
 
     def punch(self, target: bytes, candidates: tuple[Address, ...], now: float) -> None:

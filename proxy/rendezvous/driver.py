@@ -15,7 +15,7 @@ import logging
 import math
 import socket as stdlib_socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,8 @@ class RendezvousService:
     """Rendezvous on one endpoint: register with relays (and serve as one)."""
 
     def __init__(self, endpoint: Any, keyring: KeyRing, relays: Iterable[RelayAddress] = (), *,
-                 serve: bool = False, timers: RendezvousTimers | None = None) -> None:
+                 serve: bool = False, home_relays: Mapping[NodeId, tuple[RelayAddress, ...]] | None = None,
+                 timers: RendezvousTimers | None = None) -> None:
         self.endpoint = endpoint
         self.keyring = keyring
         self.relays = tuple(relays)
@@ -80,6 +81,9 @@ class RendezvousService:
         self._paths: dict[bytes, list[_Waiter]] = {}
         self._sequence = SequenceClock()
         self._relay_names: dict[bytes, RelayAddress] = {relay.node_id.__bytes__(): relay for relay in self.relays}
+        # A peer's home relays (from its address list or record in [peers]): asked for it.
+        self.home_relays = dict(home_relays or {})
+        self._home: dict[bytes, tuple[bytes, ...]] = {}
         self.send_failures = 0
         self._resolved: tuple[tuple[bytes, Address], ...] = ()
         self._lan: tuple[Address, ...] = ()
@@ -132,9 +136,19 @@ class RendezvousService:
             relays.append((bytes(relay.node_id), address))
         self._resolved = tuple(relays)
         self._lan = self._lan_addresses([address for _, address in relays])
+        home: list[tuple[bytes, bytes, Address]] = []
+        for peer, peer_relays in self.home_relays.items():
+            for relay in peer_relays:
+                try:
+                    home.append((bytes(peer), bytes(relay.node_id), await self._resolve(relay.host, relay.port)))
+                except OSError as error:
+                    log.warning("home relay %s of %s not resolved: %s", relay.host, peer, error)
         now = trio.current_time()
         self.core = Rendezvous(self.keyring, self._resolved, serve=self.serve, lan=self._lan,
                                wall_offset=time.time() - now, timers=self.timers)
+        for peer_id, relay_id, address in home:
+            self.core.node.add_relay(relay_id, address)
+            self._home[peer_id] = (*self._home.get(peer_id, ()), relay_id)
         self.endpoint.on_keyed_message = self._receive
         try:
             task_status.started()
@@ -157,8 +171,12 @@ class RendezvousService:
         if self.core is None:
             return
         now = trio.current_time()
+        previous = self.core
         self.core = Rendezvous(keyring, self._resolved, serve=self.serve, lan=self._lan,
                                wall_offset=time.time() - now, timers=self.timers)
+        for relay_id, state in previous.node.relays.items():
+            if not state.registers:
+                self.core.node.add_relay(relay_id, state.address)
         for target, waiters in self._lookups.items():
             for waiter in waiters:
                 waiter.result = LookupDone(target, False)
@@ -253,22 +271,23 @@ class RendezvousService:
         """Ask the relays for ``node_id``, punch toward what they vouch for, and return the
         address an authenticated PONG confirmed (NodeNotFound, NoDirectPath)."""
         core = self.core
-        if core is None or not core.node.relays:
-            raise RendezvousUnavailable(f"no address known for {node_id}: no [peers] entry and no [relay] servers")
         target = bytes(node_id)
+        if core is None or not (self._resolved or self._home.get(target)):
+            raise RendezvousUnavailable(f"no address known for {node_id}: no [peers] entry and no [relay] servers")
         confirmed = core.node.path(target)
         if confirmed is not None:
             return confirmed
         lookup = _Waiter()
         self._lookups.setdefault(target, []).append(lookup)
         now = trio.current_time()
-        core.lookup(target, now)
+        core.lookup(target, now, via=self._home.get(target, ()))
         self._after(now)
         await lookup.event.wait()
         done: LookupDone = lookup.result
         if not done.found:
             raise NodeNotFound(f"{node_id} is not registered with any relay node this node asked "
-                               f"({len(core.node.relays)}), or none answered")
+                               f"({len(core.node.lookup_relays(target, self._home.get(target, ())))}), "
+                               "or none answered")
         path = _Waiter()
         self._paths.setdefault(target, []).append(path)
         now = trio.current_time()

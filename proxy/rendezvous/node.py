@@ -117,6 +117,7 @@ class RelayState:
     address: Address
     observed: Address | None = None
     registered: bool = False
+    registers: bool = True  # False: a peer's home relay, only asked
     next_register: float = 0.0
     txid: bytes = b""
 
@@ -127,6 +128,7 @@ class LookupState:
     deadline: float
     next_send: float
     txids: set[bytes] = field(default_factory=set)
+    asked: tuple[bytes, ...] = ()  # the relays asked
     negative: set[bytes] = field(default_factory=set)  # relays that answered "not found"
 
 
@@ -233,13 +235,15 @@ class NodeRendezvous:
             self.events.append(LookupDone(message.target, True, candidates, message.record))
             return
         lookup.negative.add(sender)
-        if len(lookup.negative) == len(self.relays):  # every relay said so: no need to wait
+        if lookup.negative >= set(lookup.asked):  # every relay asked said so: no need to wait
             del self.lookups[message.target]
             self.events.append(LookupDone(message.target, False))
 
     def _introduction(self, sender: bytes, message: Introduction, now: float, wall_ms: int) -> None:
+        relay = self.relays.get(sender)
         ok = (
-            sender in self.relays
+            relay is not None
+            and relay.registers  # only a relay this node registered with knows where it is
             and message.relay == sender
             and message.target == self.node_id
             and message.caller != self.node_id
@@ -260,12 +264,23 @@ class NodeRendezvous:
 
     # --- requests ------------------------------------------------------------------
 
-    def lookup(self, target: bytes, now: float) -> None:
-        if target in self.lookups or not self.relays:
-            if not self.relays:
+    def add_relay(self, relay_id: bytes, address: Address) -> None:
+        """A relay node to ask (a peer's home relay), without registering with it."""
+        if relay_id not in self.relays:
+            self.relays[relay_id] = RelayState(relay_id, address, registers=False, next_register=float("inf"))
+
+    def lookup_relays(self, target: bytes, via: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
+        """The relays a lookup of target asks: those this node registers with, and ``via``."""
+        return tuple(relay_id for relay_id, state in self.relays.items() if state.registers or relay_id in via)
+
+    def lookup(self, target: bytes, now: float, via: tuple[bytes, ...] = ()) -> None:
+        """Ask the relays this node registers with, and ``via`` (added relays), for target."""
+        asked = self.lookup_relays(target, via)
+        if target in self.lookups or not asked:
+            if not asked:
                 self.events.append(LookupDone(target, False))
             return
-        self.lookups[target] = LookupState(target, now + self.timers.lookup_timeout, now)
+        self.lookups[target] = LookupState(target, now + self.timers.lookup_timeout, now, asked=asked)
         self._send_lookups(self.lookups[target], now)
 
     def punch(self, target: bytes, candidates: tuple[Address, ...], now: float) -> None:
@@ -323,7 +338,8 @@ class NodeRendezvous:
     # --- helpers -------------------------------------------------------------------------
 
     def _send_lookups(self, lookup: LookupState, now: float) -> None:
-        for relay in self.relays.values():
+        for relay_id in lookup.asked:
+            relay = self.relays[relay_id]
             txid = os.urandom(12)
             lookup.txids.add(txid)
             self.outgoing.append((relay.node_id, relay.address, Lookup(txid, lookup.target)))

@@ -4,6 +4,7 @@ family, or a NodeId found through the address book or the relay nodes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -68,18 +69,30 @@ async def find_path(
     return normalize_address(await rendezvous.find_path(node_id))
 
 
+@dataclass(frozen=True)
+class RendezvousOptions:
+    """What the Proxy's rendezvous does: the relay nodes it registers with and asks,
+    whether it serves as one, and relay nodes named for a peer by its address list
+    or record in [peers] (its home relays, asked for that peer only)."""
+
+    relay_servers: tuple[RelayAddress, ...] = ()
+    serve: bool = False
+    peer_relays: Mapping[NodeId, tuple[RelayAddress, ...]] = field(default_factory=dict)
+    timers: RendezvousTimers | None = None
+
+    @property
+    def finds_by_node_id(self) -> bool:
+        return bool(self.relay_servers or self.peer_relays)
+
+
 async def start_rendezvous(
-    nursery: trio.Nursery,
-    endpoint: Any,
-    tls_config: TLSConfig,
-    relay_servers: tuple[RelayAddress, ...],
-    serve: bool,
-    timers: RendezvousTimers | None,
+    nursery: trio.Nursery, endpoint: Any, tls_config: TLSConfig, options: RendezvousOptions
 ) -> RendezvousService | None:
     """The node's rendezvous, started in ``nursery``, when it has relays or is one."""
-    if not relay_servers and not serve:
+    if not options.finds_by_node_id and not options.serve:
         return None
     keyring = KeyRing.from_private_key(tls_config.private_key)
-    service = RendezvousService(endpoint, keyring, relay_servers, serve=serve, timers=timers)
+    service = RendezvousService(endpoint, keyring, options.relay_servers, serve=options.serve,
+                                home_relays=options.peer_relays, timers=options.timers)
     await nursery.start(service.run)
     return service

@@ -11,6 +11,7 @@ Task tree::
     open_proxy nursery
       Proxy._run (service scope)
         PeerRegistry.run            one message subscription, every Peer's ping task
+        RendezvousService.run       keyed messages: registrations, lookups, punching
         _accept_forward             CONNECT listener -> _handle_client per TCP client
         _accept_reverse             endpoint.accept() -> ConnectionReverse.run
         connection nursery          every ConnectionForward/Reverse.run and client handler
@@ -41,7 +42,7 @@ from proxy.rendezvous.addresses import RelayAddress
 from proxy.rendezvous.driver import RendezvousService
 from proxy.rendezvous.node import RendezvousTimers
 from proxy.tunnel.address_book import AddressBook
-from proxy.tunnel.addressing import find_path, resolve_address, start_rendezvous
+from proxy.tunnel.addressing import RendezvousOptions, find_path, resolve_address, start_rendezvous
 from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
 from proxy.tunnel.errors import ConnectionStartError, ProxyBindError, ProxyNotRunning
@@ -82,6 +83,7 @@ class Proxy:
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
         relay_servers: Iterable[RelayAddress] = (),
         relay_serve: bool = False,
+        peer_relays: Mapping[NodeId, tuple[RelayAddress, ...]] | None = None,
         rendezvous_timers: RendezvousTimers | None = None,
     ) -> None:
         if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
@@ -110,11 +112,9 @@ class Proxy:
         self.conn_keep_alive_interval_time = conn_keep_alive_interval_time
         # Longer peer chains are refused (526) before any certificate is examined.
         self.max_chain_length = max_chain_length
-        # Rendezvous: ``rendezvous`` (observed addresses, NAT mapping, signed address
-        # record) runs while the Proxy does, with relay_servers or relay_serve.
-        self.relay_servers = tuple(relay_servers)
-        self.relay_serve = relay_serve
-        self.rendezvous_timers = rendezvous_timers
+        # ``rendezvous`` (observed addresses, NAT mapping, signed record) runs while the Proxy does.
+        self.rendezvous_options = RendezvousOptions(tuple(relay_servers), relay_serve, peer_relays or {},
+                                                    rendezvous_timers)
         self.rendezvous: RendezvousService | None = None
         self._registry = ConnectionRegistry(
             end_time=conn_end_time,
@@ -210,9 +210,8 @@ class Proxy:
                         ),
                     )
                     await services.start(self.peers.run)
-                    self.rendezvous = await start_rendezvous(
-                        services, endpoint, self.tls_config, self.relay_servers, self.relay_serve, self.rendezvous_timers
-                    )
+                    self.rendezvous = await start_rendezvous(services, endpoint, self.tls_config,
+                                                             self.rendezvous_options)
                     self._context = ConnectionContext(
                         endpoint=endpoint,
                         peers=self.peers,
@@ -416,7 +415,7 @@ class Proxy:
         target: ConnectTarget | None = None
         try:
             target = edge.parse(
-                auth_token=self.auth_token, address_book=self.address_book, by_node_id=bool(self.relay_servers)
+                auth_token=self.auth_token, address_book=self.address_book, by_node_id=self.rendezvous_options.finds_by_node_id
             )
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")

@@ -176,7 +176,6 @@ def test_peers_take_a_host_port_a_multiserver_list_or_a_signed_record(tmp_path: 
     for value, name, reason in (
         (record.to_text(), other, "signed by"),  # filed under another NodeId
         (record.to_text()[:-3] + "AAA", node_id, "signature"),  # forged
-        (f"relay:{relay}@198.18.0.2:4000", node_id, "no utp"),
         ("utp:198.51.100.7", node_id, "is not a number"),  # one colon: read as host:port
         ("utp:198.51.100.7:x;utp:1.2.3.4:5", node_id, "bad port"),
     ):
@@ -186,6 +185,11 @@ def test_peers_take_a_host_port_a_multiserver_list_or_a_signed_record(tmp_path: 
             assert reason in str(error) and f"peers.{name}" in str(error)
         else:
             raise AssertionError(f"{value!r} accepted")
+    # a list without utp: its relay: entries are the node's home relays (asked for it)
+    data = {"auth": {"token": "t"}, "peers": {str(node_id): f"relay:{relay}@198.18.0.2:4000"}}
+    config = config_from_mapping(data, "x.toml", base_dir=tmp_path)
+    assert node_id not in config.peers
+    assert [(str(r.node_id), r.host, r.port) for r in config.peer_relays[node_id]] == [(str(relay), "198.18.0.2", 4000)]
     # host names that merely look like layer names stay host:port
     assert peers("relay.example:4000") == HostPort("relay.example", 4000)
     assert peers("utp:4000") == HostPort("utp", 4000)

@@ -143,3 +143,19 @@ async def test_a_rotated_identity_registers_its_new_node_id() -> None:
                 await trio.sleep(0.01)
         stream = await connect_ok(caller.proxy, f"{new.node_id}:443")
         await echo_round(stream, b"new identity")
+
+
+async def test_a_peer_s_home_relay_from_its_address_list_is_asked_for_it() -> None:
+    # The caller registers with no relay node: its [peers] entry for the target names
+    # only the target's home relay (a relay: address, as in the target's record).
+    async with tcp_server() as server, running_node(relay_serve=True) as relay:
+        async with running_node(server.port, relay_servers=(relay_of(relay),)) as target:
+            await registered(target.proxy)
+            async with running_node(peer_relays={target.node_id: (relay_of(relay),)}) as caller:
+                assert caller.proxy.rendezvous is not None
+                assert caller.proxy.rendezvous.observed_addresses() == []  # registered nowhere
+                stream = await connect_ok(caller.proxy, f"{target.node_id}:443")
+                await echo_round(stream, b"via the home relay")
+                stranger = NodeId(bytes(range(32)))  # not in [peers]: no relay to ask
+                answer = await refused_connect(caller.proxy, f"{stranger}:443")
+                assert answer.startswith(b"HTTP/1.1 502 ") and b"no [relay] servers" in answer
