@@ -14,8 +14,9 @@ lookups and introductions.
   to the target at its observed address with the caller's *observed* address (as
   this relay saw the lookup arrive, never one the caller claims), the caller's LAN
   addresses as extra candidates, a nonce and an expiry.
-- Everything is rate-limited per NodeId and per source host (token buckets, 20
-  burst, 10/s by default); what a limit refuses is dropped without an answer.
+- Everything is rate-limited per NodeId and per source address (host and port:
+  nodes behind one NAT share a host) with token buckets, 20 burst, 10/s by default;
+  what a limit refuses is dropped without an answer.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class RelayCore:
         # Both buckets are charged: a flood from one host under many NodeIds, or one
         # NodeId from many hosts, is cut either way.
         by_node = self.per_node.take(sender, now)
-        by_source = self.per_source.take(source[0], now)
+        # Per source address and port, not per host: many nodes behind one NAT (a
+        # CGNAT) share the host and differ by port.
+        by_source = self.per_source.take(source, now)
         if by_node and by_source:
             return True
         self.counters["rate_limited"] += 1

@@ -341,10 +341,14 @@ def test_relay_rate_limits_per_node_id_and_per_source() -> None:
         relay.core.receive(seal(node, relay_id, m.REGISTER, m.Register(os.urandom(12), ()).encode(), wall_ms),
                            ("192.0.2.5", 1000), 0.0)
     assert len(relay.core.take_datagrams()) == 20  # the burst
-    for index in range(100):  # many NodeIds from one host: the per-source bucket
+    for _ in range(100):  # many NodeIds from one address: the per-source bucket
         relay.core.receive(seal(keyring(), relay_id, m.REGISTER, m.Register(os.urandom(12), ()).encode(), wall_ms),
-                           ("192.0.2.6", 1000 + index), 0.0)
+                           ("192.0.2.6", 1000), 0.0)
     assert len(relay.core.take_datagrams()) == 20
+    for index in range(30):  # nodes behind one NAT: one host, their own ports
+        relay.core.receive(seal(keyring(), relay_id, m.REGISTER, m.Register(os.urandom(12), ()).encode(), wall_ms),
+                           ("192.0.2.8", 2000 + index), 0.0)
+    assert len(relay.core.take_datagrams()) == 30
     stranger = keyring()  # a PING from a NodeId that never registered: no answer
     relay.core.receive(seal(stranger, relay_id, m.PING, m.Ping(os.urandom(12)).encode(), wall_ms),
                        ("192.0.2.7", 1000), 0.0)
