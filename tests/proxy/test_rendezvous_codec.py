@@ -311,3 +311,20 @@ def test_nonces_over_all_senders_are_bounded_and_evicted_ones_stay_refused(monke
     for data in sent:
         with pytest.raises(Replayed):
             opener.open(data, NOW_MS + 100, "192.0.2.1")
+
+
+@given(st.text(max_size=80))
+def test_hostile_relay_server_entries_raise_only_relay_server_invalid(text: str) -> None:
+    try:
+        parse_relay_server(text)
+    except RelayServerInvalid:
+        pass
+
+
+@given(st.lists(keynode_address, min_size=1, max_size=4).map(tuple), st.integers(0, 2**64 - 1))
+def test_signed_records_round_trip_through_their_text(addresses: tuple[UtpAddress | RelayAddress, ...],
+                                                      seq: int) -> None:
+    key = nacl.signing.SigningKey(bytes(range(32)))
+    record = sign_record(key, seq, format_keynode_addresses(addresses))
+    parsed = record_from_text(record.to_text())
+    assert parsed == record and parsed.understood() == addresses
