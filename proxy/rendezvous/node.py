@@ -320,7 +320,7 @@ class NodeRendezvous:
                 self._send_lookups(lookup, now)
         for target, session in list(self.sessions.items()):
             if session.deadline <= now:
-                if session.confirmed is None and session.outstanding is not None:
+                if session.confirmed is None:
                     self.counters["punches_failed"] += 1
                     self.events.append(PunchFailed(target, tuple(session.candidates)))
                 del self.sessions[target]
