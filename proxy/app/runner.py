@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from proxy.tunnel.proxy import Proxy
 
 log = logging.getLogger("keynode.run")
+ADDRESS_SEQ_FILE = "address_seq"  # in the node directory: the last signed record's seq
 
 
 # --- logging -----------------------------------------------------------------------
@@ -213,7 +214,18 @@ class NodeController:
             raise RendezvousUnavailable(
                 "this node has no [relay] servers and does not serve as one: no address record to sign"
             )
-        record = service.address_record()
+        # The last seq given is kept in the node directory, so a record signed after a
+        # restart is newer even if the clock went back meanwhile.
+        seq_file = self.config.node_dir / ADDRESS_SEQ_FILE
+        try:
+            last = int(seq_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            last = 0
+        record = service.address_record(above=last)
+        try:
+            seq_file.write_text(f"{record.seq}\n")
+        except OSError as error:
+            log.warning("cannot keep the address record's seq in %s: %s", seq_file, error)
         return {"node_id": str(record.node_id), "seq": record.seq, "addresses": record.addresses,
                 "record": record.to_text()}
 

@@ -297,10 +297,14 @@ class RecordBook:
 
 class SequenceClock:
     """Record sequence numbers that grow across calls and restarts: unix ms, at least one
-    above the last one given."""
+    above the last one given (``last``: one given before, e.g. by an earlier run, in
+    case the clock went back)."""
 
-    def __init__(self) -> None:
-        self._last = 0
+    def __init__(self, last: int = 0) -> None:
+        self._last = last
+
+    def advance_past(self, last: int) -> None:
+        self._last = max(self._last, last)
 
     def next(self) -> int:
         self._last = max(self._last + 1, int(time.time() * 1000))

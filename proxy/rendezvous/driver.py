@@ -99,8 +99,10 @@ class RendezvousService:
     def nat_mapping(self) -> str:
         return "unknown" if self.core is None else self.core.node.nat_mapping()
 
-    def address_record(self) -> AddressRecord:
-        """This node's current address list, signed, with a new (higher) sequence number."""
+    def address_record(self, above: int = 0) -> AddressRecord:
+        """This node's current address list, signed, with a new (higher) sequence number
+        (above ``above`` too: the last one an earlier run gave, say)."""
+        self._sequence.advance_past(above)
         alternatives: list[UtpAddress | RelayAddress] = []
         if self.core is not None:
             for _, (host, port) in self.core.node.observed_addresses():

@@ -193,3 +193,27 @@ def test_peers_take_a_host_port_a_multiserver_list_or_a_signed_record(tmp_path: 
     # host names that merely look like layer names stay host:port
     assert peers("relay.example:4000") == HostPort("relay.example", 4000)
     assert peers("utp:4000") == HostPort("utp", 4000)
+
+
+async def test_the_record_seq_stays_above_the_last_one_across_restarts(tmp_path: Path) -> None:
+    relay_dir, node_dir = tmp_path / "relay", tmp_path / "node"
+    relay_id = make_node(relay_dir, "[relay]\nserve = true\n")
+    relay = await start_node(relay_dir)
+    try:
+        make_node(node_dir, f'[relay]\nservers = ["{relay_id}@{relay.info["proxy"]}"]\n')
+        # an earlier run gave a seq far ahead of this clock (the clock went back since)
+        (node_dir / "address_seq").write_text(f"{2**62}\n")
+        node = await start_node(node_dir)
+        try:
+            record = await keynode_json("id", "--address", "--dir", str(node_dir))
+            assert record["seq"] == 2**62 + 1
+        finally:
+            assert await node.stop() == 0
+        node = await start_node(node_dir)
+        try:
+            again = await keynode_json("id", "--address", "--dir", str(node_dir))
+            assert again["seq"] == 2**62 + 2
+        finally:
+            assert await node.stop() == 0
+    finally:
+        assert await relay.stop() == 0
