@@ -275,6 +275,10 @@ class NodeRendezvous:
 
     def lookup(self, target: bytes, now: float, via: tuple[bytes, ...] = ()) -> None:
         """Ask the relays this node registers with, and ``via`` (added relays), for target."""
+        relay = self.relays.get(target)
+        if relay is not None:  # a relay node itself: where this node reaches it
+            self.events.append(LookupDone(target, True, (relay.address,)))
+            return
         asked = self.lookup_relays(target, via)
         if target in self.lookups or not asked:
             if not asked:

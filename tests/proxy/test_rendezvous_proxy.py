@@ -159,3 +159,11 @@ async def test_a_peer_s_home_relay_from_its_address_list_is_asked_for_it() -> No
                 stranger = NodeId(bytes(range(32)))  # not in [peers]: no relay to ask
                 answer = await refused_connect(caller.proxy, f"{stranger}:443")
                 assert answer.startswith(b"HTTP/1.1 502 ") and b"no [relay] servers" in answer
+
+
+async def test_a_relay_node_is_reached_by_its_node_id_too() -> None:
+    async with tcp_server() as server, running_node(server.port, relay_serve=True) as relay:
+        async with running_node(relay_servers=(relay_of(relay),)) as caller:
+            await registered(caller.proxy)
+            stream = await connect_ok(caller.proxy, f"{relay.node_id}:443")
+            await echo_round(stream, b"to the relay node itself")
