@@ -65,9 +65,10 @@ class Rendezvous:
         self.counters["accepted"] += 1
         sender = bytes(opened.sender)
         if self.relay is not None:
-            self._send(self.relay.handle(sender, message, source, now, wall_ms), now)
-            if isinstance(message, Ping):
-                return  # answered by the relay role
+            answers = self.relay.handle(sender, message, source, now, wall_ms)
+            self._send(answers, now)
+            if isinstance(message, Ping) and answers:
+                return  # answered by the relay role (else: a peer punching toward this node?)
         self.node.handle(sender, message, source, now, wall_ms)
         self._flush_node(now)
 

@@ -397,3 +397,16 @@ def test_the_relay_keeps_only_verified_newer_records() -> None:
         relay.handle(node.node_id_bytes, m.Register(os.urandom(12), (), record), source, float(index), 0)
         assert relay.registrations[node.node_id_bytes].record == newer
     assert relay.counters["old_records"] == 1 and relay.counters["bad_records"] == 2
+
+
+def test_a_relay_node_punches_like_any_node() -> None:
+    net = Network()
+    relay = make_relay(net)
+    other_relay = make_relay(net, "198.18.0.3")
+    # a node that serves as a relay and registers with another relay, reached by NodeId
+    serving = net.add(Host(Rendezvous(keyring(), ((other_relay.core.keyring.node_id_bytes, other_relay.address),),
+                                      serve=True, wall_offset=WALL), ("198.51.100.20", 4000)))
+    caller = make_node(net, ("10.0.0.2", 4000), "port-restricted", [other_relay])
+    caller_events, _ = connect(net, caller, serving)
+    assert any(isinstance(event, PathConfirmed) for event in caller_events)
+    assert relay.core.counters["received"] == 0
