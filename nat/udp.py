@@ -5,9 +5,9 @@ does everything that touches it after that: it drains datagrams in batches,
 sorts each one (uTP to the multiplexer, 4-byte out-of-band messages and keyed
 messages to the endpoint, the rest counted as junk), sends what the multiplexer
 queued (one syscall per run of datagrams with segmentation offload), and keeps
-the datagrams that met a full send buffer until the socket is writable. It maps addresses between the
-socket's form and the users' (an IPv4 peer of a dual-stack socket is
-("a.b.c.d", port) to users).
+the datagrams that met a full send buffer until the socket is writable. It maps
+addresses between the socket's form and the users' (an IPv4 peer of a dual-stack
+socket is ("a.b.c.d", port) to users).
 
 Performance (see notes/performance.md): every awaited trio socket call costs a
 scheduler pass, several times the cost of the syscall. So the receive task calls
