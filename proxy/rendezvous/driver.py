@@ -306,7 +306,7 @@ class RendezvousService:
             return path.result.address
         tried = ", ".join(_format(address) for address in path.result.tried)
         raise NoDirectPath(
-            f"no direct path could be punched to {node_id} in {self.timers.punch_window:g} s: needs a relay "
-            f"(issue 14); likely both NATs are hard (symmetric, or symmetric and port-restricted); "
-            f"this node's NAT mapping: {self.nat_mapping()}; tried {tried}"
+            f"no direct path could be punched to {node_id} in {self.timers.punch_window:g} s: "
+            f"likely both NATs are hard (symmetric, or symmetric and port-restricted), which needs a relay "
+            f"(issue 14), or the node went offline; this node's NAT mapping: {self.nat_mapping()}; tried {tried}"
         )
