@@ -232,6 +232,12 @@ def check_direct_rows(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode,
                                      + ("" if peer_kind is NatKind.SYMMETRIC else f":{peer.public[1]}"))
 
 
+async def introductions(node: KeynodeNode) -> int:
+    """Introductions the node accepted from its relay nodes so far."""
+    count: int = (await node.status())["rendezvous"]["introductions"]
+    return count
+
+
 async def wait_nothing_between(first: KeynodeNode, second: KeynodeNode) -> list[str]:
     """Wait until neither node has a connection row toward the other; returns the
     rows still there after CLEANUP_TIMEOUT."""
@@ -316,6 +322,8 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
                 observed_lines.append(f"  {node.name:<18} {status['nat_mapping']:<21} "
                                       + ", ".join(f"{host}:{port}" for host, port in observed_addresses(status)))
 
+        # Introductions each reverse node accepted from a relay node, before each phase.
+        introduced = [{kind: await introductions(node) for kind, node in reverses.items()}]
         cells = {(f, r): Cell(f, r) for f in KINDS for r in KINDS}
         connected = {key: trio.Event() for key in cells}
         idle_over = trio.Event()
@@ -344,9 +352,20 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
             for key, left in after_closing.items():
                 cells[key].problems += [f"after closing: {text}" for text in left]
             await trio.sleep(UDP_TIMEOUT + 5)
+            introduced.append({kind: await introductions(node) for kind, node in reverses.items()})
             async with trio.open_nursery() as nursery:
                 for (f, r), cell in cells.items():
                     nursery.start_soon(run_second, cell, forwards[f], reverses[r], server_ports[r])
+            introduced.append({kind: await introductions(node) for kind, node in reverses.items()})
+        # Every CONNECT, in both phases, reached its target through a relay node's
+        # introduction (nothing cached: the punch sessions of the first phase are over).
+        for phase, (before, after) in enumerate(zip(introduced[:-1], introduced[1:], strict=True)):
+            for r, node in reverses.items():
+                if after[r] - before[r] < len(KINDS):
+                    for f in KINDS:
+                        cells[(f, r)].problems.append(
+                            f"phase {phase + 1}: {node.name} accepted {after[r] - before[r]} introductions "
+                            f"for {len(KINDS)} CONNECTs")
         for key, left in left_behind.items():
             cells[key].problems += [f"after failing: {text}" for text in left]
 
