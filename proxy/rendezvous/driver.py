@@ -130,6 +130,8 @@ class RendezvousService:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         relays = []
         for relay in self.relays:
+            if relay.node_id == self.keyring.node_id:
+                continue  # a relay node listing itself (one config for all): nothing to register
             try:
                 address = await self._resolve(relay.host, relay.port)
             except OSError as error:

@@ -167,3 +167,17 @@ async def test_a_relay_node_is_reached_by_its_node_id_too() -> None:
             await registered(caller.proxy)
             stream = await connect_ok(caller.proxy, f"{relay.node_id}:443")
             await echo_round(stream, b"to the relay node itself")
+
+
+async def test_a_relay_node_listing_itself_skips_that_entry() -> None:
+    from proxy.identity.tls_config import TLSConfig
+
+    tls_config = TLSConfig.generate()
+    async with running_node(relay_serve=True) as other:
+        own = RelayAddress(tls_config.node_id, "127.0.0.1", 9)  # its own entry (port unknown yet)
+        async with running_node(tls_config=tls_config, relay_serve=True,
+                                relay_servers=(own, relay_of(other))) as relay:
+            await registered(relay.proxy)
+            service = relay.proxy.rendezvous
+            assert service is not None and service.core is not None
+            assert list(service.core.node.relays) == [bytes(other.node_id)]
