@@ -7,8 +7,10 @@ the method, the ``Proxy-Authorization`` and the target, and answers either
 error status taken from the typed error's ``http_status``.
 
 Targets:
-- ``HOST:PORT?nodeId=<url-encoded NodeId>`` (the original's form),
-- ``<encoded NodeId>:<PORT>``, resolved through an address book.
+- ``HOST:PORT?nodeId=<url-encoded NodeId>`` (the original's form; HOST:PORT is the
+  remote proxy, and the tunnel reaches the remote's default service),
+- ``<encoded NodeId>:<PORT>``, resolved through an address book; PORT names the
+  remote's service (services.py).
 IPv6 literals are bracketed; wildcard hosts and port 0 are rejected.
 """
 
@@ -38,6 +40,8 @@ READ_SIZE = 4096
 REASONS: dict[int, bytes] = {
     200: b"Connection Established",
     400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
     405: b"Method Not Allowed",
     407: b"Proxy Authentication Required",
     500: b"Internal Server Error",
@@ -56,6 +60,9 @@ class ConnectTarget:
     host: str  # IP literal (no brackets) or DNS name
     port: int
     node_ids: tuple[NodeId, ...]
+    # ``<NodeId>:<PORT>``: PORT names the remote's service (services.py); the
+    # original's form names none (the remote's default service).
+    service_port: int | None = None
 
 
 def _target_host(text: str) -> str:
@@ -107,12 +114,12 @@ def parse_connect_target(
     port = _target_port(port_text)
     # A NodeId never parses as an IPv6 literal, so a bracketed host is never one.
     if not has_query and _looks_like_node_id(host_text):
-        # `<NodeId>:<PORT>`: the port is ignored for now (one service per node).
+        # `<NodeId>:<PORT>`: the port names the remote's service.
         node_id = NodeId.decode(host_text)
         if address_book is None or node_id not in address_book:
             raise UnknownNodeId(f"no address known for {node_id}")
         host, proxy_port = address_book[node_id]
-        return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,))
+        return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,), service_port=port)
     if not has_query:
         if _NODE_ID_ATTEMPT.match(host_text):
             try:

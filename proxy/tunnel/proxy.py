@@ -47,9 +47,10 @@ from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
 from proxy.tunnel.ratelimit import RateLimitedLog
-from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse
+from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse, Splicer
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
+from proxy.tunnel.services import ServicePolicy, server_name_for_port
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Proxy:
         connection_established_callback: ConnectionCallback | None = None,
         connection_lost_callback: ConnectionCallback | None = None,
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
+        policy: ServicePolicy | None = None,
+        splicers: Mapping[str, Splicer] | None = None,
     ) -> None:
         if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
             raise ValueError(f"max_chain_length must be a positive integer, not {max_chain_length!r}")
@@ -96,6 +99,10 @@ class Proxy:
         )
         self.server_host = server_host
         self.server_port = server_port
+        # Services and allow lists (services.py); without: server_host/port, open to all.
+        server = None if server_host is None or server_port is None else (server_host, server_port)
+        self.policy = policy if policy is not None else ServicePolicy.single(server)
+        self.splicers = dict(splicers or {})  # per service kind, instead of the byte splice
         self.conn_connect_time = conn_connect_time
         self.conn_keep_alive_timeout_time = conn_keep_alive_timeout_time
         self.conn_end_time = conn_end_time
@@ -204,11 +211,8 @@ class Proxy:
                         connect_time=self.conn_connect_time,
                         end_time=self.conn_end_time,
                         local_address=proxy_address,
-                        server=(
-                            (self.server_host, self.server_port)
-                            if self.server_host is not None and self.server_port is not None
-                            else None
-                        ),
+                        policy=lambda: self.policy,
+                        splicers=self.splicers,
                         max_chain_length=self.max_chain_length,
                         established=self._registry.established,
                         ended=self._registry.ended,
@@ -221,7 +225,7 @@ class Proxy:
                     for listener in listeners:
                         services.start_soon(self._accept_forward, listener)
                     services.start_soon(self._accept_reverse)
-                    endpoint.accepting = self.server_port is not None
+                    endpoint.accepting = self.policy.serves
                     self._running = True
                     task_status.started()
         finally:
@@ -284,6 +288,14 @@ class Proxy:
     def connection_reverse_count(self) -> int:
         return len(self._registry.reverse)
 
+    def set_policy(self, policy: ServicePolicy) -> int:
+        """Use new services and allow lists from now on; live connections whose NodeId
+        lost access end as ``revoked`` (returns how many)."""
+        self.policy = policy
+        if self._running and not self._stopping:
+            self.endpoint.accepting = policy.serves
+        return self._registry.revoke(policy)
+
     def set_tls_config(self, tls_config: TLSConfig) -> None:
         """Use a new key/chain for connections started from now on."""
         self.tls_config = tls_config
@@ -320,17 +332,15 @@ class Proxy:
         raise ConnectionStartError(f"no usable address for {host}")
 
     async def _connect_forward(
-        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool
+        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool, server_name: bytes | None = None
     ) -> ConnectionForward:
-        """An idle pre-opened connection to ``address`` claiming one of node_ids, or a new one.
-
-        ``claim``: for a CONNECT, which takes the connection for itself.
-        """
-        idle = self._registry.idle_forward(address, node_ids)
+        """An idle pre-opened connection to ``address`` claiming one of node_ids, for the
+        service ``server_name`` names, or a new one. ``claim``: for a CONNECT."""
+        idle = self._registry.idle_forward(address, node_ids, server_name)
         if idle is not None:
             idle.claimed = claim
             return idle
-        connection = ConnectionForward(self._connection_context(), address, node_ids)
+        connection = ConnectionForward(self._connection_context(), address, node_ids, server_name)
         connection.claimed = claim
         await connection.start()
         if self._stopping:
@@ -416,6 +426,7 @@ class Proxy:
         target: ConnectTarget | None = None
         try:
             target = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
+            self.policy.check_target(target.node_ids)  # 403 before anything is sent
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")
             # stop() cancels starts in progress; their clients get 503.
@@ -423,7 +434,10 @@ class Proxy:
                 self._starting.add(starting)
                 try:
                     address = await self._resolve(target.host, target.port)
-                    connection = await self._connect_forward(target.node_ids, address, claim=True)
+                    server_name = server_name_for_port(target.service_port)
+                    connection = await self._connect_forward(
+                        target.node_ids, address, claim=True, server_name=server_name
+                    )
                 finally:
                     self._starting.discard(starting)
             if connection is None:
