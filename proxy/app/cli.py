@@ -256,6 +256,21 @@ def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
     return address
 
 
+def command_reload(args: argparse.Namespace) -> int:
+    """The running node re-reads its config's services, allow lists and [peers]."""
+    try:
+        answer = _control(args, "POST", "/v1/reload", {})
+    except ControlRequestFailed as error:
+        if error.error in ("ConfigError", "PolicyTestFailed"):  # rejected whole: the running config stays
+            raise CommandError(f"{error.message} (the running config stays)", ExitCode.CONFIG) from None
+        raise
+    services = ", ".join(service["name"] for service in answer.get("services", [])) or "none"
+    human = f"reloaded: services {services}; {answer.get('peers')} peers; {answer.get('revoked')} tunnels revoked"
+    if answer.get("restart_needed"):
+        human += f"\nnot applied until a restart: {', '.join(answer['restart_needed'])}"
+    return report(args, answer, human)
+
+
 def command_open_forward(args: argparse.Namespace) -> int:
     if args.address is None:
         args.address = peer_address(args, args.node_id)
@@ -395,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(
         subparsers, "run", command_run,
-        "run the node: forward proxy, UDP proxy, reverse proxy and control socket",
+        "run the node: forward proxy, UDP proxy, reverse proxy and control socket. Services: "
+        "[server] is the default one; [services.<name>] (target, port, allow, kind) adds more, "
+        "named by the CONNECT port (<NodeId>:<port>); [forward] allow_targets limits the nodes "
+        "local clients reach; [[policy_tests]] are checked at load. SIGHUP (or `keynode reload`) "
+        "re-reads them and [peers]",
         "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"
         "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present",
         [common, node_dir, config],
@@ -404,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "status", command_status,
         "show bound addresses, NodeId and every connection of the running node",
         "  keynode status\n  keynode status --json | jq '.connections[].node_id'", client,
+    )
+    _add_command(
+        subparsers, "reload", command_reload,
+        "re-read the config's services, allow lists and [peers] into the running node (as SIGHUP); "
+        "tunnels whose NodeId lost access close as revoked, the others keep flowing; a config "
+        "that fails validation or a [[policy_tests]] entry is rejected and the running one stays",
+        "  keynode reload\n  keynode reload --dir /srv/keynode-a --json\n"
+        "  kill -HUP $(keynode status --json | jq .pid)   # the same", client,
     )
     open_forward = _add_command(
         subparsers, "open-forward", command_open_forward,

@@ -10,6 +10,9 @@ HTTP/1.1 (h11) with JSON bodies, one request per connection:
     GET  /v1/lookup?host=H&port=P               -> the connection whose local TCP
                                                    address is H:P (who is calling)
     POST /v1/reload-identity                    -> {"node_id": ...} (after `keynode rotate`)
+    POST /v1/reload                             -> {"services", "peers", "revoked",
+                                                   "restart_needed"} (reload.py; a bad
+                                                   config: 400 ConfigError)
 
 Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
 server never trusts the request: size and time are bounded, bodies are validated,
@@ -32,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from proxy.app.errors import ControlError, ControlRequestFailed, ControlUnreachable
+from proxy.app.errors import ConfigError, ControlError, ControlRequestFailed, ControlUnreachable
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound
@@ -64,6 +67,8 @@ class ControlHandler(Protocol):
     async def lookup(self, host: str, port: int) -> dict[str, Any]: ...
 
     async def reload_identity(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
 
 
 class BadControlRequest(ValueError):
@@ -177,6 +182,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
         ("POST", "/v1/close"): _route_close,
         ("GET", "/v1/lookup"): _route_lookup,
         ("POST", "/v1/reload-identity"): _route_reload_identity,
+        ("POST", "/v1/reload"): _route_reload,
     }
     route = routes.get((method, url.path))
     if route is None:
@@ -187,7 +193,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
     try:
         arguments = _parse_arguments(method, url.query, body)
         return 200, await route(handler, arguments)
-    except (BadControlRequest, NodeIdInvalid) as error:
+    except (BadControlRequest, NodeIdInvalid, ConfigError) as error:
         return 400, _error_document(error)
     except ConnectionNotFound as error:
         return 404, _error_document(error)
@@ -256,6 +262,10 @@ async def _route_lookup(handler: ControlHandler, arguments: dict[str, Any]) -> A
 
 async def _route_reload_identity(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
     return await handler.reload_identity()
+
+
+async def _route_reload(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.reload()
 
 
 # --- client ---------------------------------------------------------------------
@@ -342,6 +352,23 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def format_services(services: list[Mapping[str, Any]]) -> str:
+    """The services table of `keynode status` (none: a line saying so)."""
+    if not services:
+        return "\nno services (no [server] and no [services]: incoming tunnels are refused)"
+    rows = [
+        [
+            str(service.get("name")) + (" (default)" if service.get("default") else ""),
+            str(service.get("target")),
+            "-" if service.get("port") is None else str(service.get("port")),
+            str(service.get("kind")),
+            str(service.get("allow")),
+        ]
+        for service in services
+    ]
+    return "\n" + format_table(["SERVICE", "TARGET", "PORT", "KIND", "ALLOW"], rows)
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     lines = [
         f"NodeId:  {status.get('node_id')}",
@@ -351,6 +378,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"control: {status.get('control_socket')}",
         f"uptime:  {format_age(float(status.get('uptime', 0)))}",
     ]
+    lines.append(format_services(status.get("services") or []))
     connections = status.get("connections") or []
     if not connections:
         lines.append("\nno connections")
@@ -368,6 +396,7 @@ def format_status(status: Mapping[str, Any]) -> str:
             format_bytes(float(item.get("bytes_sent") or 0)),
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
+            str(item.get("service") or "-"),
         ])
-    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE"]
     return "\n".join(lines) + f"\n\n{format_table(header, rows)}"

@@ -138,6 +138,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_sent": status.bytes_sent,
             "bytes_received": status.bytes_received,
             "rtt": status.rtt,
+            "service": info.service,
         })
     for prepared in proxy.prepared_reverse_connections():
         rows.append({
@@ -150,6 +151,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_sent": 0,
             "bytes_received": 0,
             "rtt": None,
+            "service": None,
         })
     return rows
 
@@ -195,8 +197,15 @@ class NodeController:
             "uptime": round(time.monotonic() - self.started, 3),
             "connection_forward_count": self.proxy.connection_forward_count,
             "connection_reverse_count": self.proxy.connection_reverse_count,
+            "services": self.proxy.policy.describe(),
             "connections": connection_rows(self.proxy),
         }
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config's services, allow lists and [peers] (reload.py)."""
+        from proxy.app.reload import reload_node
+
+        return reload_node(self)
 
     async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]:
         verified = await self.proxy.open_connection_forward([node_id], host, port)
@@ -287,6 +296,7 @@ async def serve_node(
     `keynode forward` when no node is running."""
     from nat.utp.config import UtpConfig
     from proxy.app.control import serve_control
+    from proxy.app.reload import reload_on_sighup
     from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
 
@@ -305,6 +315,7 @@ async def serve_node(
         address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
         utp_config=UtpConfig(congestion=config.congestion),
         max_chain_length=config.max_chain_length,
+        policy=config.policy,
         conn_connect_time=timeouts.conn_connect_time,
         conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
         conn_end_time=timeouts.conn_end_time,
@@ -325,6 +336,7 @@ async def serve_node(
         controller = NodeController(proxy, config, tls_config.node_id)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, config.control_socket, controller)
+            await nursery.start(reload_on_sighup, controller)
             addresses = controller.addresses()
             log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
             task_status.started(addresses)

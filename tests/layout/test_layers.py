@@ -29,7 +29,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
 # What the application may use of the tunnel: the facade and its records, never a
 # connection's internals.
 TUNNEL_FACADE = ("proxy.tunnel.proxy", "proxy.tunnel.errors", "proxy.tunnel.defaults", "proxy.tunnel.address_book",
-                 "proxy.tunnel.records", "proxy.tunnel.hosts", "proxy.tunnel.http_io")
+                 "proxy.tunnel.records", "proxy.tunnel.hosts", "proxy.tunnel.http_io", "proxy.tunnel.services")
 
 # Third-party packages a layer must not import.
 FORBIDDEN_EXTERNAL = {"proxy.identity": ("trio", "OpenSSL", "h11", "h2", "grpc"), "nat": ("OpenSSL", "cryptography")}
