@@ -258,11 +258,14 @@ def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
 
 def command_reload(args: argparse.Namespace) -> int:
     """The running node re-reads its config's services, allow lists and [peers]."""
+    stays = "(not reloaded: the running config stays)"
     try:
         answer = _control(args, "POST", "/v1/reload", {})
+    except ConfigError as error:  # read here first, to find the control socket
+        raise CommandError(f"{error} {stays}", ExitCode.CONFIG) from None
     except ControlRequestFailed as error:
-        if error.error in ("ConfigError", "PolicyTestFailed"):  # rejected whole: the running config stays
-            raise CommandError(f"{error.message} (the running config stays)", ExitCode.CONFIG) from None
+        if error.error in ("ConfigError", "PolicyTestFailed"):  # the node rejected it whole
+            raise CommandError(f"{error.message} {stays}", ExitCode.CONFIG) from None
         raise
     services = ", ".join(service["name"] for service in answer.get("services", [])) or "none"
     human = f"reloaded: services {services}; {answer.get('peers')} peers; {answer.get('revoked')} tunnels revoked"
