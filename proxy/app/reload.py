@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -24,8 +24,12 @@ from proxy.app.config import Config, default_config, load_config
 from proxy.identity.errors import KeynodeError
 from proxy.tunnel.address_book import AddressBook
 
-if TYPE_CHECKING:
-    from proxy.app.runner import NodeController
+
+class NodeController(Protocol):
+    """What a reload needs of runner.NodeController: the Proxy and its config."""
+
+    proxy: Any
+    config: Config
 
 log = logging.getLogger("keynode.reload")
 

@@ -236,6 +236,12 @@ async def test_services_through_real_nodes_status_reload_and_sighup(tmp_path: Pa
 
                 await until(both_allowed)
                 assert await curl(node_a, f"{b}:1315") == ("200", "client")
+                # ... and a SIGHUP with a bad config is logged and changes nothing.
+                config_b.write_text(b_config(servers, rpc.port, ["vnot-a-node-id"]))
+                node_b.process.send_signal(signal.SIGHUP)
+                await until(lambda: trio.to_thread.run_sync(lambda: "reload on SIGHUP rejected" in node_b.log))
+                assert "services.client.allow[0]" in node_b.log
+                assert await curl(node_a, f"{b}:1315") == ("200", "client")
             finally:
                 for node in (node_a, node_c, node_b):
                     assert await node.stop() == 0, node.log

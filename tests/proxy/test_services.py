@@ -312,3 +312,19 @@ async def test_a_splicer_for_the_service_kind_replaces_the_byte_splice() -> None
                 await remote.events.wait_lost(1)
                 assert remote.events.lost[0].reason is EndReason.CLOSED_LOCALLY
 
+
+
+async def test_allow_targets_taken_away_revokes_a_live_forward_tunnel() -> None:
+    """[forward] allow_targets reloaded without a node: the local tunnel to it ends as
+    revoked (connection_lost_callback) and the next CONNECT gets 403."""
+    with trio.fail_after(20):
+        async with tcp_server() as server, running_node(server.port) as remote, caller_of(remote) as local:
+            local.proxy.set_policy(ServicePolicy(allow_targets=frozenset({remote.node_id})))
+            stream = await connect_ok(local.proxy, f"{remote.node_id}:22")
+            await echo_round(stream, b"allowed")
+            assert local.proxy.set_policy(ServicePolicy(allow_targets=frozenset())) == 1
+            lost = await local.events.wait_lost(1)
+            assert (lost[0].reason, lost[0].remote_node_id) == (EndReason.REVOKED, remote.node_id)
+            assert await receive_all_or_reset(stream)
+            status, _ = await connect_answer(local, f"{remote.node_id}:22")
+            assert status == 403
