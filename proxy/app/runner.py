@@ -97,9 +97,11 @@ class ConnectionLog:
         self.established_at.setdefault(key, []).append(time.monotonic())
         direction, node_id, host, port = key
         remote = format_host_port(host, port)
-        log.info("connection established: %s %s at %s", direction, node_id, remote,
+        service = getattr(event, "service", None)
+        log.info("connection established: %s %s at %s%s", direction, node_id, remote,
+                 f" (service {service})" if service else "",
                  extra={"fields": {"event": "established", "direction": direction,
-                                   "node_id": node_id, "remote": remote}})
+                                   "node_id": node_id, "remote": remote, "service": service}})
 
     def lost(self, event: Any) -> None:
         key = self._key(event)
@@ -112,9 +114,10 @@ class ConnectionLog:
         reason = str(getattr(event.reason, "value", event.reason))
         error = getattr(event, "error", None)
         detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+        service = getattr(event, "service", None)
         log.info("connection lost: %s %s at %s: %s%s", direction, node_id, remote, reason, detail,
                  extra={"fields": {"event": "lost", "direction": direction, "node_id": node_id,
-                                   "remote": remote, "reason": reason,
+                                   "remote": remote, "reason": reason, "service": service,
                                    "error": None if error is None else str(error),
                                    "duration": duration}})
 

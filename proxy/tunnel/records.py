@@ -79,6 +79,7 @@ class ConnectionEvent:
     direction: Direction
     reason: EndReason | None = None  # None for "established"
     error: BaseException | None = None
+    service: str | None = None  # as ConnectionInfo.service
 
 
 ConnectionCallback = Callable[[ConnectionEvent], Any]

@@ -117,7 +117,13 @@ class ConnectionRegistry:
         self._established_at[connection] = trio.current_time()
         self._call(
             self.established_callback,
-            ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
+            ConnectionEvent(
+                connection.node_id,
+                connection.address[0],
+                connection.address[1],
+                connection.direction,
+                service=connection.service,
+            ),
         )
         connection.reported_established()
 
@@ -138,6 +144,7 @@ class ConnectionRegistry:
                     connection.direction,
                     connection.end_reason,
                     connection.end_error,
+                    connection.service,
                 ),
             )
 

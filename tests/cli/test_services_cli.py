@@ -24,7 +24,7 @@ import trio
 
 from proxy.app.cli import ExitCode
 from proxy.app.node_dir import keygen
-from tests.cli.helpers import run_keynode_async, start_node
+from tests.cli.helpers import run_keynode, run_keynode_async, start_node
 from tests.cli.test_cli_run import PATIENT
 from tests.grpc_bridge.test_grpc_tunnel import GRPC_OPTIONS, SERVICE, grpc_server
 
@@ -186,6 +186,8 @@ async def test_services_through_real_nodes_status_reload_and_sighup(tmp_path: Pa
                 ]
                 assert {(row["node_id"], row["service"]) for row in status_b["connections"]} >= {(ids["a"], "client")}
                 assert {row["service"] for row in (await status_of(node_a))["connections"]} >= {"port 1315"}
+                assert f"connection established: reverse {ids['a']} at " in node_b.log
+                assert "(service client)" in node_b.log
                 text = await run_keynode_async("status", "--dir", str(dirs["b"]))
                 assert "SERVICE" in text.stdout.decode() and "rpc" in text.stdout.decode()
 
@@ -246,3 +248,14 @@ async def test_services_through_real_nodes_status_reload_and_sighup(tmp_path: Pa
                 for node in (node_a, node_c, node_b):
                     assert await node.stop() == 0, node.log
             nursery.cancel_scope.cancel()
+
+
+def test_run_refuses_a_config_whose_policy_test_fails(tmp_path: Path) -> None:
+    node_id = str(keygen(tmp_path, force=False).node_id)
+    (tmp_path / "config.toml").write_text(
+        '[services.client]\ntarget = "127.0.0.1:9"\nport = 1315\nallow = []\n'
+        f'[[policy_tests]]\nnode = "{node_id}"\nservice = "client"\nexpect = "allow"\n'
+    )
+    result = run_keynode("run", "--dir", str(tmp_path), timeout=30)
+    assert result.returncode == ExitCode.CONFIG
+    assert f"policy_tests[0]: expected allow for {node_id} on service 'client', but the policy says deny" in result.stderr

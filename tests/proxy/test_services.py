@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.identity.certificates import generate_certificate, rotate_key
 from proxy.identity.keys import generate_key_pair
@@ -77,6 +79,12 @@ def three_services(default: Server, agent: Server, client: Server, allowed: tupl
             Service("client", ("127.0.0.1", client.port), 1315, allow=frozenset(allowed)),
         ),
     )
+
+
+@given(st.binary(max_size=300))
+def test_any_server_name_bytes_name_a_port_or_nothing(server_name: bytes) -> None:
+    port = port_from_server_name(server_name)
+    assert port is None or (0 < port < 65536 and server_name_for_port(port) == server_name.lower())
 
 
 def test_server_names_round_trip_and_strangers_name_nothing() -> None:
