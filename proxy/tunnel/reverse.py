@@ -80,17 +80,21 @@ class ConnectionReverse(TunnelConnection):
         its connection may arrive while we still punch; it completes this one."""
         if self.composed or self.ended.is_set() or self.scope.cancel_called:
             return False
-        return self._preparing or (self.tcp is not None and self.alive)
+        return self._preparing or ((self.tcp is not None or self.prepared_at is not None) and self.alive)
 
     async def prepare(self, deadline: float | None = None) -> None:
-        """Connect to the server and punch until the peer is heard (bounded)."""
+        """Connect to the default service's server and punch until the peer is heard
+        (bounded). With [services] but no default service, only punch: the caller's
+        service is connected once it is known and authorised."""
         if deadline is None:
             deadline = trio.current_time() + self.context.connect_time
         self._preparing = True
         try:
             async with self._starting():
                 with trio.fail_at(deadline):
-                    await self._open_server(self.context.policy().default)
+                    default = self.context.policy().default
+                    if default is not None or not self.context.policy().serves:
+                        await self._open_server(default)  # none at all: ServerUnavailable
                     peer = await self._use_peer()
                     await peer.wait_heard()
         finally:

@@ -336,3 +336,19 @@ async def test_allow_targets_taken_away_revokes_a_live_forward_tunnel() -> None:
             assert await receive_all_or_reset(stream)
             status, _ = await connect_answer(local, f"{remote.node_id}:22")
             assert status == 403
+
+
+async def test_open_connection_reverse_without_a_default_service_punches_and_serves_the_named_one() -> None:
+    """A node with [services] only: open_connection_reverse prepares (punches) without a
+    server connection; the caller that then arrives gets the service it names."""
+    with trio.fail_after(20):
+        async with tcp_server() as agent, running_node(None) as remote, caller_of(remote) as local:
+            remote.proxy.set_policy(ServicePolicy(services=(Service("agent", ("127.0.0.1", agent.port), 1314),)))
+            await remote.proxy.open_connection_reverse("127.0.0.1", local.proxy.proxy_port)
+            assert [p.remote_port for p in remote.proxy.prepared_reverse_connections()] == [local.proxy.proxy_port]
+            assert agent.peers == []
+            stream = await connect_ok(local.proxy, f"{remote.node_id}:1314")
+            await echo_round(stream, b"prepared, then named")
+            assert remote.proxy.connection_reverse_count == 1  # the prepared connection, joined
+            await stream.aclose()
+            assert len(agent.peers) == 1
