@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "run", command_run,
         "run the node: forward proxy, UDP proxy, reverse proxy and control socket. Services: "
         "[server] is the default one; [services.<name>] (target, port, allow, kind) adds more, "
-        "named by the CONNECT port (<NodeId>:<port>); [forward] allow_targets limits the nodes "
+        "named by the CONNECT port (<NodeId>:<port>) or name (<name>.<NodeId>:<port>); [forward] allow_targets limits the nodes "
         "local clients reach; [[policy_tests]] are checked at load. SIGHUP (or `keynode reload`) "
         "re-reads them and [peers]",
         "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"

@@ -21,7 +21,8 @@ the dotted key and the reason, so a typo never silently becomes a default.
     service_port = 22                    # optional: the CONNECT port that names it
 
     [services.agent]                     # more services (services_config.py): a caller names
-    target = "127.0.0.1:50052"           # one by port (CONNECT <NodeId>:1314)
+    target = "127.0.0.1:50052"           # one by port (CONNECT <NodeId>:1314) or by name
+                                         # (CONNECT agent.<NodeId>:443)
     port = 1314
     allow = "*"                          # or ["v...", ...]: only these NodeIds
     kind = "tcp"                         # or "grpc"

@@ -9,7 +9,8 @@ service is chosen and authorised).
     port = 50051                 # where it listens (its target)
     service_port = 22            # optional: the CONNECT port that names it
 
-    [services.agent]             # name: a-z, 0-9, '-', '_' (not "server")
+    [services.agent]             # name: a-z, 0-9, '-', '_' (not "server"); callers may
+                                 # name it by name too: CONNECT agent.<NodeId>:443
     target = "127.0.0.1:50052"   # the local server
     port = 1314                  # the port a caller names: CONNECT <NodeId>:1314
     allow = "*"                  # every verified node, or a list of NodeIds
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
 SERVICE_KEYS = ("target", "port", "allow", "kind")
 POLICY_TEST_KEYS = ("node", "service", "expect")
 EXPECTATIONS = ("allow", "deny")
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
-# Mirrors proxy.tunnel.services.KINDS and DEFAULT_SERVICE (checked by a test); the
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+# Mirrors proxy.tunnel.services.KINDS, DEFAULT_SERVICE and SERVICE_NAME (a name is
+# also an SNI label) (checked by a test); the
 # config module stays light.
 KINDS = ("tcp", "grpc")
 DEFAULT_SERVICE = "server"
@@ -114,7 +116,7 @@ def _port(path: str, key: str, value: object) -> int:
 
 def _service(path: str, name: str, table: object) -> ServiceEntry:
     prefix = f"services.{name}"
-    if not _NAME.match(name):
+    if not SERVICE_NAME.match(name):
         raise _fail(path, prefix, "a service name is 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit")
     if name == DEFAULT_SERVICE:
         raise _fail(path, prefix, f"{DEFAULT_SERVICE!r} is the default service's name ([server])")

@@ -10,7 +10,8 @@ Targets:
 - ``HOST:PORT?nodeId=<url-encoded NodeId>`` (the original's form; HOST:PORT is the
   remote proxy, and the tunnel reaches the remote's default service),
 - ``<encoded NodeId>:<PORT>``, resolved through an address book; PORT names the
-  remote's service (services.py).
+  remote's service (services.py);
+- ``<service name>.<encoded NodeId>:<PORT>``: the same, naming the service by name.
 IPv6 literals are bracketed; wildcard hosts and port 0 are rejected.
 """
 
@@ -32,6 +33,7 @@ from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
 from proxy.tunnel.hosts import HostPortInvalid, parse_host, parse_port_text, split_host_port
 from proxy.tunnel.http_io import receive_event, receive_head
+from proxy.tunnel.services import SERVICE_NAME
 
 # A CONNECT request is one line plus a few headers; anything larger is hostile.
 MAX_REQUEST_SIZE = 16 * 1024
@@ -63,6 +65,7 @@ class ConnectTarget:
     # ``<NodeId>:<PORT>``: PORT names the remote's service (services.py); the
     # original's form names none (the remote's default service).
     service_port: int | None = None
+    service_name: str | None = None  # ``<name>.<NodeId>:<PORT>``: named by name
 
 
 def _target_host(text: str) -> str:
@@ -112,6 +115,11 @@ def parse_connect_target(
     except HostPortInvalid as error:
         raise BadConnectRequest(f"bad target: {error}") from None
     port = _target_port(port_text)
+    service_name, _, named_node = host_text.partition(".")
+    if not has_query and SERVICE_NAME.match(service_name) and _looks_like_node_id(named_node):
+        # `<name>.<NodeId>:<PORT>`: the remote's service by name (the port is not used).
+        target = parse_connect_target(f"{named_node}:{port}", address_book)
+        return ConnectTarget(target.host, target.port, target.node_ids, service_name=service_name)
     # A NodeId never parses as an IPv6 literal, so a bracketed host is never one.
     if not has_query and _looks_like_node_id(host_text):
         # `<NodeId>:<PORT>`: the port names the remote's service.

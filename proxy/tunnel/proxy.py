@@ -50,7 +50,7 @@ from proxy.tunnel.ratelimit import RateLimitedLog
 from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse, Splicer
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
-from proxy.tunnel.services import ServicePolicy, server_name_for_port
+from proxy.tunnel.services import ServicePolicy, server_name_for
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ class Proxy:
                 self._starting.add(starting)
                 try:
                     address = await self._resolve(target.host, target.port)
-                    server_name = server_name_for_port(target.service_port)
+                    server_name = server_name_for(target.service_port, target.service_name)
                     connection = await self._connect_forward(
                         target.node_ids, address, claim=True, server_name=server_name
                     )

@@ -3,10 +3,11 @@ each with its own allow list of NodeIds; and which nodes local clients may reach
 
 Naming (wire). A CONNECT of the form ``<NodeId>:<PORT>`` names the remote's
 service by PORT: the forward side sends the TLS SNI ``<PORT>.port.keynode`` (beside
-ALPN ``keynode/1``). The original's form ``HOST:PORT?nodeId=`` (HOST:PORT is the
-remote proxy) names none, and no SNI is sent. The reverse side reads the SNI: a
-name of that form names the port; no SNI, or any other name (Node's TLS may send
-``localhost``), names nothing.
+ALPN ``keynode/1``). ``<name>.<NodeId>:<any port>`` names it by name: SNI
+``<name>.service.keynode``. The original's form ``HOST:PORT?nodeId=`` (HOST:PORT
+is the remote proxy) names none, and no SNI is sent. The reverse side reads the
+SNI: a name of those forms names the port or the service; no SNI, or any other
+name (Node's TLS may send ``localhost``), names nothing.
 
 Selection (the port rule), on the reverse side:
 
@@ -14,7 +15,8 @@ Selection (the port rule), on the reverse side:
 - a port named, no other services configured: the default service, whatever the
   port (wave-1: every CONNECT port reached [server]);
 - a port named, services configured: the service whose ``port`` it is, or the
-  default service when it is the default's own ``port``; else no such service (404).
+  default service when it is the default's own ``port``; else no such service (404);
+- a name named: that service ("server" is the default), else 404.
 
 No default service configured and nothing (or its absent port) named: 404.
 
@@ -43,34 +45,42 @@ from proxy.tunnel.hosts import format_host_port
 
 DEFAULT_SERVICE = "server"  # the name [server] goes by
 KINDS = ("tcp", "grpc")
-SERVER_NAME_SUFFIX = ".port.keynode"
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # also a DNS label
 _PORT_NAME = re.compile(r"([1-9][0-9]{0,4})\.port\.keynode\Z")
+_SERVICE_NAME = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.service\.keynode\Z")
 
 
-def server_name_for_port(port: int | None) -> bytes | None:
-    """The SNI a forward side sends to name the remote's service at ``port``."""
+def server_name_for(port: int | None = None, service: str | None = None) -> bytes | None:
+    """The SNI a forward side sends to name the remote's service, by name or port."""
+    if service is not None:
+        if not SERVICE_NAME.match(service):
+            raise ValueError(f"not a service name: {service!r}")
+        return f"{service}.service.keynode".encode("ascii")
     if port is None:
         return None
     if not 0 < port < 65536:
         raise ValueError(f"a service port is 1..65535, not {port}")
-    return f"{port}{SERVER_NAME_SUFFIX}".encode("ascii")
+    return f"{port}.port.keynode".encode("ascii")
 
 
-def port_from_server_name(server_name: bytes | None) -> int | None:
-    """The port a received SNI names, or None (no SNI, or a name not of ours)."""
+def named_in(server_name: bytes | None) -> int | str | None:
+    """What a received SNI names: a port, a service name, or None (no SNI, or a name
+    not of ours)."""
     if not server_name:
         return None
-    match = _PORT_NAME.match(server_name.decode("ascii", "replace").lower())
-    if match is None:
-        return None
-    port = int(match.group(1))
-    return port if port < 65536 else None
+    text = server_name.decode("ascii", "replace").lower()
+    match = _PORT_NAME.match(text)
+    if match is not None:
+        port = int(match.group(1))
+        return port if port < 65536 else None
+    match = _SERVICE_NAME.match(text)
+    return None if match is None else match.group(1)
 
 
 def requested_service(server_name: bytes | None) -> str | None:
-    """What a forward connection asked for, for status lines: "port N" or None."""
-    port = port_from_server_name(server_name)
-    return None if port is None else f"port {port}"
+    """What a forward connection asked for, for status lines: "port N", the name, or None."""
+    named = named_in(server_name)
+    return f"port {named}" if isinstance(named, int) else named
 
 
 @dataclass(frozen=True)
@@ -140,8 +150,13 @@ class ServicePolicy:
         return self._by_name.get(name)
 
     def select(self, server_name: bytes | None) -> Service:
-        """The service a caller's SNI names (the port rule above); ServiceNotFound."""
-        port = port_from_server_name(server_name)
+        """The service a caller's SNI names (the rules above); ServiceNotFound."""
+        port = named_in(server_name)
+        if isinstance(port, str):
+            named = self._by_name.get(port)
+            if named is None:
+                raise ServiceNotFound(f"no service {port!r} on this node")
+            return named
         if port is not None and self.services:
             service = self._by_port.get(port)
             if service is None:

@@ -163,8 +163,10 @@ async def test_services_through_real_nodes_status_reload_and_sighup(tmp_path: Pa
                     assert await curl(node_a, f"{b}:{port}") == ("200", name)
                 token_a = (dirs["a"] / "auth_token").read_text().strip()
                 payload = os.urandom(100_000)
-                echoed = await trio.to_thread.run_sync(grpc_echo, node_a.info["forward"], token_a, f"{b}:50051", payload)
-                assert echoed == payload
+                for target in (f"{b}:50051", f"rpc.{b}:443"):  # by port, by name
+                    echoed = await trio.to_thread.run_sync(grpc_echo, node_a.info["forward"], token_a, target, payload)
+                    assert echoed == payload
+                assert await curl(node_a, f"agent.{b}:80") == ("200", "agent")
                 assert await curl(node_a, f"{b}:9999") == ("404", "")
                 # Not in the list: 403 naming the service and the NodeId; the target sees nothing.
                 accepts = servers.accepts["client"]

@@ -91,6 +91,7 @@ def test_a_wave_1_config_is_one_default_service_open_to_all() -> None:
 def test_the_config_module_mirrors_the_tunnel_names() -> None:
     assert services_config.KINDS == tunnel_services.KINDS
     assert services_config.DEFAULT_SERVICE == tunnel_services.DEFAULT_SERVICE
+    assert services_config.SERVICE_NAME.pattern == tunnel_services.SERVICE_NAME.pattern
 
 
 BAD = [

@@ -23,7 +23,7 @@ from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.records import CallerIdentity, EndReason
-from proxy.tunnel.services import Service, ServicePolicy, port_from_server_name, server_name_for_port
+from proxy.tunnel.services import Service, ServicePolicy, named_in, server_name_for
 from tests.proxy.test_proxy_support import (
     TOKEN,
     Node,
@@ -83,16 +83,22 @@ def three_services(default: Server, agent: Server, client: Server, allowed: tupl
 
 @given(st.binary(max_size=300))
 def test_any_server_name_bytes_name_a_port_or_nothing(server_name: bytes) -> None:
-    port = port_from_server_name(server_name)
-    assert port is None or (0 < port < 65536 and server_name_for_port(port) == server_name.lower())
+    named = named_in(server_name)
+    if isinstance(named, int):
+        assert 0 < named < 65536 and server_name_for(port=named) == server_name.lower()
+    elif named is not None:
+        assert server_name_for(service=named) == server_name.lower()
 
 
 def test_server_names_round_trip_and_strangers_name_nothing() -> None:
-    assert server_name_for_port(1314) == b"1314.port.keynode"
-    assert port_from_server_name(b"1314.port.keynode") == 1314
-    assert port_from_server_name(b"1314.PORT.Keynode") == 1314
-    for other in (None, b"", b"localhost", b"0.port.keynode", b"70000.port.keynode", b"x.port.keynode"):
-        assert port_from_server_name(other) is None
+    assert server_name_for(port=1314) == b"1314.port.keynode"
+    assert server_name_for(service="agent") == b"agent.service.keynode"
+    assert named_in(b"1314.port.keynode") == 1314
+    assert named_in(b"1314.PORT.Keynode") == 1314
+    assert named_in(b"client-2.service.keynode") == "client-2"
+    for other in (None, b"", b"localhost", b"0.port.keynode", b"70000.port.keynode", b"x.port.keynode",
+                  b"a.b.service.keynode", b".service.keynode"):
+        assert named_in(other) is None
 
 
 async def test_three_services_on_one_udp_port_each_reached_by_an_allowed_node() -> None:
@@ -114,7 +120,16 @@ async def test_three_services_on_one_udp_port_each_reached_by_an_allowed_node() 
                     assert len(default.peers) == 1
                     status, body = await connect_answer(local, f"{remote.node_id}:22")
                     assert status == 404 and "no service at port 22" in body
-                    assert (len(default.peers), len(agent.peers), len(client.peers)) == (1, 1, 1)
+                    # By name: <name>.<NodeId>:<any port>.
+                    for name, server in (("agent", agent), ("client", client), ("server", default)):
+                        stream = await connect_ok(local.proxy, f"{name}.{remote.node_id}:443")
+                        await echo_round(stream, f"to {name}".encode())
+                        assert {status.info.service for status in local.proxy.connections()} >= {name}
+                        await stream.aclose()
+                        assert len(server.peers) == 2
+                    status, body = await connect_answer(local, f"nope.{remote.node_id}:443")
+                    assert status == 404 and "no service 'nope'" in body
+                    assert (len(default.peers), len(agent.peers), len(client.peers)) == (2, 2, 2)
                     services = {status.info.service for status in remote.proxy.connections()}
                     assert services <= {"server", "agent", "client"}
 
