@@ -118,8 +118,8 @@ def parse_connect_target(
     service_name, _, named_node = host_text.partition(".")
     if not has_query and SERVICE_NAME.match(service_name) and _looks_like_node_id(named_node):
         # `<name>.<NodeId>:<PORT>`: the remote's service by name (the port is not used).
-        target = parse_connect_target(f"{named_node}:{port}", address_book)
-        return ConnectTarget(target.host, target.port, target.node_ids, service_name=service_name)
+        node = parse_connect_target(f"{named_node}:{port}", address_book)
+        return ConnectTarget(node.host, node.port, node.node_ids, service_name=service_name)
     # A NodeId never parses as an IPv6 literal, so a bracketed host is never one.
     if not has_query and _looks_like_node_id(host_text):
         # `<NodeId>:<PORT>`: the port names the remote's service.
