@@ -39,6 +39,9 @@ _PUBLIC = {
     "open_tls_stream": "proxy.tls",
     "Proxy": "proxy.tunnel.proxy",
     "open_proxy": "proxy.tunnel.proxy",
+    "Service": "proxy.tunnel.services",
+    "ServicePolicy": "proxy.tunnel.services",
+    "CallerIdentity": "proxy.tunnel.records",
 }
 
 # module path before the layout -> where it lives now

@@ -7,18 +7,28 @@ per class of failure (EXIT_CODES below); `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import logging
-import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
+from proxy.app.cli_exit import (  # noqa: F401  (re-exported: tests and scripts use them from here)
+    PROGRAM,
+    ArgumentParser,
+    CommandError,
+    ExitCode,
+    UsageError,
+    error_document,
+    exit_code_for,
+    fail,
+    flush_stdout,
+    stdout_gone,
+    unwrap,
+)
 from proxy.app.config import (
     CONFIG_FILE,
     Config,
@@ -30,68 +40,9 @@ from proxy.app.errors import (
     ConfigError,
     ControlRequestFailed,
     ControlUnreachable,
-    NodeDirectoryError,
-    PortForwardError,
 )
 from proxy.app.node_dir import identity_document, keygen, load_identity, rotate
-from proxy.identity.errors import IdentityError, KeynodeError
 from proxy.tunnel.hosts import HostPort, parse_host_port
-
-PROGRAM = "keynode"
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    FAILURE = 1  # anything unexpected (a bug: rerun with --debug and report it)
-    USAGE = 2  # bad command line (argparse uses 2 too)
-    CONFIG = 3  # the config file is unreadable or invalid
-    IDENTITY = 4  # no identity in the node directory, or keygen would overwrite it
-    CONTROL_UNREACHABLE = 5  # no running node answers on the control socket
-    REQUEST_FAILED = 6  # the node refused or failed the request
-    NETWORK = 7  # cannot bind or reach an address
-    DEMO_FAILED = 8  # `keynode demo` ran and its checks failed
-    INTERRUPTED = 130  # SIGINT before the work was done
-
-
-class CommandError(KeynodeError):
-    """A failure the CLI reports as one line with a chosen exit code."""
-
-    def __init__(self, message: str, code: ExitCode) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class UsageError(CommandError):
-    """The command line does not parse (argparse's complaint, exit code 2)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
-        super().__init__(message, ExitCode.USAGE)
-        self.parser = parser
-        self.message = message
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its usage errors raised (main prints them, as text or JSON)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self, message)
-
-
-def exit_code_for(error: BaseException) -> ExitCode:
-    if isinstance(error, CommandError):
-        return error.code
-    if isinstance(error, ConfigError):
-        return ExitCode.CONFIG
-    if isinstance(error, (NodeDirectoryError, IdentityError)):
-        return ExitCode.IDENTITY
-    if isinstance(error, ControlUnreachable):
-        return ExitCode.CONTROL_UNREACHABLE
-    if isinstance(error, (PortForwardError, OSError)):
-        return ExitCode.NETWORK
-    if isinstance(error, (ControlRequestFailed, KeynodeError)):
-        return ExitCode.REQUEST_FAILED
-    return ExitCode.FAILURE
-
 
 # --- node directory ----------------------------------------------------------------
 
@@ -276,6 +227,24 @@ def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
     return address
 
 
+def command_reload(args: argparse.Namespace) -> int:
+    """The running node re-reads its config's services, allow lists and [peers]."""
+    stays = "(not reloaded: the running config stays)"
+    try:
+        answer = _control(args, "POST", "/v1/reload", {})
+    except ConfigError as error:  # read here first, to find the control socket
+        raise CommandError(f"{error} {stays}", ExitCode.CONFIG) from None
+    except ControlRequestFailed as error:
+        if error.error in ("ConfigError", "PolicyTestFailed"):  # the node rejected it whole
+            raise CommandError(f"{error.message} {stays}", ExitCode.CONFIG) from None
+        raise
+    services = ", ".join(service["name"] for service in answer.get("services", [])) or "none"
+    human = f"reloaded: services {services}; {answer.get('peers')} peers; {answer.get('revoked')} tunnels revoked"
+    if answer.get("restart_needed"):
+        human += f"\nnot applied until a restart: {', '.join(answer['restart_needed'])}"
+    return report(args, answer, human)
+
+
 def command_open_forward(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"node_id": str(args.node_id)}
     if args.address is None:
@@ -439,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(
         subparsers, "run", command_run,
-        "run the node: forward proxy, UDP proxy, reverse proxy and control socket",
+        "run the node: forward proxy, UDP proxy, reverse proxy and control socket. Services: "
+        "[server] is the default one; [services.<name>] (target, port, allow, kind) adds more, "
+        "named by the CONNECT port (<NodeId>:<port>) or name (<name>.<NodeId>:<port>); [forward] allow_targets limits the nodes "
+        "local clients reach; [[policy_tests]] are checked at load. SIGHUP (or `keynode reload`) "
+        "re-reads them and [peers]",
         "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"
         "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present\n"
         "\n"
@@ -465,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "status", command_status,
         "show bound addresses, NodeId and every connection of the running node",
         "  keynode status\n  keynode status --json | jq '.connections[].node_id'", client,
+    )
+    _add_command(
+        subparsers, "reload", command_reload,
+        "re-read the config's services, allow lists and [peers] into the running node (as SIGHUP); "
+        "tunnels whose NodeId lost access close as revoked, the others keep flowing; a config "
+        "that fails validation or a [[policy_tests]] entry is rejected and the running one stays",
+        "  keynode reload\n  keynode reload --dir /srv/keynode-a --json\n"
+        "  kill -HUP $(keynode status --json | jq .pid)   # the same", client,
     )
     open_forward = _add_command(
         subparsers, "open-forward", command_open_forward,
@@ -520,65 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stream-mib", type=int, default=64, help="MiB streamed each way (default 64)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """The single failure inside nested exception groups (trio nurseries wrap)."""
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
-
-
-def error_document(error: BaseException, message: str, code: int) -> dict[str, Any]:
-    """What --json prints on stderr for a failure (README: "Errors")."""
-    document: dict[str, Any] = {"error": type(error).__name__, "message": message, "exit_code": code}
-    if isinstance(error, ControlRequestFailed):  # the node's own error type and status
-        document.update(node_error=error.error, http_status=error.status)
-    return document
-
-
-def fail(command: str, error: BaseException, debug: bool, json_errors: bool = False) -> NoReturn:
-    if debug:
-        traceback.print_exception(error)
-    error = unwrap(error)
-    if isinstance(error, BrokenPipeError):
-        stdout_gone()
-    code = ExitCode.INTERRUPTED if isinstance(error, KeyboardInterrupt) else exit_code_for(error)
-    message = str(error) or type(error).__name__
-    if isinstance(error, KeyboardInterrupt):
-        message = "interrupted"
-    elif isinstance(error, UsageError):
-        message = error.message
-    elif isinstance(error, OSError) and error.strerror:
-        message = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
-    if code is ExitCode.FAILURE and not debug:
-        message = f"{type(error).__name__}: {message} (unexpected; rerun with --debug and report it)"
-    if json_errors:
-        print(json.dumps(error_document(error, message, code)), file=sys.stderr)
-    elif isinstance(error, UsageError):
-        error.parser.print_usage(sys.stderr)
-        print(f"{error.parser.prog}: error: {message}", file=sys.stderr)
-    else:
-        print(f"{PROGRAM} {command}: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def flush_stdout() -> None:
-    """Flush now, so a closed pipe shows here and not in the interpreter's flush at exit."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        stdout_gone()
-
-
-def stdout_gone() -> NoReturn:
-    """The reader of our output went away (`keynode status | head -1`): that is its
-    choice, not our failure. Python's advice: point stdout at devnull so the flush at
-    exit does not fail again, and leave quietly."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    sys.exit(ExitCode.OK)
 
 
 def package_version() -> str:

@@ -9,14 +9,28 @@ the dotted key and the reason, so a typo never silently becomes a default.
     [forward]                            # HTTP CONNECT listener for local clients
     host = "127.0.0.1"
     port = 0                             # 0: any free port (printed at start)
+    allow_targets = "*"                  # or ["v...", ...]: the nodes local clients may reach
 
     [proxy]                              # the one UDP socket (uTP + ping/pong)
     host = "0.0.0.0"
     port = 4000
 
-    [server]                             # the local TCP server remote nodes reach
-    host = "127.0.0.1"
-    port = 50051
+    [server]                             # the default service: the local TCP server remote
+    host = "127.0.0.1"                   # nodes reach when they name no service (every
+    port = 50051                         # verified node may)
+    service_port = 22                    # optional: the CONNECT port that names it
+
+    [services.agent]                     # more services (services_config.py): a caller names
+    target = "127.0.0.1:50052"           # one by port (CONNECT <NodeId>:1314) or by name
+                                         # (CONNECT agent.<NodeId>:443)
+    port = 1314
+    allow = "*"                          # or ["v...", ...]: only these NodeIds
+    kind = "tcp"                         # or "grpc"
+
+    [[policy_tests]]                     # checked at every load; a failure rejects the config
+    node = "v0123...abc"
+    service = "agent"
+    expect = "allow"                     # or "deny"
 
     [auth]                               # at most one; none: <node dir>/auth_token
     token_file = "auth_token"            # or token = "..." or token_env = "VAR"
@@ -49,6 +63,9 @@ the dotted key and the reason, so a typo never silently becomes a default.
 
     [control]
     socket = "control.sock"              # relative to the node directory
+
+`keynode reload` (or SIGHUP) re-reads [server], [services], [forward] allow_targets,
+[[policy_tests]] and [peers] into the running node; other sections need a restart.
 """
 
 from __future__ import annotations
@@ -63,6 +80,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.app.errors import ConfigError
+from proxy.app.services_config import ServicesConfig, build_policy, check_policy_tests, read_services
 from proxy.identity.errors import KeyFileError, NodeIdInvalid
 
 # The appliance's congestion default (keeps most of a lossy path, bench/lossy_path.py).
@@ -149,6 +167,8 @@ class Config:
     relay_serve: bool = False  # [relay] serve: answer, register and introduce other nodes
     relay_servers: tuple[Any, ...] = ()  # [relay] servers: proxy.rendezvous.addresses.RelayAddress
     peer_relays: Mapping[Any, tuple[Any, ...]] = field(default_factory=dict)  # [peers] relay: entries
+    services: ServicesConfig = ServicesConfig()  # [services], allow lists, [[policy_tests]]
+    policy: Any = None  # proxy.tunnel.services.ServicePolicy built from server and services
 
     @property
     def key_path(self) -> Path:
@@ -195,6 +215,7 @@ def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> C
 _SECTIONS = (
     "node", "forward", "proxy", "server", "auth", "timeouts", "transport", "tls", "peers", "log", "control",
     "relay",
+    "services", "policy_tests",
 )
 MAX_RELAY_SERVERS = 16
 
@@ -238,10 +259,11 @@ class _Reader:
         return path if path.is_absolute() else base / path
 
     def host_port(
-        self, data: Mapping[str, Any], section: str, host: str, port: int | None, allow_zero: bool
+        self, data: Mapping[str, Any], section: str, host: str, port: int | None, allow_zero: bool,
+        extra: tuple[str, ...] = (),
     ) -> HostPort | None:
         table = self.table(data, section)
-        self.reject_unknown(table, section, ("host", "port"))
+        self.reject_unknown(table, section, ("host", "port", *extra))
         host_value = table.get("host", host)
         port_value = table.get("port", port)
         if port_value is None:
@@ -277,10 +299,15 @@ def config_from_mapping(
     reader.reject_unknown(node, "node", ("dir",))
     node_dir = node_dir or reader.path_value(node, "node.dir", base_dir) or default_node_dir()
 
-    forward = reader.host_port(data, "forward", "127.0.0.1", 0, allow_zero=True)
+    forward = reader.host_port(data, "forward", "127.0.0.1", 0, allow_zero=True, extra=("allow_targets",))
     proxy = reader.host_port(data, "proxy", "0.0.0.0", 0, allow_zero=True)
-    server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False)
+    server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False, extra=("service_port",))
     assert forward is not None and proxy is not None  # both have a default port
+    services = read_services(
+        path, data, reader.table(data, "server"), reader.table(data, "forward"), has_server=server is not None
+    )
+    policy = build_policy(services, server)
+    check_policy_tests(path, services, policy)
 
     auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir, read_auth)
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
@@ -331,6 +358,8 @@ def config_from_mapping(
         relay_serve=relay_serve,
         relay_servers=relay_servers,
         peer_relays=peer_relays,
+        services=services,
+        policy=policy,
     )
 
 

@@ -13,6 +13,9 @@ HTTP/1.1 (h11) with JSON bodies, one request per connection:
     POST /v1/reload-identity                    -> {"node_id": ...} (after `keynode rotate`)
     GET  /v1/address                            -> {"node_id", "seq", "addresses", "record"}:
                                                    this node's address list, signed
+    POST /v1/reload                             -> {"services", "peers", "revoked",
+                                                   "restart_needed"} (reload.py; a bad
+                                                   config: 400 ConfigError)
 
 Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
 server never trusts the request: size and time are bounded, bodies are validated,
@@ -35,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from proxy.app.errors import ControlError, ControlRequestFailed, ControlUnreachable
+from proxy.app.errors import ConfigError, ControlError, ControlRequestFailed, ControlUnreachable
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound
@@ -69,6 +72,7 @@ class ControlHandler(Protocol):
     async def reload_identity(self) -> dict[str, Any]: ...
 
     async def address_record(self) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
 
 
 class BadControlRequest(ValueError):
@@ -183,6 +187,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
         ("GET", "/v1/lookup"): _route_lookup,
         ("POST", "/v1/reload-identity"): _route_reload_identity,
         ("GET", "/v1/address"): _route_address,
+        ("POST", "/v1/reload"): _route_reload,
     }
     route = routes.get((method, url.path))
     if route is None:
@@ -193,7 +198,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
     try:
         arguments = _parse_arguments(method, url.query, body)
         return 200, await route(handler, arguments)
-    except (BadControlRequest, NodeIdInvalid) as error:
+    except (BadControlRequest, NodeIdInvalid, ConfigError) as error:
         return 400, _error_document(error)
     except ConnectionNotFound as error:
         return 404, _error_document(error)
@@ -268,6 +273,8 @@ async def _route_reload_identity(handler: ControlHandler, arguments: dict[str, A
 
 async def _route_address(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
     return await handler.address_record()
+async def _route_reload(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.reload()
 
 
 # --- client ---------------------------------------------------------------------
@@ -354,6 +361,23 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def format_services(services: list[Mapping[str, Any]]) -> str:
+    """The services table of `keynode status` (none: a line saying so)."""
+    if not services:
+        return "\nno services (no [server] and no [services]: incoming tunnels are refused)"
+    rows = [
+        [
+            str(service.get("name")) + (" (default)" if service.get("default") else ""),
+            str(service.get("target")),
+            "-" if service.get("port") is None else str(service.get("port")),
+            str(service.get("kind")),
+            str(service.get("allow")),
+        ]
+        for service in services
+    ]
+    return "\n" + format_table(["SERVICE", "TARGET", "PORT", "KIND", "ALLOW"], rows)
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     lines = [
         f"NodeId:  {status.get('node_id')}",
@@ -370,6 +394,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         lines.append(f"NAT mapping: {status.get('nat_mapping', 'unknown')}")
         if status.get("relay_serve"):
             lines.append("relay node: serving (registrations, lookups, introductions)")
+    lines.append(format_services(status.get("services") or []))
     connections = status.get("connections") or []
     if not connections:
         lines.append("\nno connections")
@@ -388,6 +413,7 @@ def format_status(status: Mapping[str, Any]) -> str:
             format_bytes(float(item.get("bytes_sent") or 0)),
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
+            str(item.get("service") or "-"),
         ])
-    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE"]
     return "\n".join(lines) + f"\n\n{format_table(header, rows)}"

@@ -17,6 +17,11 @@ class ConfigError(KeynodeError):
         self.reason = reason
 
 
+class PolicyTestFailed(ConfigError):
+    """A `[[policy_tests]]` entry does not hold for the config's services: the config
+    is rejected (at start and at reload)."""
+
+
 class NodeDirectoryError(KeynodeError):
     """The node directory has no identity, or keygen would overwrite one."""
 

@@ -98,9 +98,11 @@ class ConnectionLog:
         self.established_at.setdefault(key, []).append(time.monotonic())
         direction, node_id, host, port = key
         remote = format_host_port(host, port)
-        log.info("connection established: %s %s at %s", direction, node_id, remote,
+        service = getattr(event, "service", None)
+        log.info("connection established: %s %s at %s%s", direction, node_id, remote,
+                 f" (service {service})" if service else "",
                  extra={"fields": {"event": "established", "direction": direction,
-                                   "node_id": node_id, "remote": remote}})
+                                   "node_id": node_id, "remote": remote, "service": service}})
 
     def lost(self, event: Any) -> None:
         key = self._key(event)
@@ -113,9 +115,10 @@ class ConnectionLog:
         reason = str(getattr(event.reason, "value", event.reason))
         error = getattr(event, "error", None)
         detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+        service = getattr(event, "service", None)
         log.info("connection lost: %s %s at %s: %s%s", direction, node_id, remote, reason, detail,
                  extra={"fields": {"event": "lost", "direction": direction, "node_id": node_id,
-                                   "remote": remote, "reason": reason,
+                                   "remote": remote, "reason": reason, "service": service,
                                    "error": None if error is None else str(error),
                                    "duration": duration}})
 
@@ -140,6 +143,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_sent": status.bytes_sent,
             "bytes_received": status.bytes_received,
             "rtt": status.rtt,
+            "service": info.service,
         })
     for prepared in proxy.prepared_reverse_connections():
         rows.append({
@@ -152,6 +156,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_sent": 0,
             "bytes_received": 0,
             "rtt": None,
+            "service": None,
         })
     return rows
 
@@ -236,6 +241,7 @@ class NodeController:
             "uptime": round(time.monotonic() - self.started, 3),
             "connection_forward_count": self.proxy.connection_forward_count,
             "connection_reverse_count": self.proxy.connection_reverse_count,
+            "services": self.proxy.policy.describe(),
             "connections": connection_rows(self.proxy),
         }
 
@@ -245,6 +251,12 @@ class NodeController:
             host, port = await self.proxy.find_path(node_id)
         verified = await self.proxy.open_connection_forward([node_id], host, port)
         return {"node_id": str(verified), "address": format_host_port(host, port)}
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config's services, allow lists and [peers] (reload.py)."""
+        from proxy.app.reload import reload_node
+
+        return reload_node(self)
 
     async def open_reverse(self, host: str, port: int) -> dict[str, Any]:
         await self.proxy.open_connection_reverse(host, port)
@@ -335,6 +347,7 @@ async def serve_node(
     `keynode forward` when no node is running."""
     from nat.utp.config import UtpConfig
     from proxy.app.control import serve_control
+    from proxy.app.reload import reload_on_sighup
     from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
 
@@ -353,6 +366,7 @@ async def serve_node(
         address_book=AddressBook({node_id: (peer.host, peer.port) for node_id, peer in config.peers.items()}),
         utp_config=UtpConfig(congestion=config.congestion),
         max_chain_length=config.max_chain_length,
+        policy=config.policy,
         conn_connect_time=timeouts.conn_connect_time,
         conn_keep_alive_timeout_time=timeouts.conn_keep_alive_timeout_time,
         conn_end_time=timeouts.conn_end_time,
@@ -376,6 +390,7 @@ async def serve_node(
         controller = NodeController(proxy, config, tls_config.node_id)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, config.control_socket, controller)
+            await nursery.start(reload_on_sighup, controller)
             addresses = controller.addresses()
             log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
             task_status.started(addresses)

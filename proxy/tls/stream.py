@@ -92,6 +92,10 @@ def _select_alpn(ours: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[byte
     return select
 
 
+def _accept_any_server_name(connection: SSL.Connection) -> None:
+    return None
+
+
 def _build_context(tls_config: TLSConfigLike, server_side: bool, alpn: tuple[bytes, ...] = ()) -> SSL.Context:
     chain = list(tls_config.certificate_chain)
     if not chain:
@@ -115,6 +119,10 @@ def _build_context(tls_config: TLSConfigLike, server_side: bool, alpn: tuple[byt
     # No resumption: every connection proves its identity with a full handshake.
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_options(SSL.OP_NO_TICKET)
+    if server_side:
+        # With a servername callback OpenSSL keeps the client's SNI for
+        # get_servername (TLSStream.server_name); every name is accepted.
+        context.set_tlsext_servername_callback(_accept_any_server_name)
     if alpn:
         if server_side:
             context.set_alpn_select_callback(_select_alpn(alpn))  # type: ignore[arg-type]
@@ -172,11 +180,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         *,
         server_side: bool,
         alpn: Sequence[bytes] = (),
+        server_name: bytes | None = None,
     ) -> None:
         """``alpn``: application protocols, in order of preference. A client offers
         them; a server picks the first of its own the client offered. Either way a
         peer without ALPN (or without a match) is served as before, with none
-        (``alpn_protocol`` None)."""
+        (``alpn_protocol`` None). ``server_name``: the SNI a client sends (none by
+        default); a server reads the client's as ``server_name``."""
         self.transport = transport
         self.server_side = server_side
         self._connection = SSL.Connection(_context_for(tls_config, server_side, tuple(alpn)), None)
@@ -184,6 +194,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._connection.set_accept_state()
         else:
             self._connection.set_connect_state()
+            if server_name is not None:
+                self._connection.set_tlsext_host_name(server_name)
         self._handshake_lock = trio.Lock()
         self._handshake_done = False
         self._send_guard = _OneTaskAtATime("another task is already sending on this TLS stream")
@@ -214,6 +226,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def alpn_protocol(self) -> bytes | None:
         """The application protocol the handshake agreed on, if any."""
         return self._connection.get_alpn_proto_negotiated() or None
+
+    @property
+    def server_name(self) -> bytes | None:
+        """The SNI the client sent (server side, after the ClientHello), else ours."""
+        return self._connection.get_servername() or None
 
     @property
     def eof_received(self) -> bool:

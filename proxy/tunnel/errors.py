@@ -61,6 +61,50 @@ class RemoteRejectedChain(ConnectionRefusedByRemote):
     """The remote node rejected this node's certificate chain (HTTP 502)."""
 
 
+class ServiceRefused(StartRefused):
+    """The reverse side refused a verified caller by its service policy (services.py);
+    the caller is told why in the start status."""
+
+
+class ServiceNotFound(ServiceRefused):
+    """The caller named a service this node does not have (start status reason 4)."""
+
+    http_status = 404
+
+
+class ServiceForbidden(ServiceRefused):
+    """The service's allow list does not hold the caller's NodeId (reason 3)."""
+
+    http_status = 403
+
+
+class ServiceRevoked(ServiceForbidden):
+    """The caller's access was taken away by a reload during its start (reason 5)."""
+
+
+class RemoteServiceNotFound(ConnectionRefusedByRemote):
+    """The remote node has no such service (HTTP 404)."""
+
+    http_status = 404
+
+
+class RemoteServiceForbidden(ConnectionRefusedByRemote):
+    """The remote service's allow list does not hold this node's NodeId (HTTP 403)."""
+
+    http_status = 403
+
+
+class RemoteServiceRevoked(RemoteServiceForbidden):
+    """The remote node took this node's access away while the tunnel started (HTTP 403)."""
+
+
+class TargetNotAllowed(ProxyError):
+    """A CONNECT to a NodeId that this node's ``[forward] allow_targets`` leaves out;
+    refused before anything is sent (HTTP 403)."""
+
+    http_status = 403
+
+
 class BadStartStatus(ConnectionStartError):
     """The remote's start status (start_status.py) was malformed or never came
     (HTTP 502)."""

@@ -3,7 +3,8 @@
 Start sequence (bounded by ``conn_connect_time``, else ConnectionStartTimeout/504,
 whose text names the step it was in and the likely causes): use the shared Peer for
 the remote proxy address (it punches: PING every ``conn_punch_interval_time``), open
-uTP to it, run the TLS client handshake (offering start_status.ALPN), wait until the
+uTP to it, run the TLS client handshake (offering start_status.ALPN, and the SNI
+naming the remote's service, services.py), wait until the
 peer has been heard, then verify the server's chain against the wanted NodeIds
 (ConnectionVerifyError/526, naming the NodeId the peer presented). With a keynode
 peer (ALPN agreed), wait for its start status: ready, or its refusal
@@ -33,6 +34,7 @@ from proxy.tunnel.errors import ConnectionStartTimeout, ConnectionVerifyError
 from proxy.tunnel.lifecycle import ConnectionContext, Ending, TunnelConnection
 from proxy.tunnel.peer import Address
 from proxy.tunnel.records import Direction
+from proxy.tunnel.services import requested_service
 
 
 class ConnectionForward(TunnelConnection):
@@ -42,9 +44,18 @@ class ConnectionForward(TunnelConnection):
     tcp_role = "client"
     toward = "to"
 
-    def __init__(self, context: ConnectionContext, address: Address, node_ids: tuple[NodeId, ...]) -> None:
+    def __init__(
+        self,
+        context: ConnectionContext,
+        address: Address,
+        node_ids: tuple[NodeId, ...],
+        server_name: bytes | None = None,
+    ) -> None:
         super().__init__(context, address)
         self.node_ids = node_ids
+        # The SNI naming the remote's service (services.py); None: its default.
+        self.server_name = server_name
+        self.service = requested_service(server_name)
         self.initial_data = b""
         # Set as soon as a CONNECT picks this connection (before its 200 is sent),
         # so no other CONNECT or open_connection_forward can take it meanwhile.
@@ -68,7 +79,10 @@ class ConnectionForward(TunnelConnection):
                     self._stage = "opening uTP (no answer to its SYN)"
                     self.utp = utp = await context.endpoint.connect(self.address)
                     self._stage = "in the TLS handshake"
-                    self.tls = TLSStream(utp, context.tls_config(), server_side=False, alpn=(start_status.ALPN,))
+                    self.tls = TLSStream(
+                        utp, context.tls_config(), server_side=False, alpn=(start_status.ALPN,),
+                        server_name=self.server_name,
+                    )
                     await self.tls.do_handshake()
                     self._stage = "waiting for a PING or PONG from the peer"
                     await peer.wait_heard()

@@ -7,8 +7,11 @@ the method, the ``Proxy-Authorization`` and the target, and answers either
 error status taken from the typed error's ``http_status``.
 
 Targets:
-- ``HOST:PORT?nodeId=<url-encoded NodeId>`` (the original's form),
-- ``<encoded NodeId>:<PORT>``, resolved through an address book.
+- ``HOST:PORT?nodeId=<url-encoded NodeId>`` (the original's form; HOST:PORT is the
+  remote proxy, and the tunnel reaches the remote's default service),
+- ``<encoded NodeId>:<PORT>``, resolved through an address book; PORT names the
+  remote's service (services.py);
+- ``<service name>.<encoded NodeId>:<PORT>``: the same, naming the service by name.
 IPv6 literals are bracketed; wildcard hosts and port 0 are rejected.
 """
 
@@ -30,6 +33,7 @@ from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import BadConnectRequest, MethodNotAllowed, ProxyAuthRequired, UnknownNodeId
 from proxy.tunnel.hosts import HostPortInvalid, parse_host, parse_port_text, split_host_port
 from proxy.tunnel.http_io import receive_event, receive_head
+from proxy.tunnel.services import SERVICE_NAME
 
 # A CONNECT request is one line plus a few headers; anything larger is hostile.
 MAX_REQUEST_SIZE = 16 * 1024
@@ -38,6 +42,8 @@ READ_SIZE = 4096
 REASONS: dict[int, bytes] = {
     200: b"Connection Established",
     400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
     405: b"Method Not Allowed",
     407: b"Proxy Authentication Required",
     500: b"Internal Server Error",
@@ -59,6 +65,10 @@ class ConnectTarget:
     # `<NodeId>:<PORT>` with no address book entry, on a node with relay nodes: the
     # Proxy asks the relays where the node is (proxy.rendezvous).
     lookup: bool = False
+    # ``<NodeId>:<PORT>``: PORT names the remote's service (services.py); the
+    # original's form names none (the remote's default service).
+    service_port: int | None = None
+    service_name: str | None = None  # ``<name>.<NodeId>:<PORT>``: named by name
 
 
 def _target_host(text: str) -> str:
@@ -108,16 +118,21 @@ def parse_connect_target(
     except HostPortInvalid as error:
         raise BadConnectRequest(f"bad target: {error}") from None
     port = _target_port(port_text)
+    service_name, _, named_node = host_text.partition(".")
+    if not has_query and SERVICE_NAME.match(service_name) and _looks_like_node_id(named_node):
+        # `<name>.<NodeId>:<PORT>`: the remote's service by name (the port is not used).
+        node = parse_connect_target(f"{named_node}:{port}", address_book, by_node_id=by_node_id)
+        return ConnectTarget(node.host, node.port, node.node_ids, lookup=node.lookup, service_name=service_name)
     # A NodeId never parses as an IPv6 literal, so a bracketed host is never one.
     if not has_query and _looks_like_node_id(host_text):
-        # `<NodeId>:<PORT>`: the port is ignored for now (one service per node).
+        # `<NodeId>:<PORT>`: the port names the remote's service.
         node_id = NodeId.decode(host_text)
         if address_book is None or node_id not in address_book:
             if by_node_id:
-                return ConnectTarget("", port, (node_id,), lookup=True)
+                return ConnectTarget("", port, (node_id,), lookup=True, service_port=port)
             raise UnknownNodeId(f"no address known for {node_id} (no [peers] entry, no [relay] servers)")
         host, proxy_port = address_book[node_id]
-        return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,))
+        return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,), service_port=port)
     if not has_query:
         if _NODE_ID_ATTEMPT.match(host_text):
             try:

@@ -23,9 +23,9 @@ A connection sees of the Proxy only its ``ConnectionContext``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
@@ -51,7 +51,8 @@ from proxy.tunnel.errors import (
 from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.peer import Address, Peer, PeerRegistry
 from proxy.tunnel.ratelimit import RateLimitedLog
-from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason
+from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason, Splicer
+from proxy.tunnel.services import ServicePolicy
 from proxy.tunnel.splice import IDLE_BUFFER, IdleTunnel, PipeOutcome, relay
 
 if TYPE_CHECKING:
@@ -79,12 +80,16 @@ class ConnectionContext:
     connect_time: float  # conn_connect_time: bound of a start
     end_time: float  # conn_end_time: bound of a graceful finish
     local_address: Address  # this proxy's UDP address, for ConnectionInfo
-    server: Address | None  # where reverse connections connect; None: refused
+    # The services and allow lists, read at each start (a reload swaps them).
+    policy: Callable[[], ServicePolicy]
     max_chain_length: int  # certificates a peer's chain may hold (longer: refused unexamined, 526)
     established: Callable[[TunnelConnection], None]  # the registry's: registered connection established
     ended: Callable[[TunnelConnection], None]  # the registry's: registered connection finished
     # Runs a task in the proxy's connection nursery; ProxyNotRunning once that is gone.
     spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    # Per service kind (e.g. "grpc"), the application's pipe between a reverse
+    # tunnel and its server, used instead of the byte splice (records.Splicer).
+    splicers: Mapping[str, Splicer] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,9 @@ class TunnelConnection:
         self.address = address  # the remote proxy's UDP address
         self.node_id: NodeId | None = None
         self.certificates: tuple[x509.Certificate, ...] = ()
+        # Reverse: the local service reached; forward: the one named ("port N").
+        self.service: str | None = None
+        self._revoked = False  # closed by a policy reload (end reason "revoked")
         self.peer: Peer | None = None
         self.utp: UtpStream | None = None
         self.tls: TLSStream | None = None
@@ -190,6 +198,7 @@ class TunnelConnection:
             direction=self.direction,
             tcp_host=tcp[0] if tcp else None,
             tcp_port=tcp[1] if tcp else None,
+            service=self.service,
         )
 
     def status(self, established_at: float) -> ConnectionStatus | None:
@@ -377,6 +386,8 @@ class TunnelConnection:
         if self._finishing:
             return
         self._finishing = True
+        if self._revoked:
+            ending = Ending(EndReason.REVOKED, ending.error, ending.broken)
         self.end_reason, self.end_error = ending.reason, ending.error
         with trio.CancelScope(shield=True):
             try:
@@ -410,6 +421,11 @@ class TunnelConnection:
             self._close_held = True
             return
         self.scope.cancel()
+
+    def revoke(self) -> None:
+        """Close it because its NodeId lost access (a reload): ends as ``revoked``."""
+        self._revoked = True
+        self.close()
 
     def reported_established(self) -> None:
         """The registry reported it established: a close held back applies now."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -44,7 +43,7 @@ from proxy.rendezvous.node import RendezvousTimers
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.addressing import RendezvousOptions, find_path, resolve_address, start_rendezvous
 from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
-from proxy.tunnel.defaults import DEFAULT_CONGESTION
+from proxy.tunnel.defaults import DEFAULT_CONGESTION, MAX_CONN_CONNECT_TIME, check_timing_options  # noqa: F401
 from proxy.tunnel.errors import ConnectionStartError, ProxyBindError, ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
 from proxy.tunnel.hosts import format_host_port
@@ -52,14 +51,13 @@ from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
 from proxy.tunnel.ratelimit import RateLimitedLog
-from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse
+from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse, Splicer
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
+from proxy.tunnel.services import ServicePolicy, server_name_for
 
 log = logging.getLogger(__name__)
 
-
-MAX_CONN_CONNECT_TIME = 20.0
 
 
 class Proxy:
@@ -85,19 +83,17 @@ class Proxy:
         relay_serve: bool = False,
         peer_relays: Mapping[NodeId, tuple[RelayAddress, ...]] | None = None,
         rendezvous_timers: RendezvousTimers | None = None,
+        policy: ServicePolicy | None = None,
+        splicers: Mapping[str, Splicer] | None = None,
     ) -> None:
-        if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
-            raise ValueError(f"max_chain_length must be a positive integer, not {max_chain_length!r}")
-        if not 0 < conn_connect_time <= MAX_CONN_CONNECT_TIME:
-            raise ValueError(f"conn_connect_time must be in (0, {MAX_CONN_CONNECT_TIME}]")
-        for name, value in (
-            ("conn_keep_alive_timeout_time", conn_keep_alive_timeout_time),
-            ("conn_end_time", conn_end_time),
-            ("conn_punch_interval_time", conn_punch_interval_time),
-            ("conn_keep_alive_interval_time", conn_keep_alive_interval_time),
-        ):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number of seconds")
+        check_timing_options(
+            max_chain_length=max_chain_length,
+            conn_connect_time=conn_connect_time,
+            conn_keep_alive_timeout_time=conn_keep_alive_timeout_time,
+            conn_end_time=conn_end_time,
+            conn_punch_interval_time=conn_punch_interval_time,
+            conn_keep_alive_interval_time=conn_keep_alive_interval_time,
+        )
         self.tls_config = tls_config
         self.auth_token = auth_token
         self.address_book: Mapping[NodeId, tuple[str, int]] = (
@@ -105,6 +101,10 @@ class Proxy:
         )
         self.server_host = server_host
         self.server_port = server_port
+        # Services and allow lists (services.py); without: server_host/port, open to all.
+        server = None if server_host is None or server_port is None else (server_host, server_port)
+        self.policy = policy if policy is not None else ServicePolicy.single(server)
+        self.splicers = dict(splicers or {})  # per service kind, instead of the byte splice
         self.conn_connect_time = conn_connect_time
         self.conn_keep_alive_timeout_time = conn_keep_alive_timeout_time
         self.conn_end_time = conn_end_time
@@ -219,11 +219,8 @@ class Proxy:
                         connect_time=self.conn_connect_time,
                         end_time=self.conn_end_time,
                         local_address=proxy_address,
-                        server=(
-                            (self.server_host, self.server_port)
-                            if self.server_host is not None and self.server_port is not None
-                            else None
-                        ),
+                        policy=lambda: self.policy,
+                        splicers=self.splicers,
                         max_chain_length=self.max_chain_length,
                         established=self._registry.established,
                         ended=self._registry.ended,
@@ -236,7 +233,7 @@ class Proxy:
                     for listener in listeners:
                         services.start_soon(self._accept_forward, listener)
                     services.start_soon(self._accept_reverse)
-                    endpoint.accepting = self.server_port is not None
+                    endpoint.accepting = self.policy.serves
                     self._running = True
                     task_status.started()
         finally:
@@ -299,6 +296,14 @@ class Proxy:
     def connection_reverse_count(self) -> int:
         return len(self._registry.reverse)
 
+    def set_policy(self, policy: ServicePolicy) -> int:
+        """Use new services and allow lists from now on; live connections whose NodeId
+        lost access end as ``revoked`` (returns how many)."""
+        self.policy = policy
+        if self._running and not self._stopping:
+            self.endpoint.accepting = policy.serves
+        return self._registry.revoke(policy)
+
     def set_tls_config(self, tls_config: TLSConfig) -> None:
         """Use a new key/chain for connections started from now on."""
         self.tls_config = tls_config
@@ -309,17 +314,15 @@ class Proxy:
         return await resolve_address(host, port, self.proxy_host)
 
     async def _connect_forward(
-        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool
+        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool, server_name: bytes | None = None
     ) -> ConnectionForward:
-        """An idle pre-opened connection to ``address`` claiming one of node_ids, or a new one.
-
-        ``claim``: for a CONNECT, which takes the connection for itself.
-        """
-        idle = self._registry.idle_forward(address, node_ids)
+        """An idle pre-opened connection to ``address`` claiming one of node_ids, for the
+        service ``server_name`` names, or a new one. ``claim``: for a CONNECT."""
+        idle = self._registry.idle_forward(address, node_ids, server_name)
         if idle is not None:
             idle.claimed = claim
             return idle
-        connection = ConnectionForward(self._connection_context(), address, node_ids)
+        connection = ConnectionForward(self._connection_context(), address, node_ids, server_name)
         connection.claimed = claim
         await connection.start()
         if self._stopping:
@@ -417,6 +420,7 @@ class Proxy:
             target = edge.parse(
                 auth_token=self.auth_token, address_book=self.address_book, by_node_id=self.rendezvous_options.finds_by_node_id
             )
+            self.policy.check_target(target.node_ids)  # 403 before anything is sent
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")
             # stop() cancels starts in progress; their clients get 503.
@@ -427,7 +431,10 @@ class Proxy:
                         address = await self.find_path(target.node_ids[0])
                     else:
                         address = await self._resolve(target.host, target.port)
-                    connection = await self._connect_forward(target.node_ids, address, claim=True)
+                    server_name = server_name_for(target.service_port, target.service_name)
+                    connection = await self._connect_forward(
+                        target.node_ids, address, claim=True, server_name=server_name
+                    )
                 finally:
                     self._starting.discard(starting)
             if connection is None:

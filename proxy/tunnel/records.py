@@ -4,10 +4,12 @@ reasons. Plain data, no behaviour; the application may import it."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from cryptography import x509
 
 from proxy.identity.node_id import NodeId
@@ -25,6 +27,7 @@ class EndReason(str, enum.Enum):
     CLOSED_BY_PEER = "closed_by_peer"  # the remote node ended the tunnel first
     RESET = "reset"  # an error on either side (reset, broken TLS, broken TCP)
     KEEP_ALIVE_TIMEOUT = "keep_alive_timeout"  # the remote peer fell silent
+    REVOKED = "revoked"  # a policy reload took its NodeId's access away (services.py)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class ConnectionInfo:
     direction: Direction
     tcp_host: str | None = None  # forward: the CONNECT client; reverse: our socket to the server
     tcp_port: int | None = None
+    # reverse: the local service it reached; forward: the service it named ("port N"),
+    # None for none (the remote's default service)
+    service: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,28 @@ class ConnectionEvent:
     direction: Direction
     reason: EndReason | None = None  # None for "established"
     error: BaseException | None = None
+    service: str | None = None  # as ConnectionInfo.service
 
 
 ConnectionCallback = Callable[[ConnectionEvent], Any]
+
+
+@dataclass(frozen=True)
+class CallerIdentity:
+    """Who a reverse connection's caller is, as verified: what a service's splicer
+    (``Splicer``) is given beside its two streams."""
+
+    local_node_id: NodeId  # this node
+    peer_node_id: NodeId  # the NodeId the caller's chain proves (verification.py)
+    peer_certificate_der: bytes  # the caller's leaf certificate, DER
+    service: str  # the local service it reached
+
+    @property
+    def peer_certificate_sha256(self) -> str:
+        """Hex SHA-256 of the leaf certificate's DER (XFCC's Hash)."""
+        return hashlib.sha256(self.peer_certificate_der).hexdigest()
+
+
+# A service kind's byte pipe, supplied by the application (e.g. the gRPC bridge for
+# kind "grpc"): (tunnel stream, server stream, caller) -> None once both are done.
+Splicer = Callable[[trio.abc.Stream, trio.abc.Stream, CallerIdentity], Awaitable[None]]

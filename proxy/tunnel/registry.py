@@ -24,6 +24,7 @@ from proxy.tunnel.lifecycle import TunnelConnection
 from proxy.tunnel.peer import Address, normalize_address
 from proxy.tunnel.records import ConnectionCallback, ConnectionEvent, ConnectionInfo, ConnectionStatus
 from proxy.tunnel.reverse import ConnectionReverse
+from proxy.tunnel.services import ServicePolicy
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,13 @@ class ConnectionRegistry:
         self._established_at[connection] = trio.current_time()
         self._call(
             self.established_callback,
-            ConnectionEvent(connection.node_id, connection.address[0], connection.address[1], connection.direction),
+            ConnectionEvent(
+                connection.node_id,
+                connection.address[0],
+                connection.address[1],
+                connection.direction,
+                service=connection.service,
+            ),
         )
         connection.reported_established()
 
@@ -137,11 +144,31 @@ class ConnectionRegistry:
                     connection.direction,
                     connection.end_reason,
                     connection.end_error,
+                    connection.service,
                 ),
             )
 
     def all(self) -> list[TunnelConnection]:
         return [*self.forward, *self.reverse]
+
+    def revoke(self, policy: ServicePolicy) -> int:
+        """Close, as ``revoked``, every connection whose NodeId ``policy`` no longer
+        lets through: a reverse one whose service is gone or no longer allows any
+        NodeId of the caller's chain, a forward one to a node [forward]
+        allow_targets leaves out. Connections still starting check at their end."""
+        revoked = [
+            connection
+            for connection in self.all()
+            if connection.node_id is not None
+            and not (
+                policy.still_allows(connection.service, connection.chain_node_ids)
+                if isinstance(connection, ConnectionReverse)
+                else policy.target_allowed((connection.node_id,))
+            )
+        ]
+        for connection in revoked:
+            connection.revoke()
+        return len(revoked)
 
     async def end(self, connections: Iterable[TunnelConnection]) -> None:
         """Close connections and wait until they ended, at most conn_end_time (and a margin)."""
@@ -154,10 +181,18 @@ class ConnectionRegistry:
 
     # --- queries ----------------------------------------------------------------------
 
-    def idle_forward(self, address: Address, node_ids: tuple[NodeId, ...]) -> ConnectionForward | None:
-        """A connection opened ahead of time to ``address``, to one of ``node_ids``, not yet taken."""
+    def idle_forward(
+        self, address: Address, node_ids: tuple[NodeId, ...], server_name: bytes | None = None
+    ) -> ConnectionForward | None:
+        """A connection opened ahead of time to ``address``, to one of ``node_ids``,
+        for the same remote service (``server_name``), not yet taken."""
         for connection in self.forward:
-            if connection.address == address and connection.usable and connection.node_id in node_ids:
+            if (
+                connection.address == address
+                and connection.usable
+                and connection.node_id in node_ids
+                and connection.server_name == server_name
+            ):
                 return connection
         return None
 

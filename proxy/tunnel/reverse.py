@@ -13,6 +13,13 @@ An unannounced incoming connection gets no work before it earns it (DESIGN.md,
 its first bytes show that it receives ours; then the TLS handshake and the chain;
 only then the server connection and the punch. Then both pipe and finish
 (lifecycle.py).
+
+Services (services.py): once the chain is verified, the caller's SNI selects the
+service and its allow list decides, before any connection to the service's target;
+a refusal is sent in the start status (4 no such service, 3 forbidden). A prepared
+connection has connected the default service's target already; a caller that
+names another service gets that one instead. The pipe is the byte splice unless
+the application gave a splicer for the service's kind (ConnectionContext.splicers).
 """
 
 from __future__ import annotations
@@ -20,18 +27,30 @@ from __future__ import annotations
 import os
 
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from nat.stream import UtpStream
+from proxy.identity.certificates import certificate_node_id
 from proxy.identity.errors import CertificateChainError
+from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_client_certificate_chain
 from proxy.tls import TLSStream
 from proxy.tunnel import start_status
-from proxy.tunnel.connection import TRANSPORT_ERRORS, presented_identity, start_error, until_peer_dies, verified_chains
-from proxy.tunnel.errors import ConnectionVerifyError, ServerUnavailable
+from proxy.tunnel.connection import (
+    TRANSPORT_ERRORS,
+    as_peer_reset,
+    presented_identity,
+    start_error,
+    until_peer_dies,
+    verified_chains,
+)
+from proxy.tunnel.errors import ConnectionVerifyError, ServerUnavailable, ServiceForbidden, ServiceNotFound, ServiceRevoked
 from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.lifecycle import Ending, TunnelConnection
 from proxy.tunnel.peer import Peer
-from proxy.tunnel.records import Direction
+from proxy.tunnel.records import CallerIdentity, Direction, EndReason
+from proxy.tunnel.services import Service
+from proxy.tunnel.splice import PipeOutcome
 
 
 def _why(error: OSError) -> str:
@@ -51,6 +70,8 @@ class ConnectionReverse(TunnelConnection):
 
     prepared_at: float | None = None  # when open_connection_reverse finished preparing it
     _preparing = False
+    chain_node_ids: tuple[NodeId, ...] = ()  # every NodeId the verified chain proves, leaf first
+    _target: Service | None = None  # the service whose target self.tcp is connected to
 
     @property
     def usable(self) -> bool:
@@ -59,27 +80,31 @@ class ConnectionReverse(TunnelConnection):
         its connection may arrive while we still punch; it completes this one."""
         if self.composed or self.ended.is_set() or self.scope.cancel_called:
             return False
-        return self._preparing or (self.tcp is not None and self.alive)
+        return self._preparing or ((self.tcp is not None or self.prepared_at is not None) and self.alive)
 
     async def prepare(self, deadline: float | None = None) -> None:
-        """Connect to the server and punch until the peer is heard (bounded)."""
+        """Connect to the default service's server and punch until the peer is heard
+        (bounded). With [services] but no default service, only punch: the caller's
+        service is connected once it is known and authorised."""
         if deadline is None:
             deadline = trio.current_time() + self.context.connect_time
         self._preparing = True
         try:
             async with self._starting():
                 with trio.fail_at(deadline):
-                    await self._open_server()
+                    default = self.context.policy().default
+                    if default is not None or not self.context.policy().serves:
+                        await self._open_server(default)  # none at all: ServerUnavailable
                     peer = await self._use_peer()
                     await peer.wait_heard()
         finally:
             self._preparing = False
         self.prepared_at = trio.current_time()
 
-    async def _open_server(self) -> None:
-        server = self.context.server
-        if server is None:
+    async def _open_server(self, service: Service | None) -> None:
+        if service is None:
             raise ServerUnavailable(f"{self.what}: no server is configured for reverse connections")
+        self._target, server = service, service.target
         try:
             self.tcp = await trio.open_tcp_stream(*server)
         except OSError as error:
@@ -104,16 +129,53 @@ class ConnectionReverse(TunnelConnection):
                 peer = await self._use_peer(quiet=True)
                 await self._until_proven(peer)
             await self._complete(deadline)
+            service = await self._authorise()
             with trio.fail_at(deadline):
-                try:
-                    await self._open_server()
-                except ServerUnavailable as error:
-                    # The reason only (not the server's address): the caller is verified,
-                    # not necessarily entitled to know this node's insides.
-                    await self._refuse(start_status.REASON_SERVER_UNAVAILABLE, error.reason)
-                    raise
+                await self._connect_service(service)
                 await peer.wait_heard()
-                await self._send_status(start_status.encode_ready())
+                await self._ready()
+
+    async def _authorise(self) -> Service:
+        """The service the caller named, if its allow list holds the caller: else the
+        refusal (4 no such service, 3 forbidden) and ServiceNotFound/ServiceForbidden."""
+        assert self.tls is not None
+        policy = self.context.policy()
+        try:
+            service = policy.select(self.tls.server_name)
+            policy.authorise(service, self.chain_node_ids)
+        except ServiceNotFound as error:
+            await self._refuse(start_status.REASON_NO_SUCH_SERVICE, str(error))
+            raise ServiceNotFound(f"{self.what}: {error}") from None
+        except ServiceForbidden as error:
+            await self._refuse(start_status.REASON_FORBIDDEN, str(error))
+            raise ServiceForbidden(f"{self.what}: {error}") from None
+        self.service = service.name
+        return service
+
+    async def _connect_service(self, service: Service) -> None:
+        """Connect the service's target (a prepared connection has the default's:
+        kept when that is the one named, unless a splicer will serve it, which must
+        see the server from its first byte)."""
+        if self.tcp is not None and self._target is service and service.kind not in self.context.splicers:
+            return
+        if self.tcp is not None:
+            tcp, self.tcp, self._early_from_tcp = self.tcp, None, bytearray()
+            await tcp.aclose()
+        try:
+            await self._open_server(service)
+        except ServerUnavailable as error:
+            # The reason only (not the server's address): the caller is verified,
+            # not necessarily entitled to know this node's insides.
+            await self._refuse(start_status.REASON_SERVER_UNAVAILABLE, error.reason)
+            raise
+
+    async def _ready(self) -> None:
+        """Ready, unless a reload took the caller's access away meanwhile (5 revoked)."""
+        if not self.context.policy().still_allows(self.service, self.chain_node_ids):
+            text = f"service {self.service!r} no longer allows {self.node_id}"
+            await self._refuse(start_status.REASON_REVOKED, text)
+            raise ServiceRevoked(f"{self.what}: {text}")
+        await self._send_status(start_status.encode_ready())
 
     async def _until_proven(self, peer: Peer) -> None:
         """Until the caller's first bytes arrive (then the peer is proven) or its
@@ -167,6 +229,7 @@ class ConnectionReverse(TunnelConnection):
                     f"{self.what}: certificate chain rejected: {error}; the peer presented {presented_identity(chain)}"
                 ) from error
             self.certificates = tuple(chain)
+            self.chain_node_ids = tuple(certificate_node_id(certificate) for certificate in chain)
         except Exception as error:
             raise start_error(error, self.what) from error
 
@@ -206,9 +269,34 @@ class ConnectionReverse(TunnelConnection):
                 deadline = trio.current_time() + self.context.connect_time
             await self._complete(deadline)
             try:
+                service = await self._authorise()
                 with trio.fail_at(deadline):
-                    await self._send_status(start_status.encode_ready())
+                    await self._connect_service(service)
+                    await self._ready()
             except Exception as error:
                 raise start_error(error, self.what) from error
         self.context.established(self)
-        return await self._splice()
+        return await self._pipe()
+
+    async def _pipe(self) -> Ending:
+        """The byte splice, or the application's splicer for the service's kind."""
+        splicer = None if self._target is None else self.context.splicers.get(self._target.kind)
+        if splicer is None:
+            return await self._splice()
+        assert self.tls is not None and self.tcp is not None and self.peer is not None
+        assert self.node_id is not None and self.service is not None
+        caller = CallerIdentity(
+            local_node_id=self.context.tls_config().node_id,
+            peer_node_id=self.node_id,
+            peer_certificate_der=self.certificates[0].public_bytes(Encoding.DER),
+            service=self.service,
+        )
+        tls, tcp = self.tls, self.tcp
+        self._joined = True
+        try:
+            await until_peer_dies(self.peer, lambda: splicer(tls, tcp, caller))
+        except TRANSPORT_ERRORS as error:
+            return Ending(EndReason.RESET, as_peer_reset(error), broken=True)
+        # Returned: both directions are done, as after a clean byte splice.
+        self._outcome = PipeOutcome(local_eof=True, peer_eof=True)
+        return Ending(EndReason.CLOSED_LOCALLY)

@@ -16,8 +16,11 @@ server sends are one status frame:
     kind (1 byte)   0 ready, 1 refused
     reason (1 byte) 0 for ready; for refused: 1 the server is unavailable (its
                     connect failed, or none is configured), 2 the caller's
-                    certificate chain was rejected; other values: refused for a
-                    reason the reader does not know (kept for 403/404 of services)
+                    certificate chain was rejected, 3 the service's allow list
+                    does not hold the caller's NodeId (403), 4 no such service
+                    (404), 5 the caller's access was revoked during its start
+                    (403); other values: refused for a reason the reader does
+                    not know (502)
     length (2 bytes, big-endian) of the text, at most MAX_TEXT
     text            UTF-8, the remote's explanation for a person (empty for ready)
 
@@ -38,6 +41,9 @@ from proxy.tunnel.errors import (
     ConnectionRefusedByRemote,
     RemoteRejectedChain,
     RemoteServerUnavailable,
+    RemoteServiceForbidden,
+    RemoteServiceNotFound,
+    RemoteServiceRevoked,
 )
 
 ALPN = b"keynode/1"
@@ -47,6 +53,9 @@ REFUSED = 1
 
 REASON_SERVER_UNAVAILABLE = 1
 REASON_CHAIN_REJECTED = 2
+REASON_FORBIDDEN = 3
+REASON_NO_SUCH_SERVICE = 4
+REASON_REVOKED = 5
 
 MAX_TEXT = 1024
 _HEADER = struct.Struct("!BBH")
@@ -106,7 +115,8 @@ async def receive_start_status(stream: trio.abc.ReceiveStream) -> StartStatus:
 
 
 def refusal_error(status: StartStatus, what: str) -> ConnectionRefusedByRemote:
-    """The typed error for a refusal (all HTTP 502), saying what the remote said."""
+    """The typed error for a refusal (502; 403 and 404 for the service policy's),
+    saying what the remote said."""
     said = f": {status.text}" if status.text else ""
     if status.reason == REASON_SERVER_UNAVAILABLE:
         return RemoteServerUnavailable(
@@ -114,4 +124,10 @@ def refusal_error(status: StartStatus, what: str) -> ConnectionRefusedByRemote:
         )
     if status.reason == REASON_CHAIN_REJECTED:
         return RemoteRejectedChain(f"{what}: the remote node rejected this node's certificate chain{said}")
+    if status.reason == REASON_FORBIDDEN:
+        return RemoteServiceForbidden(f"{what}: forbidden by the remote node's service policy{said}")
+    if status.reason == REASON_NO_SUCH_SERVICE:
+        return RemoteServiceNotFound(f"{what}: the remote node has no such service{said}")
+    if status.reason == REASON_REVOKED:
+        return RemoteServiceRevoked(f"{what}: the remote node revoked this node's access{said}")
     return ConnectionRefusedByRemote(f"{what}: the remote node refused the connection (reason {status.reason}){said}")

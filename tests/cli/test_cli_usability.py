@@ -122,7 +122,7 @@ async def test_status_lists_prepared_reverse_connections() -> None:
     rows = connection_rows(FakeProxy(trio.current_time()))
     assert rows == [{
         "direction": "reverse", "state": "prepared", "node_id": None, "remote": "203.0.113.5:4000",
-        "local": None, "age": 5.0, "bytes_sent": 0, "bytes_received": 0, "rtt": None,
+        "local": None, "age": 5.0, "bytes_sent": 0, "bytes_received": 0, "rtt": None, "service": None,
     }]
     text = format_status({**STATUS, "connections": rows})
     (line,) = [line for line in text.splitlines() if line.startswith("reverse")]

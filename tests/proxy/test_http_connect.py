@@ -52,7 +52,18 @@ def test_target_node_id_form_through_address_book() -> None:
     node_id = random_node_id()
     book = AddressBook({node_id: ("127.0.0.1", 5555)})
     target = parse_connect_target(f"{node_id}:443", book)
-    assert target == ConnectTarget("127.0.0.1", 5555, (node_id,))
+    assert target == ConnectTarget("127.0.0.1", 5555, (node_id,), service_port=443)  # the port names a service
+
+
+def test_target_service_name_form_through_address_book() -> None:
+    node_id = random_node_id()
+    book = AddressBook({node_id: ("127.0.0.1", 5555)})
+    target = parse_connect_target(f"agent.{node_id}:443", book)
+    assert target == ConnectTarget("127.0.0.1", 5555, (node_id,), service_name="agent")
+    with pytest.raises(UnknownNodeId):
+        parse_connect_target(f"agent.{node_id}:443", AddressBook())
+    with pytest.raises(BadConnectRequest):  # not a service name: an ordinary host without nodeId
+        parse_connect_target(f"Agent!.{node_id}:443", book)
 
 
 def test_target_node_id_form_unknown_node() -> None:
@@ -200,7 +211,7 @@ async def test_grpcio_style_headers_with_leading_space() -> None:
         + b"\r\n\r\n"
     )
     outcome, _, response = await exchange(request, book=book)
-    assert outcome == ConnectTarget("::1", 7, (node_id,))
+    assert outcome == ConnectTarget("::1", 7, (node_id,), service_port=443)
     assert parse_response(response).status_code == 200
 
 

@@ -71,14 +71,19 @@ async def test_connect_by_node_id_alone_through_a_relay_node() -> None:
         assert caller.proxy.rendezvous.nat_mapping() == "unknown"  # type: ignore[union-attr]
 
 
-async def test_open_connection_forward_by_node_id_then_connect_reuses_it() -> None:
-    async with three_nodes() as (_relay, caller, target, _server):
+async def test_open_connection_forward_by_node_id_then_connect_reuses_the_path() -> None:
+    async with three_nodes() as (relay, caller, target, _server):
         verified = await caller.proxy.open_connection_forward(target.node_id)
         assert verified == target.node_id
         assert caller.proxy.connection_forward_count == 1
+        introductions = relay.proxy.rendezvous.counters["relay"]["introductions"]  # type: ignore[union-attr]
+        # `<NodeId>:443` names the remote's service port 443 (services.py), not the
+        # default service the pre-opened connection reached, so it gets a connection of
+        # its own; the path the first one punched is reused: no second introduction.
         stream = await connect_ok(caller.proxy, f"{target.node_id}:443")
         await echo_round(stream, b"x" * 5000)
-        assert caller.proxy.connection_forward_count == 1
+        assert caller.proxy.connection_forward_count == 2
+        assert relay.proxy.rendezvous.counters["relay"]["introductions"] == introductions  # type: ignore[union-attr]
 
 
 async def test_an_unknown_node_id_fails_fast_with_a_clear_status() -> None:
