@@ -1,0 +1,178 @@
+"""The caller's verified NodeId in every gRPC request, for unmodified servers.
+
+For a service of kind ``"grpc"`` the reverse side hands both ends of a verified
+tunnel connection to ``relay_with_identity`` (the per-service splicer), which
+runs an ``H2IdentityRelay`` (h2_relay.py) between them: every request reaches
+the server with the headers below, after every client-supplied ``x-keynode-*``
+header (headers and trailers, any case, ``-bin`` too, every duplicate) is gone.
+
+Header contract (ASCII, so any gRPC stack reads it as plain metadata):
+- ``x-keynode-node-id: <peer NodeId>`` (``v`` + 52 base32hex characters)
+- ``x-keynode-peer: By=<own NodeId>;NodeId=<peer NodeId>;Hash=<sha256 hex>``,
+  shaped like Envoy's x-forwarded-client-cert: ``By`` is this node (the proxy
+  that verified the caller), ``Hash`` the SHA-256 of the DER of the caller's leaf
+  certificate (the one its TLS handshake presented first).
+
+A grpcio servicer reads them with ``dict(context.invocation_metadata())``.
+
+This module is the thin trio driver: two readers feed the sans-IO relay, two
+writers drain it; a reader waits while output it would add to is above the
+relay's high-water mark, so a side that does not read stops the other's reading
+instead of growing buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from grpc_bridge.h2_errors import H2RelayError
+from grpc_bridge.h2_relay import H2IdentityRelay, Header
+from proxy.identity.node_id import NodeId
+
+log = logging.getLogger(__name__)
+
+NODE_ID_HEADER = b"x-keynode-node-id"
+PEER_HEADER = b"x-keynode-peer"
+READ_SIZE = 64 << 10
+# Output toward a side that may grow without DATA (control frames a flood asks
+# for) before its reader pauses: a multiple of the relay's high-water mark.
+CONTROL_SLACK = 4
+DRAIN_TIME = 5.0  # after the relay ends, how long its last bytes (GOAWAY) may take to go out
+
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class CallerIdentity(Protocol):
+    """What the splicer reads of the reverse side's caller record (issue 15's
+    ``CallerIdentity``): this node, the verified caller and the SHA-256 of the
+    caller's leaf certificate."""
+
+    @property
+    def own_node_id(self) -> NodeId: ...
+
+    @property
+    def peer_node_id(self) -> NodeId: ...
+
+    @property
+    def peer_leaf_sha256(self) -> bytes: ...
+
+
+def certificate_sha256(der: bytes) -> bytes:
+    """The ``Hash`` of ``x-keynode-peer``: SHA-256 of a certificate's DER."""
+    return hashlib.sha256(der).digest()
+
+
+def identity_headers(own_node_id: NodeId, peer_node_id: NodeId, peer_leaf_sha256: bytes) -> list[Header]:
+    """The headers added to every request (see the module docstring)."""
+    if len(peer_leaf_sha256) != 32:
+        raise ValueError("peer_leaf_sha256 is a 32-byte SHA-256 digest")
+    peer = peer_node_id.encode()
+    xfcc = f"By={own_node_id.encode()};NodeId={peer};Hash={peer_leaf_sha256.hex()}"
+    return [(NODE_ID_HEADER, peer.encode("ascii")), (PEER_HEADER, xfcc.encode("ascii"))]
+
+
+def parse_peer_header(value: str) -> dict[str, str]:
+    """``x-keynode-peer``'s ``key=value;...`` as a dict with lower-case keys."""
+    fields: dict[str, str] = {}
+    for element in value.split(";"):
+        key, separator, item = element.partition("=")
+        if separator:
+            fields[key.strip().lower()] = item.strip()
+    return fields
+
+
+async def relay_with_identity(tunnel_stream: trio.abc.Stream, server_stream: trio.abc.Stream, caller: CallerIdentity) -> None:
+    """The splicer for services of kind ``"grpc"``: relay HTTP/2 until either side
+    ends, injecting ``caller``'s identity. A side that breaks HTTP/2 ends this
+    connection (logged), never anything else."""
+    headers = identity_headers(caller.own_node_id, caller.peer_node_id, caller.peer_leaf_sha256)
+    await run_relay(H2IdentityRelay(headers), tunnel_stream, server_stream)
+
+
+class _Changes:
+    """Wakes every task waiting for the relay's state to change."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        event, self._event = self._event, trio.Event()
+        event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def run_relay(relay: H2IdentityRelay, tunnel_stream: trio.abc.Stream, server_stream: trio.abc.Stream) -> None:
+    """Drive ``relay`` between the two streams until one ends or breaks HTTP/2.
+    Logs (once) and returns on a protocol error; transport errors end it quietly."""
+    changes = _Changes()
+    high = relay.outbound_high_water
+    relay.start()
+
+    def tunnel_reader_may_go() -> bool:
+        return relay.pending_for_server < high and relay.pending_for_tunnel < high * CONTROL_SLACK
+
+    def server_reader_may_go() -> bool:
+        return relay.pending_for_tunnel < high and relay.pending_for_server < high * CONTROL_SLACK
+
+    async def read(
+        stream: trio.abc.ReceiveStream,
+        may_go: Callable[[], bool],
+        receive: Callable[[bytes | bytearray], None],
+        closed: Callable[[], None],
+        ended: Callable[[], None],
+    ) -> None:
+        try:
+            while not relay.ended:
+                while not may_go() and not relay.ended:
+                    await changes.wait()
+                if relay.ended:
+                    break
+                try:
+                    data = await stream.receive_some(READ_SIZE)
+                except _TRANSPORT_ERRORS:
+                    data = b""
+                if not data:
+                    closed()
+                    break
+                receive(data)
+                changes.notify()
+        except H2RelayError as error:
+            log.info("grpc relay: %s", error)
+        ended()
+        changes.notify()
+
+    async def write(stream: trio.abc.SendStream, take: Callable[[int], bytes], gone: Callable[[], None]) -> None:
+        try:
+            while not relay.ended:
+                data = take(READ_SIZE)
+                if data:
+                    await stream.send_all(data)
+                    changes.notify()
+                else:
+                    await changes.wait()
+            while data := take(READ_SIZE):  # the last words (GOAWAY), within the drain time
+                await stream.send_all(data)
+        except _TRANSPORT_ERRORS:
+            gone()
+            changes.notify()
+
+    drain = trio.CancelScope()
+
+    def ended() -> None:
+        drain.deadline = min(drain.deadline, trio.current_time() + DRAIN_TIME)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, tunnel_stream, tunnel_reader_may_go, relay.receive_from_tunnel, relay.tunnel_closed, ended)
+        nursery.start_soon(read, server_stream, server_reader_may_go, relay.receive_from_server, relay.server_closed, ended)
+        with drain:
+            async with trio.open_nursery() as writers:
+                writers.start_soon(write, tunnel_stream, relay.take_for_tunnel, relay.tunnel_closed)
+                writers.start_soon(write, server_stream, relay.take_for_server, relay.server_closed)
+        nursery.cancel_scope.cancel()  # both sides have had their last words (or are gone)
