@@ -227,7 +227,7 @@ class H2IdentityRelay:
 
     def _on_tunnel_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            self._open_request(event.stream_id, event.headers or [])
+            self._open_request(event.stream_id, event.headers or [], ended=event.stream_ended is not None)
         elif isinstance(event, h2.events.DataReceived):
             pair = self._pairs_by_tunnel.get(event.stream_id)
             target = None if pair is None else pair.server_stream
@@ -251,17 +251,19 @@ class H2IdentityRelay:
             # The caller will open no more streams; the server may finish the open ones.
             self.server.connection.close_connection(event.error_code or ErrorCodes.NO_ERROR)
 
-    def _open_request(self, tunnel_stream: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def _open_request(self, tunnel_stream: int, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         if self._refusing_new:
             self.tunnel.connection.reset_stream(tunnel_stream, ErrorCodes.REFUSED_STREAM)
             return
         server_stream = self.server.connection.get_next_available_stream_id()
         try:
-            self.server.connection.send_headers(server_stream, [*strip_keynode_headers(headers), *self.injected])
+            headers = [*strip_keynode_headers(headers), *self.injected]
+            self.server.connection.send_headers(server_stream, headers, end_stream=ended)
         except h2.exceptions.ProtocolError:  # too many streams at the server, or it is going away
             self.tunnel.connection.reset_stream(tunnel_stream, ErrorCodes.REFUSED_STREAM)
             return
-        pair = _Pair(tunnel_stream, server_stream)
+        # A request that is all headers ends with them (its StreamEnded finds it finishing).
+        pair = _Pair(tunnel_stream, server_stream, request_finishing=ended, request_done=ended)
         self._pairs_by_tunnel[tunnel_stream] = pair
         self._pairs_by_server[server_stream] = pair
         self.requests_relayed += 1
@@ -272,7 +274,8 @@ class H2IdentityRelay:
         if isinstance(event, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
             pair = self._pairs_by_server.get(event.stream_id)
             if pair is not None:
-                self._send_headers_or_reset(pair, list(event.headers or []))
+                ended = isinstance(event, h2.events.ResponseReceived) and event.stream_ended is not None
+                self._send_headers_or_reset(pair, list(event.headers or []), ended=ended)
         elif isinstance(event, h2.events.DataReceived):
             pair = self._pairs_by_server.get(event.stream_id)
             target = None if pair is None else pair.tunnel_stream
@@ -427,12 +430,18 @@ class H2IdentityRelay:
             pass  # already closed there
         self._forget(pair)
 
-    def _send_headers_or_reset(self, pair: _Pair, headers: list[Header]) -> None:
-        """Response headers to the caller; if its stream is gone, cancel the server's."""
+    def _send_headers_or_reset(self, pair: _Pair, headers: list[Header], *, ended: bool) -> None:
+        """Response headers to the caller (a trailers-only response ends with them,
+        as gRPC errors do); if its stream is gone, cancel the server's."""
         try:
-            self.tunnel.connection.send_headers(pair.tunnel_stream, headers)
+            self.tunnel.connection.send_headers(pair.tunnel_stream, headers, end_stream=ended)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._reset_pair(pair, to=self.server, code=ErrorCodes.CANCEL)
+            return
+        if ended:
+            pair.response_finishing = True
+            self.tunnel.collect()
+            self._stream_side_done(self.tunnel, pair.tunnel_stream)
 
     def _forget(self, pair: _Pair) -> None:
         self._pairs_by_tunnel.pop(pair.tunnel_stream, None)

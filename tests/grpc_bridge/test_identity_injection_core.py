@@ -113,7 +113,8 @@ def test_forged_headers_and_trailers_never_reach_the_server() -> None:
     wire = Wire()
     wire.caller.send_headers(1, REQUEST + FORGED)
     wire.caller.send_data(1, b"\x00\x00\x00\x00\x05hello")
-    wire.caller.send_headers(1, [(b"x-keynode-node-id", b"vforged"), (b"x-keynode-peer-bin", b"x"), (b"kept", b"1")], end_stream=True)
+    forged_trailers = [(b"x-keynode-node-id", b"vforged"), (b"x-keynode-peer-bin", b"x"), (b"kept", b"1")]
+    wire.caller.send_headers(1, forged_trailers, end_stream=True)
     wire.pump()
     [request] = wire.of(h2.events.RequestReceived, wire.server_events)
     keynode = [(name, value) for name, value in request.headers if name.startswith(b"x-keynode-")]
