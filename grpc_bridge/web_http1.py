@@ -15,6 +15,7 @@ READ_SIZE = 65536
 MAX_HEAD = 64 * 1024  # request line + headers
 MAX_DRAIN = 1 << 20
 DRAIN_TIMEOUT = 2.0
+LINGER_TIMEOUT = 1.0
 
 Handler = Callable[[WebRequest, "Http1Downstream"], Awaitable[None]]
 
@@ -95,7 +96,25 @@ class Http1Downstream:
                 await self._send(h11.Response(status_code=400, headers=[(b"content-length", b"0"), (b"connection", b"close")]))
                 await self._send(h11.EndOfMessage())
             except ClientGone:
-                pass
+                return
+        await self.linger()
+
+    async def linger(self) -> None:
+        """Half-close and drop what the client still sends for a moment: closing with
+        unread bytes makes the kernel reset the connection, and the client could lose
+        the answer."""
+        if isinstance(self.stream, trio.SocketStream):
+            with trio.move_on_after(LINGER_TIMEOUT):
+                try:
+                    await self.stream.send_eof()
+                    dropped = 0
+                    while dropped < MAX_DRAIN:
+                        data = await self.stream.receive_some(READ_SIZE)
+                        if not data:
+                            break
+                        dropped += len(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
 
 
 async def serve_http1(stream: trio.abc.Stream, prefix: bytes, handle: Handler) -> None:
@@ -125,6 +144,8 @@ async def serve_http1(stream: trio.abc.Stream, prefix: bytes, handle: Handler) -
             await downstream.drain_body()
         # A body still unread (too big, too slow) or an unfinished answer ends the connection.
         if downstream.h11.our_state is not h11.DONE or downstream.h11.their_state is not h11.DONE:
+            if downstream.h11.our_state is h11.DONE:
+                await downstream.linger()
             return
         try:
             downstream.h11.start_next_cycle()
