@@ -38,10 +38,8 @@ log = logging.getLogger(__name__)
 
 NODE_ID_HEADER = b"x-keynode-node-id"
 PEER_HEADER = b"x-keynode-peer"
-READ_SIZE = 64 << 10
-# Output toward a side that may grow without DATA (control frames a flood asks
-# for) before its reader pauses: a multiple of the relay's high-water mark.
-CONTROL_SLACK = 4
+READ_SIZE = 256 << 10
+WRITE_SIZE = 256 << 10
 DRAIN_TIME = 5.0  # after the relay ends, how long its last bytes (GOAWAY) may take to go out
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -94,44 +92,68 @@ async def relay_with_identity(tunnel_stream: trio.abc.Stream, server_stream: tri
     await run_relay(H2IdentityRelay(headers), tunnel_stream, server_stream)
 
 
-class _Changes:
-    """Wakes every task waiting for the relay's state to change."""
+class _Sender:
+    """Writes one side's output. Whichever task finds output for a side and the
+    side not being written writes it, until nothing is left (a task that finds
+    it being written leaves the new output to the writer, which takes it on its
+    next turn: no output waits for a wake-up, no task waits for another's write)."""
 
-    def __init__(self) -> None:
-        self._event = trio.Event()
+    def __init__(
+        self,
+        stream: trio.abc.SendStream,
+        take: Callable[[int], bytes],
+        pending: Callable[[], int],
+        limit: int,
+        gone: Callable[[], None],
+    ) -> None:
+        self.stream = stream
+        self.take = take
+        self.pending = pending
+        self.limit = limit
+        self.gone = gone
+        self.sending = False
+        self.idle = trio.Event()
 
-    def notify(self) -> None:
-        event, self._event = self._event, trio.Event()
-        event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
+    async def flush(self) -> None:
+        while self.sending:
+            if self.pending() < self.limit:
+                return  # the writer will take it
+            await self.idle.wait()  # too much waits: the caller stops producing (reading) meanwhile
+        self.sending = True
+        self.idle = trio.Event()
+        try:
+            while data := self.take(WRITE_SIZE):
+                await self.stream.send_all(data)
+        except _TRANSPORT_ERRORS:
+            self.gone()  # that side went away: the relay ends
+        finally:
+            self.sending = False
+            self.idle.set()
 
 
 async def run_relay(relay: H2IdentityRelay, tunnel_stream: trio.abc.Stream, server_stream: trio.abc.Stream) -> None:
     """Drive ``relay`` between the two streams until one ends or breaks HTTP/2.
-    Logs (once) and returns on a protocol error; transport errors end it quietly."""
-    changes = _Changes()
-    high = relay.outbound_high_water
+    Logs (once) and returns on a protocol error; transport errors end it quietly.
+
+    Each side has one reader task; after every read it writes what the read
+    produced. A side that does not read blocks the writes toward it, so the
+    task that would add more stops reading: memory stays bounded by the relay's
+    windows and high-water mark."""
     relay.start()
+    limit = relay.outbound_high_water
+    to_tunnel = _Sender(tunnel_stream, relay.take_for_tunnel, lambda: relay.pending_for_tunnel, limit, relay.tunnel_closed)
+    to_server = _Sender(server_stream, relay.take_for_server, lambda: relay.pending_for_server, limit, relay.server_closed)
 
-    def tunnel_reader_may_go() -> bool:
-        return relay.pending_for_server < high and relay.pending_for_tunnel < high * CONTROL_SLACK
-
-    def server_reader_may_go() -> bool:
-        return relay.pending_for_tunnel < high and relay.pending_for_server < high * CONTROL_SLACK
+    async def flush() -> None:
+        await to_server.flush()
+        await to_tunnel.flush()
 
     async def read(
-        stream: trio.abc.ReceiveStream,
-        may_go: Callable[[], bool],
-        receive: Callable[[bytes | bytearray], None],
-        closed: Callable[[], None],
-        ended: Callable[[], None],
+        stream: trio.abc.ReceiveStream, receive: Callable[[bytes | bytearray], None], closed: Callable[[], None]
     ) -> None:
         try:
             while not relay.ended:
-                while not may_go() and not relay.ended:
-                    await changes.wait()
+                await flush()
                 if relay.ended:
                     break
                 try:
@@ -142,37 +164,12 @@ async def run_relay(relay: H2IdentityRelay, tunnel_stream: trio.abc.Stream, serv
                     closed()
                     break
                 receive(data)
-                changes.notify()
         except H2RelayError as error:
             log.info("grpc relay: %s", error)
-        ended()
-        changes.notify()
-
-    async def write(stream: trio.abc.SendStream, take: Callable[[int], bytes], gone: Callable[[], None]) -> None:
-        try:
-            while not relay.ended:
-                data = take(READ_SIZE)
-                if data:
-                    await stream.send_all(data)
-                    changes.notify()
-                else:
-                    await changes.wait()
-            while data := take(READ_SIZE):  # the last words (GOAWAY), within the drain time
-                await stream.send_all(data)
-        except _TRANSPORT_ERRORS:
-            gone()
-            changes.notify()
-
-    drain = trio.CancelScope()
-
-    def ended() -> None:
-        drain.deadline = min(drain.deadline, trio.current_time() + DRAIN_TIME)
+        with trio.move_on_after(DRAIN_TIME):  # the last words (GOAWAY) to whoever is still there
+            await flush()
+        nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(read, tunnel_stream, tunnel_reader_may_go, relay.receive_from_tunnel, relay.tunnel_closed, ended)
-        nursery.start_soon(read, server_stream, server_reader_may_go, relay.receive_from_server, relay.server_closed, ended)
-        with drain:
-            async with trio.open_nursery() as writers:
-                writers.start_soon(write, tunnel_stream, relay.take_for_tunnel, relay.tunnel_closed)
-                writers.start_soon(write, server_stream, relay.take_for_server, relay.server_closed)
-        nursery.cancel_scope.cancel()  # both sides have had their last words (or are gone)
+        nursery.start_soon(read, tunnel_stream, relay.receive_from_tunnel, relay.tunnel_closed)
+        nursery.start_soon(read, server_stream, relay.receive_from_server, relay.server_closed)
