@@ -54,13 +54,13 @@ def serve_relay(kind: str, target_port: int) -> None:
     prints ``port: N`` once listening."""
     import trio
 
-    from grpc_bridge.h2_identity import certificate_sha256, relay_with_identity
+    from grpc_bridge.h2_identity import relay_with_identity
     from proxy.identity.node_id import NodeId
 
     class Caller:
-        own_node_id = NodeId(b"\x01" * 32)
+        local_node_id = NodeId(b"\x01" * 32)
         peer_node_id = NodeId(b"\x02" * 32)
-        peer_leaf_sha256 = certificate_sha256(b"bench leaf")
+        peer_certificate_der = b"bench leaf"
 
     async def copy(source: trio.SocketStream, sink: trio.SocketStream) -> None:
         try:

@@ -46,18 +46,18 @@ _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError
 
 
 class CallerIdentity(Protocol):
-    """What the splicer reads of the reverse side's caller record (issue 15's
-    ``CallerIdentity``): this node, the verified caller and the SHA-256 of the
-    caller's leaf certificate."""
+    """What the splicer reads of the reverse side's caller record
+    (``proxy.tunnel.records.CallerIdentity``): this node, the verified caller and
+    the caller's leaf certificate."""
 
     @property
-    def own_node_id(self) -> NodeId: ...
+    def local_node_id(self) -> NodeId: ...
 
     @property
     def peer_node_id(self) -> NodeId: ...
 
     @property
-    def peer_leaf_sha256(self) -> bytes: ...
+    def peer_certificate_der(self) -> bytes: ...
 
 
 def certificate_sha256(der: bytes) -> bytes:
@@ -65,12 +65,12 @@ def certificate_sha256(der: bytes) -> bytes:
     return hashlib.sha256(der).digest()
 
 
-def identity_headers(own_node_id: NodeId, peer_node_id: NodeId, peer_leaf_sha256: bytes) -> list[Header]:
+def identity_headers(local_node_id: NodeId, peer_node_id: NodeId, peer_certificate_sha256: bytes) -> list[Header]:
     """The headers added to every request (see the module docstring)."""
-    if len(peer_leaf_sha256) != 32:
-        raise ValueError("peer_leaf_sha256 is a 32-byte SHA-256 digest")
+    if len(peer_certificate_sha256) != 32:
+        raise ValueError("peer_certificate_sha256 is a 32-byte SHA-256 digest")
     peer = peer_node_id.encode()
-    xfcc = f"By={own_node_id.encode()};NodeId={peer};Hash={peer_leaf_sha256.hex()}"
+    xfcc = f"By={local_node_id.encode()};NodeId={peer};Hash={peer_certificate_sha256.hex()}"
     return [(NODE_ID_HEADER, peer.encode("ascii")), (PEER_HEADER, xfcc.encode("ascii"))]
 
 
@@ -84,12 +84,17 @@ def parse_peer_header(value: str) -> dict[str, str]:
     return fields
 
 
+def identity_relay(caller: CallerIdentity, **options: int) -> H2IdentityRelay:
+    """A sans-IO relay that adds ``caller``'s headers (``options``: H2IdentityRelay's)."""
+    sha256 = certificate_sha256(caller.peer_certificate_der)
+    return H2IdentityRelay(identity_headers(caller.local_node_id, caller.peer_node_id, sha256), **options)
+
+
 async def relay_with_identity(tunnel_stream: trio.abc.Stream, server_stream: trio.abc.Stream, caller: CallerIdentity) -> None:
     """The splicer for services of kind ``"grpc"``: relay HTTP/2 until either side
     ends, injecting ``caller``'s identity. A side that breaks HTTP/2 ends this
     connection (logged), never anything else."""
-    headers = identity_headers(caller.own_node_id, caller.peer_node_id, caller.peer_leaf_sha256)
-    await run_relay(H2IdentityRelay(headers), tunnel_stream, server_stream)
+    await run_relay(identity_relay(caller), tunnel_stream, server_stream)
 
 
 class _Sender:

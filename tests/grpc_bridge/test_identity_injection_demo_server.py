@@ -15,7 +15,7 @@ async def test_demo_server_reads_the_caller_from_metadata_out_of_process() -> No
         server = await trio.to_thread.run_sync(demo_server.spawn)
         try:
             assert server.process.stdout is not None
-            async with relay_listener(server.port, fixed_caller) as listener:
+            async with relay_listener(server.port, fixed_caller, splicer=True) as listener:
                 options = [("grpc.enable_http_proxy", 0)]
                 for port, expected in ((listener.port, TEST_CALLER.peer_node_id.encode()), (server.port, "")):
 

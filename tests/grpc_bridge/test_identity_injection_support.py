@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import trio
 
-from grpc_bridge.h2_identity import certificate_sha256, identity_headers, run_relay
+from grpc_bridge.h2_identity import certificate_sha256, identity_headers, identity_relay, relay_with_identity, run_relay
 from grpc_bridge.h2_relay import H2IdentityRelay
 from proxy.identity.node_id import NodeId
 
@@ -130,16 +130,20 @@ async def grpc_server() -> AsyncIterator[GrpcServer]:
 class Caller:
     """A caller record as the reverse side would hand it to the splicer."""
 
-    own_node_id: NodeId
+    local_node_id: NodeId
     peer_node_id: NodeId
-    peer_leaf_sha256: bytes
+    peer_certificate_der: bytes
 
 
-TEST_CALLER = Caller(NodeId(b"\x01" * 32), NodeId(b"\x02" * 32), certificate_sha256(b"leaf certificate"))
+TEST_CALLER = Caller(NodeId(b"\x01" * 32), NodeId(b"\x02" * 32), b"leaf certificate")
+
+
+def caller_headers(caller: Caller) -> list[tuple[bytes, bytes]]:
+    return identity_headers(caller.local_node_id, caller.peer_node_id, certificate_sha256(caller.peer_certificate_der))
 
 
 def expected_metadata(caller: Caller) -> list[tuple[str, str]]:
-    headers = identity_headers(caller.own_node_id, caller.peer_node_id, caller.peer_leaf_sha256)
+    headers = caller_headers(caller)
     return [(name.decode(), value.decode()) for name, value in headers]
 
 
@@ -152,10 +156,11 @@ class RelayListener:
 
 @asynccontextmanager
 async def relay_listener(
-    server_port: int, identify: Callable[[trio.SocketStream], Awaitable[Caller]], **relay_options: Any
+    server_port: int, identify: Callable[[trio.SocketStream], Awaitable[Caller]], *, splicer: bool = False, **relay_options: int
 ) -> AsyncIterator[RelayListener]:
     """A TCP listener: each connection runs the identity relay toward the server,
-    with the caller ``identify`` says."""
+    with the caller ``identify`` says; ``splicer``: through ``relay_with_identity``
+    exactly as the reverse side calls it (then ``relays`` stays empty)."""
     async with trio.open_nursery() as nursery:
         listener = RelayListener(0)
 
@@ -163,10 +168,12 @@ async def relay_listener(
             listener.connections += 1
             caller = await identify(tunnel)
             server = await trio.open_tcp_stream("127.0.0.1", server_port)
-            headers = identity_headers(caller.own_node_id, caller.peer_node_id, caller.peer_leaf_sha256)
-            relay = H2IdentityRelay(headers, **relay_options)
-            listener.relays.append(relay)
             async with server, tunnel:
+                if splicer:
+                    await relay_with_identity(tunnel, server, caller)
+                    return
+                relay = identity_relay(caller, **relay_options)
+                listener.relays.append(relay)
                 await run_relay(relay, tunnel, server)
 
         listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))

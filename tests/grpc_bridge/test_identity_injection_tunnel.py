@@ -23,7 +23,7 @@ import grpc
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from grpc_bridge.h2_identity import certificate_sha256, parse_peer_header
+from grpc_bridge.h2_identity import parse_peer_header
 from proxy.tunnel.address_book import AddressBook
 from tests.grpc_bridge.test_identity_injection_support import (
     GRPC_OPTIONS,
@@ -59,7 +59,7 @@ async def identity_tunnel() -> AsyncIterator[Tunnel]:
             info = remote.proxy.get_connection_info_by_reverse(host, port)
             if info is not None:
                 leaf = info.remote_certificates[0].public_bytes(Encoding.DER)
-                return Caller(remote.node_id, info.remote_node_id, certificate_sha256(leaf))
+                return Caller(remote.node_id, info.remote_node_id, leaf)
             await changed.wait()
 
     async with grpc_server() as server, relay_listener(server.port, identify) as listener:
@@ -116,5 +116,5 @@ async def test_streams_concurrency_large_messages_and_cancel_through_the_tunnel(
 
             await trio.to_thread.run_sync(calls)
             leaf = tunnel.local.tls_config.leaf_certificate.public_bytes(Encoding.DER)
-            identity = expected_metadata(Caller(tunnel.remote.node_id, tunnel.local.node_id, certificate_sha256(leaf)))
+            identity = expected_metadata(Caller(tunnel.remote.node_id, tunnel.local.node_id, leaf))
             assert state.keynode_metadata == [identity] * (1 + 1 + 1 + 100)  # Count, Echo, Chat, 100 Echo
