@@ -277,7 +277,8 @@ class H2IdentityRelay:
                 pair.request_finishing = True
                 trailers = None
                 if isinstance(event, h2.events.TrailersReceived):
-                    trailers = strip_keynode_headers(event.headers or [])
+                    # Trailers of nothing but x-keynode-* headers end the stream bare.
+                    trailers = strip_keynode_headers(event.headers or []) or None
                 self._finish(self.server, pair.server_stream, self.tunnel, event.stream_id, trailers)
         elif isinstance(event, h2.events.StreamReset):
             pair = self._pairs_by_tunnel.get(event.stream_id)

@@ -302,3 +302,78 @@ def test_hostile_bytes_end_the_connection_or_pass_never_crash(chunks: list[bytes
         if isinstance(event, h2.events.RequestReceived):
             assert [h for h in event.headers if h[0].startswith(b"x-keynode-")] == INJECTED
     assert relay.buffered_bytes < 1 << 20
+
+
+def frame_bytes(frame_type: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([frame_type, flags]) + stream.to_bytes(4, "big") + payload
+
+
+forged_header = st.tuples(
+    st.sampled_from([b"x-keynode-node-id", b"x-keynode-peer", b"x-keynode-node-id-bin", b"x-keynode-z", b"x-other"]),
+    st.sampled_from([b"vforged", b"", b"By=x;NodeId=y", b"AAEC"]),
+)
+hostile_frame = st.one_of(
+    # a request on a new or an old stream, forged headers included, maybe as trailers
+    st.tuples(st.just("headers"), st.sampled_from([1, 3, 5, 7]), st.lists(forged_header, max_size=4), st.booleans()),
+    # any frame at all: type, flags, stream, payload
+    st.tuples(st.just("raw"), st.integers(0, 12), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1]),
+              st.binary(max_size=64)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_frame, max_size=8))
+def test_hostile_frames_after_a_valid_start(frames: list[tuple]) -> None:
+    """After a valid preface and SETTINGS: requests with forged headers and arbitrary
+    frames. Only TunnelProtocolError may come out; the server (a validating h2
+    peer) never receives invalid HTTP/2 or a forged header; nothing piles up."""
+    relay = H2IdentityRelay(INJECTED)
+    relay.start()
+    server = h2_peer(False)
+    caller = h2_peer(True, validate_outbound_headers=False)
+    relay.receive_from_server(server.data_to_send())
+    seen: list[h2.events.Event] = []
+    try:
+        relay.receive_from_tunnel(caller.data_to_send())
+        for frame in frames:
+            if frame[0] == "headers":
+                _, stream, forged, end = frame
+                try:
+                    caller.send_headers(stream, REQUEST + forged, end_stream=end)
+                    if forged:
+                        caller.send_headers(stream, forged, end_stream=True)  # trailers
+                except h2.exceptions.ProtocolError:
+                    pass  # the caller's own state machine refused: send what it did queue
+                data = caller.data_to_send()
+            else:
+                _, frame_type, flags, stream, payload = frame
+                data = frame_bytes(frame_type, flags, stream, payload)
+            relay.receive_from_tunnel(data)
+            seen += server.receive_data(relay.take_for_server(1 << 20))
+            relay.receive_from_server(server.data_to_send())
+    except TunnelProtocolError:
+        assert relay.ended
+    seen += server.receive_data(relay.take_for_server(1 << 20))
+    for event in seen:
+        if isinstance(event, h2.events.RequestReceived):
+            assert [h for h in event.headers if h[0].startswith(b"x-keynode-")] == INJECTED
+        if isinstance(event, h2.events.TrailersReceived):
+            assert not [h for h in event.headers if h[0].startswith(b"x-keynode-")]
+    assert relay.buffered_bytes < 1 << 20
+
+
+def test_a_caller_that_does_not_read_bounds_what_the_relay_holds() -> None:
+    relay = H2IdentityRelay(INJECTED, stream_window=256 << 10, connection_window=512 << 10, outbound_high_water=64 << 10)
+    wire = Wire(relay=relay)
+    wire.server.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    wire.caller.send_headers(1, REQUEST, end_stream=True)
+    wire.pump()
+    wire.server.send_headers(1, RESPONSE)
+    sent = 0
+    # The caller acknowledges nothing: the server can send no more than the windows allow.
+    while (size := min(wire.server.local_flow_control_window(1), wire.server.max_outbound_frame_size)) > 0:
+        wire.server.send_data(1, b"\x01" * size)
+        sent += size
+        wire.pump()
+    assert sent < 1 << 20
+    assert wire.peak <= relay.connection_window + relay.outbound_high_water + (1 << 16)
