@@ -20,8 +20,12 @@ What crosses, and how:
 - Trailers go strictly after the stream's buffered DATA; END_STREAM likewise.
 - RST_STREAM both ways, with its error code; a server's RST_STREAM(NO_ERROR)
   after a complete response is sent after that response (RFC 9113 8.1).
-- GOAWAY both ways: a server's GOAWAY refuses (REFUSED_STREAM) the streams it did
-  not process and new ones; the caller's GOAWAY is passed to the server.
+- GOAWAY both ways, handled here rather than by h2 (h2_goaway.py: h2 would close
+  the whole connection at the first one): a server's GOAWAY reaches the caller in
+  its stream numbers, the streams past the server's last are refused
+  (REFUSED_STREAM) and so are new ones, the spared ones finish; a graceful
+  shutdown's first GOAWAY (last stream 2^31-1) passes as it is. The caller's
+  GOAWAY is passed to the server.
 - PING and SETTINGS are per connection (RFC 9113 6.5, 6.7): each connection
   answers its own (h2 does), which is also what the flow-control windows they
   measure are. Of the server's settings, MAX_CONCURRENT_STREAMS and
@@ -48,6 +52,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from grpc_bridge.h2_errors import ServerProtocolError, TunnelProtocolError
+from grpc_bridge.h2_goaway import CLIENT_PREFACE, GoAway, GoAwaySplitter, goaway_frame
 
 Header = tuple[bytes, bytes]
 
@@ -60,6 +65,7 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_MAX_HEADER_LIST_SIZE = 64 << 10
 H2_DEFAULT_WINDOW = 65535
 MAX_INBOUND_FRAME_SIZE = 1 << 20
+MAX_STREAM_ID = 2**31 - 1
 
 
 def _short_data_repr(data: bytes | None) -> str:
@@ -110,14 +116,20 @@ class _Pair:
 class _Side:
     """One H2Connection and the bytes it produced that are not yet taken."""
 
-    def __init__(self, name: str, connection: h2.connection.H2Connection) -> None:
+    def __init__(self, name: str, connection: h2.connection.H2Connection, splitter: GoAwaySplitter) -> None:
         self.name = name
         self.connection = connection
+        self.splitter = splitter
         self.out = bytearray()
         self.outboxes: dict[int, _Outbox] = {}
 
     def collect(self) -> None:
         self.out += self.connection.data_to_send()
+
+    def send_goaway(self, last_stream_id: int, error_code: int) -> None:
+        """GOAWAY, in order after what h2 queued, without closing h2's state (h2_goaway.py)."""
+        self.collect()
+        self.out += goaway_frame(last_stream_id, error_code)
 
 
 class H2IdentityRelay:
@@ -161,8 +173,8 @@ class H2IdentityRelay:
                 normalize_inbound_headers=False,
             )
         )
-        self.tunnel = _Side("tunnel", tunnel)
-        self.server = _Side("server", server)
+        self.tunnel = _Side("tunnel", tunnel, GoAwaySplitter(preface=len(CLIENT_PREFACE), max_frame_size=MAX_INBOUND_FRAME_SIZE))
+        self.server = _Side("server", server, GoAwaySplitter(max_frame_size=MAX_INBOUND_FRAME_SIZE))
         self._pairs_by_tunnel: dict[int, _Pair] = {}
         self._pairs_by_server: dict[int, _Pair] = {}
         self._refusing_new = False  # the server sent GOAWAY
@@ -196,27 +208,36 @@ class H2IdentityRelay:
             side.collect()
 
     def receive_from_tunnel(self, data: bytes | bytearray) -> None:
-        if self.ended:
-            return
-        try:
-            events = self.tunnel.connection.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
-            self._end_broken(self.tunnel)
-            raise TunnelProtocolError(f"the caller broke HTTP/2: {error}") from error
-        for event in events:
-            self._on_tunnel_event(event)
+        for piece in self.tunnel.splitter.split(data):
+            if self.ended:
+                return
+            if isinstance(piece, GoAway):
+                # The caller will open no more streams; the server may finish the open ones.
+                self.server.send_goaway(0, piece.error_code)
+                continue
+            try:
+                events = self.tunnel.connection.receive_data(piece)
+            except h2.exceptions.ProtocolError as error:
+                self._end_broken(self.tunnel)
+                raise TunnelProtocolError(f"the caller broke HTTP/2: {error}") from error
+            for event in events:
+                self._on_tunnel_event(event)
         self._collect()
 
     def receive_from_server(self, data: bytes | bytearray) -> None:
-        if self.ended:
-            return
-        try:
-            events = self.server.connection.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
-            self._end_broken(self.server)
-            raise ServerProtocolError(f"the server broke HTTP/2: {error}") from error
-        for event in events:
-            self._on_server_event(event)
+        for piece in self.server.splitter.split(data):
+            if self.ended:
+                return
+            if isinstance(piece, GoAway):
+                self._server_going_away(piece)
+                continue
+            try:
+                events = self.server.connection.receive_data(piece)
+            except h2.exceptions.ProtocolError as error:
+                self._end_broken(self.server)
+                raise ServerProtocolError(f"the server broke HTTP/2: {error}") from error
+            for event in events:
+                self._on_server_event(event)
         self._collect()
 
     def take_for_tunnel(self, limit: int) -> bytes:
@@ -230,7 +251,7 @@ class H2IdentityRelay:
         if not self.ended:
             self.ended = True
             self._drop_all()
-            self.server.connection.close_connection(ErrorCodes.NO_ERROR)
+            self.server.send_goaway(0, ErrorCodes.NO_ERROR)
             self._collect()
 
     def server_closed(self) -> None:
@@ -241,7 +262,7 @@ class H2IdentityRelay:
             last = max(self._pairs_by_tunnel, default=self.tunnel.connection.highest_inbound_stream_id)
             self._drop_all()
             code = ErrorCodes.INTERNAL_ERROR if open_streams else ErrorCodes.NO_ERROR
-            self.tunnel.connection.close_connection(code, last_stream_id=last)
+            self.tunnel.send_goaway(last, code)
             self._collect()
 
     @property
@@ -286,9 +307,6 @@ class H2IdentityRelay:
                 self._reset_pair(pair, to=self.server, code=event.error_code)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_side(self.tunnel, None if isinstance(event, h2.events.RemoteSettingsChanged) else event.stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            # The caller will open no more streams; the server may finish the open ones.
-            self.server.connection.close_connection(event.error_code or ErrorCodes.NO_ERROR)
 
     def _open_request(self, tunnel_stream: int, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         if self._refusing_new:
@@ -339,8 +357,6 @@ class H2IdentityRelay:
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._carry_settings(event)
             self._flush_side(self.server, None)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._server_going_away(event)
 
     def _carry_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         carried: dict[SettingCodes | int, int] = {}
@@ -353,16 +369,21 @@ class H2IdentityRelay:
         if carried:
             self.tunnel.connection.update_settings(carried)
 
-    def _server_going_away(self, event: h2.events.ConnectionTerminated) -> None:
+    def _server_going_away(self, goaway: GoAway) -> None:
+        """The server's GOAWAY, in the caller's stream numbers. The first of a graceful
+        shutdown (last stream 2^31-1: "soon") passes as it is; otherwise the streams
+        past the server's last are refused, and so is every new one."""
+        if goaway.last_stream_id == MAX_STREAM_ID:
+            self.tunnel.send_goaway(MAX_STREAM_ID, goaway.error_code)
+            return
         self._refusing_new = True
-        last_server = event.last_stream_id if event.last_stream_id is not None else 0
         last_tunnel = 0
         for pair in list(self._pairs_by_server.values()):
-            if pair.server_stream > last_server:
+            if pair.server_stream > goaway.last_stream_id:
                 self._reset_pair(pair, to=self.tunnel, code=ErrorCodes.REFUSED_STREAM)
             else:
                 last_tunnel = max(last_tunnel, pair.tunnel_stream)
-        self.tunnel.connection.close_connection(event.error_code or ErrorCodes.NO_ERROR, last_stream_id=last_tunnel)
+        self.tunnel.send_goaway(last_tunnel, goaway.error_code)
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -504,10 +525,7 @@ class H2IdentityRelay:
         self.ended = True
         self._drop_all()
         code = ErrorCodes.NO_ERROR if other is self.server else ErrorCodes.INTERNAL_ERROR
-        try:
-            other.connection.close_connection(code)
-        except h2.exceptions.ProtocolError:
-            pass
+        other.send_goaway(0, code)
         self._collect()
 
     def _collect(self) -> None:

@@ -212,3 +212,22 @@ async def test_garbage_from_the_caller_ends_only_its_connection() -> None:
             assert all(relay.ended for relay in setup.listener.relays[1:])
             assert await trio.to_thread.run_sync(lambda: echo(b"after", timeout=20)) == b"after"
             assert setup.server.state.keynode_metadata == [expected_metadata(TEST_CALLER)] * 2
+
+
+async def test_server_goaway_lets_the_call_in_flight_finish() -> None:
+    with trio.fail_after(60):
+        async with relayed() as setup:
+            ticks = method(setup.channel, "unary_stream", "Ticks")
+
+            def call_across_a_graceful_stop() -> list[bytes]:
+                call = ticks(b"20", timeout=30)
+                received = [next(call)]
+                setup.server.server.stop(grace=20)  # GOAWAY now; the open stream may finish
+                received += list(call)
+                return received
+
+            received = await trio.to_thread.run_sync(call_across_a_graceful_stop)
+            assert received == [index.to_bytes(4, "big") for index in range(20)]
+            [relay] = setup.listener.relays
+            while not relay.ended:  # the server closes its end once the stream is done
+                await trio.sleep(0.01)

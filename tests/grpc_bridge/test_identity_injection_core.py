@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grpc_bridge.h2_errors import TunnelProtocolError
+from grpc_bridge.h2_goaway import GoAway, GoAwaySplitter, goaway_frame
 from grpc_bridge.h2_identity import identity_headers, parse_peer_header
 from grpc_bridge.h2_relay import H2IdentityRelay, strip_keynode_headers
 from proxy.identity.node_id import NodeId
@@ -56,6 +57,7 @@ class Wire:
     server_events: list[h2.events.Event] = field(default_factory=list)
     peak: int = 0
     server_reads: bool = True  # False: bytes for the server stay in the relay (a server not reading)
+    caller_goaways: GoAwaySplitter | None = None  # set: the caller's GOAWAYs kept out of its h2 (as the relay does)
 
     def __post_init__(self) -> None:
         self.relay.start()
@@ -76,7 +78,9 @@ class Wire:
             data = self.relay.take_for_tunnel(1 << 16)
             if data:
                 moving = True
-                self.caller_events += self.caller.receive_data(data)
+                pieces = self.caller_goaways.split(data) if self.caller_goaways else [data]
+                for piece in pieces:
+                    self.caller_events += [piece] if isinstance(piece, GoAway) else self.caller.receive_data(piece)
             if self.server_reads:
                 data = self.relay.take_for_server(1 << 16)
                 if data:
@@ -377,3 +381,74 @@ def test_a_caller_that_does_not_read_bounds_what_the_relay_holds() -> None:
         wire.pump()
     assert sent < 1 << 20
     assert wire.peak <= relay.connection_window + relay.outbound_high_water + (1 << 16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3), st.binary(min_size=8, max_size=40)), max_size=8),
+    st.lists(st.integers(1, 50), max_size=20),
+)
+def test_goaway_splitter_keeps_order_and_bytes_under_any_cut(frames: list[tuple[int, int, bytes]], cuts: list[int]) -> None:
+    stream = b""
+    expected: list[object] = []
+    for frame_type, stream_id, payload in frames:
+        raw = frame_bytes(frame_type, 0, stream_id, payload)
+        stream += raw
+        if frame_type == 7 and stream_id == 0:
+            last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            expected.append(GoAway(last, int.from_bytes(payload[4:8], "big"), payload[8:]))
+        else:
+            expected.append(raw)
+    splitter = GoAwaySplitter()
+    pieces: list[object] = []
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        pieces += splitter.split(stream[position : position + cut])
+        position += cut
+    pieces += splitter.split(stream[position:])
+    merged: list[object] = []
+    for piece in pieces:  # runs for h2 may be cut anywhere: join neighbours
+        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    joined: list[object] = []
+    for item in expected:
+        if isinstance(item, bytes) and joined and isinstance(joined[-1], bytes):
+            joined[-1] += item
+        else:
+            joined.append(item)
+    assert merged == joined
+
+
+def test_graceful_server_goaway_spares_open_streams_and_pings_still_pass() -> None:
+    # gRPC's graceful shutdown: GOAWAY(2^31-1) and a PING, then GOAWAY(last), then the
+    # open streams finish. h2 alone would close the connection at the first GOAWAY.
+    wire = Wire(caller_goaways=GoAwaySplitter())  # the test's h2 peers share h2's limit: not theirs to test
+    wire.caller.send_headers(1, REQUEST, end_stream=True)
+    wire.pump()
+    wire.server.send_headers(1, RESPONSE)
+    wire.pump()
+    server_goaways = GoAwaySplitter()
+    wire.relay.receive_from_server(goaway_frame(2**31 - 1, 0) + frame_bytes(6, 0, 0, b"12345678"))
+    wire.server_reads = False
+    wire.pump()
+    [ping_ack] = [p for p in server_goaways.split(wire.relay.take_for_server(1 << 16)) if isinstance(p, bytes)]
+    assert ping_ack == frame_bytes(6, 1, 0, b"12345678")  # the PING after the GOAWAY was answered
+    wire.server_reads = True
+    [soon] = wire.of(GoAway, wire.caller_events)
+    assert soon.last_stream_id == 2**31 - 1
+    wire.relay.receive_from_server(goaway_frame(1, 0))
+    wire.caller.send_headers(3, REQUEST, end_stream=True)  # after the GOAWAY: refused
+    wire.pump()
+    wire.server.send_data(1, b"\x00\x00\x00\x00\x02ok")
+    wire.server.send_headers(1, TRAILERS, end_stream=True)
+    wire.pump()
+    data = b"".join(event.data for event in wire.of(h2.events.DataReceived, wire.caller_events))
+    assert data == b"\x00\x00\x00\x00\x02ok"
+    assert wire.of(h2.events.TrailersReceived, wire.caller_events)[0].headers == TRAILERS
+    assert [(event.stream_id, event.error_code) for event in wire.of(h2.events.StreamReset, wire.caller_events)] == [
+        (3, ErrorCodes.REFUSED_STREAM)
+    ]
+    assert len(wire.of(h2.events.RequestReceived, wire.server_events)) == 1
+    assert [goaway.last_stream_id for goaway in wire.of(GoAway, wire.caller_events)] == [2**31 - 1, 1]

@@ -87,6 +87,11 @@ def handlers(state: ServerState) -> dict[str, grpc.RpcMethodHandler]:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, request.decode())
         raise AssertionError("abort returns never")
 
+    def ticks(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for index in range(int(request)):
+            yield index.to_bytes(4, "big")
+            time.sleep(0.05)
+
     def forever(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         context.add_callback(state.cancelled.set)
         while not state.cancelled.is_set():
@@ -102,6 +107,7 @@ def handlers(state: ServerState) -> dict[str, grpc.RpcMethodHandler]:
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Forever": grpc.unary_stream_rpc_method_handler(forever),
+        "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
     }
 
 
@@ -109,6 +115,7 @@ def handlers(state: ServerState) -> dict[str, grpc.RpcMethodHandler]:
 class GrpcServer:
     port: int
     state: ServerState
+    server: grpc.Server
 
 
 @asynccontextmanager
@@ -120,7 +127,7 @@ async def grpc_server() -> AsyncIterator[GrpcServer]:
     port = server.add_insecure_port("127.0.0.1:0")
     await trio.to_thread.run_sync(server.start)
     try:
-        yield GrpcServer(port, state)
+        yield GrpcServer(port, state, server)
     finally:
         stopped = server.stop(grace=None)
         await trio.to_thread.run_sync(stopped.wait, 5)
@@ -167,7 +174,11 @@ async def relay_listener(
         async def serve(tunnel: trio.SocketStream) -> None:
             listener.connections += 1
             caller = await identify(tunnel)
-            server = await trio.open_tcp_stream("127.0.0.1", server_port)
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", server_port)
+            except OSError:
+                await tunnel.aclose()  # no server (stopped): the caller sees the connection close
+                return
             async with server, tunnel:
                 if splicer:
                     await relay_with_identity(tunnel, server, caller)
