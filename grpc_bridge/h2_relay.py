@@ -63,6 +63,7 @@ DEFAULT_CONNECTION_WINDOW = 4 << 20
 DEFAULT_OUTBOUND_HIGH_WATER = 256 << 10
 DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_MAX_HEADER_LIST_SIZE = 64 << 10
+DEFAULT_MAX_RESETS_IN_A_ROW = 1000
 H2_DEFAULT_WINDOW = 65535
 MAX_INBOUND_FRAME_SIZE = 1 << 20
 MAX_STREAM_ID = 2**31 - 1
@@ -144,6 +145,7 @@ class H2IdentityRelay:
         outbound_high_water: int = DEFAULT_OUTBOUND_HIGH_WATER,
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE,
+        max_resets_in_a_row: int = DEFAULT_MAX_RESETS_IN_A_ROW,
     ) -> None:
         for name, _ in injected:
             if not name.startswith(KEYNODE_HEADER_PREFIX) or name != name.lower():
@@ -154,6 +156,8 @@ class H2IdentityRelay:
         self.outbound_high_water = outbound_high_water
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_size = max_header_list_size
+        self.max_resets_in_a_row = max_resets_in_a_row
+        self._resets_in_a_row = 0  # streams the caller reset before their end, since one completed
         # Headers from the caller are checked (h2's inbound validation: it is untrusted);
         # what we send on is what a checked peer or the local server sent, so the
         # outbound checks, and the inbound ones of the trusted server, are skipped:
@@ -201,7 +205,9 @@ class H2IdentityRelay:
             client=True, initial_values={**common, SettingCodes.ENABLE_PUSH: 0}
         )
         for side in (self.tunnel, self.server):
-            side.connection.max_inbound_frame_size = MAX_INBOUND_FRAME_SIZE  # h2 read it from the settings it replaced
+            # h2 read these from the settings replaced above: ours apply from the start.
+            side.connection.max_inbound_frame_size = MAX_INBOUND_FRAME_SIZE
+            side.connection.decoder.max_header_list_size = self.max_header_list_size
             side.connection.initiate_connection()
             if self.connection_window > H2_DEFAULT_WINDOW:
                 side.connection.increment_flow_control_window(self.connection_window - H2_DEFAULT_WINDOW)
@@ -305,8 +311,22 @@ class H2IdentityRelay:
             pair = self._pairs_by_tunnel.get(event.stream_id)
             if pair is not None:
                 self._reset_pair(pair, to=self.server, code=event.error_code)
+                self._count_reset()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_side(self.tunnel, None if isinstance(event, h2.events.RemoteSettingsChanged) else event.stream_id)
+
+    def _count_reset(self) -> None:
+        """Opening and resetting streams costs the server a stream each and the
+        caller next to nothing (the "rapid reset" attack, CVE-2023-44487): a caller
+        that resets too many in a row, none completing between, is sent away."""
+        self._resets_in_a_row += 1
+        if self._resets_in_a_row > self.max_resets_in_a_row:
+            self.ended = True
+            self._drop_all()
+            self.tunnel.send_goaway(self.tunnel.connection.highest_inbound_stream_id, ErrorCodes.ENHANCE_YOUR_CALM)
+            self.server.send_goaway(0, ErrorCodes.NO_ERROR)
+            self._collect()
+            raise TunnelProtocolError(f"the caller reset {self._resets_in_a_row} streams in a row")
 
     def _open_request(self, tunnel_stream: int, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         if self._refusing_new:
@@ -470,6 +490,7 @@ class H2IdentityRelay:
         else:
             pair.response_done = True
         if pair.request_done and pair.response_done:
+            self._resets_in_a_row = 0
             self._forget(pair)
 
     def _drop_outbox(self, side: _Side, stream: int) -> None:

@@ -452,3 +452,43 @@ def test_graceful_server_goaway_spares_open_streams_and_pings_still_pass() -> No
     ]
     assert len(wire.of(h2.events.RequestReceived, wire.server_events)) == 1
     assert [goaway.last_stream_id for goaway in wire.of(GoAway, wire.caller_events)] == [2**31 - 1, 1]
+
+
+def test_rapid_reset_is_sent_away_and_the_server_sees_a_bounded_number_of_streams() -> None:
+    relay = H2IdentityRelay(INJECTED, max_resets_in_a_row=50)
+    wire = Wire(relay=relay)
+    with pytest.raises(TunnelProtocolError, match="reset 51 streams in a row"):
+        for stream in range(1, 2001, 2):  # open and reset at once, never waiting for an answer
+            wire.caller.send_headers(stream, REQUEST)
+            wire.caller.reset_stream(stream, ErrorCodes.CANCEL)
+            wire.pump()
+    wire.pump()
+    assert len(wire.of(h2.events.RequestReceived, wire.server_events)) == 51
+    [goaway] = wire.of(h2.events.ConnectionTerminated, wire.caller_events)
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_completed_streams_between_resets_keep_a_cancelling_caller_welcome() -> None:
+    wire = Wire(relay=H2IdentityRelay(INJECTED, max_resets_in_a_row=5))
+    stream = 1
+    for _ in range(20):
+        for _ in range(5):  # five cancelled calls ...
+            wire.caller.send_headers(stream, REQUEST)
+            wire.caller.reset_stream(stream, ErrorCodes.CANCEL)
+            stream += 2
+        wire.caller.send_headers(stream, REQUEST, end_stream=True)  # ... then one that completes
+        wire.pump()
+        wire.server.send_headers(wire.of(h2.events.RequestReceived, wire.server_events)[-1].stream_id, RESPONSE + TRAILERS,
+                                 end_stream=True)
+        wire.pump()
+        stream += 2
+    assert not wire.relay.ended
+    assert len(wire.of(h2.events.StreamEnded, wire.caller_events)) == 20
+
+
+def test_a_header_list_over_the_limit_ends_the_connection_and_reaches_nothing() -> None:
+    wire = Wire(relay=H2IdentityRelay(INJECTED, max_header_list_size=8 << 10))
+    wire.caller.send_headers(1, [*REQUEST, *((f"x-big-{index}".encode(), b"v" * 1000) for index in range(20))])
+    with pytest.raises(TunnelProtocolError):
+        wire.pump()
+    assert wire.of(h2.events.RequestReceived, wire.server_events) == []
