@@ -43,7 +43,10 @@ RESET_STATUS = {
 
 
 class Downstream(Protocol):
-    """The browser side of one call."""
+    """The browser side of one call. Sends are buffered until ``flush`` or ``finish``
+    (or a buffer fills), so an answer that arrives at once leaves in one write."""
+
+    body_done: bool  # the request body's end has been seen (possibly with the last piece)
 
     async def receive_body(self) -> bytes:
         """The next piece of the request body; b"" at its end."""
@@ -52,7 +55,10 @@ class Downstream(Protocol):
 
     async def send_body(self, data: bytes) -> None: ...
 
-    async def finish(self) -> None: ...
+    async def flush(self) -> None: ...
+
+    async def finish(self) -> None:
+        """End the answer and write everything out."""
 
 
 @dataclass(frozen=True)
@@ -122,39 +128,57 @@ async def bridge_call(
     except UpstreamUnavailable as error:
         await answer.status(error.grpc_status, str(error))
         return
+    pump = _RequestPump(call, downstream, web_format, settings.max_request_message)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_request, call, downstream, web_format, settings.max_request_message)
+        if await pump.step():  # the whole body came at once (unary grpc-web): no second task
             await _forward_answer(call, answer)
-            nursery.cancel_scope.cancel()
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump.run)
+                await _forward_answer(call, answer)
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await call.cancel()
 
 
-async def _send_request(call: UpstreamCall, downstream: Downstream, web_format: codec.WebFormat, max_message: int) -> None:
-    decoder = codec.Base64Decoder() if web_format is codec.WebFormat.TEXT else None
-    frames = codec.RequestFrames(max_message)
-    try:
-        while True:
-            data = await downstream.receive_body()
-            if not data:
-                break
-            if decoder is not None:
-                data = decoder.feed(data)
-            frames.feed(data)
-            if data:
-                await call.send_data(data)
-        if decoder is not None:
-            decoder.finish()
-        frames.finish()
-        await call.end_request()
-    except GrpcWebError as error:
-        call.deliver(LocalFailure(error.grpc_status, f"bad grpc-web request: {error}"))
+class _RequestPump:
+    """The request body upstream as it arrives, decoded (text mode) and its framing checked."""
+
+    def __init__(self, call: UpstreamCall, downstream: Downstream, web_format: codec.WebFormat, max_message: int) -> None:
+        self.call = call
+        self.downstream = downstream
+        self.decoder = codec.Base64Decoder() if web_format is codec.WebFormat.TEXT else None
+        self.frames = codec.RequestFrames(max_message)
+
+    async def step(self) -> bool:
+        """Forward the next piece; True once the body has ended (or was refused)."""
+        try:
+            data = await self.downstream.receive_body()
+            ended = self.downstream.body_done  # often known with the last piece: one DATA frame ends the stream
+            if self.decoder is not None:
+                data = self.decoder.feed(data)
+                if ended:
+                    self.decoder.finish()
+            self.frames.feed(data)
+            if ended:
+                self.frames.finish()
+            if data or ended:
+                await self.call.send_data(data, end_stream=ended)
+            return ended
+        except GrpcWebError as error:
+            self.call.deliver(LocalFailure(error.grpc_status, f"bad grpc-web request: {error}"))
+            return True
+
+    async def run(self) -> None:
+        while not await self.step():
+            pass
 
 
 async def _forward_answer(call: UpstreamCall, answer: _Answer) -> None:
     while True:
+        if answer.head_sent and not call.has_pending():
+            await answer.downstream.flush()  # each message leaves as soon as nothing else is here
         event = await call.next_event()
         if isinstance(event, ResponseHeaders):
             status_text = codec.header_value(event.headers, b":status") or b"0"

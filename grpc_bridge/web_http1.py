@@ -16,6 +16,7 @@ MAX_HEAD = 64 * 1024  # request line + headers
 MAX_DRAIN = 1 << 20
 DRAIN_TIMEOUT = 2.0
 LINGER_TIMEOUT = 1.0
+FLUSH_SIZE = 64 * 1024
 
 Handler = Callable[[WebRequest, "Http1Downstream"], Awaitable[None]]
 
@@ -28,6 +29,8 @@ class Http1Downstream:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.h11.receive_data(prefix)
         self.body_done = False
+        self._peeked: object = None
+        self._out = bytearray()
 
     async def next_event(self) -> object:
         while True:
@@ -45,15 +48,28 @@ class Http1Downstream:
 
     async def receive_body(self) -> bytes:
         while not self.body_done:
-            event = await self.next_event()
+            event, self._peeked = self._peeked or await self.next_event(), None
             if isinstance(event, h11.Data):
                 if event.data:
+                    self._look_ahead()
                     return bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self.body_done = True
             else:
                 raise ClientGone("the client's connection ended inside a request body")
         return b""
+
+    def _look_ahead(self) -> None:
+        """Take the next event if it is already buffered, so the body's end is known
+        with its last piece."""
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError:
+            return  # h11 stays in its error state: the next read raises it again
+        if isinstance(event, h11.EndOfMessage):
+            self.body_done = True
+        elif event is not h11.NEED_DATA:
+            self._peeked = event
 
     async def drain_body(self) -> None:
         """Read and drop what is left of a request answered early (a gRPC error can
@@ -71,14 +87,20 @@ class Http1Downstream:
 
     async def _send(self, event: h11.Event) -> None:
         try:
-            data = self.h11.send(event)
+            self._out += self.h11.send(event) or b""
         except h11.LocalProtocolError as error:
             raise ClientGone(f"cannot answer on this connection: {error}") from None
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                raise ClientGone(f"client connection broke: {error}") from None
+        if len(self._out) >= FLUSH_SIZE:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._out:
+            return
+        data, self._out = bytes(self._out), bytearray()
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise ClientGone(f"client connection broke: {error}") from None
 
     async def send_head(self, status: int, headers: Headers) -> None:
         await self._send(h11.Response(status_code=status, headers=headers))
@@ -88,13 +110,14 @@ class Http1Downstream:
 
     async def finish(self) -> None:
         await self._send(h11.EndOfMessage())
+        await self.flush()
 
     async def refuse_garbage(self) -> None:
         """A 400 for a request h11 could not parse, if the connection can still carry one."""
         if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
             try:
                 await self._send(h11.Response(status_code=400, headers=[(b"content-length", b"0"), (b"connection", b"close")]))
-                await self._send(h11.EndOfMessage())
+                await self.finish()
             except ClientGone:
                 return
         await self.linger()
@@ -136,6 +159,7 @@ async def serve_http1(stream: trio.abc.Stream, prefix: bytes, handle: Handler) -
             headers.append((name, value))
         request = WebRequest(event.method, event.target, authority, headers)
         downstream.body_done = False
+        downstream._peeked = None
         try:
             await handle(request, downstream)
         except ClientGone:

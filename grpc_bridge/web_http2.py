@@ -51,14 +51,27 @@ class Http2Downstream:
                 break
             await self.connection.acknowledge(self.stream_id, flow_controlled)
             if data:
+                self._look_ahead()
                 return data
         return b""
+
+    def _look_ahead(self) -> None:
+        """Is the end already queued behind this piece? Then the piece ends the body."""
+        if self._receive.statistics().current_buffer_used == 1 and not self.reset:
+            data, flow_controlled = self._receive.receive_nowait()
+            if data or flow_controlled:  # not the end: put it back in front (it was alone)
+                self._send.send_nowait((data, flow_controlled))
+            else:
+                self.body_done = True
 
     async def send_head(self, status: int, headers: Headers) -> None:
         await self.connection.send_headers(self.stream_id, [(b":status", str(status).encode()), *headers])
 
     async def send_body(self, data: bytes) -> None:
         await self.connection.send_data(self.stream_id, data)
+
+    async def flush(self) -> None:
+        await self.connection.flush()
 
     async def finish(self) -> None:
         await self.connection.end_stream(self.stream_id)
@@ -80,9 +93,11 @@ class _ServerConnection:
         self._changed = trio.Event()
 
     async def flush(self) -> None:
+        data = self.h2.data_to_send()  # before the lock: trio's Lock is FIFO, order is kept
+        if not data:
+            return
         async with self._send_lock:
-            data = self.h2.data_to_send()
-            if data:
+            if not self.closed:
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
@@ -106,7 +121,6 @@ class _ServerConnection:
     async def send_headers(self, stream_id: int, headers: Headers) -> None:
         self._check(stream_id)
         self.h2.send_headers(stream_id, headers)
-        await self.flush()
 
     async def send_data(self, stream_id: int, data: bytes) -> None:
         view = memoryview(data)
@@ -114,11 +128,12 @@ class _ServerConnection:
             self._check(stream_id)
             window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
             if window <= 0:
-                await self._changed.wait()
+                changed = self._changed  # taken before the flush, which may let the update in
+                await self.flush()  # the client opens its window only for what it received
+                await changed.wait()
                 continue
             chunk, view = view[:window], view[window:]
             self.h2.send_data(stream_id, bytes(chunk))
-            await self.flush()
 
     async def end_stream(self, stream_id: int) -> None:
         self._check(stream_id)

@@ -89,11 +89,12 @@ class UpstreamCall:
     async def next_event(self) -> ResponseEvent:
         return await self._receive.receive()
 
-    async def send_data(self, data: bytes) -> None:
-        await self.connection.send_data(self.stream_id, data)
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        await self.connection.send_data(self.stream_id, data, end_stream)
 
-    async def end_request(self) -> None:
-        await self.connection.end_stream(self.stream_id)
+    def has_pending(self) -> bool:
+        """Whether more of the answer is already here (so writes can wait to be joined)."""
+        return self._receive.statistics().current_buffer_used > 0
 
     async def acknowledge(self, event: ResponseData) -> None:
         await self.connection.acknowledge(self.stream_id, event.flow_controlled)
@@ -108,7 +109,10 @@ class UpstreamCall:
 class UpstreamConnection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
+        # Outbound headers are built by the bridge from requests h11/h2 already validated.
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
         self.h2 = h2.connection.H2Connection(config)
         self.calls: dict[int, UpstreamCall] = {}
         self.dead: str | None = None
@@ -128,9 +132,12 @@ class UpstreamConnection:
         self._changed = trio.Event()
 
     async def flush(self) -> None:
+        # Taken before the lock: trio's Lock is FIFO, so writes keep the order taken.
+        data = self.h2.data_to_send()
+        if not data:
+            return
         async with self._send_lock:
-            data = self.h2.data_to_send()
-            if data and self.dead is None:
+            if self.dead is None:
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
@@ -146,36 +153,27 @@ class UpstreamConnection:
         stream_id = self.h2.get_next_available_stream_id()
         call = UpstreamCall(self, stream_id)
         self.calls[stream_id] = call
-        self.h2.send_headers(stream_id, headers)
-        await self.flush()
+        self.h2.send_headers(stream_id, headers)  # goes out with the first DATA (one write per call)
         return call
 
-    async def send_data(self, stream_id: int, data: bytes) -> None:
+    async def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         view = memoryview(data)
-        while view:
+        while True:
             if self.dead is not None:
                 raise UpstreamUnavailable(self.dead)
             try:
                 window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+                if window <= 0 and view:
+                    changed = self._changed  # taken before the flush, which may let the update in
+                    await self.flush()
+                    await changed.wait()
+                    continue
+                chunk, view = view[:window], view[window:]
+                self.h2.send_data(stream_id, bytes(chunk), end_stream=end_stream and not view)
             except h2.exceptions.StreamClosedError:
                 return  # the server answered and closed: the answer says how the call ended
-            if window <= 0:
-                await self._changed.wait()
-                continue
-            chunk, view = view[:window], view[window:]
-            try:
-                self.h2.send_data(stream_id, bytes(chunk))
-            except h2.exceptions.StreamClosedError:
-                return
-            await self.flush()
-
-    async def end_stream(self, stream_id: int) -> None:
-        if self.dead is not None:
-            raise UpstreamUnavailable(self.dead)
-        try:
-            self.h2.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            return
+            if not view:
+                break
         await self.flush()
 
     async def acknowledge(self, stream_id: int, size: int) -> None:
@@ -290,6 +288,9 @@ class GrpcUpstream:
         self.connections_opened = 0
 
     async def _live_connection(self) -> UpstreamConnection:
+        connection = self.connection
+        if connection is not None and connection.dead is None:
+            return connection  # the usual case, without a checkpoint
         async with self._opening:
             connection = self.connection
             if connection is not None and connection.dead is None:

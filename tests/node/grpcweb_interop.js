@@ -166,15 +166,23 @@ const CASES = {
   },
 };
 
+const CASE_TIMEOUT_MS = 20000;
+
 // Runs the named cases (all by default); case name -> "ok" or the failure's text.
 async function runCases(client, names) {
   const report = {};
   for (const name of names || Object.keys(CASES)) {
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out after ${CASE_TIMEOUT_MS} ms`)), CASE_TIMEOUT_MS);
+    });
     try {
-      await CASES[name](client);
+      await Promise.race([CASES[name](client), timeout]);
       report[name] = "ok";
     } catch (error) {
       report[name] = String(error && error.stack ? error.stack : error);
+    } finally {
+      clearTimeout(timer);
     }
   }
   return report;
