@@ -17,6 +17,7 @@ MAX_DRAIN = 1 << 20
 DRAIN_TIMEOUT = 2.0
 LINGER_TIMEOUT = 1.0
 FLUSH_SIZE = 64 * 1024
+HEAD_TIMEOUT = 120.0  # for the next request's head, idle keep-alive included
 
 Handler = Callable[[WebRequest, "Http1Downstream"], Awaitable[None]]
 
@@ -144,8 +145,10 @@ async def serve_http1(stream: trio.abc.Stream, prefix: bytes, handle: Handler) -
     """Answer requests on one connection until it closes or cannot be reused."""
     downstream = Http1Downstream(stream, prefix)
     while True:
+        event: object = None
         try:
-            event = await downstream.next_event()
+            with trio.move_on_after(HEAD_TIMEOUT):  # an idle or trickling client does not hold a connection forever
+                event = await downstream.next_event()
         except ClientGone:
             await downstream.refuse_garbage()
             return

@@ -271,11 +271,6 @@ class UpstreamConnection:
             self.calls.pop(stream_id, None)
             self._notify()
 
-    async def aclose(self) -> None:
-        self._die("bridge closing")
-        await self.stream.aclose()
-
-
 class GrpcUpstream:
     """Keeps one live upstream connection (opened on first use, replaced when it dies)
     and starts calls on it."""
@@ -309,7 +304,3 @@ class GrpcUpstream:
     async def open_call(self, headers: Headers) -> UpstreamCall:
         connection = await self._live_connection()
         return await connection.open_call(headers)
-
-    async def aclose(self) -> None:
-        if self.connection is not None:
-            await self.connection.aclose()

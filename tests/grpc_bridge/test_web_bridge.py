@@ -303,3 +303,40 @@ async def test_http2_client_many_concurrent_calls_on_one_connection() -> None:
         messages, trailers = WebAnswer(200, {b"content-type": BINARY}, bytes(body)).parse()
         assert messages == [index.to_bytes(4, "big") * 100] and trailers[b"grpc-status"] == b"0"
     assert recorder.calls == calls and len(opens) == 1
+
+
+async def test_idle_http1_connection_is_closed_after_the_head_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpc_bridge import web_http1
+
+    monkeypatch.setattr(web_http1, "HEAD_TIMEOUT", 0.2)
+    with trio.fail_after(30):
+        async with bridged_recorder() as (recorder, address, opens):
+            idle = await trio.open_tcp_stream(*address)
+            await idle.send_all(b"POST /x HTTP/1.1\r\nhost: b\r\n")  # a head that never ends
+            assert await idle.receive_some(65536) == b""  # the bridge hung up
+            await idle.aclose()
+    assert recorder.calls == 0 and opens == []
+
+
+async def test_http2_garbage_after_the_preface_ends_only_that_connection() -> None:
+    from grpc_bridge.web_http2 import H2_PREFACE
+
+    with trio.fail_after(30):
+        async with bridged_recorder() as (recorder, address, opens):
+            stream = await trio.open_tcp_stream(*address)
+            await stream.send_all(H2_PREFACE + b"\x00\x00\x04\x09\xff\x00\x00\x00\x01" + bytes(64))
+            received = b""
+            while True:  # the bridge answers with its SETTINGS and a GOAWAY, then closes
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += data
+            kinds, position = [], 0
+            while position + 9 <= len(received):
+                length = int.from_bytes(received[position : position + 3], "big")
+                kinds.append(received[position + 3])
+                position += 9 + length
+            assert kinds[0] == 0x4 and kinds[-1] == 0x7, kinds  # SETTINGS first, GOAWAY last
+            await stream.aclose()
+            ok_trailers(await post(address, ECHO, [frame(b"ok")]))
+    assert recorder.calls == 1 and len(opens) == 1
