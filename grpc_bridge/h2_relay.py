@@ -218,7 +218,8 @@ class H2IdentityRelay:
             if self.ended:
                 return
             if isinstance(piece, GoAway):
-                # The caller will open no more streams; the server may finish the open ones.
+                # The caller is leaving: the open streams may finish, no new one reaches the server.
+                self._refusing_new = True
                 self.server.send_goaway(0, piece.error_code)
                 continue
             try:
