@@ -48,6 +48,9 @@ class Http1Downstream:
             self.h11.receive_data(bytes(data))
 
     async def receive_body(self) -> bytes:
+        if self.h11.they_are_waiting_for_100_continue:  # curl and others ask before a large body
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.flush()
         while not self.body_done:
             event, self._peeked = self._peeked or await self.next_event(), None
             if isinstance(event, h11.Data):

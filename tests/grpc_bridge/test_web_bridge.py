@@ -340,3 +340,25 @@ async def test_http2_garbage_after_the_preface_ends_only_that_connection() -> No
             await stream.aclose()
             ok_trailers(await post(address, ECHO, [frame(b"ok")]))
     assert recorder.calls == 1 and len(opens) == 1
+
+
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    body = frame(b"x" * 1000)
+    with trio.fail_after(30):
+        async with bridged_recorder() as (recorder, address, _):
+            stream = await trio.open_tcp_stream(*address)
+            head = (
+                f"POST {ECHO} HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
+                f"expect: 100-continue\r\ncontent-length: {len(body)}\r\n\r\n"
+            )
+            await stream.send_all(head.encode())
+            interim = b""
+            while b"\r\n\r\n" not in interim:  # the client sends nothing more until this arrives
+                interim += await stream.receive_some(65536)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            answer = interim.partition(b"\r\n\r\n")[2]
+            while b"grpc-status:0" not in answer:
+                answer += await stream.receive_some(65536)
+            await stream.aclose()
+    assert recorder.calls == 1
