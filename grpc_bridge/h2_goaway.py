@@ -7,8 +7,12 @@ error. A relay must pass GOAWAY on and keep serving the streams it spares
 (RFC 9113 6.8), so the relay handles GOAWAY itself: ``GoAwaySplitter`` takes
 the GOAWAY frames out of the bytes before they reach h2, and ``goaway_frame``
 builds the ones the relay sends. Everything else passes to h2 untouched and in
-order; malformed GOAWAY frames (on a stream, shorter than 8 bytes, larger than
-the frame limit) are left in for h2 to refuse.
+order; malformed GOAWAY frames (on a stream, shorter than 8 bytes) are left in
+for h2 to refuse.
+
+Reading every frame header here also enforces the frame size limit as soon as a
+header announces more: h2 buffers a whole frame before it checks its length, so
+a peer could make it hold up to 16 MiB per connection.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from dataclasses import dataclass
 FRAME_HEADER = 9
 GOAWAY_TYPE = 0x7
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class OverlongFrame(ValueError):
+    """A frame header announced more than the frame size limit."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,9 @@ class GoAwaySplitter:
             kind = buffer[position + 3]
             stream = int.from_bytes(buffer[position + 5 : position + 9], "big") & 0x7FFFFFFF
             end = position + FRAME_HEADER + length
-            if kind == GOAWAY_TYPE and stream == 0 and 8 <= length <= self.max_frame_size:
+            if length > self.max_frame_size:
+                raise OverlongFrame(f"a frame of {length} bytes (the limit is {self.max_frame_size})")
+            if kind == GOAWAY_TYPE and stream == 0 and length >= 8:
                 if end > size:
                     self._carry = bytes(buffer[position:])
                     break

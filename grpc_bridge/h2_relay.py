@@ -52,7 +52,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from grpc_bridge.h2_errors import ServerProtocolError, TunnelProtocolError
-from grpc_bridge.h2_goaway import CLIENT_PREFACE, GoAway, GoAwaySplitter, goaway_frame
+from grpc_bridge.h2_goaway import CLIENT_PREFACE, GoAway, GoAwaySplitter, OverlongFrame, goaway_frame
 
 Header = tuple[bytes, bytes]
 
@@ -214,7 +214,14 @@ class H2IdentityRelay:
             side.collect()
 
     def receive_from_tunnel(self, data: bytes | bytearray) -> None:
-        for piece in self.tunnel.splitter.split(data):
+        if self.ended:
+            return
+        try:
+            pieces = self.tunnel.splitter.split(data)
+        except OverlongFrame as error:
+            self._end_overlong(self.tunnel)
+            raise TunnelProtocolError(f"the caller broke HTTP/2: {error}") from error
+        for piece in pieces:
             if self.ended:
                 return
             if isinstance(piece, GoAway):
@@ -232,7 +239,14 @@ class H2IdentityRelay:
         self._collect()
 
     def receive_from_server(self, data: bytes | bytearray) -> None:
-        for piece in self.server.splitter.split(data):
+        if self.ended:
+            return
+        try:
+            pieces = self.server.splitter.split(data)
+        except OverlongFrame as error:
+            self._end_overlong(self.server)
+            raise ServerProtocolError(f"the server broke HTTP/2: {error}") from error
+        for piece in pieces:
             if self.ended:
                 return
             if isinstance(piece, GoAway):
@@ -540,6 +554,13 @@ class H2IdentityRelay:
         self._held_data = 0
         self._pairs_by_tunnel.clear()
         self._pairs_by_server.clear()
+
+    def _end_overlong(self, side: _Side) -> None:
+        """``side`` announced a frame over the limit: GOAWAY(FRAME_SIZE_ERROR) to it, end."""
+        highest = side.connection.highest_inbound_stream_id
+        self._end_broken(side)
+        side.send_goaway(highest, ErrorCodes.FRAME_SIZE_ERROR)
+        self._collect()
 
     def _end_broken(self, side: _Side) -> None:
         """``side`` broke the protocol (h2 queued its GOAWAY): end the other side too."""

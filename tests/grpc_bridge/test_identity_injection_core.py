@@ -16,7 +16,7 @@ from h2.settings import SettingCodes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpc_bridge.h2_errors import TunnelProtocolError
+from grpc_bridge.h2_errors import ServerProtocolError, TunnelProtocolError
 from grpc_bridge.h2_goaway import GoAway, GoAwaySplitter, goaway_frame
 from grpc_bridge.h2_identity import identity_headers, parse_peer_header
 from grpc_bridge.h2_relay import H2IdentityRelay, strip_keynode_headers
@@ -502,3 +502,26 @@ def test_a_header_list_over_the_limit_ends_the_connection_and_reaches_nothing() 
     with pytest.raises(TunnelProtocolError):
         wire.pump()
     assert wire.of(h2.events.RequestReceived, wire.server_events) == []
+
+
+def test_a_server_that_is_not_http2_ends_the_connection_with_a_goaway_to_the_caller() -> None:
+    wire = Wire()
+    wire.caller.send_headers(1, REQUEST, end_stream=True)
+    wire.pump()
+    with pytest.raises(ServerProtocolError):
+        wire.relay.receive_from_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    wire.pump()
+    [goaway] = wire.of(h2.events.ConnectionTerminated, wire.caller_events)
+    assert goaway.error_code == ErrorCodes.INTERNAL_ERROR
+
+
+def test_a_frame_header_announcing_too_much_ends_the_connection_at_once() -> None:
+    # h2 alone would buffer the whole announced frame (up to 16 MiB) before refusing it.
+    wire = Wire()
+    with pytest.raises(TunnelProtocolError, match="frame of"):
+        announced = (1 << 24) - 1  # DATA on stream 1 claiming 16 MiB, then a little of it
+        wire.relay.receive_from_tunnel(announced.to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big") + b"x" * 1000)
+    assert wire.relay.ended and wire.relay.buffered_bytes < 1 << 12
+    wire.pump()
+    [goaway] = wire.of(h2.events.ConnectionTerminated, wire.caller_events)
+    assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
