@@ -25,15 +25,19 @@ What crosses, and how:
   its stream numbers, the streams past the server's last are refused
   (REFUSED_STREAM) and so are new ones, the spared ones finish; a graceful
   shutdown's first GOAWAY (last stream 2^31-1) passes as it is. The caller's
-  GOAWAY is passed to the server.
+  GOAWAY is passed to the server, and its later streams are refused.
 - PING and SETTINGS are per connection (RFC 9113 6.5, 6.7): each connection
   answers its own (h2 does), which is also what the flow-control windows they
   measure are. Of the server's settings, MAX_CONCURRENT_STREAMS and
   MAX_HEADER_LIST_SIZE are carried to the caller (capped by ours), so the caller
   does not open streams the server would refuse.
 
-Anything the tunnel side does wrong raises ``TunnelProtocolError`` after queueing
-h2's GOAWAY for it; the caller of this class writes what is queued and closes.
+Anything the tunnel side does wrong (not HTTP/2, a protocol or flow-control
+violation, a frame or a header list over the limits, more than
+``max_resets_in_a_row`` streams reset with none completing: "rapid reset") raises
+``TunnelProtocolError`` after queueing a GOAWAY for it and one for the server;
+the driver writes what is queued and closes. The server's faults likewise raise
+``ServerProtocolError``.
 """
 
 from __future__ import annotations
