@@ -20,10 +20,12 @@ $(STAMP_PY): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
-# System tools the tests drive for real: network namespaces, nftables/iptables, curl, Node.
-$(STAMP_SYS): | $(VENV)/bin/python
+# System tools the tests drive for real: network namespaces, nftables/iptables, curl, Node,
+# and Debian's headless Chromium (the grpc-web browser tests).
+$(STAMP_SYS): Makefile | $(VENV)/bin/python
 	@missing=""; \
-	for tool in ip:iproute2 nft:nftables iptables:iptables curl:curl node:nodejs npm:npm conntrack:conntrack cc:gcc; do \
+	for tool in ip:iproute2 nft:nftables iptables:iptables curl:curl node:nodejs npm:npm conntrack:conntrack cc:gcc \
+	            chromium-headless-shell:chromium-headless-shell; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -35,6 +37,7 @@ $(STAMP_SYS): | $(VENV)/bin/python
 
 $(STAMP_NODE): $(NODE_DIR)/package.json | $(STAMP_SYS)
 	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
+	test -x $(NODE_DIR)/node_modules/.bin/esbuild || { echo "esbuild did not install"; exit 1; }
 	touch $@
 
 install: $(STAMP_PY)
