@@ -20,6 +20,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "proxy.identity": ("proxy.identity",),
     "proxy.tls": ("proxy.tls", "proxy.identity"),
     "proxy.tunnel": ("proxy.tunnel", "proxy.tls", "proxy.identity", "nat"),
+    "proxy.relay": ("proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.tls", "proxy.identity", "proxy.errors", "nat", "grpc_bridge"),
     "proxy.errors": ("proxy.app.errors", "proxy.tunnel.errors", "proxy.tls.errors", "proxy.identity.errors"),
     "grpc_bridge": ("grpc_bridge", "proxy.tunnel", "proxy.tls", "proxy.identity", "nat"),
