@@ -79,3 +79,20 @@ class RelayLimitsInvalid(RelayError, ValueError):
 
 class RelayFull(RelayRejected):
     """The relay serves as many clients as its limits allow."""
+
+
+class RelayTimeout(RelayError):
+    """The relay link heard nothing from the relay (or got no registration) in time."""
+
+    http_status = 504
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first failure in a nursery's group that is not a cancellation (the one
+    that ended the connection; the others are its consequences)."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return first_error(error)
+        if type(error).__name__ != "Cancelled":
+            return error
+    return group

@@ -251,3 +251,13 @@ def decode_frames(data: bytes) -> list[Frame]:
         frames.append(frame)
     decoder.end()
     return frames
+
+
+def join_frames(frames: list[tuple[int, bytes]]) -> bytes:
+    """(type, body) pairs as one run of frames, ready to write."""
+    parts: list[bytes] = []
+    append = parts.append
+    for frame_type, body in frames:
+        append(_HEADER.pack(frame_type, len(body)))
+        append(body)
+    return b"".join(parts)
