@@ -10,8 +10,10 @@ and gives up on a connection silent for ``timeout``.
 
 ``send(destination, datagram)`` never blocks: while unregistered, or past the
 queue's bound, the datagram is dropped and counted (``drops``), as UDP would.
-``on_receive(source, datagram)`` is called in the reader task for each RECV; an
-exception from it is logged and counted, and the link goes on.
+``on_receive(source, datagram)`` is called in the reader task for each RECV, or
+``on_receive_batch([(source, datagram), ...])`` once per read with every RECV in
+it (cheaper per datagram); an exception from either is logged and counted, and the
+link goes on.
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ class RelayLink:
         self,
         tls_config: TLSConfigLike,
         relay: RelayAddress | str,
-        on_receive: Callable[[NodeId, bytes], None],
+        on_receive: Callable[[NodeId, bytes], None] | None = None,
         *,
+        on_receive_batch: Callable[[list[tuple[NodeId, bytes]]], None] | None = None,
         on_peer_gone: Callable[[NodeId, int], None] | None = None,
         keepalive: float = 15.0,
         timeout: float = 45.0,
@@ -109,6 +112,7 @@ class RelayLink:
         self.tls_config = tls_config
         self.relay = relay if isinstance(relay, RelayAddress) else RelayAddress.parse(relay)
         self.on_receive = on_receive
+        self.on_receive_batch = on_receive_batch
         self.on_peer_gone = on_peer_gone
         self.keepalive = keepalive
         self.timeout = timeout
@@ -242,13 +246,10 @@ class RelayLink:
                 self.stats.registrations += 1
                 self._registered.set()
                 self._registered = trio.Event()
+            batch: list[tuple[NodeId, bytes]] = []
             for frame in frames:
                 if isinstance(frame, Recv):
-                    try:
-                        self.on_receive(frame.source, frame.datagram)
-                    except Exception:
-                        self.stats.callback_errors += 1
-                        log.exception("relay link: on_receive failed")
+                    batch.append((frame.source, frame.datagram))
                 elif isinstance(frame, PeerGone):
                     if frame.reason == GONE_REPLACED and frame.node_id == self.node_id:
                         self.stats.replaced += 1
@@ -259,6 +260,19 @@ class RelayLink:
                     self.health = frame.text
                 elif isinstance(frame, Restarting):
                     self.backoff_min = max(self.backoff_min, frame.reconnect_in_ms / 1000)
+            if batch:
+                self._deliver(batch)
+
+    def _deliver(self, batch: list[tuple[NodeId, bytes]]) -> None:
+        try:
+            if self.on_receive_batch is not None:
+                self.on_receive_batch(batch)
+            elif self.on_receive is not None:
+                for source, datagram in batch:
+                    self.on_receive(source, datagram)
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("relay link: a receive callback failed")
 
     async def _write(self, tls: TLSStream, session: RelayClientSession) -> None:
         while True:
