@@ -139,6 +139,11 @@ class RelayLink:
         return session is not None and session.registered
 
     @property
+    def output_pending(self) -> int:
+        """Bytes queued for the relay and not yet written (0 when not connected)."""
+        return 0 if self._session is None else self._session.output_pending
+
+    @property
     def rtt(self) -> float | None:
         return None if self._session is None else self._session.rtt
 
