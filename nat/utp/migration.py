@@ -12,20 +12,20 @@ knows about the old path says nothing about the new one:
   initial RTO until the new path's first sample, no backoff.
 - Losses of packets sent before the move shrink nothing (the recovery point
   moves to the next sequence number): they are the old path's.
-- Packets in flight on the old path are *held*: out of the flight (they do not
-  count against the new window) but not yet resent, because an old path that
-  still works (a relay, after an upgrade to direct) delivers them a moment
-  later, and their ACKs come back over whichever path the peer uses. After the
-  hold, about one round trip of the old path (its smoothed RTT x 1.5 plus the
-  peer's ACK delay, bounded by the initial RTO), whatever of them is still
-  unacknowledged goes again, first, over the new path. New data flows over the
-  new path meanwhile. A SYN (an initiator still connecting) is not held: it
-  goes again at once, over the new path.
+- Packets in flight on the old path are *held*: still counted in flight (they
+  fill the peer's receive window when they land) but not yet resent, because an
+  old path that still works (a relay, after an upgrade to direct) delivers them
+  a moment later, and their ACKs come back over whichever path the peer uses.
+  After the hold, about one round trip of the old path (its smoothed RTT x 1.5
+  plus the peer's ACK delay, within 2 ms .. the initial RTO), whatever of them
+  is still unacknowledged is taken for lost and goes again, first, over the new
+  path. Until then new data goes over the new path as the fresh window and the
+  flight allow. A SYN or SYN-ACK (a connection still opening) goes again at once.
 
 The hold has its own timer (the sender's ``hold_deadline``, part of the
-connection's ``next_deadline``, which runs :func:`end_hold`). Held packets are records with ``in_flight`` False that are
-not in the resend heap; no loss rule looks at them (every rule reads only what
-is in flight), and the ACKs that cover them remove them as usual.
+connection's ``next_deadline``, which runs :func:`end_hold`). During the hold
+the loss rules still apply to the held packets (a selective ACK of new-path
+packets past them proves them lost sooner), with no effect on the new window.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Protocol
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController, DelayHistory, make_controller
 from nat.utp.outbox import Flushable
+from nat.utp.packet import ST_SYN
 from nat.utp.rtt import RttEstimator
 from nat.utp.states import Address, OutgoingPacket
 
@@ -80,15 +81,13 @@ def change_path(tx: MovingSender, path: Address, now: float) -> None:
     rtt.restart(config.initial_rto)
     tx.cc = make_controller(config.congestion, tx._mss, int(config.target_delay * 1e6))
     tx._delay = DelayHistory()
-    held = False
-    for rec in tx.outstanding.values():
-        if rec.in_flight:
-            rec.in_flight = False
-            held = True
-    tx._flight = 0
-    if held:
+    outstanding = tx.outstanding
+    if outstanding:
         tx.held_below = tx.snd_nxt
         tx.hold_deadline = now + hold
+        first = next(iter(outstanding.values()))
+        if first.ptype == ST_SYN:
+            first.in_flight = False  # an initiator's SYN goes again at once (no payload: no flight)
     tx._recovery_seq = tx._ep_end = tx.snd_nxt
     tx._ep_recent = []
     tx._dup_acks = tx._consecutive_timeouts = 0
@@ -108,6 +107,8 @@ def end_hold(tx: MovingSender, now: float) -> None:
     for seq, rec in tx.outstanding.items():  # in sequence order
         if seq >= below:
             break
-        if not rec.in_flight:
-            heapq.heappush(resend, seq)  # (one already there is skipped once sent)
+        if rec.in_flight:
+            rec.in_flight = False
+            tx._flight -= len(rec.payload)
+            heapq.heappush(resend, seq)
     tx._dirty.add(tx._owner)
