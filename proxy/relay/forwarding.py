@@ -8,7 +8,8 @@ cannot choose the tag. Forwarding happens only between registered clients: a
 datagram for a NodeId nobody registered is dropped (counted ``no_such_peer``) and
 nothing else is sent anywhere, so the relay is no amplifier toward any address.
 
-Per NodeId, a token bucket (``RelayLimits.rate``/``burst``, whole frames counted)
+Drops are counted in datagrams (a batch counts as the datagrams it holds) by reason
+in ``RelayStats.drops``. Per NodeId, a token bucket (``RelayLimits.rate``/``burst``, whole frames counted)
 takes every frame a client sends; over it the frame is dropped (``rate_limited``).
 The bucket outlives a connection until it refills, so reconnecting buys nothing.
 Each client has a bounded queue of frames for it (``queue_full`` past it).
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.identity.node_id import NODE_ID_SIZE, NodeId
-from proxy.relay.errors import FrameTooLarge, RelayFull, RelayProtocolError, UnknownFrameType
+from proxy.relay.errors import FrameTooLarge, MalformedFrame, RelayFull, RelayProtocolError, UnknownFrameType
 from proxy.relay.frames import (
     GONE_DISCONNECTED,
     GONE_REPLACED,
@@ -41,10 +42,13 @@ from proxy.relay.frames import (
     PONG,
     PROTOCOL_VERSION,
     RECV,
+    RECV_BATCH,
     SEND,
+    SEND_BATCH,
     SERVER_INFO,
     FrameDecoder,
     ServerInfo,
+    count_batch,
     encode_frame,
 )
 from proxy.relay.limits import RelayLimits, TokenBucket
@@ -197,10 +201,12 @@ class RelayCore:
         client.frames_received += 1
         bucket = self._buckets[client.key]
         if not bucket.take(HEADER_SIZE + len(body), now):
-            self.stats.drops[RATE_LIMITED] += 1
+            self.stats.drops[RATE_LIMITED] += _datagrams_in(frame_type, body)
             return
         if frame_type == SEND:
             self._forward(client, body)
+        elif frame_type == SEND_BATCH:
+            self._forward_batch(client, body)
         elif frame_type == PING:
             if len(body) != PING_SIZE:
                 self.stats.drops[MALFORMED] += 1
@@ -227,11 +233,31 @@ class RelayCore:
         if self._enqueue(destination, RECV, sender.key + body[NODE_ID_SIZE:]):
             self.stats.frames_forwarded += 1
             self.stats.bytes_forwarded += size
-            senders = destination.senders
-            if sender.key not in senders:
-                if len(senders) >= self.limits.senders_tracked:
-                    del senders[next(iter(senders))]
-                senders[sender.key] = None
+            self._note_sender(destination, sender)
+
+    def _forward_batch(self, sender: RelayClient, body: bytes) -> None:
+        try:
+            count = count_batch(body)
+        except MalformedFrame:
+            self.stats.drops[MALFORMED] += 1
+            return
+        destination = self._clients.get(body[:NODE_ID_SIZE])
+        if destination is None:
+            self.stats.drops[NO_SUCH_PEER] += count
+            return
+        if self._enqueue(destination, RECV_BATCH, sender.key + body[NODE_ID_SIZE:]):
+            self.stats.frames_forwarded += count
+            self.stats.bytes_forwarded += len(body) - NODE_ID_SIZE - 2 * count
+            self._note_sender(destination, sender)
+        else:
+            self.stats.drops[QUEUE_FULL] += count - 1  # _enqueue counted one
+
+    def _note_sender(self, destination: RelayClient, sender: RelayClient) -> None:
+        senders = destination.senders
+        if sender.key not in senders:
+            if len(senders) >= self.limits.senders_tracked:
+                del senders[next(iter(senders))]
+            senders[sender.key] = None
 
     def _enqueue(self, client: RelayClient, frame_type: int, body: bytes, *, control: bool = False) -> bool:
         """Queue a frame for ``client``; False (counted queue_full) when its queue is
@@ -268,3 +294,13 @@ class RelayCore:
             self._enqueue(client, PING, client.pings_sent.to_bytes(PING_SIZE, "big"), control=True)
         return min(client.last_ping_sent + limits.keepalive, client.last_heard + limits.idle_timeout)
 
+
+
+def _datagrams_in(frame_type: int, body: bytes) -> int:
+    """What one dropped frame counts as: a batch, its datagrams; anything else, 1."""
+    if frame_type == SEND_BATCH:
+        try:
+            return count_batch(body)
+        except MalformedFrame:
+            return 1
+    return 1

@@ -16,6 +16,13 @@ Types (direction: c = client to relay, r = relay to client):
     0x07 SERVER_INFO r  version (1) | max datagram (4) | rate B/s (8) | burst B (8) |
                         keep-alive ms (4): sent once a client is registered
     0x08 RESTARTING  r  reconnect in ms (4) | try for ms (4)
+    0x09 SEND_BATCH  c  destination NodeId (32) | (length (2) | datagram) ...
+    0x0a RECV_BATCH  r  source NodeId (32) | (length (2) | datagram) ...
+
+The batches carry several datagrams for one peer in one frame (a uTP window's worth
+leaves the endpoint at once): the relay checks and forwards one frame instead of
+dozens, which is most of its per-datagram cost. A batch holds at least one datagram,
+each at most MAX_BATCHED bytes.
 
 A datagram is at most MAX_DATAGRAM bytes, a frame body at most MAX_FRAME bytes.
 The decoder refuses a header announcing more before buffering the body (the stream
@@ -44,7 +51,10 @@ PONG = 0x05
 HEALTH = 0x06
 SERVER_INFO = 0x07
 RESTARTING = 0x08
-FRAME_TYPES = frozenset({SEND, RECV, PEER_GONE, PING, PONG, HEALTH, SERVER_INFO, RESTARTING})
+SEND_BATCH = 0x09
+RECV_BATCH = 0x0A
+FRAME_TYPES = frozenset({SEND, RECV, PEER_GONE, PING, PONG, HEALTH, SERVER_INFO, RESTARTING, SEND_BATCH, RECV_BATCH})
+MAX_BATCHED = 0xFFFF  # a batched datagram's length fits two bytes
 
 GONE_DISCONNECTED = 0
 GONE_REPLACED = 1
@@ -53,6 +63,8 @@ PING_SIZE = 8
 _HEADER = struct.Struct("!BI")
 _SERVER_INFO = struct.Struct("!BIQQI")
 _RESTARTING = struct.Struct("!II")
+_LENGTH = struct.Struct("!H")
+pack_length = _LENGTH.pack
 pack_header = _HEADER.pack
 
 
@@ -104,7 +116,19 @@ class Restarting:
     try_for_ms: int
 
 
-Frame = Send | Recv | PeerGone | Ping | Pong | Health | ServerInfo | Restarting
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    destination: NodeId
+    datagrams: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecvBatch:
+    source: NodeId
+    datagrams: tuple[bytes, ...]
+
+
+Frame = Send | Recv | SendBatch | RecvBatch | PeerGone | Ping | Pong | Health | ServerInfo | Restarting
 
 
 def frame_bytes(frame_type: int, body: bytes) -> bytes:
@@ -126,6 +150,14 @@ def encode_frame(frame: Frame) -> bytes:
             return _datagram_frame(SEND, destination, datagram)
         case Recv(source, datagram):
             return _datagram_frame(RECV, source, datagram)
+        case SendBatch(node_id, datagrams) | RecvBatch(node_id, datagrams):
+            if not datagrams:
+                raise MalformedFrame("a batch holds at least one datagram")
+            for datagram in datagrams:
+                if len(datagram) > MAX_BATCHED:
+                    raise DatagramTooLarge(f"a batched datagram of {len(datagram)} bytes is over {MAX_BATCHED}")
+            body = batch_body(bytes(node_id), datagrams)
+            return frame_bytes(SEND_BATCH if isinstance(frame, SendBatch) else RECV_BATCH, body)
         case PeerGone(node_id, reason):
             _check_range("reason", reason, 0xFF)
             return frame_bytes(PEER_GONE, bytes(node_id) + bytes((reason,)))
@@ -163,6 +195,11 @@ def parse_frame(frame_type: int, body: bytes) -> Frame:
             raise DatagramTooLarge(f"a datagram of {len(body) - NODE_ID_SIZE} bytes is over the limit")
         node_id, datagram = NodeId(body[:NODE_ID_SIZE]), bytes(body[NODE_ID_SIZE:])
         return Send(node_id, datagram) if frame_type == SEND else Recv(node_id, datagram)
+    if frame_type in (SEND_BATCH, RECV_BATCH):
+        if len(body) < NODE_ID_SIZE:
+            raise MalformedFrame(f"a batch body holds at least a NodeId, got {len(body)} bytes")
+        node_id, datagrams = NodeId(body[:NODE_ID_SIZE]), tuple(split_batch(body))
+        return SendBatch(node_id, datagrams) if frame_type == SEND_BATCH else RecvBatch(node_id, datagrams)
     if frame_type == PEER_GONE:
         if len(body) != NODE_ID_SIZE + 1:
             raise MalformedFrame(f"a PEER_GONE body is {NODE_ID_SIZE + 1} bytes, not {len(body)}")
@@ -261,3 +298,44 @@ def join_frames(frames: list[tuple[int, bytes]]) -> bytes:
         append(_HEADER.pack(frame_type, len(body)))
         append(body)
     return b"".join(parts)
+
+
+def batch_body(node_id: bytes, datagrams: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """A SEND_BATCH / RECV_BATCH body (datagrams at most MAX_BATCHED bytes each)."""
+    parts = [node_id]
+    append = parts.append
+    pack = _LENGTH.pack
+    for datagram in datagrams:
+        append(pack(len(datagram)))
+        append(datagram)
+    return b"".join(parts)
+
+
+def count_batch(body: bytes) -> int:
+    """How many datagrams a batch body holds (after its NodeId); MalformedFrame if
+    the lengths do not add up to the body or it holds none."""
+    unpack = _LENGTH.unpack_from
+    offset, end, count = NODE_ID_SIZE, len(body), 0
+    while offset + 2 <= end:
+        offset += 2 + unpack(body, offset)[0]
+        count += 1
+    if offset != end or not count:
+        raise MalformedFrame("a batch's datagram lengths do not add up to its body" if count
+                             else "a batch holds at least one datagram")
+    return count
+
+
+def split_batch(body: bytes) -> list[bytes]:
+    """The datagrams of a batch body (MalformedFrame as count_batch)."""
+    unpack = _LENGTH.unpack_from
+    offset, end = NODE_ID_SIZE, len(body)
+    datagrams = []
+    while offset + 2 <= end:
+        length = unpack(body, offset)[0]
+        offset += 2
+        datagrams.append(body[offset : offset + length])
+        offset += length
+    if offset != end or not datagrams:
+        raise MalformedFrame("a batch's datagram lengths do not add up to its body" if datagrams
+                             else "a batch holds at least one datagram")
+    return datagrams

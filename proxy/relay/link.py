@@ -39,7 +39,7 @@ from proxy.relay.errors import (
     RelayTimeout,
     first_error,
 )
-from proxy.relay.frames import GONE_REPLACED, Health, PeerGone, Recv, Restarting
+from proxy.relay.frames import GONE_REPLACED, Health, PeerGone, Recv, RecvBatch, Restarting
 from proxy.relay.serve import ALPN
 from proxy.relay.session import NOT_CONNECTED, RelayClientSession
 from proxy.tls import TLSStream
@@ -253,7 +253,10 @@ class RelayLink:
                 self._registered = trio.Event()
             batch: list[tuple[NodeId, bytes]] = []
             for frame in frames:
-                if isinstance(frame, Recv):
+                if isinstance(frame, RecvBatch):
+                    source = frame.source
+                    batch.extend([(source, datagram) for datagram in frame.datagrams])
+                elif isinstance(frame, Recv):
                     batch.append((frame.source, frame.datagram))
                 elif isinstance(frame, PeerGone):
                     if frame.reason == GONE_REPLACED and frame.node_id == self.node_id:

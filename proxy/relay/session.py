@@ -11,29 +11,37 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from proxy.identity.node_id import NodeId
-from proxy.relay.errors import RelayProtocolError, UnknownFrameType
+from proxy.identity.node_id import NODE_ID_SIZE, NodeId
+from proxy.relay.errors import MalformedFrame, RelayProtocolError, UnknownFrameType
 from proxy.relay.frames import (
+    MAX_BATCHED,
     MAX_DATAGRAM,
     PING,
     PING_SIZE,
     RECV,
+    RECV_BATCH,
     SEND,
+    SEND_BATCH,
     FrameDecoder,
     Ping,
     Pong,
     Recv,
+    RecvBatch,
     ServerInfo,
     encode_frame,
     pack_header,
+    pack_length,
     parse_frame,
+    split_batch,
 )
 from proxy.relay.frames import Frame as Frame
 
+BATCH_BODY = 64 * 1024  # bytes of one SEND_BATCH body at most
 NODE_ID_CACHE = 1024  # NodeId objects kept for sources seen, to skip building one per datagram
 NOT_CONNECTED = "not_connected"
 QUEUE_FULL = "queue_full"
 OVERSIZED = "oversized"
+MALFORMED = "malformed"
 
 
 class RelayClientSession:
@@ -51,7 +59,8 @@ class RelayClientSession:
         self.rtt: float | None = None
         self.last_heard = now
         self._decoder = FrameDecoder()
-        self._output: list[bytes] = []
+        self._output: list[bytes] = []  # control frames
+        self._pending: list[tuple[bytes, bytes]] = []  # (destination, datagram) to send
         self._output_bytes = 0
         self._ping_payload: bytes | None = None
         self._ping_sent = now
@@ -74,19 +83,52 @@ class RelayClientSession:
         if self._output_bytes + size > self.queue_bytes:
             self.drops[QUEUE_FULL] += 1
             return False
-        output = self._output
-        output.append(pack_header(SEND, 32 + size))
-        output.append(bytes(destination))
-        output.append(bytes(datagram))
-        self._output_bytes += size + 37
+        self._pending.append((bytes(destination), bytes(datagram)))
+        self._output_bytes += size + 39
         self.frames_sent += 1
         return True
 
     def take_output(self) -> bytes:
-        data = b"".join(self._output)
-        self._output.clear()
+        """Every queued frame as bytes to write: control frames first, then the
+        datagrams in order, runs for one peer as SEND_BATCH frames."""
+        output = self._output
+        pending = self._pending
+        if pending:
+            self._batch_into(output, pending)
+            pending.clear()
+        data = b"".join(output)
+        output.clear()
         self._output_bytes = 0
         return data
+
+    @staticmethod
+    def _batch_into(output: list[bytes], pending: list[tuple[bytes, bytes]]) -> None:
+        append = output.append
+        count = len(pending)
+        index = 0
+        while index < count:
+            destination, first = pending[index]
+            end = index + 1
+            body = NODE_ID_SIZE + 2 + len(first)
+            if len(first) <= MAX_BATCHED:
+                while end < count:
+                    peer, datagram = pending[end]
+                    if peer != destination or len(datagram) > MAX_BATCHED or body + 2 + len(datagram) > BATCH_BODY:
+                        break
+                    body += 2 + len(datagram)
+                    end += 1
+            if end == index + 1:
+                append(pack_header(SEND, NODE_ID_SIZE + len(first)))
+                append(destination)
+                append(first)
+            else:
+                append(pack_header(SEND_BATCH, body))
+                append(destination)
+                for position in range(index, end):
+                    datagram = pending[position][1]
+                    append(pack_length(len(datagram)))
+                    append(datagram)
+            index = end
 
     def _queue_frame(self, data: bytes) -> None:
         self._output.append(data)
@@ -109,18 +151,20 @@ class RelayClientSession:
             frame_type, body = raw
             self.frames_received += 1
             if frame_type == RECV and len(body) >= 32:
-                key = body[:32]
-                node_id = self._node_ids.get(key)
-                if node_id is None:
-                    if len(self._node_ids) >= NODE_ID_CACHE:
-                        self._node_ids.clear()
-                    node_id = self._node_ids[key] = NodeId(key)
                 if len(body) - 32 > MAX_DATAGRAM:
                     self.drops[OVERSIZED] += 1
                     continue
-                frames.append(Recv(node_id, body[32:]))
+                frames.append(Recv(self._node_id(body[:32]), body[32:]))
                 continue
-            if frame_type == SEND:
+            if frame_type == RECV_BATCH and len(body) >= 32:
+                try:
+                    datagrams = split_batch(body)
+                except MalformedFrame:
+                    self.drops[MALFORMED] += 1
+                    continue
+                frames.append(RecvBatch(self._node_id(body[:32]), tuple(datagrams)))
+                continue
+            if frame_type in (SEND, SEND_BATCH):
                 raise RelayProtocolError("the relay sent a SEND frame")
             frame = parse_frame(frame_type, body)
             if isinstance(frame, Ping):
@@ -133,6 +177,14 @@ class RelayClientSession:
                 if isinstance(frame, ServerInfo):
                     self.server_info = frame
                 frames.append(frame)
+
+    def _node_id(self, key: bytes) -> NodeId:
+        node_id = self._node_ids.get(key)
+        if node_id is None:
+            if len(self._node_ids) >= NODE_ID_CACHE:
+                self._node_ids.clear()
+            node_id = self._node_ids[key] = NodeId(key)
+        return node_id
 
     def tick(self, now: float) -> float:
         """Queue a PING when one is due; returns when to call again. A relay silent

@@ -17,7 +17,9 @@ from proxy.relay.frames import (
     Ping,
     Pong,
     Recv,
+    RecvBatch,
     Send,
+    SendBatch,
     ServerInfo,
     decode_frames,
     encode_frame,
@@ -197,3 +199,25 @@ def test_a_burst_smaller_than_one_largest_frame_is_refused() -> None:
     with pytest.raises(RelayLimitsInvalid, match="burst"):
         RelayLimits(burst=MAX_DATAGRAM)
     RelayLimits(burst=HEADER_SIZE + 32 + MAX_DATAGRAM)
+
+
+def test_a_batch_is_forwarded_whole_tagged_with_the_sender_and_counted_per_datagram() -> None:
+    core = RelayCore()
+    a, b = registered(core, A), registered(core, B)
+    datagrams = tuple(bytes([n]) * (100 + n) for n in range(30))
+    core.receive_bytes(a, encode_frame(SendBatch(B, datagrams)), 0.0)
+    assert frames_for(b) == [RecvBatch(A, datagrams)]
+    assert core.stats.frames_forwarded == 30 and core.stats.bytes_forwarded == sum(map(len, datagrams))
+    core.receive_bytes(a, encode_frame(SendBatch(C, datagrams)), 0.0)
+    core.receive_bytes(a, frame_bytes(0x09, bytes(B) + b"\x00\x09short"), 0.0)
+    assert core.stats.drops == {"no_such_peer": 30, "malformed": 1}
+    assert frames_for(b) == []
+
+
+def test_a_rate_limited_batch_counts_its_datagrams() -> None:
+    core = RelayCore(RelayLimits(rate=70_000, burst=70_000))
+    a, b = registered(core, A), registered(core, B)
+    batch = encode_frame(SendBatch(B, (b"x" * 1000,) * 40))  # about 40 kB
+    core.receive_bytes(a, batch * 3, 0.0)
+    assert len(frames_for(b)) == 1
+    assert core.stats.drops == {"rate_limited": 80}

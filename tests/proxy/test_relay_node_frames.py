@@ -27,9 +27,12 @@ from proxy.relay.frames import (
     Ping,
     Pong,
     Recv,
+    RecvBatch,
     Restarting,
     Send,
+    SendBatch,
     ServerInfo,
+    count_batch,
     decode_frames,
     encode_frame,
     frame_bytes,
@@ -43,6 +46,8 @@ u64 = st.integers(0, 2**64 - 1)
 frames = st.one_of(
     st.builds(Send, node_ids, datagrams),
     st.builds(Recv, node_ids, datagrams),
+    st.builds(SendBatch, node_ids, st.lists(st.binary(max_size=1500), min_size=1, max_size=20).map(tuple)),
+    st.builds(RecvBatch, node_ids, st.lists(st.binary(max_size=1500), min_size=1, max_size=20).map(tuple)),
     st.builds(PeerGone, node_ids, st.integers(0, 255)),
     st.builds(Ping, st.binary(min_size=8, max_size=8)),
     st.builds(Pong, st.binary(min_size=8, max_size=8)),
@@ -167,3 +172,22 @@ def test_values_that_do_not_fit_are_refused() -> None:
 def test_wire_layout_of_send() -> None:
     node = NodeId(bytes(range(32)))
     assert encode_frame(Send(node, b"hi")) == b"\x01\x00\x00\x00\x22" + bytes(range(32)) + b"hi"
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00\x05abc", b"\x00\x01a\x00", b"\x00\x03abcd"])
+def test_batches_whose_lengths_do_not_add_up_are_malformed(body: bytes) -> None:
+    node = bytes(32)
+    for frame_type in (0x09, 0x0A):
+        with pytest.raises(MalformedFrame):
+            parse_frame(frame_type, node + body)
+    with pytest.raises(MalformedFrame):
+        count_batch(node + body)
+
+
+def test_batch_limits() -> None:
+    node = NodeId(b"\x05" * 32)
+    with pytest.raises(MalformedFrame):
+        encode_frame(SendBatch(node, ()))
+    with pytest.raises(DatagramTooLarge):
+        encode_frame(SendBatch(node, (b"x" * 0x10000,)))
+    assert count_batch(encode_frame(SendBatch(node, (b"", b"ab", b"x" * 0xFFFF)))[5:]) == 3
