@@ -3,6 +3,7 @@ serve_relay, including what attackers must not get through."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ import trio
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
 from proxy.relay.errors import RelayAddressInvalid
-from proxy.relay.frames import GONE_DISCONNECTED, Recv, Send, ServerInfo, decode_frames, encode_frame
+from proxy.relay.frames import GONE_DISCONNECTED, MAX_FRAME, Recv, Send, ServerInfo, decode_frames, encode_frame
 from proxy.relay.limits import RelayLimits
 from proxy.relay.link import RelayAddress, RelayLink
 from proxy.relay.serve import ALPN, RelayServer, serve_relay
@@ -244,3 +245,22 @@ def test_relay_addresses_parse_and_print() -> None:
     for bad in ("198.18.0.2:4000", f"{node}@host", f"{node}@host:0", f"{node}@host:70000", "v123@host:1"):
         with pytest.raises(RelayAddressInvalid):
             RelayAddress.parse(bad)
+
+
+async def test_an_oversized_frame_header_ends_only_that_clients_connection() -> None:
+    async with relay_server() as server, trio.open_nursery() as nursery:
+        async with linked(nursery, server.test_address) as a, linked(nursery, server.test_address) as b:
+            stream = await raw_client(server.port, TLSConfig.generate())
+            await stream.send_all(struct.pack("!BI", 0x01, MAX_FRAME + 1) + b"x" * 1000)
+            received = b""
+            with trio.fail_after(10):
+                try:
+                    while chunk := await stream.receive_some():
+                        received += chunk
+                except trio.BrokenResourceError:
+                    pass
+            assert [type(frame) for frame in decode_frames(received)] == [ServerInfo]
+            assert server.stats.protocol_errors == 1 and server.core.client_count == 2
+            a.link.send(b.node_id, b"still relaying")
+            await wait_until(lambda: bool(b.received))
+        nursery.cancel_scope.cancel()

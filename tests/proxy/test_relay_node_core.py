@@ -4,9 +4,11 @@ clients, the sender tag, limits, drops by reason, last registration wins."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.identity.node_id import NodeId
-from proxy.relay.errors import RelayFull, RelayLimitsInvalid, RelayProtocolError
+from proxy.relay.errors import FrameTooLarge, RelayFull, RelayLimitsInvalid, RelayProtocolError
 from proxy.relay.forwarding import RelayClient, RelayCore
 from proxy.relay.frames import (
     GONE_DISCONNECTED,
@@ -221,3 +223,19 @@ def test_a_rate_limited_batch_counts_its_datagrams() -> None:
     core.receive_bytes(a, batch * 3, 0.0)
     assert len(frames_for(b)) == 1
     assert core.stats.drops == {"rate_limited": 80}
+
+
+@given(st.lists(st.binary(max_size=300) | st.sampled_from([
+    encode_frame(Send(B, b"ok")), encode_frame(SendBatch(B, (b"1", b"2"))), frame_bytes(0x09, bytes(B) + b"\x00"),
+    frame_bytes(0x01, b"short"), frame_bytes(0x66, b"?"), encode_frame(Ping(b"12345678"))]), max_size=30))
+def test_hostile_bytes_from_a_client_end_in_typed_errors_and_never_reach_others_untagged(chunks: list[bytes]) -> None:
+    core = RelayCore()
+    attacker, b = registered(core, A), registered(core, B)
+    try:
+        for chunk in chunks:
+            core.receive_bytes(attacker, chunk, 0.0)
+    except (FrameTooLarge, RelayProtocolError):
+        pass
+    for frame in frames_for(b):
+        assert isinstance(frame, Recv | RecvBatch) and frame.source == A
+    assert core.client(B) is b
