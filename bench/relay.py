@@ -3,8 +3,9 @@ TLS tunnel relayed against the same tunnel direct, the relay's CPU per GiB and i
 memory per idle relayed pair.
 
 Rows (printed side by side in one run):
-- relay hop: RelayLink -> relay -> RelayLink, datagrams of --datagram bytes, MiB/s
-  of datagram payload at the receiver, relay CPU s per GiB forwarded;
+- relay hop: RelayLink -> relay -> RelayLink, datagrams of --datagram bytes (and of
+  16 KiB), MiB/s of datagram payload at the receiver, relay CPU s per GiB forwarded,
+  the relay's drops (queue_full: the receiving link fell behind the sender);
 - tunnel direct / relayed: uTP + TLS 1.3 (TLSStream over UtpStream, as the tunnel),
   --mib MiB one way, MiB/s at the receiver; relayed: both endpoints send only over
   the relay (nat virtual paths, proxy.relay.paths), relay CPU s per GiB;
@@ -322,11 +323,14 @@ def main() -> None:
     print(f"relay bench: {args.mib} MiB per bulk row, {args.rounds} rounds interleaved; one process per role")
     for round_number in range(1, args.rounds + 1):
         hop = run_hop(total, args.datagram)
+        big_hop = run_hop(total, 16384)
         direct = run_tunnel(total, relayed=False)
         relayed = run_tunnel(total, relayed=True)
         print(f"round {round_number}:")
         print(f"  relay hop ({args.datagram} B datagrams)  {hop['mib_s']:7.1f} MiB/s  relay CPU "
               f"{hop['cpu_per_gib']:.2f} s/GiB  received {hop['received'] >> 20} MiB  relay drops {hop['drops']}")
+        print(f"  relay hop (16384 B datagrams) {big_hop['mib_s']:7.1f} MiB/s  relay CPU "
+              f"{big_hop['cpu_per_gib']:.2f} s/GiB  received {big_hop['received'] >> 20} MiB  relay drops {big_hop['drops']}")
         print(f"  tunnel direct (uTP+TLS)       {direct['mib_s']:7.1f} MiB/s")
         print(f"  tunnel relayed (uTP+TLS)      {relayed['mib_s']:7.1f} MiB/s  relay CPU "
               f"{relayed['cpu_per_gib']:.2f} s/GiB  ({relayed['mib_s'] / direct['mib_s']:.0%} of direct; "
