@@ -318,6 +318,12 @@ class UtpConnection:
         return self._tx.snd_nxt
 
     @property
+    def oldest_unacked_seq(self) -> int:
+        """The oldest of our sequence numbers not yet acknowledged (next_seq when
+        everything is; unbounded)."""
+        return self._tx.snd_una
+
+    @property
     def next_expected_seq(self) -> int:
         """The peer's next sequence number we expect (unbounded)."""
         return self._rx.rcv_nxt
