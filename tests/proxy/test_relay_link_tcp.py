@@ -181,11 +181,12 @@ async def test_a_flood_from_one_nodeid_is_held_to_its_rate() -> None:
             while trio.current_time() - start < 1.0:
                 await flood.send_all(frame * 200)
                 offered += 200 * len(frame)
-            elapsed = trio.current_time() - start
             await wait_until(lambda: server.core.stats.drops["rate_limited"] + len(b.received) >= offered // 1200)
+            # every frame was handled (forwarded or dropped) by now: no token came later
+            elapsed = trio.current_time() - start
             arrived = len(b.received) * 1200
-            assert arrived <= burst + rate * (elapsed + 0.1)
-            assert offered > 3 * (burst + rate * elapsed)  # it was a flood
+            assert arrived <= burst + rate * elapsed
+            assert offered >= 3 * arrived  # it was a flood, and most of it was held back
             assert server.core.stats.drops["rate_limited"] == offered // 1200 - len(b.received)
             assert all(source == a.node_id for source, _ in b.received)
         nursery.cancel_scope.cancel()
