@@ -265,3 +265,27 @@ async def test_an_oversized_frame_header_ends_only_that_clients_connection() -> 
             a.link.send(b.node_id, b"still relaying")
             await wait_until(lambda: bool(b.received))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_stops_reading_is_bounded_then_closed() -> None:
+    """A destination that never reads holds at most its queue at the relay: the rest
+    is dropped (queue_full) and, once a write has waited write_timeout, it is closed."""
+    limits = RelayLimits(rate=1 << 30, burst=64 << 20, queue_bytes=1 << 20, write_timeout=0.5)
+    async with relay_server(limits) as server, trio.open_nursery() as nursery:
+        async with linked(nursery, server.test_address) as a:
+            sleeper_config = TLSConfig.generate()
+            sleeper = await raw_client(server.port, sleeper_config)
+            await sleeper.do_handshake()
+            await wait_until(lambda: server.core.client(sleeper_config.node_id) is not None)
+            datagram = b"z" * 16000
+            sent = 0
+            with trio.fail_after(30):
+                while server.core.client(sleeper_config.node_id) is not None:
+                    if a.link.output_pending < 1 << 20 and a.link.send(sleeper_config.node_id, datagram):
+                        sent += 1
+                    await trio.sleep(0)
+            assert server.stats.slow_clients == 1
+            assert server.core.stats.drops["queue_full"] > 0
+            assert server.core.client_count == 1  # a is still served
+            assert sent * len(datagram) > 3 * (1 << 20)
+        nursery.cancel_scope.cancel()
