@@ -43,10 +43,12 @@ from proxy.relay.frames import (
     PROTOCOL_VERSION,
     RECV,
     RECV_BATCH,
+    RESTARTING,
     SEND,
     SEND_BATCH,
     SERVER_INFO,
     FrameDecoder,
+    Restarting,
     ServerInfo,
     count_batch,
     encode_frame,
@@ -122,6 +124,9 @@ class RelayCore:
 
     def client(self, node_id: NodeId) -> RelayClient | None:
         return self._clients.get(bytes(node_id))
+
+    def clients(self) -> list[RelayClient]:
+        return list(self._clients.values())
 
     @property
     def client_count(self) -> int:
@@ -276,6 +281,13 @@ class RelayCore:
         if was_empty:
             client.wake()
         return True
+
+    def announce_restart(self, reconnect_in: float, try_for: float) -> None:
+        """Tell every client the relay is going away and when to come back
+        (RESTARTING); the driver closes the connections after that."""
+        body = encode_frame(Restarting(round(reconnect_in * 1000), round(try_for * 1000)))[HEADER_SIZE:]
+        for client in list(self._clients.values()):
+            self._enqueue(client, RESTARTING, body, control=True)
 
     # --- time --------------------------------------------------------------------
 

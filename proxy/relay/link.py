@@ -5,7 +5,8 @@ uses: TCP to the relay's address, mutual TLS, the relay's chain verified against
 the NodeId in ``<relay NodeId>@host:port`` (anything else is RelayIdentityMismatch),
 then frames. The link is registered once the relay's SERVER_INFO arrives. It
 reconnects by itself with exponential backoff (jittered, ``backoff_min`` to
-``backoff_max``; back to the minimum after a registration), sends keep-alive PINGs
+``backoff_max``; back to the minimum after a registration; after RESTARTING, the
+relay's reconnect-in delay once), sends keep-alive PINGs
 and gives up on a connection silent for ``timeout``.
 
 ``send(destination, datagram)`` never blocks: while unregistered, or past the
@@ -125,6 +126,7 @@ class RelayLink:
         self.stats = RelayLinkStats()
         self.drops: Counter[str] = Counter()
         self.health = ""  # the relay's last HEALTH text
+        self.restart_delay: float | None = None  # from RESTARTING: wait this long before reconnecting
         self._session: RelayClientSession | None = None
         self._registered = trio.Event()
         self._output = trio.Event()
@@ -169,17 +171,22 @@ class RelayLink:
             task_status.started()
             while not self._closed:
                 self.stats.connects += 1
+                registrations = self.stats.registrations
                 try:
                     await self._connect_once()
-                    backoff = self.backoff_min  # it was registered: a fresh start
-                    continue
                 except _Replaced as replaced:
                     self._note_failure(replaced)
                     backoff = self.backoff_max  # someone else is this NodeId now: do not fight
+                    registrations = self.stats.registrations
                 except (RelayError, TLSError, trio.BrokenResourceError, trio.ClosedResourceError,
                         OSError) as error:
                     self._note_failure(error)
-                await trio.sleep(backoff * random.uniform(0.8, 1.2))
+                if self.stats.registrations > registrations:
+                    backoff = self.backoff_min  # it was registered: a fresh start
+                delay = backoff * random.uniform(0.8, 1.2)
+                if self.restart_delay is not None:  # the relay said when it will be back
+                    delay, self.restart_delay = self.restart_delay, None
+                await trio.sleep(delay)
                 backoff = min(self.backoff_max, backoff * 2)
 
     def close(self) -> None:
@@ -267,7 +274,7 @@ class RelayLink:
                 elif isinstance(frame, Health):
                     self.health = frame.text
                 elif isinstance(frame, Restarting):
-                    self.backoff_min = max(self.backoff_min, frame.reconnect_in_ms / 1000)
+                    self.restart_delay = frame.reconnect_in_ms / 1000
             if batch:
                 self._deliver(batch)
 

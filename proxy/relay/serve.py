@@ -85,6 +85,15 @@ class RelayServer:
     def addresses(self) -> list[tuple[str, int]]:
         return [listener.socket.getsockname()[:2] for listener in self.listeners]
 
+    async def restart(self, reconnect_in: float = 1.0, try_for: float = 60.0, grace: float = 1.0) -> None:
+        """Before stopping the server: tell every client when to come back (RESTARTING),
+        then give the writers up to ``grace`` seconds to get it out. The caller then
+        cancels ``serve_relay``."""
+        self.core.announce_restart(reconnect_in, try_for)
+        with trio.move_on_after(grace):
+            while any(client.queue for client in self.core.clients()):
+                await trio.sleep(0.01)
+
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
             await self._handshakes.acquire()  # past max_handshakes, the kernel's backlog waits

@@ -228,6 +228,8 @@ async def test_senders_hear_peer_gone_and_links_reconnect_after_a_relay_restart(
                 await wait_until(lambda: bool(c.received))
             await wait_until(lambda: bool(b.gone))
             assert b.gone == [(c.node_id, GONE_DISCONNECTED)] and a.gone == []
+            await server.restart(reconnect_in=0.3, try_for=5.0)
+            await wait_until(lambda: a.link.restart_delay == 0.3 and b.link.restart_delay == 0.3)
             relay_scope.cancel()
             await wait_until(lambda: not a.link.registered and not b.link.registered)
             relay_scope = trio.CancelScope()

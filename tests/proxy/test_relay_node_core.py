@@ -20,6 +20,7 @@ from proxy.relay.frames import (
     Pong,
     Recv,
     RecvBatch,
+    Restarting,
     Send,
     SendBatch,
     ServerInfo,
@@ -239,3 +240,10 @@ def test_hostile_bytes_from_a_client_end_in_typed_errors_and_never_reach_others_
     for frame in frames_for(b):
         assert isinstance(frame, Recv | RecvBatch) and frame.source == A
     assert core.client(B) is b
+
+
+def test_a_restart_is_announced_to_every_client() -> None:
+    core = RelayCore()
+    a, b = registered(core, A), registered(core, B)
+    core.announce_restart(1.5, 60.0)
+    assert frames_for(a) == frames_for(b) == [Restarting(1500, 60000)]
