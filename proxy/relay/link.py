@@ -160,6 +160,21 @@ class RelayLink:
             return True
         return False
 
+    def status(self) -> dict[str, object]:
+        """What ``keynode status`` may show for this link."""
+        return {
+            "relay": str(self.relay),
+            "registered": self.registered,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "connects": self.stats.connects,
+            "registrations": self.stats.registrations,
+            "failures": self.stats.failures,
+            "replaced": self.stats.replaced,
+            "last_error": self.stats.last_error,
+            "health": self.health,
+            "drops": dict(self.drops),
+        }
+
     async def wait_registered(self) -> None:
         while not self.registered:
             await self._registered.wait()

@@ -85,6 +85,25 @@ class RelayServer:
     def addresses(self) -> list[tuple[str, int]]:
         return [listener.socket.getsockname()[:2] for listener in self.listeners]
 
+    def status(self) -> dict[str, object]:
+        """What ``keynode status`` may show: the port, clients, forwarding and drops."""
+        core = self.core.stats
+        return {
+            "port": self.port,
+            "clients": self.core.client_count,
+            "registered": core.registered,
+            "replaced": core.replaced,
+            "refused_full": core.refused_full,
+            "datagrams_forwarded": core.frames_forwarded,
+            "bytes_forwarded": core.bytes_forwarded,
+            "drops": dict(core.drops),
+            "connections": self.stats.connections,
+            "tls_failed": self.stats.tls_failed,
+            "chains_rejected": self.stats.chains_rejected,
+            "slow_clients": self.stats.slow_clients,
+            "protocol_errors": self.stats.protocol_errors,
+        }
+
     async def restart(self, reconnect_in: float = 1.0, try_for: float = 60.0, grace: float = 1.0) -> None:
         """Before stopping the server: tell every client when to come back (RESTARTING),
         then give the writers up to ``grace`` seconds to get it out. The caller then

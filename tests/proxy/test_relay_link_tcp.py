@@ -83,6 +83,9 @@ async def test_a_datagram_crosses_the_relay_tagged_with_the_senders_nodeid() -> 
             await wait_until(lambda: len(a.received) == 200)
             assert [data for _, data in a.received] == [n.to_bytes(2, "big") * 700 for n in range(200)]
             assert server.core.stats.frames_forwarded == 201
+            status = server.status()
+            assert status["clients"] == 2 and status["datagrams_forwarded"] == 201 and status["drops"] == {}
+            assert a.link.status()["registered"] is True and a.link.status()["relay"] == server.test_address
         nursery.cancel_scope.cancel()
 
 
