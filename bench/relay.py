@@ -58,9 +58,9 @@ def rss_kib() -> int:
     return 0
 
 
-def cpu_seconds() -> float:
+def cpu_seconds() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
 # ---- roles (each its own process) -----------------------------------------------------
@@ -228,8 +228,17 @@ class Process:
         self.popen.wait()
 
 
-def per_gib(cpu: float, forwarded: int) -> float:
-    return cpu / (forwarded / (1 << 30)) if forwarded else float("nan")
+def per_gib(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
+    """Relay (user, system) CPU seconds per GiB of datagrams forwarded between two stats."""
+    gib = (after["bytes_forwarded"] - before["bytes_forwarded"]) / (1 << 30)
+    if not gib:
+        return float("nan"), float("nan")
+    return (after["cpu"][0] - before["cpu"][0]) / gib, (after["cpu"][1] - before["cpu"][1]) / gib
+
+
+def cpu_text(user_system: tuple[float, float]) -> str:
+    user, system = user_system
+    return f"relay CPU {user + system:.2f} s/GiB (user {user:.2f}, sys {system:.2f})"
 
 
 def run_hop(total: int, size: int) -> dict[str, Any]:
@@ -244,9 +253,8 @@ def run_hop(total: int, size: int) -> dict[str, Any]:
         processes.append(Process("hop-sender", address, destination, total, size))
         result = receiver.event()
         after = relay.ask()
-        forwarded = after["bytes_forwarded"] - before["bytes_forwarded"]
         return {"mib_s": result["bytes"] / result["seconds"] / (1 << 20), "received": result["bytes"],
-                "cpu_per_gib": per_gib(after["cpu"] - before["cpu"], forwarded), "drops": after["drops"]}
+                "cpu_per_gib": per_gib(before, after), "drops": after["drops"]}
     finally:
         for process in processes:
             process.stop()
@@ -270,7 +278,7 @@ def run_tunnel(total: int, relayed: bool) -> dict[str, Any]:
                "socket_datagrams_sent": result["socket_datagrams_sent"]}
         if relayed and before is not None:
             after = relay.ask()
-            row["cpu_per_gib"] = per_gib(after["cpu"] - before["cpu"], after["bytes_forwarded"] - before["bytes_forwarded"])
+            row["cpu_per_gib"] = per_gib(before, after)
             row["drops"] = after["drops"]
         return row
     finally:
@@ -327,13 +335,13 @@ def main() -> None:
         direct = run_tunnel(total, relayed=False)
         relayed = run_tunnel(total, relayed=True)
         print(f"round {round_number}:")
-        print(f"  relay hop ({args.datagram} B datagrams)  {hop['mib_s']:7.1f} MiB/s  relay CPU "
-              f"{hop['cpu_per_gib']:.2f} s/GiB  received {hop['received'] >> 20} MiB  relay drops {hop['drops']}")
-        print(f"  relay hop (16384 B datagrams) {big_hop['mib_s']:7.1f} MiB/s  relay CPU "
-              f"{big_hop['cpu_per_gib']:.2f} s/GiB  received {big_hop['received'] >> 20} MiB  relay drops {big_hop['drops']}")
+        print(f"  relay hop ({args.datagram} B datagrams)  {hop['mib_s']:7.1f} MiB/s  "
+              f"{cpu_text(hop['cpu_per_gib'])}  received {hop['received'] >> 20} MiB  relay drops {hop['drops']}")
+        print(f"  relay hop (16384 B datagrams) {big_hop['mib_s']:7.1f} MiB/s  "
+              f"{cpu_text(big_hop['cpu_per_gib'])}  received {big_hop['received'] >> 20} MiB  relay drops {big_hop['drops']}")
         print(f"  tunnel direct (uTP+TLS)       {direct['mib_s']:7.1f} MiB/s")
-        print(f"  tunnel relayed (uTP+TLS)      {relayed['mib_s']:7.1f} MiB/s  relay CPU "
-              f"{relayed['cpu_per_gib']:.2f} s/GiB  ({relayed['mib_s'] / direct['mib_s']:.0%} of direct; "
+        print(f"  tunnel relayed (uTP+TLS)      {relayed['mib_s']:7.1f} MiB/s  "
+              f"{cpu_text(relayed['cpu_per_gib'])}  ({relayed['mib_s'] / direct['mib_s']:.0%} of direct; "
               f"UDP datagrams from the nodes' sockets: {relayed['socket_datagrams_sent']}; relay drops {relayed['drops']})")
     idle = run_idle(args.pairs)
     print(f"idle relayed pairs: {idle['pairs']} pairs ({idle['clients']} links registered): "
