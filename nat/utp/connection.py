@@ -390,7 +390,8 @@ class UtpConnection:
         self._rx.on_ack_timer(now)
         tx = self._tx
         tx.on_probe_timer(now)
-        end_hold(tx, now)
+        if tx.hold_deadline is not None:
+            end_hold(tx, now)
         if tx.rto_deadline is not None and now >= tx.rto_deadline:
             self._on_rto(now)
             if self.is_closed:

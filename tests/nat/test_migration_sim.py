@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nat.utp.config import UtpConfig
-from nat.utp.states import UtpState
 from nat.utp.multiplexer import UtpMultiplexer
 from nat.utp.paths import Path
 from nat.utp.sim import AppRunner, LinkProfile, RelayedNode, SimNetwork, SimRelay, StreamApp
+from nat.utp.states import UtpState
 
 A = ("10.0.0.1", 1000)
 B = ("10.0.0.2", 2000)
