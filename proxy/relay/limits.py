@@ -24,7 +24,7 @@ class RelayLimits:
     max_handshakes: int = 64  # TLS handshakes under way at once (more wait in the backlog)
     senders_tracked: int = 1024  # per client, NodeIds told PEER_GONE when it leaves
     keepalive: float = 30.0  # seconds between the relay's PINGs to a client
-    idle_timeout: float = 75.0  # a client heard from for this long is closed
+    idle_timeout: float = 75.0  # a client not heard from for this long is closed
     handshake_timeout: float = 10.0  # TLS handshake plus chain verification
     write_timeout: float = 5.0  # a client that takes longer to take a batch is closed
     max_chain_length: int = 32  # certificates a client may present
