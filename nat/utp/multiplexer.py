@@ -44,12 +44,14 @@ UtpConnection (made only here, with UtpConnection.outgoing/incoming; see connect
   + conn.receive_buffered, conn.send_buffered, conn.unacked_packets, conn.reorder_count,
   + conn.peer_window, conn.initial_seq, conn.next_seq, conn.next_expected_seq,
   + conn.congestion (introspection for tests and diagnostics)
+  + conn.remote_address is the connection's path (paths.py); conn.path_moves,
+  + conn.oldest_unacked_seq
 
 Connections never touch the multiplexer: what they hand it (dirty marks, events,
 keep-alives, the end of a half-open phase or of their life) goes through its
 Outbox (outbox.py); the multiplexer calls them through receive_packet,
-reset_is_ours, receive_reset, receive_syn_again, flush_into, run_timers and
-next_deadline.
+reset_is_ours, receive_reset, receive_syn_again, change_path, flush_into,
+run_timers and next_deadline.
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
