@@ -16,6 +16,7 @@ from nat.errors import (
 )
 from nat.message import PING, PONG, MessageType, classify_datagram, decode_message, encode_message
 from nat.stream import UtpStream
+from nat.utp.paths import VirtualPath
 
 __all__ = [
     "NatError",
@@ -39,4 +40,5 @@ __all__ = [
     "decode_message",
     "encode_message",
     "UtpStream",
+    "VirtualPath",
 ]
