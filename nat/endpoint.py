@@ -7,6 +7,13 @@ The endpoint owns the multiplexer, the clock and the timer, turns multiplexer
 events into wake-ups of ``UtpStream`` tasks, and hands out-of-band messages
 (nat/message.py) to subscribers.
 
+Keyed messages (``00 00 00 tt``, tt >= 2, longer than 4 bytes; nat/message.py)
+go, unopened, to the synchronous ``on_keyed_message(data, address)`` handler the
+layer above sets (nat does no crypto); its exceptions are contained like every
+other handler's (``stats.handler_errors``). Without a handler they are counted
+in ``stats.keyed_unhandled`` and dropped. Sending one is ``send_message(bytes,
+address)``.
+
 After a batch the receive task runs ``service``: due timers, events, and what
 the multiplexer wants to send. A separate task sleeps until the core's timer
 (no cancel scope per socket wait). Application tasks (send_all, receive_some)
@@ -93,8 +100,11 @@ class Endpoint:
         self._mux = multiplexer
         self.stats = EndpointStats()
         self._udp = udp = UdpSocket(
-            sock, self.stats, multiplexer.receive_datagram, self._deliver_message, offload=offload
+            sock, self.stats, multiplexer.receive_datagram, self._deliver_message, self._deliver_keyed,
+            offload=offload,
         )
+        # Set by the layer above: called with each keyed message (see the module docstring).
+        self.on_keyed_message: Callable[[bytes, Address], None] | None = None
         self.address: Address = udp.address
         self.close_timeout = close_timeout
         self._streams: dict[int, UtpStream] = {}
@@ -505,6 +515,14 @@ class Endpoint:
                 self.stats.messages_dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.stats.messages_dropped += 1
+
+    def _deliver_keyed(self, data: bytes, addr: Address) -> None:
+        self.stats.keyed_received += 1
+        handler = self.on_keyed_message
+        if handler is None:
+            self.stats.keyed_unhandled += 1
+            return
+        handler(data, addr)
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery

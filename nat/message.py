@@ -5,10 +5,13 @@ Wire format (kept exactly as the original system had it): a datagram of exactly
 with 0x00, whose low nibble is 0, so it can never be mistaken for uTP (low nibble
 of the first byte is the uTP version, 1).
 
-Reserved for later message types (relay, address discovery): datagrams that start
-with 0x00 and are longer than 4 bytes. They are neither uTP nor the original
-format, and an original peer drops anything that is not exactly 4 bytes, so they
-are safe to add; until a type is defined here they classify as junk.
+Keyed messages (the rendezvous family, authenticated by proxy.rendezvous): a
+datagram longer than 4 bytes whose first 4 bytes are ``00 00 00 tt`` with tt >= 2.
+An original peer reads only the first uint32 of any datagram and drops values
+other than 0 and 1, so it ignores them; a longer datagram starting ``00 00 00 00``
+or ``00 00 00 01`` would be a ping or pong to it, so those stay junk here. nat
+only recognises the family; the crypto lives above (nat does none). Everything
+else starting with 0x00 (STUN among it) is junk.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ __all__ = [
     "DatagramKind",
     "classify_datagram",
     "is_message",
+    "is_keyed_message",
+    "KEYED_HEADER_SIZE",
     "encode_message",
     "decode_message",
 ]
@@ -46,7 +51,8 @@ class MessageType(enum.IntEnum):
 PING: Final = MessageType.PING
 PONG: Final = MessageType.PONG
 
-DatagramKind = Literal["utp", "message", "junk"]
+DatagramKind = Literal["utp", "message", "keyed", "junk"]
+KEYED_HEADER_SIZE: Final = 4
 
 
 def classify_datagram(data: bytes | bytearray | memoryview) -> DatagramKind:
@@ -55,12 +61,19 @@ def classify_datagram(data: bytes | bytearray | memoryview) -> DatagramKind:
         return "utp"
     if is_message(data):
         return "message"
+    if is_keyed_message(data):
+        return "keyed"
     return "junk"
 
 
 def is_message(data: bytes | bytearray | memoryview) -> bool:
     """The out-of-band rule: exactly 4 bytes, the first 0 (never uTP's first byte)."""
     return len(data) == MESSAGE_SIZE and data[0] == 0
+
+
+def is_keyed_message(data: bytes | bytearray | memoryview) -> bool:
+    """The keyed-message rule: longer than 4 bytes, ``00 00 00 tt`` with tt >= 2."""
+    return len(data) > KEYED_HEADER_SIZE and data[0] == 0 and data[1] == 0 and data[2] == 0 and data[3] >= 2
 
 
 def encode_message(message: int) -> bytes:

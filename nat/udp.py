@@ -2,8 +2,8 @@
 
 ``bind_udp_socket`` binds the one UDP socket (kernel buffers sized). ``UdpSocket``
 does everything that touches it after that: it drains datagrams in batches,
-sorts each one (uTP to the multiplexer, out-of-band messages to the endpoint,
-the rest counted as junk), sends what the multiplexer queued (one syscall per
+sorts each one (uTP to the multiplexer, 4-byte out-of-band messages and keyed
+messages to the endpoint, the rest counted as junk), sends what the multiplexer queued (one syscall per
 run of datagrams with segmentation offload), and keeps the datagrams that met a
 full send buffer until the socket is writable. It maps addresses between the
 socket's form and the users' (an IPv4 peer of a dual-stack socket is
@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from nat.errors import NatError
-from nat.message import is_message
+from nat.message import is_keyed_message, is_message
 from nat.utp.packet import HEADER_SIZE, UTP_FIRST_BYTE
 
 __all__ = [
@@ -172,6 +172,8 @@ class EndpointStats:
     path_unrouted: int = 0
     path_send_errors: int = 0
     path_junk: int = 0
+    keyed_received: int = 0  # keyed messages (00 00 00 tt, tt >= 2, longer than 4 bytes) received
+    keyed_unhandled: int = 0  # keyed messages dropped because no handler is set
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -211,7 +213,8 @@ class UdpSocket:
 
     ``receive_utp(datagram, address, now)`` takes every uTP datagram (the
     multiplexer's ``receive_datagram``), ``receive_message(datagram, address)``
-    every out-of-band message. Counters go to ``stats`` (the endpoint's).
+    every 4-byte out-of-band message, ``receive_keyed(datagram, address)`` every
+    keyed message. Counters go to ``stats`` (the endpoint's).
     """
 
     def __init__(
@@ -220,6 +223,7 @@ class UdpSocket:
         stats: EndpointStats,
         receive_utp: Callable[[bytes, Address, float], None],
         receive_message: Callable[[bytes, Address], None],
+        receive_keyed: Callable[[bytes, Address], None] | None = None,
         *,
         offload: bool = False,
     ) -> None:
@@ -227,6 +231,7 @@ class UdpSocket:
         self.stats = stats
         self._receive_utp = receive_utp
         self._receive_message = receive_message
+        self._receive_keyed = receive_keyed
         self._receive_buffer = bytearray(MAX_DATAGRAM_SIZE)
         self._receive_view = memoryview(self._receive_buffer)
         self._gso = offload
@@ -342,6 +347,11 @@ class UdpSocket:
                         self._receive_message(datagram, addr)
                     except Exception as error:
                         self.contain(error, f"handling a message from {addr!r}", now)
+                elif is_keyed_message(datagram) and self._receive_keyed is not None:
+                    try:
+                        self._receive_keyed(datagram, addr)
+                    except Exception as error:
+                        self.contain(error, f"handling a keyed message from {addr!r}", now)
                 else:
                     junk += 1
                 start = end

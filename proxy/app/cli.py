@@ -188,11 +188,31 @@ def command_keygen(args: argparse.Namespace) -> int:
 
 
 def command_id(args: argparse.Namespace) -> int:
+    if args.address:
+        return command_id_address(args)
     tls_config = load_identity(node_dir_from(args))
     if args.json:
         print_json(identity_document(tls_config))
     else:
         print(tls_config.node_id)
+    return ExitCode.OK
+
+
+def command_id_address(args: argparse.Namespace) -> int:
+    """The running node's current address list as a record signed by its key (a higher
+    sequence number on every call, also across restarts: unix milliseconds)."""
+    try:
+        answer = _control(args, "GET", "/v1/address")
+    except ControlUnreachable as error:
+        raise CommandError(
+            f"`keynode id --address` asks the running node (its observed addresses come from its relay "
+            f"nodes): {error}", ExitCode.CONTROL_UNREACHABLE,
+        ) from None
+    if args.json:
+        print_json(answer)
+    else:
+        print(answer["record"])
+        print(f"seq {answer['seq']}: {answer['addresses']}", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -257,11 +277,16 @@ def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
 
 
 def command_open_forward(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"node_id": str(args.node_id)}
     if args.address is None:
-        args.address = peer_address(args, args.node_id)
-    body = {"node_id": str(args.node_id), "host": args.address.host, "port": args.address.port}
+        config = resolve_config(args, read_auth=False)
+        if args.node_id in config.peers or not config.relay_servers:
+            args.address = peer_address(args, args.node_id)
+    if args.address is not None:
+        body.update(host=args.address.host, port=args.address.port)
     answer = _control(args, "POST", "/v1/forward", body)
-    return report(args, answer, f"forward connection open to {answer.get('node_id')} at {args.address}")
+    where = args.address if args.address is not None else answer.get("address")
+    return report(args, answer, f"forward connection open to {answer.get('node_id')} at {where}")
 
 
 def command_open_reverse(args: argparse.Namespace) -> int:
@@ -290,7 +315,19 @@ def command_forward(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if isinstance(args.target, NodeId):
-        address = peer_address(args, args.target)
+        if args.target not in config.peers and config.relay_servers:
+            # By NodeId alone: the running node finds it through its relay nodes and opens
+            # the tunnel; the CONNECTs then name the address it was found at.
+            try:
+                answer = _control(args, "POST", "/v1/forward", {"node_id": str(args.target)})
+            except ControlUnreachable as error:
+                raise CommandError(
+                    f"finding {args.target} through the relay nodes needs the running node: {error}",
+                    ExitCode.CONTROL_UNREACHABLE,
+                ) from None
+            address = parse_host_port(answer["address"])
+        else:
+            address = peer_address(args, args.target)
         args.target = ForwardTarget(args.target, address.host, address.port)
     via: HostPort | None = args.via
     tls_config = None
@@ -382,9 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
         [common, node_dir, json_output],
     )
     keygen_parser.add_argument("--force", action="store_true", help="replace an existing identity")
-    _add_command(
-        subparsers, "id", command_id, "print this node's NodeId",
-        "  keynode id\n  keynode id --dir /srv/keynode-a --json", [common, node_dir, json_output],
+    id_parser = _add_command(
+        subparsers, "id", command_id, "print this node's NodeId (or, with --address, its signed address list)",
+        "  keynode id\n  keynode id --dir /srv/keynode-a --json\n"
+        "  keynode id --address   # paste the record into a peer's [peers] under this NodeId",
+        [common, node_dir, config, control, json_output],
+    )
+    id_parser.add_argument(
+        "--address", action="store_true",
+        help="ask the running node for its current address list (observed addresses and relay nodes) "
+             "as a record signed by its key, with a sequence number above every earlier one",
     )
     _add_command(
         subparsers, "rotate", command_rotate,
@@ -397,7 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "run", command_run,
         "run the node: forward proxy, UDP proxy, reverse proxy and control socket",
         "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"
-        "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present",
+        "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present\n"
+        "\n"
+        "--dir DIR is the node directory: key.pem, chain.pem, auth_token, control.sock, and\n"
+        "config.toml (read if present, unless --config names another file).\n"
+        "\n"
+        "stdout, once the node serves: one 'name: value' line each for node_id, forward,\n"
+        "proxy, server and control_socket, then a line 'ready'. Scripts wait for 'ready'.\n"
+        "Logs go to stderr; with relay nodes, a line 'observed address HOST:PORT (seen by\n"
+        "relay NODEID); NAT mapping: ...' follows as each relay answers.\n"
+        "\n"
+        "reach nodes by NodeId alone (config.toml):\n"
+        "  [relay]\n"
+        "  serve = false                  # true: be a relay node (needs a reachable address)\n"
+        "  servers = [\"<NodeId>@198.18.0.2:4000\"]   # relay nodes to register with and ask\n"
+        "                                 # (also relay:<NodeId>@host:port, [v6]:port)\n"
+        "  then: CONNECT <NodeId>:<port>, keynode forward/open-forward NODEID, with no [peers] entry.\n"
+        "  [peers] values: host:port, a multiserver list (utp:H:P;relay:<NodeId>@H:P) or a\n"
+        "  record from `keynode id --address`.",
         [common, node_dir, config],
     )
     _add_command(
@@ -438,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "forward", command_forward,
         "listen locally and tunnel every connection to NODEID's server (like ssh -L)",
         "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz@198.51.100.7:4000\n"
-        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz   # address from [peers]\n"
+        "  keynode forward --listen 127.0.0.1:2222 v0abc...xyz   # address from [peers], else found\n"
+        "                                       # through [relay] servers by the running node\n"
         "  ssh -p 2222 localhost                # reaches the server behind that node",
         [common, node_dir, config, control],
     )
@@ -447,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--via", metavar="HOST:PORT", type=host_port_argument,
                          help="the local node's CONNECT port (default: from config or status)")
     forward.add_argument("target", metavar="NODEID@HOST:PORT", type=forward_target_argument,
-                         help="remote NodeId and its proxy (UDP) address (NODEID alone: from [peers])")
+                         help="remote NodeId and its proxy (UDP) address "
+                              "(NODEID alone: from [peers], else via [relay] servers)")
     demo = _add_command(
         subparsers, "demo", command_demo,
         "two nodes with fresh identities, gRPC echo through the tunnel, figures, PASS/FAIL",

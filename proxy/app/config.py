@@ -30,8 +30,18 @@ the dotted key and the reason, so a typo never silently becomes a default.
     [tls]
     max_chain_length = 32                # longer peer chains are refused unverified
 
-    [peers]                              # address book: NodeId -> host:port
-    "v0123...abc" = "198.51.100.7:4000"
+    [peers]                              # address book: NodeId -> where its proxy listens
+    "v0123...abc" = "198.51.100.7:4000"  # host:port, or [v6]:port
+    "v4567...def" = "utp:198.51.100.8:4000;relay:v89ab...@198.18.0.2:4000"   # a multiserver list
+    "vcdef...012" = "keynode-record:AYCC..."   # a record pasted from `keynode id --address`
+    # (a list or record: its first utp address is used; without one, its relay:
+    #  entries are the relay nodes asked for that node; a record must verify under
+    #  the NodeId it is filed under)
+
+    [relay]                              # rendezvous: reach nodes by NodeId alone
+    serve = false                        # true: be a relay node (needs a reachable address)
+    servers = ["<NodeId>@198.18.0.2:4000"]   # relay nodes to register with and ask;
+                                         # also "relay:<NodeId>@host:port", [v6]:port
 
     [log]
     level = "info"                       # debug, info, warning, error
@@ -136,6 +146,9 @@ class Config:
     control_socket: Path
     congestion: str = DEFAULT_CONGESTION  # uTP congestion controller (CONGESTION_CONTROLLERS)
     max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH  # certificates a peer's chain may hold
+    relay_serve: bool = False  # [relay] serve: answer, register and introduce other nodes
+    relay_servers: tuple[Any, ...] = ()  # [relay] servers: proxy.rendezvous.addresses.RelayAddress
+    peer_relays: Mapping[Any, tuple[Any, ...]] = field(default_factory=dict)  # [peers] relay: entries
 
     @property
     def key_path(self) -> Path:
@@ -181,7 +194,9 @@ def default_config(node_dir: Path | None = None, *, read_auth: bool = True) -> C
 
 _SECTIONS = (
     "node", "forward", "proxy", "server", "auth", "timeouts", "transport", "tls", "peers", "log", "control",
+    "relay",
 )
+MAX_RELAY_SERVERS = 16
 
 
 class _Reader:
@@ -269,7 +284,7 @@ def config_from_mapping(
 
     auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir, read_auth)
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
-    peers = _read_peers(reader, reader.table(data, "peers"))
+    peers, peer_relays = _read_peers(reader, reader.table(data, "peers"))
 
     transport = reader.table(data, "transport")
     reader.reject_unknown(transport, "transport", ("congestion",))
@@ -280,6 +295,7 @@ def config_from_mapping(
         )
 
     max_chain_length = _read_tls(reader, reader.table(data, "tls"))
+    relay_serve, relay_servers = _read_relay(reader, reader.table(data, "relay"))
 
     log = reader.table(data, "log")
     reader.reject_unknown(log, "log", ("level", "format"))
@@ -312,6 +328,9 @@ def config_from_mapping(
         control_socket=control_socket,
         congestion=congestion,
         max_chain_length=max_chain_length,
+        relay_serve=relay_serve,
+        relay_servers=relay_servers,
+        peer_relays=peer_relays,
     )
 
 
@@ -397,18 +416,81 @@ def _read_tls(reader: _Reader, table: dict[str, Any]) -> int:
     return value
 
 
-def _read_peers(reader: _Reader, table: dict[str, Any]) -> dict[Any, HostPort]:
+def _read_relay(reader: _Reader, table: dict[str, Any]) -> tuple[bool, tuple[Any, ...]]:
+    from proxy.rendezvous.addresses import parse_relay_server
+    from proxy.rendezvous.errors import RelayServerInvalid
+
+    reader.reject_unknown(table, "relay", ("serve", "servers"))
+    serve = table.get("serve", False)
+    if not isinstance(serve, bool):
+        raise reader.fail("relay.serve", f"must be true or false, not {type(serve).__name__}")
+    raw = table.get("servers", [])
+    if not isinstance(raw, list):
+        raise reader.fail("relay.servers", f"must be a list of '<NodeId>@host:port', not {type(raw).__name__}")
+    if len(raw) > MAX_RELAY_SERVERS:
+        raise reader.fail("relay.servers", f"at most {MAX_RELAY_SERVERS} relay nodes")
+    servers = []
+    for index, entry in enumerate(raw):
+        try:
+            server = parse_relay_server(entry)
+        except RelayServerInvalid as error:
+            raise reader.fail(f"relay.servers[{index}]", str(error)) from None
+        if server in servers:
+            raise reader.fail(f"relay.servers[{index}]", f"{entry!r} is listed twice")
+        servers.append(server)
+    return serve, tuple(servers)
+
+
+def _read_peers(reader: _Reader, table: dict[str, Any]) -> tuple[dict[Any, HostPort], dict[Any, tuple[Any, ...]]]:
+    """NodeId -> its proxy address, and NodeId -> its home relays (the relay: entries of
+    an address list or record; asked for that node when it has no utp address)."""
     from proxy.identity.node_id import NodeId  # identity layer; imported late to keep config light
 
     peers: dict[Any, HostPort] = {}
+    peer_relays: dict[Any, tuple[Any, ...]] = {}
     for name, raw in table.items():
         key = f"peers.{name}"
         try:
             node_id = NodeId.decode(name)
         except (NodeIdInvalid, ValueError) as error:
             raise reader.fail(key, f"not a NodeId: {error}") from None
+        if isinstance(raw, str) and _is_address_list(raw):
+            address, relays = _peer_from_list(reader, key, node_id, raw)
+            if address is not None:
+                peers[node_id] = address
+            if relays:
+                peer_relays[node_id] = relays
+            continue
         try:
             peers[node_id] = parse_host_port(raw, allow_wildcard=False)
         except HostPortInvalid as error:
             raise reader.fail(key, str(error)) from None
-    return peers
+    return peers, peer_relays
+
+
+def _is_address_list(text: str) -> bool:
+    """A record or multiserver list rather than `host:port` (`utp:4000` is the host
+    `utp`, port 4000: a list's utp/relay address has two colons at least)."""
+    return (text.startswith("keynode-record:") or ";" in text
+            or (text.startswith(("utp:", "relay:")) and text.count(":") >= 2))
+
+
+def _peer_from_list(reader: _Reader, key: str, node_id: Any, text: str) -> tuple[HostPort | None, tuple[Any, ...]]:
+    """The first utp address and the relay addresses of a multiserver list or of a
+    signed record (which must be the NodeId's own)."""
+    from proxy.rendezvous.addresses import RelayAddress, UtpAddress, keynode_addresses, record_from_text
+    from proxy.rendezvous.errors import RendezvousError
+
+    try:
+        if text.startswith("keynode-record:"):
+            record = record_from_text(text)
+            if record.node_id != node_id:
+                raise reader.fail(key, f"the record is signed by {record.node_id}, not by {node_id}")
+            addresses = record.understood()
+        else:
+            addresses = keynode_addresses(text)
+    except RendezvousError as error:
+        raise reader.fail(key, str(error)) from None
+    utp = [HostPort(address.host, address.port) for address in addresses if isinstance(address, UtpAddress)]
+    relays = tuple(address for address in addresses if isinstance(address, RelayAddress))
+    return (utp[0] if utp else None), relays

@@ -5,11 +5,14 @@ HTTP/1.1 (h11) with JSON bodies, one request per connection:
 
     GET  /v1/status                             -> status document
     POST /v1/forward  {"node_id", "host", "port"} -> {"node_id": ...}
+                      (no host and port: [peers], else found through the relay nodes)
     POST /v1/reverse  {"host", "port"}            -> {}
     POST /v1/close    {"direction": "forward" | "reverse", "host", "port"} -> {}
     GET  /v1/lookup?host=H&port=P               -> the connection whose local TCP
                                                    address is H:P (who is calling)
     POST /v1/reload-identity                    -> {"node_id": ...} (after `keynode rotate`)
+    GET  /v1/address                            -> {"node_id", "seq", "addresses", "record"}:
+                                                   this node's address list, signed
 
 Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
 server never trusts the request: size and time are bounded, bodies are validated,
@@ -55,7 +58,7 @@ class ControlHandler(Protocol):
 
     async def status(self) -> dict[str, Any]: ...
 
-    async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]: ...
+    async def open_forward(self, node_id: NodeId, host: str | None, port: int | None) -> dict[str, Any]: ...
 
     async def open_reverse(self, host: str, port: int) -> dict[str, Any]: ...
 
@@ -64,6 +67,8 @@ class ControlHandler(Protocol):
     async def lookup(self, host: str, port: int) -> dict[str, Any]: ...
 
     async def reload_identity(self) -> dict[str, Any]: ...
+
+    async def address_record(self) -> dict[str, Any]: ...
 
 
 class BadControlRequest(ValueError):
@@ -177,6 +182,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
         ("POST", "/v1/close"): _route_close,
         ("GET", "/v1/lookup"): _route_lookup,
         ("POST", "/v1/reload-identity"): _route_reload_identity,
+        ("GET", "/v1/address"): _route_address,
     }
     route = routes.get((method, url.path))
     if route is None:
@@ -235,6 +241,8 @@ async def _route_forward(handler: ControlHandler, arguments: dict[str, Any]) -> 
     if not isinstance(node_text, str):
         raise BadControlRequest("node_id: must be an encoded NodeId string")
     node_id = NodeId.decode(node_text)
+    if "host" not in arguments and "port" not in arguments:
+        return await handler.open_forward(node_id, None, None)  # by NodeId alone
     host, port = _host_port_arguments(arguments)
     return await handler.open_forward(node_id, host, port)
 
@@ -256,6 +264,10 @@ async def _route_lookup(handler: ControlHandler, arguments: dict[str, Any]) -> A
 
 async def _route_reload_identity(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
     return await handler.reload_identity()
+
+
+async def _route_address(handler: ControlHandler, arguments: dict[str, Any]) -> Any:
+    return await handler.address_record()
 
 
 # --- client ---------------------------------------------------------------------
@@ -351,6 +363,13 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"control: {status.get('control_socket')}",
         f"uptime:  {format_age(float(status.get('uptime', 0)))}",
     ]
+    observed = status.get("observed_addresses") or []
+    if status.get("relay_servers") or status.get("relay_serve"):
+        seen = ", ".join(f"{item.get('address')} (relay {item.get('relay')})" for item in observed)
+        lines.append(f"observed: {seen or '- (no relay node has answered yet)'}")
+        lines.append(f"NAT mapping: {status.get('nat_mapping', 'unknown')}")
+        if status.get("relay_serve"):
+            lines.append("relay node: serving (registrations, lookups, introductions)")
     connections = status.get("connections") or []
     if not connections:
         lines.append("\nno connections")
@@ -363,11 +382,12 @@ def format_status(status: Mapping[str, Any]) -> str:
             str(item.get("state") or "established"),
             str(item.get("node_id") or "-"),
             str(item.get("remote") or "?"),
+            str(item.get("path") or "-"),
             str(item.get("local") or "-"),
             format_age(float(item.get("age") or 0)),
             format_bytes(float(item.get("bytes_sent") or 0)),
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
         ])
-    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
     return "\n".join(lines) + f"\n\n{format_table(header, rows)}"

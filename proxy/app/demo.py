@@ -1,14 +1,21 @@
-"""`keynode demo`: two real nodes, an unmodified grpcio server, figures, PASS/FAIL.
+"""`keynode demo`: a relay node, two nodes that know only it, an unmodified grpcio
+server, figures, PASS/FAIL.
 
-    grpcio client --CONNECT--> node A (keynode run) ==uTP+TLS==> node B (keynode run)
-                                                                  --TCP--> grpcio echo server
+    grpcio client --CONNECT <B's NodeId>--> node A ==uTP+TLS==> node B --TCP--> grpcio echo server
+                                              |                  |
+                                              +-- relay node R --+  (introduces A to B)
 
-Both nodes are `keynode run` subprocesses with fresh identities in a temporary
-directory. The echo server is plain grpcio (a generic handler with bytes
-serializers, no generated code); it learns who is calling by asking node B's
-control socket which NodeId is behind the TCP peer address it sees. The client
-reaches it through node A's CONNECT port with grpcio's own `grpc.http_proxy`,
-naming node B by its NodeId (node A's address book says where B is).
+All three are `keynode run` subprocesses with fresh identities in a temporary
+directory, on loopback. R has `[relay] serve = true`; A and B are configured only
+with `[relay] servers` naming R (B also with its `[server]`): no `[peers]`, no
+address of one given to the other. Each learns its own public address from R
+(printed as observed), B registers with R, and A finds B by its NodeId alone: R
+introduces them and they connect directly (the tunnel's path is printed).
+
+The echo server is plain grpcio (a generic handler with bytes serializers, no
+generated code); it learns who is calling by asking node B's control socket which
+NodeId is behind the TCP peer address it sees. The client reaches it through node
+A's CONNECT port with grpcio's own `grpc.http_proxy`, naming node B by its NodeId.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 SERVICE = "keynode.demo.Echo"
 STREAM_CHUNK = 256 * 1024
 START_TIMEOUT = 20.0
+OBSERVE_TIMEOUT = 10.0  # for a node's first answer from its relay node
 CALL_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -157,6 +165,25 @@ class Node:
             self.process.kill()
             self.process.wait()
             return None
+
+    def status(self) -> dict[str, Any]:
+        """The node's `keynode status --json` document, from its control socket."""
+        import trio
+
+        from proxy.app.control import control_request
+
+        socket_path = self.directory / "control.sock"
+        answer: dict[str, Any] = trio.run(lambda: control_request(socket_path, "GET", "/v1/status", timeout=5))
+        return answer
+
+    def wait_for_observed_address(self) -> dict[str, Any]:
+        """Poll the status until a relay node has told this node its public address."""
+        deadline = time.monotonic() + OBSERVE_TIMEOUT
+        while not (status := self.status()).get("observed_addresses"):
+            if time.monotonic() > deadline:
+                raise DemoError(f"node {self.name} learnt no observed address within {OBSERVE_TIMEOUT} s")
+            time.sleep(0.05)
+        return status
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -302,29 +329,47 @@ def _run(
 
     from proxy.app.node_dir import keygen
 
+    relay = Node("R", workdir / "relay")
     node_a, node_b = Node("A", workdir / "a"), Node("B", workdir / "b")
-    identities = {node.name: keygen(node.directory, force=False) for node in (node_a, node_b)}
+    identities = {node.name: keygen(node.directory, force=False) for node in (relay, node_a, node_b)}
 
     server, server_port = start_echo_server(lambda peer: lookup_caller(node_b.directory / "control.sock", peer))
     resources["server"] = server
     # conn_connect_time 5 s (default 2): room for a busy machine, no effect on the figures.
     timeouts = "[timeouts]\nconn_connect_time = 5.0\n"
-    write_config(node_b, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[server]\nhost = "127.0.0.1"\nport = {server_port}\n{timeouts}')
+    write_config(relay, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n{timeouts}[relay]\nserve = true\n')
+    nodes.append(relay)
+    relay.start()
+    relay_id, relay_proxy = relay.info["node_id"], relay.info["proxy"]
+    # A and B know the relay node and nothing of each other: no [peers].
+    relay_section = f'[relay]\nservers = ["{relay_id}@{relay_proxy}"]\n'
+    write_config(node_b, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[server]\nhost = "127.0.0.1"\n'
+                         f'port = {server_port}\n{timeouts}{relay_section}')
     nodes.append(node_b)
     node_b.start()
     b_proxy = node_b.info["proxy"]
     b_id = node_b.info["node_id"]
-    write_config(node_a, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n{timeouts}[peers]\n"{b_id}" = "{b_proxy}"\n')
+    write_config(node_a, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n{timeouts}{relay_section}')
     nodes.append(node_a)
     node_a.start()
     a_id = node_a.info["node_id"]
     token = (node_a.directory / "auth_token").read_text().strip()
+    observed = {node.name: node.wait_for_observed_address() for node in (node_a, node_b)}
 
-    print("keynode demo: two nodes, an unmodified grpcio echo server behind node B")
+    print("keynode demo: a relay node, two nodes that know only it, an unmodified grpcio echo server behind B")
+    print(f"  relay R {relay_id}  UDP {relay_proxy}  ([relay] serve = true)")
     print(f"  node A  {a_id}  CONNECT {node_a.info['forward']}  UDP {node_a.info['proxy']}")
     print(f"  node B  {b_id}  UDP {b_proxy}  server 127.0.0.1:{server_port}")
+    seen = {name: [entry["address"] for entry in status["observed_addresses"]] for name, status in observed.items()}
+    for name in ("A", "B"):
+        print(f"  node {name} observed address (as R saw it): {', '.join(seen[name])}"
+              f"  mapping: {observed[name]['nat_mapping']} (telling needs two relay nodes)")
     checks.append(("node NodeIds are the generated ones",
-                   a_id == str(identities["A"].node_id) and b_id == str(identities["B"].node_id)))
+                   a_id == str(identities["A"].node_id) and b_id == str(identities["B"].node_id)
+                   and relay_id == str(identities["R"].node_id)))
+    checks.append(("each node's observed address is its UDP socket",
+                   seen["A"] == [node_a.info["proxy"]] and seen["B"] == [b_proxy]))
+    print(f"  A connects to B by NodeId alone: CONNECT {b_id}:{server_port}")
 
     tunnel = grpc.insecure_channel(
         f"{b_id}:{server_port}",
@@ -341,6 +386,11 @@ def _run(
             raise DemoError(f"the first call through the tunnel failed: {error.code()} {error.details()}") from None
         print(f"  caller NodeId as the server saw it: {caller}")
         checks.append(("the server saw node A's NodeId", caller == a_id))
+        rows = [row for row in node_a.status()["connections"] if row["node_id"] == b_id]
+        for row in rows:
+            print(f"  tunnel A -> B: path {row.get('path')}, remote {row['remote']}")
+        checks.append(("the tunnel A -> B is direct to B's UDP socket",
+                       len(rows) == 1 and rows[0].get("path") == "direct" and rows[0]["remote"] == b_proxy))
 
         tunnel_samples, tunnel_intact = time_unary_calls(tunnel, calls)
         direct_samples, direct_intact = time_unary_calls(direct, calls)
@@ -359,5 +409,5 @@ def _run(
 
     log_b = node_b.log_tail(200)
     checks.append(("node B logged the connection", "connection established" in log_b and a_id in log_b))
-    for name, process in (("A", node_a.process), ("B", node_b.process)):
+    for name, process in (("R", relay.process), ("A", node_a.process), ("B", node_b.process)):
         checks.append((f"node {name} still running", process is not None and process.poll() is None))

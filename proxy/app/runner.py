@@ -132,6 +132,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "direction": info.direction.value,
             "state": "established",
             "node_id": str(info.remote_node_id),
+            "path": "direct",  # uTP straight to the peer's address ("relay" comes with relayed paths)
             "remote": _address_text((info.remote_host, info.remote_port)),
             "local": _address_text(local),
             "age": round(now - status.established_at, 3),
@@ -189,18 +190,49 @@ class NodeController:
             "pid": os.getpid(),
         }
 
+    def rendezvous(self) -> dict[str, Any]:
+        """observed_addresses: [{"address": "host:port", "relay": NodeId}] as each relay
+        node saw this node; nat_mapping: "endpoint-independent", "endpoint-dependent" or
+        "unknown" (fewer than two relays answered)."""
+        service = self.proxy.rendezvous
+        return {
+            "observed_addresses": [] if service is None else service.observed_addresses(),
+            "nat_mapping": "unknown" if service is None else service.nat_mapping(),
+            "relay_serve": self.config.relay_serve,
+            "relay_servers": [f"{relay.node_id}@{format_host_port(relay.host, relay.port)}"
+                              for relay in self.config.relay_servers],
+            "rendezvous": {} if service is None else service.counters,
+        }
+
+    async def address_record(self) -> dict[str, Any]:
+        """This node's address list as a signed record (`keynode id --address`)."""
+        from proxy.rendezvous.errors import RendezvousUnavailable
+
+        service = self.proxy.rendezvous
+        if service is None:
+            raise RendezvousUnavailable(
+                "this node has no [relay] servers and does not serve as one: no address record to sign"
+            )
+        record = service.address_record()
+        return {"node_id": str(record.node_id), "seq": record.seq, "addresses": record.addresses,
+                "record": record.to_text()}
+
     async def status(self) -> dict[str, Any]:
         return {
             **self.addresses(),
+            **self.rendezvous(),
             "uptime": round(time.monotonic() - self.started, 3),
             "connection_forward_count": self.proxy.connection_forward_count,
             "connection_reverse_count": self.proxy.connection_reverse_count,
             "connections": connection_rows(self.proxy),
         }
 
-    async def open_forward(self, node_id: NodeId, host: str, port: int) -> dict[str, Any]:
+    async def open_forward(self, node_id: NodeId, host: str | None, port: int | None) -> dict[str, Any]:
+        """Without host and port: [peers], else the relay nodes find it (both sides punch)."""
+        if host is None or port is None:
+            host, port = await self.proxy.find_path(node_id)
         verified = await self.proxy.open_connection_forward([node_id], host, port)
-        return {"node_id": str(verified)}
+        return {"node_id": str(verified), "address": format_host_port(host, port)}
 
     async def open_reverse(self, host: str, port: int) -> dict[str, Any]:
         await self.proxy.open_connection_reverse(host, port)
@@ -229,6 +261,10 @@ class NodeController:
 
         tls_config = load_identity(self.config.node_dir)
         self.proxy.set_tls_config(tls_config)
+        if self.proxy.rendezvous is not None:  # register and sign under the new NodeId
+            from proxy.rendezvous.keys import KeyRing
+
+            self.proxy.rendezvous.set_identity(KeyRing.from_private_key(tls_config.private_key))
         previous, self.node_id = self.node_id, tls_config.node_id
         log.info("identity reloaded: %s (was %s)", self.node_id, previous,
                  extra={"fields": {"event": "identity_reloaded", "node_id": str(self.node_id),
@@ -312,6 +348,9 @@ async def serve_node(
         conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
         connection_established_callback=events.established,
         connection_lost_callback=events.lost,
+        relay_servers=config.relay_servers,
+        relay_serve=config.relay_serve,
+        peer_relays=config.peer_relays,
     )
     async with AsyncExitStack() as stack:
         try:

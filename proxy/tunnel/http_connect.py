@@ -53,9 +53,12 @@ REASONS: dict[int, bytes] = {
 class ConnectTarget:
     """Where a CONNECT asks to go: the remote proxy address and the wanted NodeIds."""
 
-    host: str  # IP literal (no brackets) or DNS name
+    host: str  # IP literal (no brackets) or DNS name; "" when found by NodeId (lookup)
     port: int
     node_ids: tuple[NodeId, ...]
+    # `<NodeId>:<PORT>` with no address book entry, on a node with relay nodes: the
+    # Proxy asks the relays where the node is (proxy.rendezvous).
+    lookup: bool = False
 
 
 def _target_host(text: str) -> str:
@@ -96,7 +99,7 @@ TARGET_FORMS = "HOST:PORT?nodeId=<NodeId>, or <NodeId>:<PORT> for a node in the 
 
 
 def parse_connect_target(
-    target: str, address_book: Mapping[NodeId, tuple[str, int]] | None = None
+    target: str, address_book: Mapping[NodeId, tuple[str, int]] | None = None, *, by_node_id: bool = False
 ) -> ConnectTarget:
     """Parse a CONNECT request-target; raise a BadConnectRequest (400) subclass."""
     authority, has_query, query = target.partition("?")
@@ -110,7 +113,9 @@ def parse_connect_target(
         # `<NodeId>:<PORT>`: the port is ignored for now (one service per node).
         node_id = NodeId.decode(host_text)
         if address_book is None or node_id not in address_book:
-            raise UnknownNodeId(f"no address known for {node_id}")
+            if by_node_id:
+                return ConnectTarget("", port, (node_id,), lookup=True)
+            raise UnknownNodeId(f"no address known for {node_id} (no [peers] entry, no [relay] servers)")
         host, proxy_port = address_book[node_id]
         return ConnectTarget(_target_host(host), _target_port(str(proxy_port)), (node_id,))
     if not has_query:
@@ -202,6 +207,7 @@ class HTTPConnectEdge:
         *,
         auth_token: str | None,
         address_book: Mapping[NodeId, tuple[str, int]] | None,
+        by_node_id: bool = False,
     ) -> ConnectTarget:
         """Method, then authorization, then target; raises the typed 4xx errors."""
         request = self.request
@@ -214,7 +220,7 @@ class HTTPConnectEdge:
             target = request.target.decode("ascii")
         except UnicodeDecodeError:
             raise BadConnectRequest("non-ASCII target") from None
-        return parse_connect_target(target, address_book)
+        return parse_connect_target(target, address_book, by_node_id=by_node_id)
 
     async def send_established(self) -> None:
         data = self._h11.send(h11.Response(status_code=200, headers=[], reason=REASONS[200]))

@@ -11,6 +11,7 @@ Task tree::
     open_proxy nursery
       Proxy._run (service scope)
         PeerRegistry.run            one message subscription, every Peer's ping task
+        RendezvousService.run       keyed messages: registrations, lookups, punching
         _accept_forward             CONNECT listener -> _handle_client per TCP client
         _accept_reverse             endpoint.accept() -> ConnectionReverse.run
         connection nursery          every ConnectionForward/Reverse.run and client handler
@@ -37,12 +38,16 @@ from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
 from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
+from proxy.rendezvous.addresses import RelayAddress
+from proxy.rendezvous.driver import RendezvousService
+from proxy.rendezvous.node import RendezvousTimers
 from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.addressing import RendezvousOptions, find_path, resolve_address, start_rendezvous
 from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION
 from proxy.tunnel.errors import ConnectionStartError, ProxyBindError, ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
-from proxy.tunnel.hosts import HostPortInvalid, format_host_port, ip_literal, parse_host
+from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
@@ -76,6 +81,10 @@ class Proxy:
         connection_established_callback: ConnectionCallback | None = None,
         connection_lost_callback: ConnectionCallback | None = None,
         max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH,
+        relay_servers: Iterable[RelayAddress] = (),
+        relay_serve: bool = False,
+        peer_relays: Mapping[NodeId, tuple[RelayAddress, ...]] | None = None,
+        rendezvous_timers: RendezvousTimers | None = None,
     ) -> None:
         if not isinstance(max_chain_length, int) or isinstance(max_chain_length, bool) or max_chain_length < 1:
             raise ValueError(f"max_chain_length must be a positive integer, not {max_chain_length!r}")
@@ -103,6 +112,10 @@ class Proxy:
         self.conn_keep_alive_interval_time = conn_keep_alive_interval_time
         # Longer peer chains are refused (526) before any certificate is examined.
         self.max_chain_length = max_chain_length
+        # ``rendezvous`` (observed addresses, NAT mapping, signed record) runs while the Proxy does.
+        self.rendezvous_options = RendezvousOptions(tuple(relay_servers), relay_serve, peer_relays or {},
+                                                    rendezvous_timers)
+        self.rendezvous: RendezvousService | None = None
         self._registry = ConnectionRegistry(
             end_time=conn_end_time,
             established_callback=connection_established_callback,
@@ -197,6 +210,8 @@ class Proxy:
                         ),
                     )
                     await services.start(self.peers.run)
+                    self.rendezvous = await start_rendezvous(services, endpoint, self.tls_config,
+                                                             self.rendezvous_options)
                     self._context = ConnectionContext(
                         endpoint=endpoint,
                         peers=self.peers,
@@ -291,33 +306,7 @@ class Proxy:
     # --- forward ----------------------------------------------------------------------
 
     async def _resolve(self, host: str, port: int) -> Address:
-        if not 0 < port < 65536:
-            raise ConnectionStartError(f"cannot connect to port {port}")
-        try:
-            host = parse_host(host, allow_wildcard=False)
-        except HostPortInvalid as error:
-            raise ConnectionStartError(f"cannot connect to {host!r}: {error}") from None
-        ip = ip_literal(host)
-        if ip is not None:
-            return normalize_address((str(ip), port))
-        if self.proxy_host == "::":
-            family = trio.socket.AF_UNSPEC  # dual stack
-        elif ":" in self.proxy_host:
-            family = trio.socket.AF_INET6
-        else:
-            family = trio.socket.AF_INET
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, family=family, type=trio.socket.SOCK_DGRAM)
-        except OSError as error:
-            raise ConnectionStartError(f"cannot resolve {host}: {error}") from error
-        for _, _, _, _, sockaddr in infos:
-            address = normalize_address(sockaddr)
-            resolved = ip_literal(address[0])
-            if resolved is not None and resolved.is_unspecified:
-                # "0" resolves to 0.0.0.0, which Linux connects to this host.
-                raise ConnectionStartError(f"cannot connect to {host!r}: it names the wildcard address {resolved}")
-            return address
-        raise ConnectionStartError(f"no usable address for {host}")
+        return await resolve_address(host, port, self.proxy_host)
 
     async def _connect_forward(
         self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool
@@ -341,12 +330,22 @@ class Proxy:
         self._registry.established(connection)
         return connection
 
-    async def open_connection_forward(self, node_ids: NodeId | Iterable[NodeId], host: str, port: int) -> NodeId:
-        """Start a forward connection ahead of a CONNECT; returns the verified NodeId."""
+    async def open_connection_forward(
+        self, node_ids: NodeId | Iterable[NodeId], host: str | None = None, port: int | None = None
+    ) -> NodeId:
+        """Start a forward connection ahead of a CONNECT; returns the verified NodeId.
+
+        Without host and port: the address book's entry for the (first) NodeId, else
+        the relay nodes find it and both sides punch (``find_path``)."""
         if not self.running:
             raise ProxyNotRunning("proxy is not running")
         wanted = (node_ids,) if isinstance(node_ids, NodeId) else tuple(node_ids)
-        address = await self._resolve(host, port)
+        if host is None or port is None:
+            if not wanted:
+                raise ConnectionStartError("open_connection_forward needs a NodeId or an address")
+            address = await self.find_path(wanted[0])
+        else:
+            address = await self._resolve(host, port)
         while (opening := self._opening_forward.get(address)) is not None:
             await opening.wait()
         live = self._registry.live_forward(address, wanted)
@@ -415,14 +414,19 @@ class Proxy:
         client_address = normalize_address(client.socket.getpeername())
         target: ConnectTarget | None = None
         try:
-            target = edge.parse(auth_token=self.auth_token, address_book=self.address_book)
+            target = edge.parse(
+                auth_token=self.auth_token, address_book=self.address_book, by_node_id=self.rendezvous_options.finds_by_node_id
+            )
             if not self.running:
                 raise ProxyNotRunning("proxy is stopping")
             # stop() cancels starts in progress; their clients get 503.
             with trio.CancelScope() as starting:
                 self._starting.add(starting)
                 try:
-                    address = await self._resolve(target.host, target.port)
+                    if target.lookup:
+                        address = await self.find_path(target.node_ids[0])
+                    else:
+                        address = await self._resolve(target.host, target.port)
                     connection = await self._connect_forward(target.node_ids, address, claim=True)
                 finally:
                     self._starting.discard(starting)
@@ -522,6 +526,13 @@ class Proxy:
         if not self._running:
             raise ProxyNotRunning("proxy is not running")
         await self._registry.end(self._registry.to_proxy(self._registry.reverse, host, port))
+
+    # --- rendezvous -----------------------------------------------------------------------
+
+    async def find_path(self, node_id: NodeId) -> Address:
+        """Where to reach ``node_id``: its address book entry, else the address the relay
+        nodes' introduction and both sides' punching confirmed (typed errors, 502)."""
+        return await find_path(node_id, self.address_book, self.rendezvous, self.proxy_host)
 
     # --- lookups ------------------------------------------------------------------------
 

@@ -211,7 +211,8 @@ def test_format_status_table() -> None:
     assert str(NODE_ID) in text and "127.0.0.1:1080" in text and "1h02m" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("DIRECTION"))
-    assert header.split() == ["DIRECTION", "STATE", "NODEID", "REMOTE", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT"]
+    assert header.split() == ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED",
+                              "RTT"]
     forward = next(line for line in lines if line.startswith("forward "))
     assert "3.0 MiB" in forward and "12.3 ms" in forward and "1m15s" in forward
     reverse = next(line for line in lines if line.startswith("reverse "))

@@ -1,4 +1,5 @@
-"""`keynode demo` itself, as a user runs it (defaults: 500 calls, 64 MiB)."""
+"""`keynode demo` itself, as a user runs it (defaults: 500 calls, 64 MiB): a relay
+node and two nodes configured only with `[relay] servers`, connecting by NodeId."""
 
 from __future__ import annotations
 
@@ -7,16 +8,28 @@ import re
 from proxy.app.cli import ExitCode
 from tests.cli.helpers import run_keynode
 
+NODE_ID = r"v[0-9a-v]{52}"
+
 
 def test_keynode_demo_passes() -> None:
     result = run_keynode("demo", timeout=180)
     output = result.stdout
     assert result.returncode == ExitCode.OK, output + result.stderr
     assert output.strip().splitlines()[-1].startswith("PASS")
-    node_ids = re.findall(r"node [AB]  (v[0-9a-v]{52})", output)
-    assert len(node_ids) == 2 and node_ids[0] != node_ids[1]
-    caller = re.search(r"caller NodeId as the server saw it: (v[0-9a-v]{52})", output)
-    assert caller is not None and caller.group(1) == node_ids[0]
+    relay = re.search(rf"relay R ({NODE_ID})  UDP (127\.0\.0\.1:\d+)  \(\[relay\] serve = true\)", output)
+    assert relay is not None, output
+    nodes = dict(re.findall(rf"node ([AB])  ({NODE_ID})", output))
+    assert set(nodes) == {"A", "B"} and len({relay.group(1), *nodes.values()}) == 3, output
+    # Each node learnt its address from the relay node: on loopback, its own UDP socket.
+    udp = dict(re.findall(r"node ([AB])  v[0-9a-v]{52}  (?:CONNECT \S+  )?UDP (127\.0\.0\.1:\d+)", output))
+    for name in ("A", "B"):
+        observed = re.search(rf"node {name} observed address \(as R saw it\): (\S+)  mapping: ", output)
+        assert observed is not None and observed.group(1) == udp[name], output
+    # B found by its NodeId alone, and the tunnel is direct to B's socket.
+    assert f"A connects to B by NodeId alone: CONNECT {nodes['B']}:" in output
+    assert f"tunnel A -> B: path direct, remote {udp['B']}" in output
+    caller = re.search(rf"caller NodeId as the server saw it: ({NODE_ID})", output)
+    assert caller is not None and caller.group(1) == nodes["A"]
     assert re.search(r"500 unary round trips\s+tunnel: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"direct: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"64 MiB stream\s+tunnel: [\d.]+ MiB/s\s+direct: [\d.]+ MiB/s", output)

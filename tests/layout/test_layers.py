@@ -19,9 +19,11 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "nat": ("nat",),
     "proxy.identity": ("proxy.identity",),
     "proxy.tls": ("proxy.tls", "proxy.identity"),
-    "proxy.tunnel": ("proxy.tunnel", "proxy.tls", "proxy.identity", "nat"),
+    "proxy.rendezvous": ("proxy.rendezvous", "proxy.identity", "nat"),
     "proxy.relay": ("proxy.relay", "proxy.tls", "proxy.identity", "nat"),
-    "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.tls", "proxy.identity", "proxy.errors", "nat", "grpc_bridge"),
+    "proxy.tunnel": ("proxy.tunnel", "proxy.rendezvous", "proxy.tls", "proxy.identity", "nat"),
+    "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity",
+                  "proxy.errors", "nat", "grpc_bridge"),
     "proxy.errors": ("proxy.app.errors", "proxy.tunnel.errors", "proxy.tls.errors", "proxy.identity.errors"),
     "grpc_bridge": ("grpc_bridge", "proxy.tunnel", "proxy.tls", "proxy.identity", "nat"),
     "proxy": (),  # the package itself: lazy names only, nothing imported at import time

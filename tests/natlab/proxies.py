@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +140,12 @@ def start_node(
     server_port: int | None = None,
     timeouts: Mapping[str, float] | None = None,
     congestion: str | None = None,
+    extra_config: Sequence[str] = (),
 ) -> KeynodeNode:
     """Create an identity in `directory` and start `keynode run` in `host` (not yet
     waited for: call `wait_ready` so several nodes start in parallel). `public_ip`:
-    the address others are told (with the proxy port, which the cone NATs keep)."""
+    the address others are told (with the proxy port, which the cone NATs keep).
+    `extra_config`: further TOML lines appended to the config (e.g. a `[relay]` section)."""
     from proxy.app.node_dir import keygen
 
     tls_config = keygen(directory, force=False)
@@ -156,6 +158,7 @@ def start_node(
         lines += ['[server]', 'host = "127.0.0.1"', f"port = {server_port}"]
     if timeouts:
         lines += ['[timeouts]'] + [f"{key} = {float(value)!r}" for key, value in timeouts.items()]
+    lines += list(extra_config)
     (directory / "config.toml").write_text("\n".join(lines) + "\n")
     process = host.spawn([*PYTHON, "-m", "proxy.app.cli", "run", "--dir", str(directory)])
     token = (directory / "auth_token").read_text().strip()
