@@ -6,6 +6,8 @@ from nat.errors import (
     MalformedMessage,
     MalformedPacket,
     NatError,
+    PathInUse,
+    UnknownPath,
     UtpClosed,
     UtpConnectionRefused,
     UtpConnectionReset,
@@ -14,6 +16,7 @@ from nat.errors import (
 )
 from nat.message import PING, PONG, MessageType, classify_datagram, decode_message, encode_message
 from nat.stream import UtpStream
+from nat.utp.paths import VirtualPath
 
 __all__ = [
     "NatError",
@@ -25,6 +28,8 @@ __all__ = [
     "UtpTimeout",
     "UtpClosed",
     "EndpointClosed",
+    "PathInUse",
+    "UnknownPath",
     "Endpoint",
     "EndpointStats",
     "open_endpoint",
@@ -35,4 +40,5 @@ __all__ = [
     "decode_message",
     "encode_message",
     "UtpStream",
+    "VirtualPath",
 ]

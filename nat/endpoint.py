@@ -19,19 +19,42 @@ the multiplexer wants to send. A separate task sleeps until the core's timer
 (no cancel scope per socket wait). Application tasks (send_all, receive_some)
 also service synchronously after acting on a connection, so data goes out
 without a task switch.
+
+Paths (nat/utp/paths.py): besides its socket, the endpoint carries uTP over
+*virtual paths*, e.g. a relay link, each registered with the callable that
+sends a datagram over it::
+
+    endpoint.add_path(path: VirtualPath, send: Callable[[bytes], None]) -> None
+    endpoint.remove_path(path: VirtualPath) -> None
+    endpoint.receive_from_path(data: bytes, path: VirtualPath) -> None
+    endpoint.receive_batch_from_path(datagrams: Iterable[bytes], path: VirtualPath) -> None
+    await endpoint.connect(path)              # a connection bound to the path
+    endpoint.move_connection(conn, path)      # UtpStream.move_to(path) calls it
+
+The multiplexer's datagrams for a virtual path go to its ``send`` (synchronous:
+it must not block, and should queue rather than call back into this endpoint;
+one that raises is counted in ``stats.path_send_errors``, logged like other
+contained errors, and the datagram is lost, which uTP repairs). What arrives over
+the path, its owner injects with ``receive_from_path`` (from a trio task): uTP
+datagrams reach the multiplexer as if from ``path``, so an incoming SYN over it
+is accepted as a connection bound to it. Anything else is counted
+(``path_junk``): a relay link carries its own messages. A path with no sender
+(removed, or never added) neither sends nor receives (``path_unrouted``); its
+connections stay until moved or timed out.
 """
+
 
 from __future__ import annotations
 
 import ipaddress
 import math
 import socket as stdlib_socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
-from nat.errors import EndpointClosed, UtpConnectionRefused
+from nat.errors import EndpointClosed, NatError, UnknownPath, UtpConnectionRefused
 from nat.message import classify_datagram, decode_message, encode_message
 from nat.stream import UtpStream
 from nat.udp import DEFAULT_SOCKET_BUFFER_SIZE, Address, EndpointStats, UdpSocket, is_ip_literal
@@ -47,8 +70,10 @@ from nat.utp.events import (
     SendSpaceAvailable,
 )
 from nat.utp.multiplexer import UtpMultiplexer
+from nat.utp.packet import HEADER_SIZE, UTP_FIRST_BYTE
+from nat.utp.paths import Path, VirtualPath
 
-__all__ = ["Endpoint", "EndpointStats", "open_endpoint", "Address"]
+__all__ = ["Endpoint", "EndpointStats", "open_endpoint", "Address", "VirtualPath"]
 
 TIMER_GRANULARITY = 0.0005  # shortest wait for a timer, in seconds
 FULL_TIMER_SCAN = 0.25  # seconds between scans of every connection's timer
@@ -95,6 +120,10 @@ class Endpoint:
         self._nursery: trio.Nursery | None = None
         self._multiplexer_accepting = True
         self._mux.accepting = True
+        # virtual path -> its sender; once one was added, every flush looks for
+        # datagrams to virtual paths (see _flush)
+        self._paths: dict[VirtualPath, Callable[[bytes], None]] = {}
+        self._routes_paths = False
 
     # ---- public API -------------------------------------------------------
 
@@ -115,10 +144,15 @@ class Endpoint:
         self._multiplexer_accepting = bool(value)
         self._mux.accepting = bool(value)
 
-    async def connect(self, address: Address) -> UtpStream:
-        """Open a uTP connection; UtpConnectionRefused / UtpTimeout on failure."""
+    async def connect(self, address: Address | VirtualPath) -> UtpStream:
+        """Open a uTP connection to an address, or over a virtual path (UnknownPath
+        unless it has a sender); UtpConnectionRefused / UtpTimeout on failure."""
         self._check_open()
-        resolved = await self._resolve(address)
+        if isinstance(address, VirtualPath):
+            self._check_path(address)
+            resolved: Path = address
+        else:
+            resolved = await self._resolve(address)
         self._check_open()
         now = trio.current_time()
         conn = self._mux.connect(resolved, now)
@@ -182,6 +216,88 @@ class Endpoint:
     @property
     def connection_count(self) -> int:
         return len(self._streams)
+
+    # ---- virtual paths (see the module docstring) ------------------------------
+
+    def add_path(self, path: VirtualPath, send: Callable[[bytes], None]) -> None:
+        """Send the datagrams of connections on ``path`` with ``send`` (replacing
+        the sender it had, if any)."""
+        if type(path) is not VirtualPath:
+            raise TypeError(f"a virtual path is a VirtualPath, not {path!r}")
+        self._check_open()
+        self._paths[path] = send
+        self._routes_paths = True
+
+    def remove_path(self, path: VirtualPath) -> None:
+        """Forget ``path``'s sender: its connections send nothing (their
+        datagrams are counted in ``stats.path_unrouted``) until moved elsewhere."""
+        self._paths.pop(path, None)
+
+    @property
+    def paths(self) -> frozenset[VirtualPath]:
+        """The virtual paths with a sender."""
+        return frozenset(self._paths)
+
+    def receive_from_path(self, data: bytes, path: VirtualPath) -> None:
+        """A datagram that arrived over ``path``: handled as if the socket had
+        read it from there. Call from a trio task; nothing is raised for what
+        the datagram holds."""
+        self.receive_batch_from_path((data,), path)
+
+    def receive_batch_from_path(self, datagrams: Iterable[bytes], path: VirtualPath) -> None:
+        """Several datagrams that arrived over ``path``, in order, then one
+        service (as after a batch read from the socket)."""
+        if self._closed:
+            return
+        stats = self.stats
+        if path not in self._paths:
+            stats.path_unrouted += sum(1 for _ in datagrams)
+            return
+        now = trio.current_time()
+        receive = self._mux.receive_datagram
+        utp_first = UTP_FIRST_BYTE
+        count = 0
+        for data in datagrams:
+            count += 1
+            if len(data) < HEADER_SIZE or not utp_first[data[0]]:
+                stats.path_junk += 1
+                continue
+            try:
+                receive(bytes(data), path, now)
+            except NatError:
+                stats.malformed_utp += 1
+            except Exception as error:  # a defect: drop this datagram only
+                self._udp.contain(error, f"handling a uTP datagram over {path!r}", now)
+        stats.path_datagrams_received += count
+        if count:
+            self.service(now)
+
+    def move_connection(self, conn: UtpConnection, path: Address | VirtualPath) -> None:
+        """Move a live connection to another path (UtpStream.move_to; see
+        UtpMultiplexer.move_connection for what a move does). ``path`` is a
+        virtual path with a sender (else UnknownPath) or an IP address of this
+        socket's family (else ValueError). PathInUse, UtpClosed as the
+        multiplexer's."""
+        self._check_open()
+        if isinstance(path, VirtualPath):
+            self._check_path(path)
+            target: Path = path
+        else:
+            host, port = path[0], path[1]
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"bad port in {path!r}")
+            if not is_ip_literal(host):
+                raise ValueError(f"a path needs an IP address, not {host!r}")
+            self._check_family(host)
+            udp = self._udp
+            target = udp.user_address(udp.socket_address(tuple(path)))
+        now = trio.current_time()
+        self._mux.move_connection(conn, target, now)
+        self.service(now)
+
+    def _check_path(self, path: VirtualPath) -> None:
+        if path not in self._paths:
+            raise UnknownPath(f"no sender for {path!r} (Endpoint.add_path)")
 
     # ---- the driver (UtpStream calls service, service_if_output and forget) ----
 
@@ -324,7 +440,35 @@ class Endpoint:
     def _flush(self, now: float) -> None:
         datagrams = self._mux.datagrams_to_send(now)
         if datagrams:
+            if self._routes_paths:
+                datagrams = self._send_over_paths(datagrams, now)
+                if not datagrams:
+                    return
             self._udp.send(datagrams)
+
+    def _send_over_paths(self, datagrams: list[tuple[bytes, Address]], now: float) -> list[tuple[bytes, Address]]:
+        """Hand the datagrams for virtual paths to their senders; the rest (for
+        the socket) are returned, in order."""
+        direct = []
+        paths = self._paths
+        stats = self.stats
+        for item in datagrams:
+            path = item[1]
+            if type(path) is not VirtualPath:
+                direct.append(item)
+                continue
+            send = paths.get(path)
+            if send is None:
+                stats.path_unrouted += 1
+                continue
+            try:
+                send(item[0])
+            except Exception as error:  # the sender's defect: this datagram is lost
+                stats.path_send_errors += 1
+                self._udp.errors.report(error, f"sending over {path!r}", now)
+            else:
+                stats.path_datagrams_sent += 1
+        return direct
 
     def _dispatch_events(self) -> None:
         next_event = self._mux.next_event

@@ -35,5 +35,14 @@ class UtpClosed(UtpError):
     """Use of a connection or stream that is already closed."""
 
 
+class PathInUse(UtpError):
+    """A connection cannot move to a path where another connection already has
+    its connection id (the peer would not know which of the two it reached)."""
+
+
+class UnknownPath(NatError, ValueError):
+    """A virtual path with no sender registered (Endpoint.add_path)."""
+
+
 class EndpointClosed(NatError):
     """The endpoint (its UDP socket) is closed."""

@@ -52,6 +52,9 @@ class StreamDriver(Protocol):
     def forget(self, conn: UtpConnection) -> None:
         """The stream of ``conn`` ended by itself: drop it from the endpoint."""
 
+    def move_connection(self, conn: UtpConnection, path: tuple[Any, ...]) -> None:
+        """Send ``conn``'s datagrams over ``path`` from now on."""
+
 
 class UtpStream(trio.abc.HalfCloseableStream):
     """A reliable, ordered byte stream over uTP. Made by ``Endpoint.connect/accept``."""
@@ -80,6 +83,25 @@ class UtpStream(trio.abc.HalfCloseableStream):
     @property
     def remote_address(self) -> tuple[Any, ...]:
         return self._conn.remote_address
+
+    @property
+    def path(self) -> tuple[Any, ...]:
+        """Where the connection's datagrams go now: the peer's address, or a
+        ``VirtualPath`` (nat/utp/paths.py). Same as ``remote_address``."""
+        return self._conn.remote_address
+
+    @property
+    def path_moves(self) -> int:
+        """How many times ``move_to`` moved the connection."""
+        return self._conn.path_moves
+
+    def move_to(self, path: tuple[Any, ...]) -> None:
+        """Move the live connection to ``path`` (a direct address or a virtual
+        path with a sender): same connection, nothing lost, reordered or
+        repeated for either application (UtpMultiplexer.move_connection). The
+        peer's side moves only when its own caller moves it. UnknownPath,
+        PathInUse; UtpClosed once the connection is gone."""
+        self._endpoint.move_connection(self._conn, path)
 
     @property
     def local_address(self) -> tuple[Any, ...]:

@@ -163,6 +163,15 @@ class EndpointStats:
     offload_failures: int = 0  # GSO refused by the kernel: fell back to plain sends
     segmented_sends: int = 0  # sendmsg calls that carried a run of datagrams (GSO)
     handler_errors: int = 0  # unexpected exceptions handling a datagram (dropped) or after a batch
+    # virtual paths (Endpoint.add_path): datagrams handed to their senders,
+    # injected from them, dropped because their path had no sender (removed, or
+    # never added), that raised in the sender (dropped), and injected ones that
+    # were not uTP
+    path_datagrams_sent: int = 0
+    path_datagrams_received: int = 0
+    path_unrouted: int = 0
+    path_send_errors: int = 0
+    path_junk: int = 0
     keyed_received: int = 0  # keyed messages (00 00 00 tt, tt >= 2, longer than 4 bytes) received
     keyed_unhandled: int = 0  # keyed messages dropped because no handler is set
 

@@ -62,6 +62,11 @@ class UtpConfig:
     syn_rate: float = 16.0
     syn_sources: int = 4096
     syn_proven_time: float = 60.0
+    # After a connection moves to another path (UtpMultiplexer.move_connection),
+    # what still arrives over the old one is taken for this long: datagrams
+    # already on their way, and a peer that moves a moment later. Past it they
+    # are dropped (never answered with a RESET: see path_mismatch).
+    path_grace: float = 5.0
 
     def __post_init__(self) -> None:
         for mtu in (self.mtu_payload, self.mtu_payload_ipv6):
@@ -70,6 +75,8 @@ class UtpConfig:
         largest = max(self.mtu_payload, self.mtu_payload_ipv6)
         if self.recv_buffer_size < largest or self.send_buffer_size < largest:
             raise ValueError("buffers must hold at least one packet")
+        if self.path_grace < 0:
+            raise ValueError("path_grace must not be negative")
         if self.max_packets_in_flight > 16384 or self.reorder_limit > 16384:
             raise ValueError("windows above 16384 packets break 16-bit sequence arithmetic")
 
@@ -99,6 +106,12 @@ class UtpStats:
     reaped_half_open: int = 0
     connections_opened: int = 0
     connections_accepted: int = 0
+    path_moves: int = 0  # connections moved to another path (move_connection)
+    old_path_received: int = 0  # datagrams taken over a connection's old path, within path_grace
+    # datagrams with a live connection's id and sequence numbers over a path it
+    # is not on (a spoofed source, a peer that moved before we did, a NAT
+    # rebinding not yet confirmed): dropped, nothing moves, no RESET
+    path_mismatch: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -83,8 +83,10 @@ from nat.errors import NatError, UtpConnectionRefused, UtpConnectionReset, UtpTi
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController
 from nat.utp.events import Connected, ConnectionClosed, DataAvailable, EofReceived, SendSpaceAvailable, UtpEventOf
+from nat.utp.migration import change_path, end_hold
 from nat.utp.outbox import Outbox
 from nat.utp.packet import ST_DATA, ST_FIN, ST_STATE
+from nat.utp.paths import Path, is_ipv6_path
 from nat.utp.receiving import Receiver
 from nat.utp.sending import Sender
 from nat.utp.states import CLOSED, CONNECTED, MASK16, MASK32, RESET, SYN_RECV, SYN_SENT, Address, Datagram, UtpState
@@ -108,7 +110,7 @@ class UtpConnection:
     itself (a dispatching method cost 1-2% of the bulk loop of bench/utp_core.py)."""
 
     __slots__ = (
-        "remote_address", "recv_id", "send_id", "state", "error", "receive_packet",
+        "remote_address", "recv_id", "send_id", "state", "error", "receive_packet", "path_moves",
         "_rx", "_tx", "_outbox", "_dirty", "_events", "_stats", "_config", "_created", "_keepalive_interval",
         "_close_requested", "_close_deadline", "_reset_due", "_linger_until",
     )
@@ -129,9 +131,10 @@ class UtpConnection:
         self.send_id = send_id
         self.state = state
         self.error: NatError | None = None
+        self.path_moves = 0  # times the multiplexer moved it to another path
         # libutp's UDP payload ceilings: 1402 bytes over IPv4, 1232 over IPv6
-        ipv6 = ":" in str(remote_address[0])
-        mss = config.mtu_payload_ipv6 if ipv6 else config.mtu_payload
+        # (fixed for the connection's life, whatever path it moves to: paths.py)
+        mss = config.mtu_payload_ipv6 if is_ipv6_path(remote_address) else config.mtu_payload
         self._outbox = outbox
         self._dirty, self._events, self._stats = outbox.dirty, outbox.events, outbox.stats
         self._config = config
@@ -315,6 +318,12 @@ class UtpConnection:
         return self._tx.snd_nxt
 
     @property
+    def oldest_unacked_seq(self) -> int:
+        """The oldest of our sequence numbers not yet acknowledged (next_seq when
+        everything is; unbounded)."""
+        return self._tx.snd_una
+
+    @property
     def next_expected_seq(self) -> int:
         """The peer's next sequence number we expect (unbounded)."""
         return self._rx.rcv_nxt
@@ -348,6 +357,9 @@ class UtpConnection:
         other = self._close_deadline
         if other is not None and (deadline is None or other < deadline):
             deadline = other
+        other = tx.hold_deadline
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
         if state is CONNECTED:
             if not tx.outstanding:
                 keepalive = tx.last_send + self._keepalive_interval
@@ -378,6 +390,8 @@ class UtpConnection:
         self._rx.on_ack_timer(now)
         tx = self._tx
         tx.on_probe_timer(now)
+        if tx.hold_deadline is not None:
+            end_hold(tx, now)
         if tx.rto_deadline is not None and now >= tx.rto_deadline:
             self._on_rto(now)
             if self.is_closed:
@@ -442,6 +456,24 @@ class UtpConnection:
             self._die(UtpConnectionRefused("connection refused (RESET)"), RESET)
         else:
             self._die(UtpConnectionReset("connection reset by peer"), RESET)
+
+    def change_path(self, path: Path, now: float) -> None:
+        """The multiplexer moved this connection to ``path`` (it rekeyed it; see
+        UtpMultiplexer.move_connection): everything leaves over it from now on,
+        packets in flight go again, and an ACK goes at once (it tells the peer
+        where we are, and what we hold)."""
+        self.remote_address = path
+        self.path_moves += 1
+        state = self.state
+        if state is CLOSED or state is RESET:
+            return  # lingering: only its re-ACK of a late FIN goes the new way
+        tx = self._tx
+        change_path(tx, path, now)
+        if state is SYN_RECV:
+            tx.resend_synack()  # every STATE in SYN_RECV is the SYN-ACK
+        elif state is CONNECTED:
+            self._rx.request_ack()
+        self._dirty.add(self)
 
     def receive_syn_again(self, seq: int, now: float) -> bool:
         """A SYN with our connection id: True when it repeats the one that opened

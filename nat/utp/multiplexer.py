@@ -20,6 +20,8 @@ API (the contract, plus additions marked +)::
   + mux.connections -> list[UtpConnection]  # live connections (including lingering ones)
   + mux.abort_all()                         # RESET every connection (endpoint shutdown)
   + mux.config                              # the UtpConfig in use
+  + mux.move_connection(conn, path, now)    # the connection's datagrams take ``path``
+                                            # from now on (paths.py; see the method)
 
 A driver loop is::
 
@@ -42,12 +44,14 @@ UtpConnection (made only here, with UtpConnection.outgoing/incoming; see connect
   + conn.receive_buffered, conn.send_buffered, conn.unacked_packets, conn.reorder_count,
   + conn.peer_window, conn.initial_seq, conn.next_seq, conn.next_expected_seq,
   + conn.congestion (introspection for tests and diagnostics)
+  + conn.remote_address is the connection's path (paths.py); conn.path_moves,
+  + conn.oldest_unacked_seq
 
 Connections never touch the multiplexer: what they hand it (dirty marks, events,
 keep-alives, the end of a half-open phase or of their life) goes through its
 Outbox (outbox.py); the multiplexer calls them through receive_packet,
-reset_is_ours, receive_reset, receive_syn_again, flush_into, run_timers and
-next_deadline.
+reset_is_ours, receive_reset, receive_syn_again, change_path, flush_into,
+run_timers and next_deadline.
 
 Calling send/read/send_eof/close/abort marks the connection for the next
 ``datagrams_to_send``; the driver must call it after them (as after receiving).
@@ -67,7 +71,20 @@ slowed down, a spoofed source never proves anything.
 
 Addresses are opaque hashable tuples; a host containing ":" is treated as IPv6
 and gets libutp's IPv6 packet ceiling, so a dual-stack driver should hand IPv4
-peers over unmapped.
+peers over unmapped. Wherever an address goes, a ``VirtualPath`` (paths.py) may
+go instead: a path that is not a UDP address (a relay), whose datagrams the
+driver routes itself. Connections made over one, by ``connect`` or by a SYN
+that arrived over it, are bound to it; ``move_connection`` moves a connection
+between paths. A virtual path is its own unit for the per-source SYN limit.
+
+Paths and spoofing: a connection is on one path at a time (plus, for
+``path_grace`` seconds after a move, the one it left). A datagram with its id
+over any other path does not reach it: if its sequence numbers are the
+connection's (a spoofed source that read them, or a peer that moved before we
+did, or whose NAT mapping changed) it is dropped and counted in
+``path_mismatch``, without the RESET an unknown connection draws, which would
+reach the peer over that path and end its side; otherwise it is an unknown
+connection's.
 
 Connections are keyed by (remote address, recv_id). The initiator picks a
 random recv_id with send_id = recv_id + 1; the SYN carries recv_id; the acceptor
@@ -101,12 +118,13 @@ import math
 import random
 from collections import OrderedDict
 
-from nat.errors import MalformedPacket
+from nat.errors import MalformedPacket, PathInUse, UtpClosed
 from nat.utp.config import UtpConfig, UtpStats
 from nat.utp.connection import UtpConnection, UtpEvent, UtpState
 from nat.utp.events import IncomingConnection
 from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import HEADER, HEADER_SIZE, ST_RESET, ST_SYN, UTP_FIRST_BYTE, pack_header, parse_datagram
+from nat.utp.paths import Path, path_host
 from nat.utp.states import MASK16, MASK32, Address, Datagram
 
 __all__ = ["UtpMultiplexer", "UtpConfig", "UtpStats", "UtpConnection", "UtpState"]
@@ -141,6 +159,13 @@ class UtpMultiplexer:
         self._proven: OrderedDict[object, float] = OrderedDict()
         # host -> its connections in the table (for that proof)
         self._by_host: dict[object, set[UtpConnection]] = {}
+        # recv_id -> the connections in the table with it, on any path (see
+        # _on_another_path)
+        self._by_id: dict[int, set[UtpConnection]] = {}
+        # (old path, recv_id) -> (connection, until when) of connections that
+        # moved to another path: what still arrives over the old one is theirs
+        # for config.path_grace (see move_connection)
+        self._grace: dict[tuple[Path, int], tuple[UtpConnection, float]] = {}
         # the latest time the driver gave us (stamps retirements, which happen
         # inside calls that are not given the time)
         self._clock = 0.0
@@ -181,9 +206,57 @@ class UtpMultiplexer:
         isn = rng.randrange(0x10000)
         conn = UtpConnection.outgoing(self._outbox, addr, recv_id, isn, self.config, now)
         conns[(addr, recv_id)] = conn
-        self._by_host.setdefault(addr[0], set()).add(conn)
+        self._by_host.setdefault(path_host(addr), set()).add(conn)
+        self._by_id.setdefault(recv_id, set()).add(conn)
         self.stats.connections_opened += 1
         return conn
+
+    def move_connection(self, conn: UtpConnection, path: Path, now: float) -> None:
+        """Send ``conn``'s datagrams over ``path`` from now on (paths.py): a relay
+        to a direct address, back, or a peer's new address after a NAT rebinding.
+
+        The same connection, with the same ids: no handshake, no RESET, nothing
+        the application sees. What is in flight goes again over ``path`` within a
+        fresh congestion window, and the RTT and delay estimates start over (see
+        Sender.change_path). What still arrives over the old path is taken for
+        ``config.path_grace`` seconds. Only the caller moves a connection, on
+        evidence of its own (an authenticated ping): a datagram from a path the
+        connection is not on never moves it, it is dropped and counted in
+        ``stats.path_mismatch``. The peer learns the new path only from its own
+        caller moving its side. Moving to the current path does nothing.
+
+        PathInUse: another connection has this connection's id on ``path``.
+        UtpClosed: ``conn`` already left this multiplexer (reset, or gone after
+        lingering).
+        """
+        self._clock = now
+        old = conn.remote_address
+        recv_id = conn.recv_id
+        old_key = (old, recv_id)
+        conns = self._conns
+        if conns.get(old_key) is not conn:
+            raise UtpClosed("the connection is closed")
+        if path == old:
+            return
+        key = (path, recv_id)
+        other = conns.get(key)
+        if other is not None:
+            raise PathInUse(f"connection id {recv_id} is in use on {path!r}")
+        del conns[old_key]
+        conns[key] = conn
+        old_host, host = path_host(old), path_host(path)
+        if old_host != host:
+            same_host = self._by_host.get(old_host)
+            if same_host is not None:
+                same_host.discard(conn)
+                if not same_host:
+                    del self._by_host[old_host]
+            self._by_host.setdefault(host, set()).add(conn)
+        grace = self._grace
+        grace.pop(key, None)  # moving back: that path is the current one again
+        grace[old_key] = (conn, now + self.config.path_grace)
+        conn.change_path(path, now)
+        self.stats.path_moves += 1
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Process one uTP datagram from ``addr``. Never raises on bad input."""
@@ -208,6 +281,14 @@ class UtpMultiplexer:
         if ptype < ST_RESET and conn is not None:  # DATA, FIN, STATE
             conn.receive_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
             return
+        if conn is None and self._grace and ptype != ST_SYN:
+            # a connection's old path, within its grace period
+            conn = self._moved_from(addr, conn_id, ptype == ST_RESET, now)
+            if conn is not None:
+                stats.old_path_received += 1
+                if ptype < ST_RESET:
+                    conn.receive_packet(ptype, ts, ts_diff, wnd, seq, ack, sack, data, offset, now)
+                    return
         if ptype == ST_SYN:
             self._on_syn(addr, conn_id, ts, wnd, seq, now)
             return
@@ -220,6 +301,9 @@ class UtpMultiplexer:
                     conn.receive_reset()
                 else:
                     stats.resets_ignored += 1
+            return
+        if self._on_another_path(conn_id, seq, ack):
+            stats.path_mismatch += 1
             return
         stats.unknown_connection += 1
         self._send_reset(addr, conn_id, seq, now)
@@ -263,7 +347,9 @@ class UtpMultiplexer:
             deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
                 conn.run_timers(now)
-        if (self._reset_memory or self._retired_ids or self._syn_buckets or self._proven) and now >= self._next_reset_expiry:
+        if (
+            self._reset_memory or self._retired_ids or self._syn_buckets or self._proven or self._grace
+        ) and now >= self._next_reset_expiry:
             self._expire_reset_memory(now)
 
     def next_event(self) -> UtpEvent | None:
@@ -284,7 +370,15 @@ class UtpMultiplexer:
         known = self._conns.get(key)
         if known is conn:
             del self._conns[key]
-            host = key[0][0]
+            same_id = self._by_id.get(known.recv_id)
+            if same_id is not None:
+                same_id.discard(known)
+                if not same_id:
+                    del self._by_id[known.recv_id]
+            if self._grace:
+                for old_key in [k for k, (c, _) in self._grace.items() if c is known]:
+                    del self._grace[old_key]
+            host = path_host(key[0])
             same_host = self._by_host.get(host)
             if same_host is not None:
                 same_host.discard(known)
@@ -303,6 +397,7 @@ class UtpMultiplexer:
         to ``addr`` that is open, lingering or retired within reset_memory."""
         conns = self._conns
         retired = self._retired_ids
+        grace = self._grace
         horizon = now - self.config.reset_memory
         send_id = (recv_id + 1) & MASK16
         # a connection keyed k has ids {k, k +- 1}: only k in recv_id-1 .. recv_id+2 can touch
@@ -314,6 +409,9 @@ class UtpMultiplexer:
         ):
             key = (addr, key_id)
             conn = conns.get(key)
+            if conn is None and grace:  # (a connection that moved away: its late packets)
+                moved = grace.get(key)
+                conn = moved[0] if moved is not None else None
             if conn is not None and (clash < 0 or conn.send_id == clash):
                 return False
             old = retired.get(key)
@@ -327,6 +425,35 @@ class UtpMultiplexer:
             if conn is not None and conn.send_id == conn_id:
                 return conn
         return None
+
+    def _moved_from(self, addr: Path, conn_id: int, reset: bool, now: float) -> UtpConnection | None:
+        """The connection that moved away from ``addr`` within its grace period
+        and has id ``conn_id`` (a RESET may carry its send_id too)."""
+        grace = self._grace
+        entry = grace.get((addr, conn_id))
+        if entry is None and reset:
+            for candidate in ((conn_id - 1) & MASK16, (conn_id + 1) & MASK16):
+                entry = grace.get((addr, candidate))
+                if entry is not None and entry[0].send_id == conn_id:
+                    break
+                entry = None
+        if entry is None:
+            return None
+        if now >= entry[1]:
+            return None  # (the entry goes at the next expiry pass)
+        return entry[0]
+
+    def _on_another_path(self, conn_id: int, seq: int, ack: int) -> bool:
+        """A packet with the id of a live connection on another path, and sequence
+        numbers of that connection (its ack_nr echoes one of ours in play, or
+        its seq_nr is the one we expect): taken for that connection's, over a
+        path it is not on. It must neither move it (only the caller does) nor
+        draw a RESET, which would reach the peer over that path and end the
+        connection there (a peer that moved before we did)."""
+        for conn in self._by_id.get(conn_id, ()):
+            if conn.reset_is_ours(seq, ack):
+                return True
+        return False
 
     def _on_syn(self, addr: Address, conn_id: int, ts: int, wnd: int, seq: int, now: float) -> None:
         stats = self.stats
@@ -342,7 +469,7 @@ class UtpMultiplexer:
                     stats.syn_dropped += 1  # id clash with a live connection
                 return
             self._retire(existing)
-        if not self._syn_allowed(addr[0], now):
+        if not self._syn_allowed(path_host(addr), now):
             stats.syn_rate_limited += 1
             return
         if not self.accepting:
@@ -356,7 +483,8 @@ class UtpMultiplexer:
         isn = self._rng.randrange(0x10000)
         conn = UtpConnection.incoming(self._outbox, addr, recv_id, isn, seq, wnd, ts, config, now)
         self._conns[key] = conn
-        self._by_host.setdefault(addr[0], set()).add(conn)
+        self._by_host.setdefault(path_host(addr), set()).add(conn)
+        self._by_id.setdefault(recv_id, set()).add(conn)
         stats.connections_accepted += 1
         self._events.append(IncomingConnection(conn))
 
@@ -440,6 +568,9 @@ class UtpMultiplexer:
         full = [h for h, (tokens, when, scanned) in buckets.items() if tokens + (now - when) * rate >= burst]
         for host in full:
             del buckets[host]  # full again: the same as not tracked
+        grace = self._grace
+        for key in [k for k, (_, until) in grace.items() if now >= until]:
+            del grace[key]
         proven = self._proven
         while proven:  # in time order: the oldest first
             host, when = next(iter(proven.items()))

@@ -55,6 +55,13 @@ class RttEstimator:
         pto = srtt * 2.0 + self._ack_delay
         self.pto = pto if pto < rto else rto
 
+    def restart(self, initial_rto: float) -> None:
+        """A new path: no sample of it yet, the timeouts back at ``initial_rto``.
+        The old path's smoothed RTT stays as a hint for what reads it before
+        the first sample (the reordering allowance), which replaces it whole."""
+        self.has_sample = False
+        self.rto = self.pto = initial_rto
+
     def backoff(self) -> None:
         """Double the RTO after a timeout (bounded)."""
         rto = self.rto * 2.0

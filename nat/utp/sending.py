@@ -16,7 +16,8 @@ first fires as a tail-loss probe: two round trips (plus the peer's ACK delay)
 without any ACK send the oldest packet again, without touching the window
 (libutp's RTO floor is a second, ours half of one). The sender also sorts the
 first transmissions found lost into loss episodes and tells the congestion
-controller of a dense burst (``on_overflow``, loss.overflow_burst).
+controller of a dense burst (``on_overflow``, loss.overflow_burst). What it does
+when the connection changes path is migration.py's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Sender(Generic[ConnT]):
         "_probe_ok", "_rto_force", "_sack_skipped", "_syn_fast_resends", "_synack_due", "_stopped", "_delay",
         "_rx", "_owner", "_dirty", "_events", "_stats", "_space_event", "_remote_address", "_send_id", "_recv_id",
         "_mss", "_max_packets", "_send_buffer_size", "_config",
-        "_ep_end", "_ep_recent", "_ep_flight", "_ep_reported", "_pto_due",
+        "_ep_end", "_ep_recent", "_ep_flight", "_ep_reported", "_pto_due", "hold_deadline", "held_below",
     )
 
     def __init__(
@@ -75,22 +76,17 @@ class Sender(Generic[ConnT]):
         remote_address: Address, send_id: int, recv_id: int, isn: int, config: UtpConfig, mss: int, now: float,
     ) -> None:  # fmt: skip
         # sequence numbers are unbounded integers; 16 bits only on the wire
-        self.isn = isn
-        self.snd_nxt = isn
-        self.snd_una = isn
+        self.isn = self.snd_nxt = self.snd_una = isn
         self.outstanding: dict[int, _Outgoing] = {}  # in sequence order
         self.outstanding_bytes = 0
-        self.eof_requested = False
-        self.fin_sent = False
-        self.fin_acked = False
+        self.eof_requested = self.fin_sent = self.fin_acked = False
         # the retransmission timer; after an ACK that made progress it first
         # fires as the tail-loss probe (_pto_due; see expire_rto)
         self.rto_deadline: float | None = None
         self._pto_due = False
         self.probe_deadline: float | None = None
         self.last_send = now
-        self.bytes_sent = 0
-        self.retransmits = 0
+        self.bytes_sent = self.retransmits = 0
         self.rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto, config.delayed_ack)
         self.cc: CongestionController = make_controller(config.congestion, mss, int(config.target_delay * 1e6))
         self.sendbuf = bytearray()
@@ -104,30 +100,28 @@ class Sender(Generic[ConnT]):
         # whether the controller heard of a burst in it
         self._ep_end = isn
         self._ep_recent: list[int] = []
-        self._ep_flight = 0
-        self._ep_reported = False
+        self._ep_flight, self._ep_reported = 0, False
         self._latest_delivered_order = 0
         # the last SACK applied: its base sequence number and bits (-1: none yet)
-        self._sack_seen_base = -1
-        self._sack_seen_bits = 0
+        self._sack_seen_base, self._sack_seen_bits = -1, 0
         # send time of the latest-sent packet known delivered, and the value the
         # loss scan last ran for
-        self._rack_sent_at = 0.0
-        self._rack_checked = 0.0
+        self._rack_sent_at = self._rack_checked = 0.0
         self._xmit_count = 0
         self._send_blocked = False
         self._consecutive_timeouts = 0
         self._probe_interval = config.zero_window_probe
         self._syn_fast_resends = 0
         self._probe_ok = self._rto_force = self._sack_skipped = self._synack_due = self._stopped = False
+        self.hold_deadline: float | None = None  # a path change's hold (migration.py)
+        self.held_below = 0
         self._delay = DelayHistory()
         self._rx = receiver
         self._owner = owner
         self._dirty, self._events, self._stats = outbox.dirty, outbox.events, outbox.stats
         self._space_event = space_event
         self._remote_address = remote_address
-        self._send_id = send_id
-        self._recv_id = recv_id
+        self._send_id, self._recv_id = send_id, recv_id
         self._mss = mss
         self._max_packets = config.max_packets_in_flight
         self._send_buffer_size = config.send_buffer_size
@@ -184,8 +178,7 @@ class Sender(Generic[ConnT]):
         self.outstanding_bytes = 0
         self._flight = 0
         self.resend.clear()
-        self.rto_deadline = None
-        self.probe_deadline = None
+        self.rto_deadline = self.probe_deadline = self.hold_deadline = None
         self._synack_due = False
 
     # ---- the application side

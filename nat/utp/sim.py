@@ -1,7 +1,8 @@
 """A simulated lossy network on a fake clock, for deterministic uTP tests.
 
 Nodes are UtpMultiplexers (or anything with their four driver methods, a
-``SimNode``) at made-up addresses. Every datagram a node emits is
+``SimNode``) at made-up addresses; ``SimRelay`` and ``RelayedNode`` add relayed
+virtual paths (nat/utp/paths.py), ``SimNetwork.rebind`` a NAT rebinding. Every datagram a node emits is
 routed through seeded impairments: loss, duplication, reordering (an extra
 delay for some packets), base delay and jitter. Time only moves when nothing
 is due: the simulator jumps to the next delivery or timer, so a minute of
@@ -14,12 +15,13 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from nat.utp.connection import UtpConnection, UtpEvent
 from nat.utp.events import IncomingConnection
 from nat.utp.multiplexer import UtpMultiplexer
 from nat.utp.packet import decode_packet
+from nat.utp.paths import VirtualPath
 from nat.utp.states import Address, Datagram
 
 
@@ -75,6 +77,11 @@ class SimNetwork:
     def add(self, addr: Address, node: NodeT) -> NodeT:
         self.nodes[addr] = node
         return node
+
+    def rebind(self, old: Address, new: Address) -> None:
+        """A NAT rebinding: the node at ``old`` is at ``new`` from now on (what it
+        sends comes from there; what is on its way to ``old`` is lost)."""
+        self.nodes[new] = self.nodes.pop(old)
 
     def queue_delay(self, src: Address, dst: Address) -> float:
         """How long a datagram from ``src`` to ``dst`` sent now would wait behind
@@ -246,6 +253,81 @@ class ReceiveBuffer:
         timer = self.node.get_timer()
         if timer is not None and timer <= now:
             self.node.handle_timer(now)
+
+
+class SimRelay:
+    """A relay node in miniature, at its own address on the simulated network:
+    each node it serves has a one-byte number; a node sends it ``number of the
+    destination + datagram`` and the destination gets ``number of the sender +
+    datagram``. Frames cross the network twice (to the relay and from it), with
+    its impairments both times. Frames naming no member are dropped (counted).
+    """
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.members: list[Address] = []
+        self.forwarded = 0
+        self.dropped = 0
+        self._out: list[Datagram] = []
+
+    def serve(self, member: Address) -> int:
+        self.members.append(member)
+        return len(self.members) - 1
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        members = self.members
+        if not data or data[0] >= len(members) or addr not in members:
+            self.dropped += 1
+            return
+        self.forwarded += 1
+        self._out.append((bytes([members.index(addr)]) + data[1:], members[data[0]]))
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+
+class RelayedNode:
+    """A multiplexer that also reaches its peers through a :class:`SimRelay`
+    (which must already serve it), over virtual paths ``relay_path(peer)`` =
+    ``VirtualPath(("relay", relay address, peer address))``: the sans-IO twin of
+    an Endpoint with a relay link (add_path / receive_from_path)."""
+
+    def __init__(self, mux: UtpMultiplexer, relay: SimRelay) -> None:
+        self.mux = mux
+        self.relay = relay
+
+    def relay_path(self, peer: Address) -> VirtualPath:
+        return VirtualPath(("relay", self.relay.address, peer))
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        relay = self.relay
+        if addr == relay.address:
+            if data and data[0] < len(relay.members):
+                self.mux.receive_datagram(data[1:], self.relay_path(relay.members[data[0]]), now)
+            return
+        self.mux.receive_datagram(data, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        out = self.mux.datagrams_to_send(now)
+        relay = self.relay
+        for index, (data, dst) in enumerate(out):
+            if type(dst) is VirtualPath:
+                _, relay_address, peer = cast(tuple[str, Address, Address], dst.key)
+                out[index] = (bytes([relay.members.index(peer)]) + data, relay_address)
+        return out
+
+    def get_timer(self) -> float | None:
+        return self.mux.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.mux.handle_timer(now)
 
 
 class StreamApp:

@@ -20,9 +20,10 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "proxy.identity": ("proxy.identity",),
     "proxy.tls": ("proxy.tls", "proxy.identity"),
     "proxy.rendezvous": ("proxy.rendezvous", "proxy.identity", "nat"),
+    "proxy.relay": ("proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.tunnel": ("proxy.tunnel", "proxy.rendezvous", "proxy.tls", "proxy.identity", "nat"),
-    "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.rendezvous", "proxy.tls", "proxy.identity", "proxy.errors",
-                  "nat", "grpc_bridge"),
+    "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity",
+                  "proxy.errors", "nat", "grpc_bridge"),
     "proxy.errors": ("proxy.app.errors", "proxy.tunnel.errors", "proxy.tls.errors", "proxy.identity.errors"),
     "grpc_bridge": ("grpc_bridge", "proxy.tunnel", "proxy.tls", "proxy.identity", "nat"),
     "proxy": (),  # the package itself: lazy names only, nothing imported at import time
