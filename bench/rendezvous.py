@@ -1,7 +1,7 @@
 """Rendezvous figures: connecting by NodeId through a relay node, and what a relay node costs.
 
-    .venv/bin/python bench/rendezvous.py [--rounds 8] [--identities 1000]
-                                         [--rates 500 1000 2000 4000 8000] [--seconds 3]
+    .venv/bin/python bench/rendezvous.py [--rounds 8] [--identities 3000]
+                                         [--rates 1000 4000 8000 16000 24000] [--seconds 3]
                                          [--parts connect refresh messages]
 
 Every node is a `keynode run` process on loopback (no NAT: loopback behaves as a
@@ -60,6 +60,7 @@ NEW_SENDERS_RATE = 400.0  # new identities/s: under R's limit on shared keys bui
 REFRESH_ROUNDS = 3
 REFRESH_RATE = 500.0  # registrations/s while measuring their cost (R keeps up: no backlog)
 QUIET = 0.3
+UNSENT = -1  # key of `answers` counting messages our socket refused to send (EAGAIN)
 MAX_DRAIN = 5.0
 CONNECT_TIMEOUT = 15.0
 
@@ -229,7 +230,7 @@ class Identities:
                 try:
                     self.sockets[index].sendto(self.message(index, kind), self.relay)
                 except BlockingIOError:
-                    pass  # counted as sent and unanswered
+                    answers[UNSENT] = answers.get(UNSENT, 0) + 1  # our socket's buffer was full
                 sent += 1
             if sent >= count and last_sent is None:
                 last_sent = last_answer = now
@@ -305,8 +306,10 @@ def bench_relay(relay: Node, identities_count: int, rates: list[float], seconds:
                 print(f"  {label:<18}: {per:6.0f} us CPU per refresh (idle subtracted)  {done}/{total} answered")
         if "messages" in parts:
             print(f"authenticated PINGs answered by the relay node ({count} identities, {seconds:.0f} s a step):")
+            print("  (not sent: our socket refused (EAGAIN); R CPU: R's CPU seconds per second of sending; "
+                  "one core: the rate R's CPU per message allows)")
             print(f"  {'offered/s':>9}  {'answered/s':>10}  {'answered':>8}  {'R refused':>9}  "
-                  f"{'R buffer drops':>14}  {'R CPU':>6}  {'us/message':>10}")
+                  f"{'R buffer drops':>14}  {'not sent':>8}  {'R CPU':>6}  {'us/message':>10}  {'one core/s':>12}")
             for rate in rates:
                 if rate > count * PER_IDENTITY_RATE:
                     print(f"  {rate:9.0f}  skipped: needs more than {count} identities at "
@@ -314,14 +317,15 @@ def bench_relay(relay: Node, identities_count: int, rates: list[float], seconds:
                     continue
                 time.sleep(1.0)
                 refused, drops = refused_by_relay(relay), kernel_drops(int(port))
-                before, wall = cpu_seconds(relay_pid), time.perf_counter()
+                before = cpu_seconds(relay_pid)
                 sent, answers, elapsed = identities.run("ping", rate, int(rate * seconds))
-                spent, wall = cpu_seconds(relay_pid) - before, time.perf_counter() - wall
+                spent = cpu_seconds(relay_pid) - before  # including the drain of any backlog
                 done = answers.get(PONG, 0)
                 refused, drops = refused_by_relay(relay) - refused, kernel_drops(int(port)) - drops
                 per = spent / done * 1e6 if done else float("nan")
                 print(f"  {sent / elapsed:9.0f}  {done / elapsed:10.0f}  {done / sent:8.1%}  {refused:9d}  "
-                      f"{drops:14d}  {spent / wall:6.0%}  {per:10.1f}")
+                      f"{drops:14d}  {answers.get(UNSENT, 0):8d}  {spent / elapsed:6.0%}  {per:10.1f}  "
+                      f"{1e6 / per:12.0f}")
     finally:
         identities.close()
 
@@ -329,8 +333,8 @@ def bench_relay(relay: Node, identities_count: int, rates: list[float], seconds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="connect rounds (fresh nodes each)")
-    parser.add_argument("--identities", type=int, default=1000, help="senders for refresh and messages")
-    parser.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 2000, 4000, 8000],
+    parser.add_argument("--identities", type=int, default=3000, help="senders for refresh and messages")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1000, 4000, 8000, 16000, 24000],
                         help="offered PINGs per second, one step each")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per messages step")
     parser.add_argument("--parts", nargs="+", default=["connect", "refresh", "messages"],

@@ -32,9 +32,9 @@ from proxy.rendezvous.addresses import (
     sign_record,
 )
 from proxy.rendezvous.core import Rendezvous
-from proxy.rendezvous.errors import NodeNotFound, NoDirectPath, RendezvousUnavailable
+from proxy.rendezvous.errors import NodeNotFound, NoDirectPath, RendezvousError, RendezvousUnavailable
 from proxy.rendezvous.keys import KeyRing
-from proxy.rendezvous.messages import Address
+from proxy.rendezvous.messages import MAX_RECORD, Address
 from proxy.rendezvous.node import (
     Introduced,
     LookupDone,
@@ -111,7 +111,7 @@ class RendezvousService:
         local = self.endpoint.address
         if not alternatives and not ipaddress.ip_address(_plain(local)[0]).is_unspecified:
             alternatives.append(UtpAddress(*_plain(local)))
-        alternatives.extend(self.relays)
+        alternatives.extend(relay for relay in self.relays if relay.node_id != self.keyring.node_id)
         if not alternatives:
             raise RendezvousUnavailable("no address known yet: no relay has answered and the socket is a wildcard")
         return sign_record(self.keyring.signing_key, self._sequence.next(),
@@ -162,9 +162,13 @@ class RendezvousService:
                 with trio.move_on_at(deadline if math.isfinite(deadline) else math.inf):
                     await self._wakeup.wait()
                 now = trio.current_time()
-                if self.core.next_deadline() <= now:
-                    self.core.on_timer(now)
-                self._after(now)
+                try:
+                    if self.core.next_deadline() <= now:
+                        self.core.on_timer(now)
+                    self._after(now)
+                except Exception:  # a defect: logged, and the node carries on without it
+                    log.exception("rendezvous timer failed (contained)")
+                    await trio.sleep(1.0)
         finally:
             self.endpoint.on_keyed_message = None
 
@@ -263,11 +267,17 @@ class RendezvousService:
                      ", ".join(_format(address) for address in event.candidates))
 
     def _update_record(self) -> None:
+        """The record REGISTER carries from now on (none if it would not fit)."""
         assert self.core is not None
         try:
-            self.core.set_record(self.address_record().to_bytes())
-        except RendezvousUnavailable:
-            pass
+            record = self.address_record().to_bytes()
+        except RendezvousError as error:
+            log.warning("no address record for the relays: %s", error)
+            return
+        if len(record) > MAX_RECORD:
+            log.warning("the address record (%d bytes) is too long to register; relays get none", len(record))
+            record = b""
+        self.core.set_record(record)
 
     # --- finding a node by its NodeId -------------------------------------------------
 

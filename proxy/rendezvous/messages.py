@@ -17,6 +17,7 @@ Malformed; nothing is read past the end and nothing is left over.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ class _Reader:
     def address(self) -> Address:
         family = self.u8()
         if family == 4:
-            host = str(ipaddress.IPv4Address(self.take(4)))
+            host = socket.inet_ntop(socket.AF_INET, self.take(4))  # ipaddress costs ~10x more
         elif family == 6:
             host = str(ipaddress.IPv6Address(self.take(16)))
         else:
@@ -88,11 +89,14 @@ class _Reader:
 
 
 def encode_address(address: Address) -> bytes:
-    ip = ipaddress.ip_address(address[0])
     port = int(address[1])
     if not 0 < port < 65536:
         raise ValueError(f"port {port}")
-    return bytes((ip.version,)) + ip.packed + _U16.pack(port)
+    try:
+        packed = socket.inet_pton(socket.AF_INET, address[0])  # strict: dotted quad only
+    except OSError:
+        return b"\x06" + ipaddress.IPv6Address(address[0]).packed + _U16.pack(port)
+    return b"\x04" + packed + _U16.pack(port)
 
 
 def _addresses(addresses: tuple[Address, ...]) -> bytes:

@@ -58,12 +58,16 @@ async def find_path(
     address_book: Mapping[NodeId, tuple[str, int]],
     rendezvous: RendezvousService | None,
     proxy_host: str,
+    live: Address | None = None,
 ) -> Address:
-    """The address book's entry for ``node_id``, else the path the relay nodes'
-    introduction and both sides' punching confirmed (proxy.rendezvous errors, 502)."""
+    """The address book's entry for ``node_id``, else where a live tunnel with it goes
+    (``live``), else the path the relay nodes' introduction and both sides' punching
+    confirmed (proxy.rendezvous errors, 502)."""
     known = address_book.get(node_id)
     if known is not None:
         return await resolve_address(known[0], known[1], proxy_host)
+    if live is not None:
+        return live
     if rendezvous is None:
         raise RendezvousUnavailable(f"no address known for {node_id}: no [peers] entry and no [relay] servers")
     return normalize_address(await rendezvous.find_path(node_id))

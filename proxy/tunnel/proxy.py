@@ -539,7 +539,8 @@ class Proxy:
     async def find_path(self, node_id: NodeId) -> Address:
         """Where to reach ``node_id``: its address book entry, else the address the relay
         nodes' introduction and both sides' punching confirmed (typed errors, 502)."""
-        return await find_path(node_id, self.address_book, self.rendezvous, self.proxy_host)
+        live = self._registry.address_of(node_id)  # a live tunnel's path: no need to ask the relays
+        return await find_path(node_id, self.address_book, self.rendezvous, self.proxy_host, live)
 
     # --- lookups ------------------------------------------------------------------------
 

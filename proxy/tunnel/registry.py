@@ -223,6 +223,13 @@ class ConnectionRegistry:
                 return connection
         return None
 
+    def address_of(self, node_id: NodeId) -> Address | None:
+        """Where a live connection (either direction) with that verified NodeId goes."""
+        for connection in (*self.forward, *self.reverse):
+            if connection.node_id == node_id and connection.alive:
+                return connection.address
+        return None
+
     def to_proxy(self, connections: Iterable[TunnelConnection], host: str, port: int) -> list[TunnelConnection]:
         """Those of ``connections`` to or from the remote proxy at (host, port)."""
         key = normalize_address((host, port))

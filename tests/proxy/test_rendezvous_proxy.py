@@ -186,3 +186,40 @@ async def test_a_relay_node_listing_itself_skips_that_entry() -> None:
             service = relay.proxy.rendezvous
             assert service is not None and service.core is not None
             assert list(service.core.node.relays) == [bytes(other.node_id)]
+
+
+async def test_connects_beside_a_live_tunnel_ask_no_relay() -> None:
+    async with three_nodes() as (relay, caller, target, _server):
+        first = await connect_ok(caller.proxy, f"{target.node_id}:443")
+        await echo_round(first, b"first")
+        counters = relay.proxy.rendezvous.counters["relay"]  # type: ignore[union-attr]
+        lookups = counters["lookups"]
+        await trio.sleep(3.5)  # the punch session is over: only the live tunnel knows the path
+        streams = [await connect_ok(caller.proxy, f"{target.node_id}:443") for _ in range(30)]
+        for stream in streams:
+            await echo_round(stream, b"more")
+        assert relay.proxy.rendezvous.counters["relay"]["lookups"] == lookups  # type: ignore[union-attr]
+        # the reverse side reaches the caller the same way (its tunnel from it is live)
+        assert target.proxy.rendezvous is not None
+        assert caller.node_id not in target.proxy.address_book
+        path = await target.proxy.find_path(caller.node_id)
+        assert path == ("127.0.0.1", caller.proxy.proxy_port)
+
+
+async def test_an_address_record_too_long_to_register_is_left_out(caplog: Any) -> None:
+    # fifteen more relay nodes with long names (unreachable): the record would not fit
+    # in a REGISTER; the node registers without one and says so
+    far = tuple(RelayAddress(NodeId(bytes([index]) * 32), f"relay-{index}-" + "x" * 40 + ".invalid", 4000)
+                for index in range(1, 16))
+    async with running_node(relay_serve=True) as relay:
+        async with running_node(relay_servers=(relay_of(relay), *far)) as node:
+            with trio.fail_after(5):
+                while bytes(node.node_id) not in relay.proxy.rendezvous.core.relay.registrations:  # type: ignore
+                    await trio.sleep(0.01)
+            await registered(node.proxy)
+            await trio.sleep(0.2)
+            entry = relay.proxy.rendezvous.core.relay.registrations[bytes(node.node_id)]  # type: ignore
+            assert entry.record == b""
+            assert "too long to register" in caplog.text
+            record = node.proxy.rendezvous.address_record()  # type: ignore[union-attr]
+            assert len(record.to_bytes()) > 1024  # `keynode id --address` still prints it

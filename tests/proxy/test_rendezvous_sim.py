@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.rendezvous import messages as m
 from proxy.rendezvous.core import Rendezvous
@@ -20,6 +22,8 @@ from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.node import Introduced, PathConfirmed, PunchFailed, RendezvousTimers
 from proxy.rendezvous.relay import RelayCore
 from proxy.rendezvous.wire import seal
+
+from .test_rendezvous_codec import message_strategy
 
 Address = tuple[str, int]
 LATENCY = 0.005
@@ -410,3 +414,37 @@ def test_a_relay_node_punches_like_any_node() -> None:
     caller_events, _ = connect(net, caller, serving)
     assert any(isinstance(event, PathConfirmed) for event in caller_events)
     assert relay.core.counters["received"] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 40), st.binary(max_size=600), st.booleans())
+def test_authenticated_hostile_bodies_never_raise(message_type: int, body: bytes, serve: bool) -> None:
+    """A sender with a real key (not a forger) sends any type with any body: the core
+    drops it or handles it, never raises."""
+    ring = keyring()
+    sender = KeyRing(b"\x07" * 32)
+    core = Rendezvous(ring, ((sender.node_id_bytes, ("192.0.2.1", 4000)),), serve=serve, wall_offset=WALL)
+    data = seal(sender, ring.node_id_bytes, message_type, body, int(WALL * 1000))
+    core.receive(data, ("192.0.2.1", 4000), 0.0)
+    core.on_timer(1.0)
+    core.take_datagrams()
+    core.take_events()
+    assert core.counters["received"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(message_strategy, st.booleans(), st.booleans())
+def test_well_formed_messages_with_any_fields_never_raise(message: m.Message, serve: bool, from_relay: bool) -> None:
+    """Any well-formed message (any addresses, NodeIds, records, signatures), from a
+    configured relay or from a stranger: handled or dropped, never raised."""
+    ring = keyring()
+    relay_ring = KeyRing(b"\x07" * 32)
+    sender = relay_ring if from_relay else KeyRing(b"\x08" * 32)
+    core = Rendezvous(ring, ((relay_ring.node_id_bytes, ("192.0.2.1", 4000)),), serve=serve, wall_offset=WALL)
+    core.lookup(os.urandom(32), 0.0)
+    data = seal(sender, ring.node_id_bytes, message.message_type, message.encode(), int(WALL * 1000))
+    core.receive(data, ("192.0.2.1", 4000), 0.0)
+    core.on_timer(5.0)
+    core.take_datagrams()
+    core.take_events()
+    assert core.counters["accepted"] == 1
