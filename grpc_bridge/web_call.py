@@ -122,19 +122,26 @@ async def bridge_call(
     request: WebRequest, web_format: codec.WebFormat, downstream: Downstream, upstream: GrpcUpstream, settings: CallSettings
 ) -> None:
     answer = _Answer(downstream, request, web_format, settings.cors)
+    pump = _RequestPump(downstream, web_format, settings.max_request_message)
+    try:
+        # The first piece is checked before anything goes upstream: a request broken
+        # from its start never opens a stream on the server.
+        first = await pump.read()
+    except GrpcWebError as error:
+        await answer.status(error.grpc_status, f"bad grpc-web request: {error}")
+        return
     headers = codec.upstream_request_headers(request.method, request.path, settings.authority, request.headers)
     try:
         call = await upstream.open_call(headers)
     except UpstreamUnavailable as error:
         await answer.status(error.grpc_status, str(error))
         return
-    pump = _RequestPump(call, downstream, web_format, settings.max_request_message)
     try:
-        if await pump.step():  # the whole body came at once (unary grpc-web): no second task
+        if await pump.forward(call, first):  # the whole body came at once (unary grpc-web): no second task
             await _forward_answer(call, answer)
         else:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump.run)
+                nursery.start_soon(pump.run, call)
                 await _forward_answer(call, answer)
                 nursery.cancel_scope.cancel()
     finally:
@@ -145,34 +152,37 @@ async def bridge_call(
 class _RequestPump:
     """The request body upstream as it arrives, decoded (text mode) and its framing checked."""
 
-    def __init__(self, call: UpstreamCall, downstream: Downstream, web_format: codec.WebFormat, max_message: int) -> None:
-        self.call = call
+    def __init__(self, downstream: Downstream, web_format: codec.WebFormat, max_message: int) -> None:
         self.downstream = downstream
         self.decoder = codec.Base64Decoder() if web_format is codec.WebFormat.TEXT else None
         self.frames = codec.RequestFrames(max_message)
+        self.ended = False
 
-    async def step(self) -> bool:
-        """Forward the next piece; True once the body has ended (or was refused)."""
+    async def read(self) -> bytes:
+        """The next checked piece of the gRPC body; sets ``ended`` with the last one."""
+        data = await self.downstream.receive_body()
+        self.ended = self.downstream.body_done  # often known with the last piece: one DATA frame ends the stream
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
+            if self.ended:
+                self.decoder.finish()
+        self.frames.feed(data)
+        if self.ended:
+            self.frames.finish()
+        return data
+
+    async def forward(self, call: UpstreamCall, data: bytes) -> bool:
+        """Send a checked piece; True once the body has ended."""
+        if data or self.ended:
+            await call.send_data(data, end_stream=self.ended)
+        return self.ended
+
+    async def run(self, call: UpstreamCall) -> None:
         try:
-            data = await self.downstream.receive_body()
-            ended = self.downstream.body_done  # often known with the last piece: one DATA frame ends the stream
-            if self.decoder is not None:
-                data = self.decoder.feed(data)
-                if ended:
-                    self.decoder.finish()
-            self.frames.feed(data)
-            if ended:
-                self.frames.finish()
-            if data or ended:
-                await self.call.send_data(data, end_stream=ended)
-            return ended
+            while not await self.forward(call, await self.read()):
+                pass
         except GrpcWebError as error:
-            self.call.deliver(LocalFailure(error.grpc_status, f"bad grpc-web request: {error}"))
-            return True
-
-    async def run(self) -> None:
-        while not await self.step():
-            pass
+            call.deliver(LocalFailure(error.grpc_status, f"bad grpc-web request: {error}"))
 
 
 async def _forward_answer(call: UpstreamCall, answer: _Answer) -> None:

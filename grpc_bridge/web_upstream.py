@@ -100,10 +100,11 @@ class UpstreamCall:
         await self.connection.acknowledge(self.stream_id, event.flow_controlled)
 
     async def cancel(self) -> None:
-        """Reset the stream (CANCEL) unless it already ended."""
-        if not self.closed:
-            self.closed = True
-            await self.connection.reset(self.stream_id)
+        """Reset the stream (CANCEL) unless both sides ended it: an answer that ended
+        early (an error, a refused body) leaves our half open, and an open stream
+        would hold a server worker waiting for the rest of the request."""
+        self.closed = True
+        await self.connection.reset(self.stream_id)
 
 
 class UpstreamConnection:
@@ -186,7 +187,9 @@ class UpstreamConnection:
         await self.flush()
 
     async def reset(self, stream_id: int) -> None:
-        if self.dead is not None:
+        stream = self.h2.streams.get(stream_id)
+        if self.dead is not None or stream is None or stream.closed:
+            self.calls.pop(stream_id, None)
             return
         try:
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)

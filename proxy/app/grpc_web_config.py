@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import trio
 
 from grpc_bridge.web import WebBridgeSettings, serve_web_bridge
+from grpc_bridge.web_connect import direct_upstream, tunnel_upstream
 from grpc_bridge.web_upstream import OpenUpstream
 from proxy.app.errors import ConfigError
 from proxy.identity.errors import NodeIdInvalid
@@ -110,6 +111,17 @@ def _read_origins(value: Any, path: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def open_upstream_for(config: GrpcWebConfig, forward_host: str, forward_port: int, auth_token: str | None) -> OpenUpstream:
+    """How the bridge reaches config.target: a NodeId target through this node's own
+    CONNECT port (forward_host:forward_port, with its auth token), so the remote node's
+    reverse side authenticates this node and injects its identity; a host:port directly."""
+    target = config.target
+    if target.node_id is not None:
+        return tunnel_upstream(forward_host, forward_port, str(target), auth_token)
+    assert target.host is not None
+    return direct_upstream(target.host, target.port)
+
+
 async def serve_grpc_web(
     config: GrpcWebConfig,
     open_upstream: OpenUpstream,
@@ -117,7 +129,6 @@ async def serve_grpc_web(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the bridge until cancelled; task_status gets the bound (host, port).
-    ``open_upstream`` reaches config.target: grpc_bridge.web_connect.tunnel_upstream
-    (forward proxy, str(config.target)) for a NodeId target, direct_upstream otherwise."""
+    ``open_upstream``: usually open_upstream_for(config, ...)."""
     settings = WebBridgeSettings(config.listen.host, config.listen.port, config.allow_origins, str(config.target))
     await serve_web_bridge(settings, open_upstream, task_status=task_status)

@@ -4,9 +4,11 @@ one browser launch runs a whole plan."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -109,6 +111,18 @@ async def page_server() -> AsyncIterator[PageServer]:
         nursery.cancel_scope.cancel()
 
 
+async def wait_group_gone(group: int, timeout: float = 10) -> None:
+    """Until no process of the group is left, for a while: children reparented to an init
+    that does not reap would stay as zombies, which still count as members."""
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return
+            await trio.sleep(0.05)
+
+
 async def run_page(server: PageServer, plan: list[dict[str, Any]], timeout: float = 180) -> Any:
     """Launch Chromium once on the page with ``plan``; the report it PUTs back."""
     url = f"{server.origin}/?plan={quote(json.dumps(plan))}"
@@ -119,13 +133,19 @@ async def run_page(server: PageServer, plan: list[dict[str, Any]], timeout: floa
         ]
         log_path = Path(profile) / "chromium.log"
         with open(log_path, "wb") as log:
-            process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=log)
+            # Its own process group: /usr/bin/chromium-headless-shell is a shell wrapper, and
+            # the browser forks zygote, GPU, network and renderer processes; all must go.
+            process = await trio.lowlevel.open_process(
+                command, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
         try:
             with trio.move_on_after(timeout):
                 await server.reported.wait()
         finally:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+            await wait_group_gone(process.pid)
         said = log_path.read_bytes()[-3000:].decode(errors="replace")
     if not server.reports:
         raise AssertionError(f"the page reported nothing within {timeout} s; chromium said: {said}")

@@ -362,3 +362,45 @@ async def test_expect_100_continue_is_answered_before_the_body() -> None:
                 answer += await stream.receive_some(65536)
             await stream.aclose()
     assert recorder.calls == 1
+
+
+async def test_random_hostile_bodies_always_get_a_clean_answer() -> None:
+    import base64
+    import random
+
+    rng = random.Random(16)
+    with trio.fail_after(120):
+        async with bridged_recorder() as (recorder, address, opens):
+            for _ in range(120):
+                body = bytearray(frame(rng.randbytes(rng.randrange(0, 64))) * rng.randrange(1, 3))
+                for _ in range(rng.randrange(0, 4)):  # mutate a few bytes, or cut the body short
+                    if body and rng.random() < 0.8:
+                        body[rng.randrange(len(body))] = rng.randrange(256)
+                    else:
+                        body = body[: rng.randrange(len(body) + 1)]
+                content_type = rng.choice([BINARY, TEXT])
+                data = bytes(body)
+                if content_type == TEXT:
+                    data = base64.b64encode(data)
+                    if rng.random() < 0.3:
+                        data = data[: rng.randrange(len(data) + 1)] + rng.choice([b"!", b"=", b"A", b""])
+                cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 4)))
+                pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+                answer = await post(address, ECHO, [piece for piece in pieces if piece], content_type=content_type)
+                assert answer.status == 200
+                _, trailers = answer.parse()
+                assert trailers[b"grpc-status"].isdigit()
+            ok_trailers(await post(address, ECHO, [frame(b"still serving")]))
+    assert len(opens) == 1
+
+
+async def test_bodies_refused_midway_release_their_upstream_streams() -> None:
+    # Each call opens an upstream stream with a good first piece, then breaks: unless the
+    # bridge resets those streams, each holds one of the server's 8 workers forever.
+    with trio.fail_after(60):
+        async with bridged_recorder() as (recorder, address, opens):
+            for _ in range(20):
+                answer = await post(address, ECHO, [frame(b"good")[:6], b"ood" + frame(b"bad", 0x80)])
+                assert answer.parse()[1][b"grpc-status"] == b"13"
+            ok_trailers(await post(address, ECHO, [frame(b"still served")]))
+    assert recorder.calls == 1 and len(opens) == 1

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from grpc_bridge.web_connect import tunnel_upstream
+from proxy.app.grpc_web_config import open_upstream_for, read_grpc_web, serve_grpc_web
 from proxy.tunnel.address_book import AddressBook
-from tests.grpc_bridge.test_web_support import bridged_test_service, interop_server, run_node_client, running_bridge
+from tests.grpc_bridge.test_web_support import bridged_test_service, interop_server, run_node_client
 from tests.proxy.test_proxy_support import TOKEN, running_node
 
 CLIENTS = ["connect-http1", "connect-http2", "grpcweb-binary", "grpcweb-text"]
@@ -43,15 +43,20 @@ async def test_interop_cases_through_keynode_tunnel(client: str) -> None:
         async with interop_server() as server, running_node(server.port) as remote:
             book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
             async with running_node(address_book=book) as local:
-                target = f"{remote.node_id.encode()}:443"
-                tunnel = tunnel_upstream(local.proxy.forward_host, local.proxy.forward_port, target, TOKEN)
+                # Configured and started the way the node does it: [grpc_web] with a NodeId target.
+                table = {"listen": "127.0.0.1:0", "target": f"{remote.node_id.encode()}:443"}
+                config = read_grpc_web(table)
+                assert config is not None
+                tunnel = open_upstream_for(config, local.proxy.forward_host, local.proxy.forward_port, TOKEN)
                 opened = []
 
                 async def counting_opener() -> trio.abc.Stream:
                     opened.append(1)
                     return await tunnel()
 
-                async with running_bridge(counting_opener, authority=target) as (host, port):
+                async with trio.open_nursery() as nursery:
+                    host, port = await nursery.start(serve_grpc_web, config, counting_opener)
                     assert_all_ok(await run_node_client("grpcweb_node_client.js", client, f"http://{host}:{port}"))
+                    nursery.cancel_scope.cancel()
                 # Every call of the run (concurrent or not) shared one CONNECT: one multiplexed HTTP/2 connection.
                 assert len(opened) == 1
