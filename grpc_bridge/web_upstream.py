@@ -31,6 +31,7 @@ OpenUpstream = Callable[[], Awaitable[trio.abc.Stream]]
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 READ_SIZE = 65536
+MAX_INBOUND_FRAME = 1 << 20
 
 
 @dataclass
@@ -121,7 +122,7 @@ class UpstreamConnection:
         self.draining = False  # a GOAWAY came: calls in flight finish, new ones go elsewhere
         # GOAWAY handled outside h2, and frame headers checked on arrival (h2 would buffer
         # a whole announced frame, up to 16 MiB, before refusing it).
-        self.splitter = GoAwaySplitter(max_frame_size=self.h2.max_inbound_frame_size)
+        self.splitter = GoAwaySplitter(max_frame_size=MAX_INBOUND_FRAME)
         self._send_lock = trio.Lock()
         self._changed = trio.Event()  # windows opened, streams closed, or the connection died
 
@@ -131,9 +132,15 @@ class UpstreamConnection:
 
     async def start(self) -> None:
         self.h2.local_settings = h2.settings.Settings(
-            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_INBOUND_FRAME,  # fewer, larger DATA frames
+            },
         )
         self.h2.initiate_connection()
+        # Settings given up front are not "changes" h2 applies on the ACK: set the limit it checks.
+        self.h2.max_inbound_frame_size = MAX_INBOUND_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         await self.flush()
 
