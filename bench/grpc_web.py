@@ -36,13 +36,24 @@ from bench._node_process import NodeProcess, run_node  # noqa: E402
 SCRIPT = str(Path(__file__).resolve())
 TOKEN = "bench-token"
 METHOD = "/keynode.bench.Echo/Echo"
+STREAM_METHOD = "/keynode.bench.Echo/Stream"
 
 
 def serve_grpc() -> None:
     import grpc
 
+    def stream(request: bytes, context: Any) -> Any:
+        count, size = struct.unpack(">II", request)
+        message = bytes(size)
+        for _ in range(count):
+            yield message
+
     handler = grpc.method_handlers_generic_handler(
-        "keynode.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+        "keynode.bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
@@ -125,6 +136,26 @@ class WebClient:
         if b"grpc-status:0" not in answer or self.payload not in answer:
             raise RuntimeError(f"bad answer: {answer[:300]!r}")
 
+    def download(self, count: int, size: int) -> int:
+        """One server-streaming call of count messages of size bytes; bytes received."""
+        body = struct.pack(">BI", 0, 8) + struct.pack(">II", count, size)
+        head = (
+            f"POST {STREAM_METHOD} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/grpc-web+proto\r\n"
+            f"x-grpc-web: 1\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.sock.sendall(head + body)
+        received = 0
+        tail = b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError("the bridge closed the connection")
+            received += len(data)
+            tail = (tail + data)[-64:]
+        if b"grpc-status:0" not in tail:
+            raise RuntimeError(f"bad end of stream: {tail!r}")
+        return received
+
     def close(self) -> None:
         self.sock.close()
 
@@ -140,6 +171,28 @@ def native_caller(target: str, payload: bytes, options: list[tuple[str, Any]]) -
             raise RuntimeError("echo mismatch")
 
     return call, channel.close
+
+
+def native_download(target: str, options: list[tuple[str, Any]], count: int, size: int) -> Callable[[], int]:
+    import grpc
+
+    channel = grpc.insecure_channel(target, options=options)
+    stub = channel.unary_stream(STREAM_METHOD)
+
+    def download() -> int:
+        return sum(len(message) for message in stub(struct.pack(">II", count, size), timeout=120))
+
+    return download
+
+
+def streaming_rate(download: Callable[[], int], rounds: int) -> float:
+    """MiB/s of the best of ``rounds`` downloads (wall clock)."""
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        size = download()
+        best = max(best, size / (time.perf_counter() - start) / (1 << 20))
+    return best
 
 
 def measure(call: Callable[[], None], calls: int, processes: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--size", type=int, default=100, help="request and answer payload bytes")
     parser.add_argument("--no-tunnel", action="store_true", help="only the loopback paths")
+    parser.add_argument("--stream-mib", type=int, default=32, help="MiB per server-streaming download")
     args = parser.parse_args()
     payload = os.urandom(args.size)
 
@@ -218,6 +272,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (call, processes) in paths.items():
                 results[name].append(measure(call, args.calls, processes))
+        streams: dict[str, float] = {}
+        count, size = args.stream_mib * 16, 65536
+        streams["native"] = streaming_rate(native_download(f"127.0.0.1:{server.info['port']}", [], count, size), 3)
+        streams["web"] = streaming_rate(lambda: web.download(count, size), 3)
+        if not args.no_tunnel:
+            streams["native+tunnel"] = streaming_rate(native_download(f"127.0.0.1:{local.forward_port}", options, count, size), 3)
+            streams["web+tunnel"] = streaming_rate(lambda: web_tunnel.download(count, size), 3)
         for close in closers:
             close()
     finally:
@@ -230,6 +291,8 @@ def main() -> None:
     for name, row in table.items():
         cpu = ", ".join(f"{who} {value}" for who, value in row["cpu_us"].items())
         print(f"{name:<15}{row['median_ms']:>10.3f}{row['p99_ms']:>9.3f}   {cpu}")
+    print(f"server streaming, {args.stream_mib} MiB in 64 KiB messages, best of 3: "
+          + ", ".join(f"{name} {rate:.0f} MiB/s" for name, rate in streams.items()))
     added = table["web"]["median_ms"] - table["native"]["median_ms"]
     print(f"grpc-web adds {added:.3f} ms to the native median on loopback (target: at most 1 ms)")
     if "web+tunnel" in table:

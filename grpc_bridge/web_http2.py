@@ -15,6 +15,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from grpc_bridge.h2_goaway import GoAway, GoAwaySplitter, OverlongFrame
 from grpc_bridge.web_call import Headers, WebRequest
 from grpc_bridge.web_errors import ClientGone
 
@@ -199,15 +200,28 @@ class _ServerConnection:
         async with trio.open_nursery() as nursery:
             try:
                 data = prefix
+                # GOAWAY kept from h2 (it would end the streams still answering at once), and
+                # frame headers checked on arrival (h2 buffers a whole announced frame first).
+                splitter = GoAwaySplitter(preface=len(H2_PREFACE), max_frame_size=self.h2.max_inbound_frame_size)
+                client_leaving = False
                 while not self.closed:
                     try:
-                        events = self.h2.receive_data(data)
+                        for piece in splitter.split(data):
+                            if isinstance(piece, GoAway):
+                                client_leaving = True
+                                continue
+                            for event in self.h2.receive_data(piece):
+                                self._dispatch(nursery, event)
+                    except OverlongFrame:
+                        self.h2.close_connection(error_code=h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+                        await self.flush()
+                        break
                     except h2.exceptions.ProtocolError:
                         await self.flush()  # h2 queued a GOAWAY
                         break
-                    for event in events:
-                        self._dispatch(nursery, event)
                     await self.flush()
+                    if client_leaving and not self.requests:
+                        break
                     try:
                         data = bytes(await self.stream.receive_some(READ_SIZE))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

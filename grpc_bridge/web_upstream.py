@@ -21,6 +21,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from grpc_bridge.h2_goaway import GoAway, GoAwaySplitter, OverlongFrame
 from grpc_bridge.web_codec import Headers
 from grpc_bridge.web_errors import UpstreamUnavailable
 from proxy.identity.errors import KeynodeError
@@ -30,6 +31,7 @@ OpenUpstream = Callable[[], Awaitable[trio.abc.Stream]]
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 READ_SIZE = 65536
+MAX_INBOUND_FRAME = 1 << 20
 
 
 @dataclass
@@ -117,14 +119,28 @@ class UpstreamConnection:
         self.h2 = h2.connection.H2Connection(config)
         self.calls: dict[int, UpstreamCall] = {}
         self.dead: str | None = None
+        self.draining = False  # a GOAWAY came: calls in flight finish, new ones go elsewhere
+        # GOAWAY handled outside h2, and frame headers checked on arrival (h2 would buffer
+        # a whole announced frame, up to 16 MiB, before refusing it).
+        self.splitter = GoAwaySplitter(max_frame_size=MAX_INBOUND_FRAME)
         self._send_lock = trio.Lock()
         self._changed = trio.Event()  # windows opened, streams closed, or the connection died
 
+    @property
+    def usable(self) -> bool:
+        return self.dead is None and not self.draining
+
     async def start(self) -> None:
         self.h2.local_settings = h2.settings.Settings(
-            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_INBOUND_FRAME,  # fewer, larger DATA frames
+            },
         )
         self.h2.initiate_connection()
+        # Settings given up front are not "changes" h2 applies on the ACK: set the limit it checks.
+        self.h2.max_inbound_frame_size = MAX_INBOUND_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         await self.flush()
 
@@ -146,8 +162,8 @@ class UpstreamConnection:
 
     async def open_call(self, headers: Headers) -> UpstreamCall:
         while True:
-            if self.dead is not None:
-                raise UpstreamUnavailable(self.dead)
+            if not self.usable:
+                raise UpstreamUnavailable(self.dead or "upstream sent GOAWAY")
             if self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams:
                 break
             await self._changed.wait()
@@ -220,13 +236,18 @@ class UpstreamConnection:
                     self._die("upstream closed the connection")
                     break
                 try:
-                    events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as error:
+                    for piece in self.splitter.split(data):
+                        if isinstance(piece, GoAway):
+                            self._on_goaway(piece.last_stream_id)
+                            continue
+                        for event in self.h2.receive_data(piece):
+                            self._dispatch(event)
+                except (h2.exceptions.ProtocolError, OverlongFrame) as error:
                     self._die(f"upstream HTTP/2 protocol error: {error}")
                     break
-                for event in events:
-                    self._dispatch(event)
                 await self.flush()
+                if self.draining and not self.calls:
+                    break  # every call the GOAWAY spared has finished
         finally:
             self._die("upstream connection closed")
             with trio.CancelScope(shield=True):
@@ -254,16 +275,22 @@ class UpstreamConnection:
             if call is not None and not call.closed:  # ended without trailers: not a gRPC answer
                 call.deliver(ResponseTrailers([]))
             self._notify()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            # Calls above last_stream_id were never seen: they end; the rest may finish.
-            last = event.last_stream_id or 0
-            for stream_id, call in list(self.calls.items()):
-                if stream_id > last and not call.closed:
-                    call.deliver(ConnectionLost("upstream sent GOAWAY"))
-            self.dead = self.dead or "upstream sent GOAWAY"
-            self._notify()
+        elif isinstance(event, h2.events.ConnectionTerminated):  # only a malformed GOAWAY gets here
+            self._die("upstream sent a malformed GOAWAY")
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._notify()
+
+    def _on_goaway(self, last_stream_id: int) -> None:
+        """A GOAWAY, kept from h2 (which would close the whole connection at once): no new
+        calls here; calls above last_stream_id were not seen by the server and end; the
+        rest finish (gRPC's graceful shutdown)."""
+        self.draining = True
+        for stream_id, call in list(self.calls.items()):
+            if stream_id > last_stream_id:
+                self.calls.pop(stream_id)
+                if not call.closed:
+                    call.deliver(ConnectionLost("upstream sent GOAWAY before it saw the call"))
+        self._notify()
 
     def _to_call(self, stream_id: int, event: ResponseEvent) -> None:
         call = self.calls.get(stream_id)
@@ -287,11 +314,11 @@ class GrpcUpstream:
 
     async def _live_connection(self) -> UpstreamConnection:
         connection = self.connection
-        if connection is not None and connection.dead is None:
+        if connection is not None and connection.usable:
             return connection  # the usual case, without a checkpoint
         async with self._opening:
             connection = self.connection
-            if connection is not None and connection.dead is None:
+            if connection is not None and connection.usable:
                 return connection
             try:
                 stream = await self.open_upstream()

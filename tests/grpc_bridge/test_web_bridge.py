@@ -33,6 +33,7 @@ class Recorder:
     metadata: list[dict[str, Any]] = field(default_factory=list)
     time_remaining: list[float | None] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
+    server: Any = None
 
     def echo(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.calls += 1
@@ -62,6 +63,7 @@ async def bridged_recorder(allow_origins: tuple[str, ...] = ()) -> AsyncIterator
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await trio.to_thread.run_sync(server.start)
+    recorder.server = server
     opens: list[int] = []
     direct = direct_upstream("127.0.0.1", port)
 
@@ -104,7 +106,7 @@ async def test_chunked_bodies_in_any_pieces_binary_and_text(piece: int) -> None:
 
 async def test_server_stream_arrives_incrementally() -> None:
     with trio.fail_after(30):
-        async with bridged_recorder() as (recorder, address, _):
+        async with bridged_recorder() as (recorder, address, opens):
             stream = await trio.open_tcp_stream(*address)
             request = (
                 b"POST /keynode.test.Web/Gated HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
@@ -404,3 +406,48 @@ async def test_bodies_refused_midway_release_their_upstream_streams() -> None:
                 assert answer.parse()[1][b"grpc-status"] == b"13"
             ok_trailers(await post(address, ECHO, [frame(b"still served")]))
     assert recorder.calls == 1 and len(opens) == 1
+
+
+async def test_graceful_server_shutdown_lets_the_call_in_flight_finish() -> None:
+    # grpcio's stop(grace) sends GOAWAY, a PING, a second GOAWAY, then waits for calls in
+    # flight: the bridge must keep its upstream connection for them (h2 alone would not).
+    with trio.fail_after(30):
+        async with bridged_recorder() as (recorder, address, opens):
+            stream = await trio.open_tcp_stream(*address)
+            request = (
+                b"POST /keynode.test.Web/Gated HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
+                b"content-length: 5\r\n\r\n" + frame(b"")
+            )
+            await stream.send_all(request)
+            seen = b""
+            while frame(b"first") not in seen:
+                seen += await stream.receive_some(65536)
+            stopped = recorder.server.stop(grace=20)
+            while len(opens) < 2:  # once the bridge has the GOAWAY, a new call opens a new connection
+                await post(address, ECHO, [frame(b"x")])
+            recorder.gate.set()
+            while b"grpc-status:" not in seen:
+                seen += await stream.receive_some(65536)
+            await stream.aclose()
+            await trio.to_thread.run_sync(stopped.wait, 20)
+    assert frame(b"second") in seen and b"grpc-status:0" in seen, seen[-200:]
+
+
+async def test_http2_overlong_frame_header_is_refused_on_arrival() -> None:
+    from grpc_bridge.web_http2 import H2_PREFACE
+
+    with trio.fail_after(30):
+        async with bridged_recorder() as (recorder, address, opens):
+            stream = await trio.open_tcp_stream(*address)
+            # A DATA frame header announcing 16 MiB - 1: refused at once, not buffered first.
+            await stream.send_all(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
+            received = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += data
+            await stream.aclose()
+    goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")  # GOAWAY on stream 0
+    assert goaway > 0 and received[goaway + 10 : goaway + 14] == (6).to_bytes(4, "big")  # FRAME_SIZE_ERROR
+    assert recorder.calls == 0 and opens == []
