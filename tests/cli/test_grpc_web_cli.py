@@ -11,6 +11,7 @@ listen address a clear start failure."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
@@ -145,6 +146,13 @@ async def test_node_clients_through_a_real_node_pair_reach_the_server_as_node_a(
             # unimplemented_method/service never reach a handler; every other case is one call at least.
             pair.assert_every_call_from_a(at_least=3 * (len(ALL_CASES) - 2))
             assert "(service rpc)" in pair.b.log
+            # [grpc_web] is bound: a reload names it as needing a restart, the bridge stays.
+            config = pair.a.directory / "config.toml"
+            config.write_text(config.read_text().replace("allow_origins = []", 'allow_origins = ["http://x.example"]'))
+            reload = await run_keynode_async("reload", "--dir", str(pair.a.directory), "--json")
+            assert reload.returncode == 0, reload.stderr.decode()
+            assert json.loads(reload.stdout)["restart_needed"] == ["[grpc_web]"]
+            assert_all_ok(await run_node_client("grpcweb_node_client.js", "connect-http1", pair.bridge_url))
 
 
 async def test_chromium_through_a_real_node_pair_reaches_the_server_as_node_a(tmp_path: Path) -> None:
@@ -188,3 +196,21 @@ def test_grpc_web_config_errors_and_a_taken_listen_address(tmp_path: Path) -> No
         result = run_keynode("run", "--dir", str(tmp_path))
     assert result.returncode != 0 and "ready" not in result.stdout
     assert f"cannot bind [grpc_web] listen 127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def test_server_kind_and_a_local_service_as_grpc_web_target() -> None:
+    from proxy.app.config import config_from_mapping
+
+    data = {
+        "server": {"port": 50051, "kind": "grpc"},
+        "services": {"agent": {"target": "127.0.0.1:50052", "port": 1314, "allow": "*", "kind": "grpc"}},
+        "grpc_web": {"listen": "127.0.0.1:0", "target": "agent"},
+    }
+    config = config_from_mapping(data, "t.toml", base_dir=Path("/"), read_auth=False)
+    assert config.policy.default.kind == "grpc" and config.policy.named("agent").kind == "grpc"
+    assert (config.grpc_web.target.host, config.grpc_web.target.port, config.grpc_web.target.node_id) == (
+        "127.0.0.1", 50052, None)
+    data["grpc_web"]["target"] = "server"
+    assert config_from_mapping(data, "t.toml", base_dir=Path("/"), read_auth=False).grpc_web.target.port == 50051
+    default = config_from_mapping({"server": {"port": 1}}, "t.toml", base_dir=Path("/"), read_auth=False)
+    assert default.policy.default.kind == "tcp" and default.grpc_web is None
