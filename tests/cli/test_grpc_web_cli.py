@@ -112,7 +112,8 @@ async def grpc_web_pair(tmp_path: Path, allow_origins: list[str]) -> AsyncIterat
     async with recording_test_service() as (port, record):
         (dirs["b"] / "config.toml").write_text(
             f'[proxy]\nhost = "127.0.0.1"\n[services.rpc]\ntarget = "127.0.0.1:{port}"\nport = {RPC_PORT}\n'
-            f'allow = ["{ids["a"]}"]\nkind = "grpc"\n{PATIENT}'
+            f'allow = ["{ids["a"]}"]\nkind = "grpc"\n'
+            f'[grpc_web]\nlisten = "127.0.0.1:0"\ntarget = "rpc"\n{PATIENT}'  # a local service: direct
         )
         node_b = await start_node(dirs["b"])
         try:
@@ -153,6 +154,12 @@ async def test_node_clients_through_a_real_node_pair_reach_the_server_as_node_a(
             assert reload.returncode == 0, reload.stderr.decode()
             assert json.loads(reload.stdout)["restart_needed"] == ["[grpc_web]"]
             assert_all_ok(await run_node_client("grpcweb_node_client.js", "connect-http1", pair.bridge_url))
+            # B's own bridge targets its local service by name: straight to the server, no
+            # tunnel, so no caller is vouched for and nothing is injected.
+            pair.assert_every_call_from_a(at_least=4 * (len(ALL_CASES) - 2))
+            before = len(pair.record.calls)
+            assert_all_ok(await run_node_client("grpcweb_node_client.js", "connect-http1", f"http://{pair.b.info['grpc_web']}"))
+            assert len(pair.record.calls) > before and all(seen == {} for seen in pair.record.calls[before:])
 
 
 async def test_chromium_through_a_real_node_pair_reaches_the_server_as_node_a(tmp_path: Path) -> None:
