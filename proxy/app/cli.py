@@ -409,10 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(
         subparsers, "run", command_run,
         "run the node: forward proxy, UDP proxy, reverse proxy and control socket. Services: "
-        "[server] is the default one; [services.<name>] (target, port, allow, kind) adds more, "
+        "[server] is the default one; [services.<name>] (target, port, allow, kind) adds more "
+        "(kind grpc: the server gets the caller's NodeId in every request, x-keynode-node-id), "
         "named by the CONNECT port (<NodeId>:<port>) or name (<name>.<NodeId>:<port>); [forward] allow_targets limits the nodes "
         "local clients reach; [[policy_tests]] are checked at load. SIGHUP (or `keynode reload`) "
-        "re-reads them and [peers]",
+        "re-reads them and [peers]. [grpc_web] (listen, target = <NodeId>:<port> or a local service, "
+        "allow_origins) serves grpc-web clients such as browsers",
         "  keynode run\n  keynode run --config /etc/keynode/node.toml\n"
         "  keynode run --dir /srv/keynode-a      # uses /srv/keynode-a/config.toml if present\n"
         "\n"
@@ -420,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         "config.toml (read if present, unless --config names another file).\n"
         "\n"
         "stdout, once the node serves: one 'name: value' line each for node_id, forward,\n"
-        "proxy, server and control_socket, then a line 'ready'. Scripts wait for 'ready'.\n"
+        "proxy, server and control_socket (and grpc_web with [grpc_web]), then a line 'ready'.\n"
+        "Scripts wait for 'ready'.\n"
         "Logs go to stderr; with relay nodes, a line 'observed address HOST:PORT (seen by\n"
         "relay NODEID); NAT mapping: ...' follows as each relay answers.\n"
         "\n"

@@ -19,6 +19,7 @@ the dotted key and the reason, so a typo never silently becomes a default.
     host = "127.0.0.1"                   # nodes reach when they name no service (every
     port = 50051                         # verified node may)
     service_port = 22                    # optional: the CONNECT port that names it
+    kind = "tcp"                         # or "grpc": HTTP/2 with the caller's NodeId injected
 
     [services.agent]                     # more services (services_config.py): a caller names
     target = "127.0.0.1:50052"           # one by port (CONNECT <NodeId>:1314) or by name
@@ -26,6 +27,12 @@ the dotted key and the reason, so a typo never silently becomes a default.
     port = 1314
     allow = "*"                          # or ["v...", ...]: only these NodeIds
     kind = "tcp"                         # or "grpc"
+
+    [grpc_web]                           # the in-process grpc-web bridge (grpc_app.py)
+    listen = "127.0.0.1:8080"            # host:port (port 0: any free port, printed at start)
+    target = "v0123...abc:50051"         # a remote node's service, through this node's tunnel,
+                                         # or "host:port" / a local service name: direct
+    allow_origins = ["https://app.example"]   # browser origins allowed; "*": any
 
     [[policy_tests]]                     # checked at every load; a failure rejects the config
     node = "v0123...abc"
@@ -169,6 +176,7 @@ class Config:
     peer_relays: Mapping[Any, tuple[Any, ...]] = field(default_factory=dict)  # [peers] relay: entries
     services: ServicesConfig = ServicesConfig()  # [services], allow lists, [[policy_tests]]
     policy: Any = None  # proxy.tunnel.services.ServicePolicy built from server and services
+    grpc_web: Any = None  # [grpc_web]: proxy.app.grpc_web_config.GrpcWebConfig, or None
 
     @property
     def key_path(self) -> Path:
@@ -216,6 +224,7 @@ _SECTIONS = (
     "node", "forward", "proxy", "server", "auth", "timeouts", "transport", "tls", "peers", "log", "control",
     "relay",
     "services", "policy_tests",
+    "grpc_web",
 )
 MAX_RELAY_SERVERS = 16
 
@@ -301,13 +310,18 @@ def config_from_mapping(
 
     forward = reader.host_port(data, "forward", "127.0.0.1", 0, allow_zero=True, extra=("allow_targets",))
     proxy = reader.host_port(data, "proxy", "0.0.0.0", 0, allow_zero=True)
-    server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False, extra=("service_port",))
+    server = reader.host_port(data, "server", "127.0.0.1", None, allow_zero=False, extra=("service_port", "kind"))
     assert forward is not None and proxy is not None  # both have a default port
     services = read_services(
         path, data, reader.table(data, "server"), reader.table(data, "forward"), has_server=server is not None
     )
     policy = build_policy(services, server)
     check_policy_tests(path, services, policy)
+    grpc_web = None
+    if "grpc_web" in data:  # the bridge's modules (h2, h11) load only when it is configured
+        from proxy.app.grpc_app import read_grpc_web_section
+
+        grpc_web = read_grpc_web_section(path, data, services, server)
 
     auth = _read_auth(reader, reader.table(data, "auth"), node_dir, base_dir, read_auth)
     timeouts = _read_timeouts(reader, reader.table(data, "timeouts"))
@@ -360,6 +374,7 @@ def config_from_mapping(
         peer_relays=peer_relays,
         services=services,
         policy=policy,
+        grpc_web=grpc_web,
     )
 
 

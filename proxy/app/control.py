@@ -385,6 +385,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"proxy:   {status.get('proxy')}   (UDP: uTP + ping/pong)",
         f"server:  {status.get('server') or '-'}",
         f"control: {status.get('control_socket')}",
+        *([f"grpc_web: {status['grpc_web']}   (grpc-web bridge)"] if status.get("grpc_web") else []),
         f"uptime:  {format_age(float(status.get('uptime', 0)))}",
     ]
     observed = status.get("observed_addresses") or []

@@ -12,10 +12,13 @@ address of one given to the other. Each learns its own public address from R
 (printed as observed), B registers with R, and A finds B by its NodeId alone: R
 introduces them and they connect directly (the tunnel's path is printed).
 
-The echo server is plain grpcio (a generic handler with bytes serializers, no
-generated code); it learns who is calling by asking node B's control socket which
-NodeId is behind the TCP peer address it sees. The client reaches it through node
-A's CONNECT port with grpcio's own `grpc.http_proxy`, naming node B by its NodeId.
+The echo server is plain grpcio in a process of its own (`grpc_bridge/demo_server.py`:
+a generic handler with bytes serializers, no generated code, nothing of keynode). B
+serves it as its `[server]` of kind "grpc", so B's reverse side re-originates HTTP/2
+toward it and adds the caller's verified NodeId to every request: the server reads
+`x-keynode-node-id` from `context.invocation_metadata()`, prints it, and answers it
+to WhoAmI. The client reaches it through node A's CONNECT port with grpcio's own
+`grpc.http_proxy`, naming node B by its NodeId.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,64 +51,27 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-# --- the echo server (unmodified grpcio) ----------------------------------------------
+# --- the echo server (unmodified grpcio, out of process) ------------------------------
 
 
-def peer_to_host_port(peer: str) -> tuple[str, int] | None:
-    """grpcio's `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:[::1]:5") as (host, port)."""
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return None
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if not port.isdigit():
-        return None
-    return host, int(port)
+def start_echo_server() -> Any:
+    """grpc_bridge/demo_server.py in a child process (a DemoServerProcess): Unary (echo),
+    Upload (client stream -> sha256) and WhoAmI (the x-keynode-node-id it was sent)."""
+    from grpc_bridge.demo_server import spawn
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        return spawn("127.0.0.1", env=env, stderr=subprocess.DEVNULL)
+    except OSError as error:
+        raise DemoError(f"the echo server did not start: {error}") from None
 
 
-def start_echo_server(who_is: Callable[[str], str]) -> tuple[Any, int]:
-    """A grpcio server on 127.0.0.1 with Unary (echo), Upload (client stream ->
-    sha256) and WhoAmI (the caller's NodeId as `who_is(peer)` finds it)."""
-    import grpc
-
-    def unary(request: bytes, context: Any) -> bytes:
-        return request
-
-    def upload(requests: Iterator[bytes], context: Any) -> bytes:
-        digest = hashlib.sha256()
-        for chunk in requests:
-            digest.update(chunk)
-        return digest.hexdigest().encode()
-
-    def who_am_i(request: bytes, context: Any) -> bytes:
-        return who_is(context.peer()).encode()
-
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload, _identity, _identity),
-        "WhoAmI": grpc.unary_unary_rpc_method_handler(who_am_i, _identity, _identity),
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    if port == 0:
-        raise RuntimeError("the echo server could not bind 127.0.0.1")
-    server.start()
-    return server, port
-
-
-def lookup_caller(control_socket: Path, peer: str) -> str:
-    """Ask node B which NodeId is behind the TCP peer the server sees."""
-    import trio
-
-    from proxy.app.control import control_request
-
-    address = peer_to_host_port(peer)
-    if address is None:
-        return f"(unknown peer {peer})"
-    target = f"/v1/lookup?host={address[0]}&port={address[1]}"
-    answer = trio.run(lambda: control_request(control_socket, "GET", target, timeout=5))
-    return str(answer.get("node_id"))
+def server_said_caller(server: Any) -> str:
+    """The `caller: <NodeId>` line the server process printed for the last WhoAmI."""
+    line = server.process.stdout.readline().strip()
+    key, _, value = line.partition(": ")
+    return value if key == "caller" else f"(the server said {line!r})"
 
 
 # --- the two nodes ---------------------------------------------------------------------
@@ -299,7 +264,7 @@ def run_demo(*, calls: int = 500, stream_mib: int = 64, keep: bool = False) -> b
         for node in reversed(nodes):  # the client side first
             checks.append((f"node {node.name} stopped cleanly on SIGTERM", node.stop() == 0))
         if "server" in resources:
-            resources["server"].stop(grace=None)
+            checks.append(("the echo server stopped cleanly on SIGTERM", resources["server"].stop() == 0))
     failed = [name for name, ok in checks if not ok]
     if error_text is not None:
         failed.insert(0, error_text)
@@ -333,8 +298,8 @@ def _run(
     node_a, node_b = Node("A", workdir / "a"), Node("B", workdir / "b")
     identities = {node.name: keygen(node.directory, force=False) for node in (relay, node_a, node_b)}
 
-    server, server_port = start_echo_server(lambda peer: lookup_caller(node_b.directory / "control.sock", peer))
-    resources["server"] = server
+    server = resources["server"] = start_echo_server()
+    server_port = server.port
     # conn_connect_time 5 s (default 2): room for a busy machine, no effect on the figures.
     timeouts = "[timeouts]\nconn_connect_time = 5.0\n"
     write_config(relay, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n{timeouts}[relay]\nserve = true\n')
@@ -344,7 +309,7 @@ def _run(
     # A and B know the relay node and nothing of each other: no [peers].
     relay_section = f'[relay]\nservers = ["{relay_id}@{relay_proxy}"]\n'
     write_config(node_b, f'[proxy]\nhost = "127.0.0.1"\nport = 0\n[server]\nhost = "127.0.0.1"\n'
-                         f'port = {server_port}\n{timeouts}{relay_section}')
+                         f'port = {server_port}\nkind = "grpc"\n{timeouts}{relay_section}')
     nodes.append(node_b)
     node_b.start()
     b_proxy = node_b.info["proxy"]
@@ -359,7 +324,7 @@ def _run(
     print("keynode demo: a relay node, two nodes that know only it, an unmodified grpcio echo server behind B")
     print(f"  relay R {relay_id}  UDP {relay_proxy}  ([relay] serve = true)")
     print(f"  node A  {a_id}  CONNECT {node_a.info['forward']}  UDP {node_a.info['proxy']}")
-    print(f"  node B  {b_id}  UDP {b_proxy}  server 127.0.0.1:{server_port}")
+    print(f"  node B  {b_id}  UDP {b_proxy}  server 127.0.0.1:{server_port} (kind grpc, pid {server.process.pid})")
     seen = {name: [entry["address"] for entry in status["observed_addresses"]] for name, status in observed.items()}
     for name in ("A", "B"):
         print(f"  node {name} observed address (as R saw it): {', '.join(seen[name])}"
@@ -385,7 +350,9 @@ def _run(
         except grpc.RpcError as error:
             raise DemoError(f"the first call through the tunnel failed: {error.code()} {error.details()}") from None
         print(f"  caller NodeId as the server saw it: {caller}")
-        checks.append(("the server saw node A's NodeId", caller == a_id))
+        printed = server_said_caller(server)
+        print(f"  the server process read x-keynode-node-id from its metadata: {printed}")
+        checks.append(("the server saw node A's NodeId", caller == a_id and printed == a_id))
         rows = [row for row in node_a.status()["connections"] if row["node_id"] == b_id]
         for row in rows:
             print(f"  tunnel A -> B: path {row.get('path')}, remote {row['remote']}")

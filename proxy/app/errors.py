@@ -46,3 +46,7 @@ class ControlRequestFailed(ControlError):
 
 class PortForwardError(KeynodeError):
     """A tunnelled connection of `keynode forward` could not be set up."""
+
+
+class GrpcWebBindError(KeynodeError, OSError):
+    """The `[grpc_web]` listen address could not be bound."""

@@ -7,7 +7,7 @@ lists ([server], [services], [forward] allow_targets) and [peers] take effect at
 once: new tunnel starts use them, and live tunnels whose NodeId lost access are
 closed with the end reason `revoked` (Proxy.set_policy); every other tunnel keeps
 flowing. Sections that need a restart (addresses, timeouts, transport, tls, log,
-control, auth) are not applied; the answer names those that changed.
+control, auth, grpc_web) are not applied; the answer names those that changed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ RESTART_ONLY = {
     "log_format": "[log]",
     "control_socket": "[control]",
     "node_dir": "[node]",
+    "grpc_web": "[grpc_web]",
 }
 
 

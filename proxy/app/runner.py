@@ -183,6 +183,7 @@ class NodeController:
         self.config = config
         self.node_id = node_id
         self.started = time.monotonic()
+        self.grpc_web: str | None = None  # the [grpc_web] bridge's bound host:port
 
     def addresses(self) -> dict[str, Any]:
         proxy = self.proxy
@@ -193,6 +194,7 @@ class NodeController:
             "proxy": format_host_port(proxy.proxy_host, proxy.proxy_port),
             "server": None if server is None else str(server),
             "control_socket": str(self.config.control_socket),
+            "grpc_web": self.grpc_web,
             "pid": os.getpid(),
         }
 
@@ -325,6 +327,8 @@ async def run_node(config: Config, tls_config: Any) -> int:
 def print_addresses(addresses: dict[str, Any]) -> None:
     for name in ("node_id", "forward", "proxy", "server", "control_socket"):
         print(f"{name}: {addresses[name] or '-'}", flush=True)
+    if addresses.get("grpc_web"):  # only when [grpc_web] is configured
+        print(f"grpc_web: {addresses['grpc_web']}", flush=True)
 
 
 async def wait_for_signal(signals: AsyncIterator[int]) -> None:
@@ -347,6 +351,7 @@ async def serve_node(
     `keynode forward` when no node is running."""
     from nat.utp.config import UtpConfig
     from proxy.app.control import serve_control
+    from proxy.app.grpc_app import serve_grpc_web_for_node, service_splicers
     from proxy.app.reload import reload_on_sighup
     from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
@@ -377,6 +382,7 @@ async def serve_node(
         relay_servers=config.relay_servers,
         relay_serve=config.relay_serve,
         peer_relays=config.peer_relays,
+        splicers=service_splicers(),  # kind "grpc": the caller's identity in every request
     )
     async with AsyncExitStack() as stack:
         try:
@@ -391,6 +397,10 @@ async def serve_node(
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, config.control_socket, controller)
             await nursery.start(reload_on_sighup, controller)
+            if config.grpc_web is not None:
+                controller.grpc_web = await nursery.start(
+                    serve_grpc_web_for_node, config.grpc_web, proxy, config.auth.value
+                )
             addresses = controller.addresses()
             log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
             task_status.started(addresses)

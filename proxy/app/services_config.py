@@ -8,6 +8,7 @@ service is chosen and authorised).
     host = "127.0.0.1"
     port = 50051                 # where it listens (its target)
     service_port = 22            # optional: the CONNECT port that names it
+    kind = "grpc"                # optional: "tcp" (default) or "grpc" (as a service's kind)
 
     [services.agent]             # name: a-z, 0-9, '-', '_' (not "server"); callers may
                                  # name it by name too: CONNECT agent.<NodeId>:443
@@ -75,6 +76,7 @@ class ServicesConfig:
     server_port: int | None = None  # [server] service_port
     allow_targets: frozenset[Any] | None = None  # [forward] allow_targets; None: "*"
     policy_tests: tuple[PolicyTest, ...] = ()
+    server_kind: str = "tcp"  # [server] kind
 
 
 def _fail(path: str, key: str, reason: str) -> ConfigError:
@@ -114,6 +116,13 @@ def _port(path: str, key: str, value: object) -> int:
         raise _fail(path, key, str(error)) from None
 
 
+def _kind(path: str, key: str, kind: object) -> str:
+    if kind not in KINDS:
+        raise _fail(path, key, f"{kind!r} is not one of {', '.join(KINDS)}")
+    assert isinstance(kind, str)
+    return kind
+
+
 def _service(path: str, name: str, table: object) -> ServiceEntry:
     prefix = f"services.{name}"
     if not SERVICE_NAME.match(name):
@@ -133,9 +142,7 @@ def _service(path: str, name: str, table: object) -> ServiceEntry:
         target = parse_host_port(table["target"], allow_wildcard=False)
     except HostPortInvalid as error:
         raise _fail(path, f"{prefix}.target", str(error)) from None
-    kind = table.get("kind", "tcp")
-    if kind not in KINDS:
-        raise _fail(path, f"{prefix}.kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    kind = _kind(path, f"{prefix}.kind", table.get("kind", "tcp"))
     return ServiceEntry(
         name=name,
         target=target,
@@ -182,6 +189,9 @@ def read_services(
         if not has_server:
             raise _fail(path, "server.service_port", "needs [server] host and port (the default service)")
         server_port = _port(path, "server.service_port", server["service_port"])
+    server_kind = _kind(path, "server.kind", server.get("kind", "tcp"))
+    if "kind" in server and not has_server:
+        raise _fail(path, "server.kind", "needs [server] host and port (the default service)")
     owners: dict[int, str] = {} if server_port is None else {server_port: "[server] service_port"}
     for service in services:
         if service.port in owners:
@@ -192,7 +202,7 @@ def read_services(
         allow_targets = _node_ids(path, "forward.allow_targets", forward["allow_targets"], "any node")
     names = {service.name for service in services} | ({DEFAULT_SERVICE} if has_server else set())
     tests = _policy_tests(path, data.get("policy_tests", []), names)
-    return ServicesConfig(services, server_port, allow_targets, tests)
+    return ServicesConfig(services, server_port, allow_targets, tests, server_kind)
 
 
 def build_policy(config: ServicesConfig, server: HostPort | None) -> ServicePolicy:
@@ -200,7 +210,9 @@ def build_policy(config: ServicesConfig, server: HostPort | None) -> ServicePoli
     from proxy.tunnel.services import DEFAULT_SERVICE as TUNNEL_DEFAULT
     from proxy.tunnel.services import Service, ServicePolicy
 
-    default = None if server is None else Service(TUNNEL_DEFAULT, (server.host, server.port), config.server_port)
+    default = None if server is None else Service(
+        TUNNEL_DEFAULT, (server.host, server.port), config.server_port, kind=config.server_kind
+    )
     services = tuple(
         Service(entry.name, (entry.target.host, entry.target.port), entry.port, entry.allow, entry.kind)
         for entry in config.services

@@ -30,6 +30,9 @@ def test_keynode_demo_passes() -> None:
     assert f"tunnel A -> B: path direct, remote {udp['B']}" in output
     caller = re.search(rf"caller NodeId as the server saw it: ({NODE_ID})", output)
     assert caller is not None and caller.group(1) == nodes["A"]
+    # ... read by the out-of-process grpcio server from the metadata B injected (kind grpc).
+    assert re.search(r"node B  v[0-9a-v]{52}  UDP \S+  server 127\.0\.0\.1:\d+ \(kind grpc, pid \d+\)", output)
+    assert f"the server process read x-keynode-node-id from its metadata: {nodes['A']}" in output
     assert re.search(r"500 unary round trips\s+tunnel: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"direct: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"64 MiB stream\s+tunnel: [\d.]+ MiB/s\s+direct: [\d.]+ MiB/s", output)

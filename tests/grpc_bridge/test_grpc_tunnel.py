@@ -1,5 +1,9 @@
 """Real gRPC through the tunnel: unmodified grpcio server behind one proxy, client through the other.
 
+Every tunnel test runs twice (``kind``): the server as a "tcp" service (the byte
+splice) and as a "grpc" one (the identity relay `keynode run` plugs in, so HTTP/2 is
+re-originated toward the server): the in-process caller lookup works in both.
+
 grpcio is threaded: its server runs its own threads, and every blocking client call
 goes through ``trio.to_thread`` so the trio loop (both proxies) keeps running.
 """
@@ -20,7 +24,9 @@ import pytest
 import trio
 
 from grpc_bridge import CallerLookup, NodeIdentityInterceptor, current_caller, parse_grpc_peer
+from proxy.app.grpc_app import service_splicers
 from proxy.tunnel.address_book import AddressBook
+from proxy.tunnel.services import Service, ServicePolicy
 from tests.proxy.test_proxy_support import TOKEN, Node, running_node
 
 SERVICE = "keynode.test.Echo"
@@ -106,8 +112,14 @@ class Tunnel:
     server: GrpcServer
 
 
+@pytest.fixture(params=["tcp", "grpc"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The remote server's service kind."""
+    return str(request.param)
+
+
 @asynccontextmanager
-async def grpc_tunnel() -> AsyncIterator[Tunnel]:
+async def grpc_tunnel(kind: str = "tcp") -> AsyncIterator[Tunnel]:
     token = trio.lowlevel.current_trio_token()
     holder: dict[str, Any] = {}
 
@@ -117,11 +129,13 @@ async def grpc_tunnel() -> AsyncIterator[Tunnel]:
             return super().info_for_peer(peer)
 
     interceptor = NodeIdentityInterceptor(LateLookup(None, token))
-    async with grpc_server([interceptor]) as server, running_node(server.port) as remote:
-        holder["proxy"] = remote.proxy
-        book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
-        async with running_node(address_book=book) as local:
-            yield Tunnel(local, remote, server)
+    async with grpc_server([interceptor]) as server:
+        policy = ServicePolicy(default=Service("server", ("127.0.0.1", server.port), None, kind=kind))
+        async with running_node(server.port, policy=policy, splicers=service_splicers()) as remote:
+            holder["proxy"] = remote.proxy
+            book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
+            async with running_node(address_book=book) as local:
+                yield Tunnel(local, remote, server)
 
 
 def call(channel: grpc.Channel, method: str, request: bytes, timeout: float = 20) -> Any:
@@ -129,9 +143,9 @@ def call(channel: grpc.Channel, method: str, request: bytes, timeout: float = 20
 
 
 @pytest.mark.parametrize("form", ["http_proxy", "connect_server"])
-async def test_unary_calls_and_caller_identity(form: str) -> None:
+async def test_unary_calls_and_caller_identity(form: str, kind: str) -> None:
     with trio.fail_after(60):
-        async with grpc_tunnel() as tunnel:
+        async with grpc_tunnel(kind) as tunnel:
             make = channel_via_http_proxy if form == "http_proxy" else channel_via_connect_server
             channel = make(tunnel.local, tunnel.remote)
             try:
@@ -147,9 +161,9 @@ async def test_unary_calls_and_caller_identity(form: str) -> None:
                 await trio.to_thread.run_sync(channel.close)
 
 
-async def test_server_stream_of_10000_messages() -> None:
+async def test_server_stream_of_10000_messages(kind: str) -> None:
     with trio.fail_after(90):
-        async with grpc_tunnel() as tunnel:
+        async with grpc_tunnel(kind) as tunnel:
             channel = channel_via_http_proxy(tunnel.local, tunnel.remote)
             try:
 
@@ -163,9 +177,9 @@ async def test_server_stream_of_10000_messages() -> None:
                 await trio.to_thread.run_sync(channel.close)
 
 
-async def test_4_mib_messages_both_ways() -> None:
+async def test_4_mib_messages_both_ways(kind: str) -> None:
     with trio.fail_after(90):
-        async with grpc_tunnel() as tunnel:
+        async with grpc_tunnel(kind) as tunnel:
             channel = channel_via_connect_server(tunnel.local, tunnel.remote)
             try:
                 payload = os.urandom(4 << 20)
@@ -182,9 +196,9 @@ async def test_4_mib_messages_both_ways() -> None:
                 await trio.to_thread.run_sync(channel.close)
 
 
-async def test_50_concurrent_calls() -> None:
+async def test_50_concurrent_calls(kind: str) -> None:
     with trio.fail_after(90):
-        async with grpc_tunnel() as tunnel:
+        async with grpc_tunnel(kind) as tunnel:
             channel = channel_via_http_proxy(tunnel.local, tunnel.remote)
             try:
 

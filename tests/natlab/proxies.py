@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 # Processes in a namespace inherit our cwd; the path makes the imports independent of it.
 PYTHON = ["env", f"PYTHONPATH={REPO}", "PYTHONUNBUFFERED=1", sys.executable]
-ECHO_SERVICE = "keynode.demo.Echo"  # proxy.app.demo's echo server
+ECHO_SERVICE = "keynode.demo.Echo"  # grpc_bridge/demo_server.py
 CHUNK = 64 * 1024
 START_TIMEOUT = 20.0
 
@@ -385,10 +385,12 @@ def _wait_for_stop_signal() -> None:
 
 
 def serve_grpc_echo() -> None:
-    """proxy.app.demo's unmodified grpcio echo server on 127.0.0.1 until SIGTERM."""
-    from proxy.app.demo import start_echo_server
+    """The demo's unmodified grpcio echo server (grpc_bridge/demo_server.py) on
+    127.0.0.1 until SIGTERM."""
+    from grpc_bridge.demo_server import build_server
 
-    server, port = start_echo_server(lambda peer: peer)
+    server, port = build_server("127.0.0.1", 0)
+    server.start()
     _report(event="listening", port=port)
     _wait_for_stop_signal()
     server.stop(0).wait(5)
