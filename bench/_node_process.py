@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,12 @@ async def run_node(server_port: int | None, token: str) -> None:
         print(json.dumps(counters), flush=True)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class NodeProcess:
     """The parent's handle on one node process started from ``script``."""
 
@@ -59,11 +66,7 @@ class NodeProcess:
         return f"127.0.0.1:{self.proxy_port}?nodeId={self.node_id}"
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the process used so far (Linux /proc)."""
-        import os
-
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def close(self) -> None:
         """Close stdin (the node stops) and read its counters; kill it if it hangs."""

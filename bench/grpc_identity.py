@@ -34,8 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,17 +42,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _node_process import NodeProcess, run_node  # noqa: E402  (bench/ is on sys.path)
+from _grpc_support import CHUNK, OPTIONS, percentile, start_server  # noqa: E402  (bench/ is on sys.path)
+from _node_process import NodeProcess, process_cpu_seconds, run_node  # noqa: E402
 
 TOKEN = "bench-token"
 
 SERVICE = "keynode.bench.Identity"
-CHUNK = 256 << 10
-OPTIONS = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-]
 
 
 # --- the relay process -----------------------------------------------------------------
@@ -114,44 +107,11 @@ class RelayProcess:
         self.port = int(line.split(": ")[1])
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
-
-
-# --- the grpcio server ------------------------------------------------------------------
-
-
-def start_server() -> tuple[Any, int]:
-    import grpc
-
-    def unary(request: bytes, context: Any) -> bytes:
-        return request
-
-    def upload(requests: Iterator[bytes], context: Any) -> bytes:
-        total = 0
-        for chunk in requests:
-            total += len(chunk)
-        return str(total).encode()
-
-    def download(request: bytes, context: Any) -> Iterator[bytes]:
-        block = b"\xab" * CHUNK
-        for _ in range(int(request)):
-            yield block
-
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload),
-        "Download": grpc.unary_stream_rpc_method_handler(download),
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -185,11 +145,6 @@ def download_rate(channel: Any, total: int) -> float:
     elapsed = time.perf_counter() - start
     assert received == total // CHUNK * CHUNK
     return total / elapsed / (1 << 20)
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 @dataclass
@@ -258,7 +213,7 @@ def main() -> None:
         serve_relay(arguments.serve_relay, arguments.target)
         return
 
-    server, server_port = start_server()
+    server, server_port = start_server(SERVICE)
     stack: list[Any] = []
     paths: dict[str, Route] = {}
     try:

@@ -32,11 +32,9 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,15 +43,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _grpc_support import CHUNK, OPTIONS, Child, percentile, serve_bridge, start_server  # noqa: E402  (bench/ is on sys.path)
+
 SCRIPT = str(Path(__file__).resolve())
 TOKEN = "bench-token"
 SERVICE = "keynode.bench.Stack"
-CHUNK = 256 << 10
-OPTIONS = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-]
 
 
 # --- child processes ----------------------------------------------------------------------
@@ -82,85 +76,6 @@ def serve_node(server_port: int | None, kind: str) -> None:
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
 
     trio.run(main)
-
-
-def serve_bridge(spec_text: str) -> None:
-    """The grpc-web bridge (grpc_bridge.web) toward a direct server or through a node."""
-    import trio
-
-    from grpc_bridge.web import WebBridgeSettings, serve_web_bridge
-    from grpc_bridge.web_connect import direct_upstream, tunnel_upstream
-
-    spec = json.loads(spec_text)
-    if "forward_port" in spec:
-        opener = tunnel_upstream("127.0.0.1", spec["forward_port"], spec["target"], TOKEN)
-    else:
-        opener = direct_upstream("127.0.0.1", spec["port"])
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            settings = WebBridgeSettings("127.0.0.1", 0, (), "bench")
-            _, port = await nursery.start(serve_web_bridge, settings, opener)
-            print(json.dumps({"port": port}), flush=True)
-            await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-
-
-class Child:
-    """A child of this script: one JSON line, then it runs until its stdin closes."""
-
-    def __init__(self, *args: str) -> None:
-        command = [sys.executable, SCRIPT, *args]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{args[0]} process failed to start")
-        self.info = json.loads(line)
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-# --- the grpcio server (this process) ----------------------------------------------------
-
-
-def start_server() -> tuple[Any, int]:
-    import grpc
-
-    def unary(request: bytes, context: Any) -> bytes:
-        return request
-
-    def upload(requests: Iterator[bytes], context: Any) -> bytes:
-        return str(sum(len(chunk) for chunk in requests)).encode()
-
-    def download(request: bytes, context: Any) -> Iterator[bytes]:
-        block = b"\xab" * CHUNK
-        for _ in range(int(request)):
-            yield block
-
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload),
-        "Download": grpc.unary_stream_rpc_method_handler(download),
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 # --- clients -------------------------------------------------------------------------------
@@ -260,11 +175,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def timed(action: Callable[[], None]) -> float:
     start = time.perf_counter()
     action()
@@ -273,7 +183,7 @@ def timed(action: Callable[[], None]) -> float:
 
 def build(server_port: int, children: list[Child]) -> dict[str, Route]:
     def child(*args: str) -> Child:
-        children.append(Child(*args))
+        children.append(Child(SCRIPT, *args))
         return children[-1]
 
     forward = child("node")
@@ -356,7 +266,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="unary rounds, interleaved across paths")
     parser.add_argument("--stream-mib", type=int, default=64, help="MiB per streaming run")
     arguments = parser.parse_args()
-    server, server_port = start_server()
+    server, server_port = start_server(SERVICE)
     children: list[Child] = []
     paths: dict[str, Route] = {}
     try:
@@ -384,6 +294,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "node":
         serve_node(int(sys.argv[2]) if len(sys.argv) > 2 else None, sys.argv[3] if len(sys.argv) > 3 else "tcp")
     elif len(sys.argv) > 1 and sys.argv[1] == "bridge":
-        serve_bridge(sys.argv[2])
+        serve_bridge(sys.argv[2], TOKEN)
     else:
         main()

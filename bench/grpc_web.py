@@ -21,7 +21,6 @@ import os
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._node_process import NodeProcess, run_node  # noqa: E402
+from _grpc_support import Child, serve_bridge  # noqa: E402  (bench/ is on sys.path)
+from _node_process import NodeProcess, run_node  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 TOKEN = "bench-token"
@@ -62,54 +62,6 @@ def serve_grpc() -> None:
     print(json.dumps({"port": port}), flush=True)
     sys.stdin.read()
     server.stop(None).wait()
-
-
-def serve_bridge(upstream: str) -> None:
-    import trio
-
-    from grpc_bridge.web import WebBridgeSettings, serve_web_bridge
-    from grpc_bridge.web_connect import direct_upstream, tunnel_upstream
-
-    spec = json.loads(upstream)
-    if "forward_port" in spec:
-        opener = tunnel_upstream("127.0.0.1", spec["forward_port"], spec["target"], TOKEN)
-    else:
-        opener = direct_upstream("127.0.0.1", spec["port"])
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            settings = WebBridgeSettings("127.0.0.1", 0, (), "bench")
-            host, port = await nursery.start(serve_web_bridge, settings, opener)
-            print(json.dumps({"port": port}), flush=True)
-            await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-
-
-class Child:
-    """A helper process of this script that prints one JSON line, then runs until its stdin closes."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{args[0]} process failed to start")
-        self.info = json.loads(line)
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class WebClient:
@@ -233,9 +185,9 @@ def main() -> None:
 
     children: list[Any] = []
     try:
-        server = Child("server")
+        server = Child(SCRIPT, "server")
         children.append(server)
-        bridge = Child("bridge", json.dumps({"port": server.info["port"]}))
+        bridge = Child(SCRIPT, "bridge", json.dumps({"port": server.info["port"]}))
         children.append(bridge)
         paths: dict[str, tuple[Callable[[], None], dict[str, Any]]] = {}
         closers: list[Callable[[], None]] = []
@@ -259,7 +211,7 @@ def main() -> None:
             closers.append(close)
             nodes = {"server": server, "local node": local, "remote node": remote}
             paths["native+tunnel"] = (tunnelled, nodes)
-            tunnel_bridge = Child("bridge", json.dumps({"forward_port": local.forward_port, "target": remote.target()}))
+            tunnel_bridge = Child(SCRIPT, "bridge", json.dumps({"forward_port": local.forward_port, "target": remote.target()}))
             children.append(tunnel_bridge)
             web_tunnel = WebClient(tunnel_bridge.info["port"], payload)
             closers.append(web_tunnel.close)
@@ -304,7 +256,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "server":
         serve_grpc()
     elif len(sys.argv) > 1 and sys.argv[1] == "bridge":
-        serve_bridge(sys.argv[2])
+        serve_bridge(sys.argv[2], TOKEN)
     elif len(sys.argv) > 1 and sys.argv[1] == "node":
         import trio
 
