@@ -19,6 +19,7 @@ from tests.grpc_bridge.test_identity_injection_support import (
     GrpcServer,
     RelayListener,
     channel_to,
+    closing_channel,
     expected_metadata,
     fixed_caller,
     grpc_server,
@@ -47,11 +48,8 @@ class Setup:
 @asynccontextmanager
 async def relayed(**relay_options: int) -> AsyncIterator[Setup]:
     async with grpc_server() as server, relay_listener(server.port, fixed_caller, **relay_options) as listener:
-        channel = channel_to(listener.port)
-        try:
+        async with closing_channel(channel_to(listener.port)) as channel:
             yield Setup(server, listener, channel)
-        finally:
-            await trio.to_thread.run_sync(channel.close)
 
 
 

@@ -1,5 +1,6 @@
 """Shared by the identity-injection tests: an unmodified grpcio server that reports
-what metadata it saw, and a TCP listener running the h2 identity relay toward it.
+what metadata it saw, a TCP listener running the h2 identity relay toward it, and a
+grpcio channel to a remote node's service through a local node's CONNECT port.
 
 grpcio is threaded: blocking client calls go through ``trio.to_thread``.
 """
@@ -23,6 +24,8 @@ import trio
 from grpc_bridge.h2_identity import certificate_sha256, identity_headers, identity_relay, relay_with_identity, run_relay
 from grpc_bridge.h2_relay import H2IdentityRelay
 from proxy.identity.node_id import NodeId
+from proxy.tunnel.address_book import AddressBook
+from tests.proxy.test_proxy_support import TOKEN, Node, running_node
 
 SERVICE = "keynode.test.Identity"
 MAX_MESSAGE = 64 << 20
@@ -199,6 +202,27 @@ async def fixed_caller(stream: trio.SocketStream) -> Caller:
 
 def channel_to(port: int) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+
+
+@asynccontextmanager
+async def closing_channel(channel: grpc.Channel) -> AsyncIterator[grpc.Channel]:
+    """``channel``, closed on exit in a worker thread (grpcio's close blocks)."""
+    try:
+        yield channel
+    finally:
+        await trio.to_thread.run_sync(channel.close)
+
+
+@asynccontextmanager
+async def channel_through_tunnel(remote: Node, port: int) -> AsyncIterator[tuple[Node, grpc.Channel]]:
+    """A local node that knows where ``remote`` is, and a grpcio channel to the NodeId
+    target ``remote``:``port`` through the local node's CONNECT port (``grpc.http_proxy``)."""
+    book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
+    async with running_node(address_book=book) as local:
+        proxy_url = f"http://user:{TOKEN}@{local.proxy.forward_host}:{local.proxy.forward_port}"
+        options: list[tuple[str, Any]] = [*GRPC_OPTIONS[:2], ("grpc.http_proxy", proxy_url)]
+        async with closing_channel(grpc.insecure_channel(f"{remote.node_id}:{port}", options=options)) as channel:
+            yield local, channel
 
 
 def method(channel: grpc.Channel, kind: str, name: str) -> Any:

@@ -17,24 +17,22 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from grpc_bridge.h2_identity import parse_peer_header
-from proxy.tunnel.address_book import AddressBook
 from tests.grpc_bridge.test_identity_injection_support import (
-    GRPC_OPTIONS,
     Caller,
     GrpcServer,
+    channel_through_tunnel,
     expected_metadata,
     grpc_server,
     method,
     relay_listener,
 )
-from tests.proxy.test_proxy_support import TOKEN, Node, running_node
+from tests.proxy.test_proxy_support import Node, running_node
 
 FORGED_METADATA = (("x-keynode-node-id", "vforged"), ("x-keynode-peer-bin", b"\x00"), ("x-keynode-peer", "By=x"))
 
@@ -65,15 +63,8 @@ async def identity_tunnel() -> AsyncIterator[Tunnel]:
     async with grpc_server() as server, relay_listener(server.port, identify) as listener:
         async with running_node(listener.port) as remote:
             holder["remote"] = remote
-            book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
-            async with running_node(address_book=book) as local:
-                proxy_url = f"http://user:{TOKEN}@{local.proxy.forward_host}:{local.proxy.forward_port}"
-                options: list[tuple[str, Any]] = [*GRPC_OPTIONS[:2], ("grpc.http_proxy", proxy_url)]
-                channel = grpc.insecure_channel(f"{remote.node_id}:443", options=options)
-                try:
-                    yield Tunnel(local, remote, server, channel)
-                finally:
-                    await trio.to_thread.run_sync(channel.close)
+            async with channel_through_tunnel(remote, 443) as (local, channel):
+                yield Tunnel(local, remote, server, channel)
 
 
 async def test_the_server_reads_the_verified_caller_from_metadata() -> None:

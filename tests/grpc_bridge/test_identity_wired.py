@@ -24,18 +24,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from grpc_bridge.h2_identity import parse_peer_header
 from proxy.app.grpc_app import service_splicers
-from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.services import Service, ServicePolicy
 from tests.grpc_bridge.test_identity_injection_support import (
-    GRPC_OPTIONS,
     SERVICE,
     Caller,
     GrpcServer,
+    channel_through_tunnel,
     expected_metadata,
     grpc_server,
     method,
 )
-from tests.proxy.test_proxy_support import TOKEN, Node, connect_ok, running_node
+from tests.proxy.test_proxy_support import Node, connect_ok, running_node
 
 RPC_PORT = 50051
 # Every x-keynode-* form grpcio lets a client send: both headers, duplicates, -bin,
@@ -72,15 +71,8 @@ async def wired_tunnel() -> AsyncIterator[WiredTunnel]:
         remote.proxy.set_policy(
             ServicePolicy(services=(Service("rpc", ("127.0.0.1", server.port), RPC_PORT, kind="grpc"),))
         )
-        book = AddressBook({remote.node_id: ("127.0.0.1", remote.proxy.proxy_port)})
-        async with running_node(address_book=book) as local:
-            proxy_url = f"http://user:{TOKEN}@{local.proxy.forward_host}:{local.proxy.forward_port}"
-            options: list[tuple[str, Any]] = [*GRPC_OPTIONS[:2], ("grpc.http_proxy", proxy_url)]
-            channel = grpc.insecure_channel(f"{remote.node_id}:{RPC_PORT}", options=options)
-            try:
-                yield WiredTunnel(local, remote, server, channel)
-            finally:
-                await trio.to_thread.run_sync(channel.close)
+        async with channel_through_tunnel(remote, RPC_PORT) as (local, channel):
+            yield WiredTunnel(local, remote, server, channel)
 
 
 async def test_every_call_kind_reads_the_verified_caller_and_no_forgery() -> None:
