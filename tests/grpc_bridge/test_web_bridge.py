@@ -82,6 +82,21 @@ async def bridged_recorder(allow_origins: tuple[str, ...] = ()) -> AsyncIterator
 ECHO = f"/{SERVICE}/Echo"
 
 
+async def gated_call_started(address: tuple[str, int]) -> tuple[trio.SocketStream, bytes]:
+    """A raw grpc-web call of Gated, read until its first message came: the stream and
+    what it read (the server holds "second" until ``recorder.gate`` is set)."""
+    stream = await trio.open_tcp_stream(*address)
+    request = (
+        b"POST /keynode.test.Web/Gated HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
+        b"content-length: 5\r\n\r\n" + frame(b"")
+    )
+    await stream.send_all(request)
+    seen = b""
+    while frame(b"first") not in seen:
+        seen += await stream.receive_some(65536)
+    return stream, seen
+
+
 def ok_trailers(answer: WebAnswer) -> tuple[list[bytes], dict[bytes, bytes]]:
     assert answer.status == 200, answer
     messages, trailers = answer.parse()
@@ -107,15 +122,7 @@ async def test_chunked_bodies_in_any_pieces_binary_and_text(piece: int) -> None:
 async def test_server_stream_arrives_incrementally() -> None:
     with trio.fail_after(30):
         async with bridged_recorder() as (recorder, address, opens):
-            stream = await trio.open_tcp_stream(*address)
-            request = (
-                b"POST /keynode.test.Web/Gated HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
-                b"content-length: 5\r\n\r\n" + frame(b"")
-            )
-            await stream.send_all(request)
-            seen = b""
-            while frame(b"first") not in seen:  # the server holds "second" until we saw "first"
-                seen += await stream.receive_some(65536)
+            stream, seen = await gated_call_started(address)
             assert b"second" not in seen
             recorder.gate.set()
             while b"grpc-status:0" not in seen:
@@ -413,15 +420,7 @@ async def test_graceful_server_shutdown_lets_the_call_in_flight_finish() -> None
     # flight: the bridge must keep its upstream connection for them (h2 alone would not).
     with trio.fail_after(30):
         async with bridged_recorder() as (recorder, address, opens):
-            stream = await trio.open_tcp_stream(*address)
-            request = (
-                b"POST /keynode.test.Web/Gated HTTP/1.1\r\nhost: b\r\ncontent-type: application/grpc-web\r\n"
-                b"content-length: 5\r\n\r\n" + frame(b"")
-            )
-            await stream.send_all(request)
-            seen = b""
-            while frame(b"first") not in seen:
-                seen += await stream.receive_some(65536)
+            stream, seen = await gated_call_started(address)
             stopped = recorder.server.stop(grace=20)
             while len(opens) < 2:  # once the bridge has the GOAWAY, a new call opens a new connection
                 await post(address, ECHO, [frame(b"x")])
