@@ -27,6 +27,7 @@ from grpc_bridge import CallerLookup, NodeIdentityInterceptor, current_caller, p
 from proxy.app.grpc_app import service_splicers
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.services import Service, ServicePolicy
+from tests.grpc_bridge.grpc_server_support import serving_on_loopback
 from tests.proxy.test_proxy_support import TOKEN, Node, running_node
 
 SERVICE = "keynode.test.Echo"
@@ -76,14 +77,8 @@ async def grpc_server(interceptors: list[grpc.ServerInterceptor] | None = None) 
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), interceptors=interceptors or [], options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await trio.to_thread.run_sync(server.start)
-    try:
+    async with serving_on_loopback(server, handler) as port:
         yield GrpcServer(server, port)
-    finally:
-        stopped = server.stop(grace=None)
-        await trio.to_thread.run_sync(stopped.wait, 5)
 
 
 def channel_via_http_proxy(local: Node, remote: Node) -> grpc.Channel:

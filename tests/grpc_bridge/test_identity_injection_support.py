@@ -25,6 +25,7 @@ from grpc_bridge.h2_identity import certificate_sha256, identity_headers, identi
 from grpc_bridge.h2_relay import H2IdentityRelay
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.address_book import AddressBook
+from tests.grpc_bridge.grpc_server_support import serving_on_loopback
 from tests.proxy.test_proxy_support import TOKEN, Node, running_node
 
 SERVICE = "keynode.test.Identity"
@@ -126,14 +127,8 @@ async def grpc_server() -> AsyncIterator[GrpcServer]:
     """An unmodified grpcio server on 127.0.0.1 (bytes in, bytes out: no generated code)."""
     state = ServerState()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers(state)),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await trio.to_thread.run_sync(server.start)
-    try:
+    async with serving_on_loopback(server, grpc.method_handlers_generic_handler(SERVICE, handlers(state))) as port:
         yield GrpcServer(port, state, server)
-    finally:
-        stopped = server.stop(grace=None)
-        await trio.to_thread.run_sync(stopped.wait, 5)
 
 
 @dataclass(frozen=True)

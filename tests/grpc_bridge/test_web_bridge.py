@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from grpc_bridge.web_connect import direct_upstream
+from tests.grpc_bridge.grpc_server_support import serving_on_loopback
 from tests.grpc_bridge.test_web_support import running_bridge
 from tests.grpc_bridge.test_web_wire import BINARY, TEXT, WebAnswer, frame, post, scripted_upstream, text_chunks
 
@@ -59,24 +60,20 @@ async def bridged_recorder(allow_origins: tuple[str, ...] = ()) -> AsyncIterator
             "Gated": grpc.unary_stream_rpc_method_handler(recorder.gated),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await trio.to_thread.run_sync(server.start)
-    recorder.server = server
+    recorder.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     opens: list[int] = []
-    direct = direct_upstream("127.0.0.1", port)
+    async with serving_on_loopback(recorder.server, handler) as port:
+        direct = direct_upstream("127.0.0.1", port)
 
-    async def counting() -> trio.abc.Stream:
-        opens.append(1)
-        return await direct()
+        async def counting() -> trio.abc.Stream:
+            opens.append(1)
+            return await direct()
 
-    try:
-        async with running_bridge(counting, allow_origins) as address:
-            yield recorder, address, opens
-    finally:
-        recorder.gate.set()
-        await trio.to_thread.run_sync(server.stop(grace=None).wait, 5)
+        try:
+            async with running_bridge(counting, allow_origins) as address:
+                yield recorder, address, opens
+        finally:
+            recorder.gate.set()  # before the server stops: a Gated call in flight returns
 
 
 ECHO = f"/{SERVICE}/Echo"

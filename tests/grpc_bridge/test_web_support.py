@@ -27,6 +27,7 @@ import trio
 from grpc_bridge.web import WebBridgeSettings, serve_web_bridge
 from grpc_bridge.web_connect import direct_upstream
 from grpc_bridge.web_upstream import OpenUpstream
+from tests.grpc_bridge.grpc_server_support import serving_on_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_DIR = REPO / "tests" / "node"
@@ -176,14 +177,8 @@ async def interop_server() -> AsyncIterator[GrpcServer]:
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await trio.to_thread.run_sync(server.start)
-    try:
+    async with serving_on_loopback(server, handler) as port:
         yield GrpcServer(server, port)
-    finally:
-        stopped = server.stop(grace=None)
-        await trio.to_thread.run_sync(stopped.wait, 5)
 
 
 @asynccontextmanager
