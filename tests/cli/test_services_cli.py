@@ -8,7 +8,6 @@ stays; SIGHUP reloads too."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from proxy.app.node_dir import keygen
 from tests.cli.helpers import run_keynode, run_keynode_async, start_node
 from tests.cli.test_cli_run import PATIENT
 from tests.grpc_bridge.test_grpc_tunnel import GRPC_OPTIONS, SERVICE, grpc_server
+from tests.proxy.test_proxy_support import connect_reading_refusal
 
 
 class NamedServers:
@@ -103,24 +103,7 @@ async def connect(node: Any, target: str) -> tuple[int, bytes, trio.SocketStream
     """A raw CONNECT through ``node``: status, the refusal's body, the stream."""
     host, port = node.info["forward"].rsplit(":", 1)
     token = (node.directory / "auth_token").read_text().strip()
-    stream = await trio.open_tcp_stream(host, int(port))
-    client = h11.Connection(h11.CLIENT)
-    auth = "Basic " + base64.b64encode(token.encode()).decode()
-    request = h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)])
-    await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
-    status, body = 0, b""
-    while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
-            client.receive_data(await stream.receive_some(65536))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            if status == 200:
-                return status, b"", stream
-        elif isinstance(event, h11.Data):
-            body += event.data
-        else:
-            return status, body, stream
+    return await connect_reading_refusal(host, int(port), target, token)
 
 
 async def status_of(node: Any) -> Any:

@@ -89,6 +89,35 @@ async def http_connect(
         return ConnectReply(event.status_code, dict(event.headers), stream, leftover)
 
 
+async def connect_reading_refusal(
+    host: str, port: int, target: str, token: str = TOKEN
+) -> tuple[int, bytes, trio.SocketStream]:
+    """One CONNECT to the forward port at ``host``:``port``: its status, a refusal's body
+    (read to the end of the answer) and the stream (on 200, the tunnel; the caller closes it)."""
+    stream = await trio.open_tcp_stream(host, port)
+    client = h11.Connection(h11.CLIENT)
+    auth = "Basic " + base64.b64encode(token.encode()).decode()
+    request = h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)])
+    try:
+        await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                if status == 200:
+                    return status, b"", stream
+            elif isinstance(event, h11.Data):
+                body += event.data
+            else:
+                return status, body, stream
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
 async def connect_ok(proxy: Proxy, target: str, **kwargs: Any) -> trio.SocketStream:
     reply = await http_connect(proxy, target, **kwargs)
     assert reply.status == 200, reply.status

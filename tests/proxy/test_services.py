@@ -5,13 +5,11 @@ and before any connection to the target, [forward] allow_targets, live policy sw
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import h11
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
@@ -25,10 +23,10 @@ from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.records import CallerIdentity, EndReason
 from proxy.tunnel.services import Service, ServicePolicy, named_in, server_name_for
 from tests.proxy.test_proxy_support import (
-    TOKEN,
     Node,
     Server,
     connect_ok,
+    connect_reading_refusal,
     digest_after_eof,
     echo_round,
     random_payload,
@@ -42,25 +40,9 @@ from tests.proxy.test_strangers import original_forward
 
 async def connect_answer(node: Node, target: str) -> tuple[int, str]:
     """A CONNECT's status and (for a refusal) its body."""
-    stream = await trio.open_tcp_stream(node.proxy.forward_host, node.proxy.forward_port)
-    client = h11.Connection(h11.CLIENT)
-    auth = "Basic " + base64.b64encode(TOKEN.encode()).decode()
-    request = h11.Request(method="CONNECT", target=target, headers=[("Host", target), ("Proxy-Authorization", auth)])
-    await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
-    status, body = 0, b""
-    async with stream:
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                client.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                if status == 200:
-                    return status, ""
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, body.decode()
+    status, body, stream = await connect_reading_refusal(node.proxy.forward_host, node.proxy.forward_port, target)
+    await stream.aclose()
+    return status, body.decode()
 
 
 @asynccontextmanager
