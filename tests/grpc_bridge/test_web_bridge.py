@@ -24,6 +24,7 @@ from grpc_bridge.web_connect import direct_upstream
 from tests.grpc_bridge.grpc_server_support import serving_on_loopback
 from tests.grpc_bridge.test_web_support import running_bridge
 from tests.grpc_bridge.test_web_wire import BINARY, TEXT, WebAnswer, frame, post, scripted_upstream, text_chunks
+from tests.proxy.test_proxy_support import receive_all
 
 SERVICE = "keynode.test.Web"
 
@@ -92,6 +93,13 @@ async def gated_call_started(address: tuple[str, int]) -> tuple[trio.SocketStrea
     while frame(b"first") not in seen:
         seen += await stream.receive_some(65536)
     return stream, seen
+
+
+async def answer_until_closed(address: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data`` on a new connection to the bridge; all it answers until it closes."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(data)
+        return await receive_all(stream)
 
 
 def ok_trailers(answer: WebAnswer) -> tuple[list[bytes], dict[bytes, bytes]]:
@@ -177,16 +185,8 @@ async def test_garbage_connections_get_400_and_the_bridge_keeps_serving() -> Non
     with trio.fail_after(30):
         async with bridged_recorder() as (recorder, address, opens):
             for garbage in (b"\x16\x03\x01\x02\x00" + bytes(300), b"GET / HTTP/1.1\r\n" + b"x" * 70000, b"\r\n\r\n\r\n"):
-                stream = await trio.open_tcp_stream(*address)
-                await stream.send_all(garbage)
-                answer = b""
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    answer += data
+                answer = await answer_until_closed(address, garbage)
                 assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
-                await stream.aclose()
             ok_trailers(await post(address, ECHO, [frame(b"ok")]))
             assert recorder.calls == 1 and len(opens) == 1
 
@@ -329,21 +329,14 @@ async def test_http2_garbage_after_the_preface_ends_only_that_connection() -> No
 
     with trio.fail_after(30):
         async with bridged_recorder() as (recorder, address, opens):
-            stream = await trio.open_tcp_stream(*address)
-            await stream.send_all(H2_PREFACE + b"\x00\x00\x04\x09\xff\x00\x00\x00\x01" + bytes(64))
-            received = b""
-            while True:  # the bridge answers with its SETTINGS and a GOAWAY, then closes
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                received += data
+            garbage = H2_PREFACE + b"\x00\x00\x04\x09\xff\x00\x00\x00\x01" + bytes(64)
+            received = await answer_until_closed(address, garbage)  # its SETTINGS and a GOAWAY, then it closes
             kinds, position = [], 0
             while position + 9 <= len(received):
                 length = int.from_bytes(received[position : position + 3], "big")
                 kinds.append(received[position + 3])
                 position += 9 + length
             assert kinds[0] == 0x4 and kinds[-1] == 0x7, kinds  # SETTINGS first, GOAWAY last
-            await stream.aclose()
             ok_trailers(await post(address, ECHO, [frame(b"ok")]))
     assert recorder.calls == 1 and len(opens) == 1
 
@@ -434,16 +427,9 @@ async def test_http2_overlong_frame_header_is_refused_on_arrival() -> None:
 
     with trio.fail_after(30):
         async with bridged_recorder() as (recorder, address, opens):
-            stream = await trio.open_tcp_stream(*address)
             # A DATA frame header announcing 16 MiB - 1: refused at once, not buffered first.
-            await stream.send_all(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
-            received = b""
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                received += data
-            await stream.aclose()
+            frame_header = H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01"
+            received = await answer_until_closed(address, frame_header)
     goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")  # GOAWAY on stream 0
     assert goaway > 0 and received[goaway + 10 : goaway + 14] == (6).to_bytes(4, "big")  # FRAME_SIZE_ERROR
     assert recorder.calls == 0 and opens == []
