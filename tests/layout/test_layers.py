@@ -55,9 +55,6 @@ LONG_MODULES = {
     # bench/utp_core.py: a split along a seam would add a call or an attribute hop per
     # packet (one extra call measured +3-4% on bulk). Cap it all the same.
     "nat.utp.sending": 720,
-    # The Proxy facade took the rendezvous and the service policy in wave 2 (merged at
-    # once); its CONNECT front end is the next seam to move out, with the paths work.
-    "proxy.tunnel.proxy": 640,
 }
 
 

@@ -1,0 +1,321 @@
+"""Paths, not addresses: a tunnel belongs to a peer NodeId, and its uTP datagrams
+take a path, a direct UDP address or a relayed ``VirtualPath`` (nat/utp/paths.py)
+through a relay node. The path may change under a live tunnel
+(``UtpStream.move_to``: same uTP connection, same TLS session, nothing lost).
+
+``TunnelPaths`` (one per Proxy) decides:
+
+- **Starting by NodeId.** The relay nodes are asked and both sides punch
+  (rendezvous ``find_path``). If no authenticated path is confirmed within
+  ``punch_window`` and a relay route to the peer exists, the tunnel starts over
+  the relay at once; the punch keeps going in the background. (Starting relayed
+  at once costs a relayed start on every connection, even the 22 of 25 NAT pairs
+  that punch within 0.1 s, and then a move; waiting up to the window costs only
+  the hard pairs the window: bench/paths.py measures both.)
+- **Upgrading.** A tunnel on a relay path asks for a direct path again (the
+  lookup makes the relay introduce the two nodes again and both punch); a path
+  is taken only when this node's authenticated PING was answered by the peer's
+  authenticated PONG (rendezvous ``PathConfirmed``: proof both ways from this
+  side). Each side moves its own half on its own proof; a datagram of the tunnel
+  that arrives over the new path before this side moved is dropped by nat and
+  resent by uTP, so nothing depends on who moves first.
+- **Falling back.** A tunnel on a direct path whose peer has been silent for
+  ``silent_after`` (about two missed keep-alives) moves to the relay path, and
+  starts upgrading again.
+- **Rebinding.** A peer whose authenticated PONGs now come from another address
+  (its NAT gave it a new mapping) is moved to that address, by the same rule.
+
+Nothing but the rendezvous's authenticated evidence (and the relay's
+authenticated sender) moves a tunnel: a spoofed datagram from a new address is
+dropped by nat (``UtpStats.path_mismatch``) and counted.
+
+Liveness (``PathPeer``): on a direct path, the shared 4-byte ``Peer`` of the
+address (keep-alive PINGs, as for every original peer); on a relay path, the
+relay link's own keep-alive and the relay's PEER_GONE, i.e. the route existing.
+A tunnel dies when its current path is dead and no other is available.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from nat.utp.paths import VirtualPath
+from proxy.identity.errors import KeynodeError
+from proxy.identity.node_id import NodeId
+from proxy.tunnel.errors import ConnectionKeepAliveTimeout
+from proxy.tunnel.hosts import format_host_port
+from proxy.tunnel.peer import Address, Peer, PeerRegistry, normalize_address
+from proxy.tunnel.records import PathMove
+
+log = logging.getLogger("keynode.paths")
+
+MOVES_KEPT = 8  # the last moves a tunnel's status shows (the count is kept in full)
+
+
+class RelayRoutes(Protocol):
+    """The relay transport as paths of the endpoint: a path to ``peer`` through a
+    relay node this node is registered with, or None (no relay, none reachable)."""
+
+    def path_to(self, peer: NodeId) -> VirtualPath | None: ...
+
+
+class PathFinder(Protocol):
+    """The rendezvous: an authenticated direct path to a NodeId (or a typed error)."""
+
+    async def find_path(self, node_id: NodeId) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class PathTimers:
+    punch_window: float = 1.0  # a CONNECT by NodeId waits this long for a punch, then takes the relay
+    silent_after: float = 2.5  # direct peer silent this long (x keep-alive interval 1 s): to the relay
+    upgrade_retry: float = 5.0  # a relayed tunnel asks for a direct path again after a failed punch
+    check_interval: float = 0.25  # how often a tunnel's path is checked
+
+
+def relay_of(path: object) -> NodeId | None:
+    """The relay node a relayed path goes through (keys are ("relay", relay, peer))."""
+    if type(path) is VirtualPath and isinstance(path.key, tuple) and len(path.key) == 3:
+        relay = path.key[1]
+        if isinstance(relay, NodeId):
+            return relay
+    return None
+
+
+def relay_sender(path: VirtualPath) -> NodeId | None:
+    """The peer a relayed path leads to (the relay authenticated it as the sender)."""
+    if isinstance(path.key, tuple) and len(path.key) == 3 and isinstance(path.key[2], NodeId):
+        return path.key[2]
+    return None
+
+
+def relayed_address(node_id: NodeId) -> Address:
+    """The registry's key for a tunnel that started relayed: no address is known."""
+    return (f"relay:{node_id}", 0)
+
+
+class PathPeer:
+    """The liveness of a tunnel whose path may change: what the connection watches
+    instead of one address's ``Peer`` (same attributes)."""
+
+    def __init__(self, direct: Peer | None) -> None:
+        self.direct = direct
+        self.relayed = direct is None
+        self.heard = trio.Event()
+        self.died = trio.Event()
+        self.proven = trio.Event()
+        self.proven.set()
+        self.death: BaseException | None = None
+        if direct is None or direct.heard.is_set():
+            self.heard.set()
+
+    @property
+    def last_heard(self) -> float | None:
+        return None if self.direct is None else self.direct.last_heard
+
+    def prove(self) -> None:
+        if self.direct is not None:
+            self.direct.prove()
+
+    async def wait_heard(self) -> None:
+        if self.death is not None:
+            raise self.death
+        if not self.relayed and self.direct is not None:
+            await self.direct.wait_heard()
+        self.heard.set()
+
+    def die(self, death: BaseException) -> None:
+        if not self.died.is_set():
+            self.death = death
+            self.died.set()
+
+
+class TunnelPath:
+    """The path of one tunnel, its moves, and the task that keeps it right."""
+
+    def __init__(self, paths: TunnelPaths, connection: Any, node_id: NodeId, peer: PathPeer) -> None:
+        self.paths = paths
+        self.connection = connection
+        self.node_id = node_id
+        self.peer = peer
+        self.moves: list[PathMove] = []
+        self.move_count = 0
+
+    @property
+    def current(self) -> object:
+        utp = self.connection.utp
+        return None if utp is None else utp.path
+
+    @property
+    def kind(self) -> str:
+        return "relay" if type(self.current) is VirtualPath else "direct"
+
+    @property
+    def via(self) -> NodeId | None:
+        return relay_of(self.current)
+
+    def _move(self, path: object, reason: str, direct: Peer | None) -> None:
+        utp = self.connection.utp
+        before = self.kind
+        started = time.perf_counter()
+        utp.move_to(path)
+        took = time.perf_counter() - started
+        self.peer.direct, self.peer.relayed = direct, direct is None
+        address = None
+        if type(path) is not VirtualPath:
+            self.connection.address = normalize_address(path)  # type: ignore[arg-type]
+            address = format_host_port(*self.connection.address)
+        move = PathMove(at=time.time(), from_path=before, to_path=self.kind, reason=reason,
+                        address=address, via=None if self.via is None else str(self.via))
+        self.move_count += 1
+        self.moves.append(move)
+        del self.moves[:-MOVES_KEPT]
+        log.info("%s: path %s -> %s (%s)%s", self.connection.what, move.from_path, move.to_path, reason,
+                 f" via relay {move.via}" if move.via else f" to {move.address}",
+                 extra={"fields": {"event": "path_changed", "node_id": str(self.node_id), "from": before,
+                                   "to": move.to_path, "reason": reason, "address": move.address,
+                                   "via": move.via, "direction": self.connection.direction.value,
+                                   "move_seconds": took}})
+        self.paths.changed(self.connection, move)
+
+    async def follow(self) -> None:
+        """Until the connection ends: upgrade a relayed path, fall back from a silent
+        direct one, follow a rebinding; each only on authenticated evidence."""
+        timers = self.paths.timers
+        async with AsyncExitStack() as held:  # the direct Peers this task took
+            next_try = 0.0
+            while True:
+                if self.peer.relayed:
+                    if self.paths.routes is None or self.paths.routes.path_to(self.node_id) is None:
+                        self.peer.die(ConnectionKeepAliveTimeout(f"the relay path to {self.node_id} is gone"))
+                        return
+                    if trio.current_time() >= next_try:
+                        address = await self.paths.punch(self.node_id)
+                        if address is None:
+                            next_try = trio.current_time() + timers.upgrade_retry
+                        else:
+                            proven = await held.enter_async_context(self.paths.peers.use(address))
+                            self._move(address, "direct path proven by authenticated ping/pong", proven)
+                else:
+                    direct = self.peer.direct
+                    assert direct is not None
+                    silent = direct.last_heard is None or trio.current_time() - direct.last_heard > timers.silent_after
+                    route = None if self.paths.routes is None else self.paths.routes.path_to(self.node_id)
+                    if (silent or direct.died.is_set()) and route is not None:
+                        self._move(route, "direct path silent", None)
+                        next_try = trio.current_time() + timers.upgrade_retry
+                    elif direct.died.is_set():
+                        self.peer.die(direct.death or ConnectionKeepAliveTimeout("peer died"))
+                        return
+                    else:
+                        confirmed = self.paths.confirmed(self.node_id)
+                        current = normalize_address(self.current)  # type: ignore[arg-type]
+                        if confirmed is not None and normalize_address(confirmed) != current:
+                            rebound = await held.enter_async_context(self.paths.peers.use(confirmed))
+                            self._move(confirmed, "peer's authenticated pings from a new address", rebound)
+                await trio.sleep(timers.check_interval)
+
+
+class TunnelPaths:
+    """The path decisions of one Proxy (see the module docstring)."""
+
+    def __init__(self, peers: PeerRegistry, finder: PathFinder | None, routes: RelayRoutes | None,
+                 address_book: Mapping[NodeId, tuple[str, int]], timers: PathTimers,
+                 on_change: Callable[[Any, PathMove], None]) -> None:
+        self.peers = peers
+        self.finder = finder
+        self.routes = routes
+        self.address_book = address_book
+        self.timers = timers
+        self.on_change = on_change
+        self._nursery: trio.Nursery | None = None
+        self._punching: dict[NodeId, trio.Event] = {}
+        self._results: dict[NodeId, tuple[Address | None, BaseException | None]] = {}
+        self.fallbacks = 0  # CONNECTs that started over a relay because no punch succeeded in time
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def changed(self, connection: Any, move: PathMove) -> None:
+        self.on_change(connection, move)
+
+    def confirmed(self, node_id: NodeId) -> Address | None:
+        """The direct path the rendezvous holds confirmed for ``node_id`` now, if any."""
+        core = getattr(self.finder, "core", None)
+        if core is None:
+            return None
+        path = core.node.path(bytes(node_id))
+        return None if path is None else normalize_address(path)
+
+    def _start_punch(self, node_id: NodeId) -> trio.Event:
+        done = self._punching.get(node_id)
+        if done is not None:
+            return done
+        done = self._punching[node_id] = trio.Event()
+        finder = self.finder
+        assert finder is not None and self._nursery is not None
+
+        async def punch() -> None:
+            try:
+                self._results[node_id] = (normalize_address(await finder.find_path(node_id)), None)
+            except KeynodeError as error:
+                self._results[node_id] = (None, error)
+            finally:
+                del self._punching[node_id]
+                done.set()
+
+        self._nursery.start_soon(punch)
+        return done
+
+    async def punch(self, node_id: NodeId) -> Address | None:
+        """One lookup and punch toward ``node_id`` (shared by concurrent askers):
+        the confirmed direct address, or None."""
+        if self.finder is None or self._nursery is None:
+            return None
+        await self._start_punch(node_id).wait()
+        address, _ = self._results.get(node_id, (None, None))
+        return address
+
+    async def route(self, node_id: NodeId, find: Callable[[NodeId], Any]) -> Address | VirtualPath:
+        """Where a new tunnel to ``node_id`` starts: the address book's entry or a
+        punched path (``find``, the Proxy's find_path), or, when no punch succeeded
+        within ``punch_window`` and a relay route exists, the relay path."""
+        route = None if self.routes is None else self.routes.path_to(node_id)
+        if route is None or node_id in self.address_book or self.finder is None or self._nursery is None:
+            return normalize_address(await find(node_id))
+        done = self._start_punch(node_id)
+        with trio.move_on_after(self.timers.punch_window):
+            await done.wait()
+        if done.is_set():
+            address, error = self._results.get(node_id, (None, None))
+            if address is not None:
+                return address
+        self.fallbacks += 1
+        log.info("no direct path to %s within %g s: starting over relay %s", node_id,
+                 self.timers.punch_window, relay_of(route))
+        return route
+
+    def track(self, connection: Any, node_id: NodeId, peer: PathPeer, spawn: Callable[..., None]) -> TunnelPath:
+        """Follow ``connection``'s path from now on (its task runs in the connection nursery)."""
+        tracked = TunnelPath(self, connection, node_id, peer)
+
+        async def follow() -> None:
+            with trio.CancelScope() as scope:
+                connection.path_scope = scope
+                await tracked.follow()
+
+        spawn(follow)
+        return tracked
