@@ -136,7 +136,9 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "direction": info.direction.value,
             "state": "established",
             "node_id": str(info.remote_node_id),
-            "path": "direct",  # uTP straight to the peer's address ("relay" comes with relayed paths)
+            "path": info.path,  # "direct" (uTP to the peer's address) or "relay" (via a relay node)
+            "via": None if info.via is None else str(info.via),
+            "moves": {"count": status.move_count, "recent": [move.as_dict() for move in status.moves]},
             "remote": _address_text((info.remote_host, info.remote_port)),
             "local": _address_text(local),
             "age": round(now - status.established_at, 3),

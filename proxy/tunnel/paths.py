@@ -49,6 +49,7 @@ import trio
 from nat.utp.paths import VirtualPath
 from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
+from proxy.rendezvous.errors import NoDirectPath
 from proxy.tunnel.errors import ConnectionKeepAliveTimeout
 from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.peer import Address, Peer, PeerRegistry, normalize_address
@@ -147,6 +148,7 @@ class TunnelPath:
         self.peer = peer
         self.moves: list[PathMove] = []
         self.move_count = 0
+        self.relay_rtt_at: float | None = None  # when a relayed PATH_PONG last came
 
     @property
     def current(self) -> object:
@@ -187,14 +189,43 @@ class TunnelPath:
 
     async def follow(self) -> None:
         """Until the connection ends: upgrade a relayed path, fall back from a silent
-        direct one, follow a rebinding; each only on authenticated evidence."""
+        direct one, follow a rebinding; each only on authenticated evidence. While
+        relayed, the peer is kept alive by relayed authenticated pings."""
+        async with trio.open_nursery() as nursery:
+            if callable(getattr(self.paths.routes, "ping", None)):
+                nursery.start_soon(self._keep_relayed_alive)
+            await self._follow()
+            nursery.cancel_scope.cancel()
+
+    async def _keep_relayed_alive(self) -> None:
+        """While the tunnel is relayed: an end-to-end authenticated PATH_PING every
+        keep-alive interval; silent for the keep-alive timeout, the peer is dead."""
+        peers = self.paths.peers.timers
+        heard = trio.current_time()
+        while True:
+            if self.peer.relayed:
+                try:
+                    await self.paths.routes.ping(self.node_id, timeout=peers.keep_alive_interval * 2)  # type: ignore[union-attr]
+                    heard = trio.current_time()
+                    self.relay_rtt_at = heard
+                except KeynodeError:
+                    pass
+                if trio.current_time() - heard > peers.keep_alive_timeout:
+                    self.peer.die(ConnectionKeepAliveTimeout(
+                        f"no relayed PATH_PONG from {self.node_id} in {peers.keep_alive_timeout:g} s"))
+                    return
+            else:
+                heard = trio.current_time()
+            await trio.sleep(peers.keep_alive_interval)
+
+    async def _follow(self) -> None:
         timers = self.paths.timers
         async with AsyncExitStack() as held:  # the direct Peers this task took
             next_try = 0.0
             while True:
                 if self.peer.relayed:
                     if self.paths.routes is None or self.paths.routes.path_to(self.node_id) is None:
-                        self.peer.die(ConnectionKeepAliveTimeout(f"the relay path to {self.node_id} is gone"))
+                        self.peer.die(ConnectionKeepAliveTimeout(f"no relay route to {self.node_id} any more"))
                         return
                     if trio.current_time() >= next_try:
                         address = await self.paths.punch(self.node_id)
@@ -293,8 +324,7 @@ class TunnelPaths:
         """Where a new tunnel to ``node_id`` starts: the address book's entry or a
         punched path (``find``, the Proxy's find_path), or, when no punch succeeded
         within ``punch_window`` and a relay route exists, the relay path."""
-        route = None if self.routes is None else self.routes.path_to(node_id)
-        if route is None or node_id in self.address_book or self.finder is None or self._nursery is None:
+        if self.routes is None or node_id in self.address_book or self.finder is None or self._nursery is None:
             return normalize_address(await find(node_id))
         done = self._start_punch(node_id)
         with trio.move_on_after(self.timers.punch_window):
@@ -303,6 +333,16 @@ class TunnelPaths:
             address, error = self._results.get(node_id, (None, None))
             if address is not None:
                 return address
+            if error is not None and not isinstance(error, NoDirectPath):
+                raise error  # not registered anywhere, no relay answered: a relay cannot help
+        route = self.routes.path_to(node_id)  # after the lookup, which told where its home relay is
+        if route is None:
+            await done.wait()
+            address, error = self._results.get(node_id, (None, None))
+            if address is not None:
+                return address
+            assert error is not None
+            raise error
         self.fallbacks += 1
         log.info("no direct path to %s within %g s: starting over relay %s", node_id,
                  self.timers.punch_window, relay_of(route))

@@ -226,6 +226,8 @@ class Proxy:
                     await services.start(self.peers.run)
                     self.rendezvous = await start_rendezvous(services, endpoint, self.tls_config,
                                                              self.rendezvous_options)
+                    if self.relay_routes is None:  # the rendezvous's relayed paths, when it has them
+                        self.relay_routes = getattr(self.rendezvous, "routes", None)
                     self.paths = TunnelPaths(self.peers, self.rendezvous, self.relay_routes, self.address_book,
                                              self.path_timers, self._path_changed)
                     await services.start(self.paths.run)
