@@ -77,7 +77,8 @@ class PathFinder(Protocol):
 class PathTimers:
     punch_window: float = 1.0  # a CONNECT by NodeId waits this long for a punch, then takes the relay
     silent_after: float = 2.5  # direct peer silent this long (x keep-alive interval 1 s): to the relay
-    upgrade_retry: float = 5.0  # a relayed tunnel asks for a direct path again after a failed punch
+    upgrade_retry: float = 5.0  # a relayed tunnel asks for a direct path again after a failed punch,
+    upgrade_retry_max: float = 60.0  # doubling each time up to this (a hard NAT pair stays relayed)
     check_interval: float = 0.25  # how often a tunnel's path is checked
 
 
@@ -222,6 +223,7 @@ class TunnelPath:
         timers = self.paths.timers
         async with AsyncExitStack() as held:  # the direct Peers this task took
             next_try = 0.0
+            retry = timers.upgrade_retry
             while True:
                 if self.peer.relayed:
                     if self.paths.routes is None or self.paths.routes.path_to(self.node_id) is None:
@@ -230,8 +232,10 @@ class TunnelPath:
                     if trio.current_time() >= next_try:
                         address = await self.paths.punch(self.node_id)
                         if address is None:
-                            next_try = trio.current_time() + timers.upgrade_retry
+                            next_try = trio.current_time() + retry
+                            retry = min(retry * 2, timers.upgrade_retry_max)
                         else:
+                            retry = timers.upgrade_retry
                             proven = await held.enter_async_context(self.paths.peers.use(address))
                             self._move(address, "direct path proven by authenticated ping/pong", proven)
                 else:
