@@ -19,7 +19,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "nat": ("nat",),
     "proxy.identity": ("proxy.identity",),
     "proxy.tls": ("proxy.tls", "proxy.identity"),
-    "proxy.rendezvous": ("proxy.rendezvous", "proxy.identity", "nat"),
+    "proxy.rendezvous": ("proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.relay": ("proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.tunnel": ("proxy.tunnel", "proxy.rendezvous", "proxy.tls", "proxy.identity", "nat"),
     "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity",
