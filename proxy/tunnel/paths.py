@@ -38,6 +38,7 @@ A tunnel dies when its current path is dead and no other is available.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -150,6 +151,7 @@ class TunnelPath:
         self.moves: list[PathMove] = []
         self.move_count = 0
         self.relay_rtt_at: float | None = None  # when a relayed PATH_PONG last came
+        self._stall: tuple[int, float] | None = None  # (oldest unacknowledged seq, since when)
 
     @property
     def current(self) -> object:
@@ -219,42 +221,72 @@ class TunnelPath:
                 heard = trio.current_time()
             await trio.sleep(peers.keep_alive_interval)
 
+    def _stalled(self, now: float) -> bool:
+        """Data outstanding and no acknowledgement for ``silent_after``: the path
+        carries nothing back (the peer moved its half, or the path broke)."""
+        conn = self.connection.utp.connection
+        if not conn.unacked_packets:
+            self._stall = None
+            return False
+        oldest = conn.oldest_unacked_seq
+        if self._stall is None or self._stall[0] != oldest:
+            self._stall = (oldest, now)
+            return False
+        return now - self._stall[1] > self.paths.timers.silent_after
+
     async def _follow(self) -> None:
         timers = self.paths.timers
+        paths = self.paths
+        # Evidence counts only from punch sessions started after this: a path
+        # confirmed before the tunnel fell back from it proves nothing now.
+        floor = -math.inf if self.peer.relayed else trio.current_time()
         async with AsyncExitStack() as held:  # the direct Peers this task took
             next_try = 0.0
             retry = timers.upgrade_retry
+            punching: trio.Event | None = None
             while True:
+                now = trio.current_time()
                 if self.peer.relayed:
-                    if self.paths.routes is None or self.paths.routes.path_to(self.node_id) is None:
+                    if paths.routes is None or paths.routes.path_to(self.node_id) is None:
                         self.peer.die(ConnectionKeepAliveTimeout(f"no relay route to {self.node_id} any more"))
                         return
-                    if trio.current_time() >= next_try:
-                        address = await self.paths.punch(self.node_id)
-                        if address is None:
-                            next_try = trio.current_time() + retry
-                            retry = min(retry * 2, timers.upgrade_retry_max)
-                        else:
-                            retry = timers.upgrade_retry
-                            proven = await held.enter_async_context(self.paths.peers.use(address))
-                            self._move(address, "direct path proven by authenticated ping/pong", proven)
+                    confirmed = paths.confirmed(self.node_id, since=floor)
+                    if confirmed is not None:
+                        retry = timers.upgrade_retry
+                        proven = await held.enter_async_context(paths.peers.use(confirmed))
+                        self._move(confirmed, "direct path proven by authenticated ping/pong", proven)
+                        floor = trio.current_time()
+                        self._stall = None
+                    elif punching is not None and punching.is_set():
+                        punching = None  # failed (a success shows as confirmed above)
+                        next_try = now + retry
+                        retry = min(retry * 2, timers.upgrade_retry_max)
+                    elif punching is None and now >= next_try:
+                        punching = paths.start_punch(self.node_id, stale_before=floor)
                 else:
                     direct = self.peer.direct
                     assert direct is not None
-                    silent = direct.last_heard is None or trio.current_time() - direct.last_heard > timers.silent_after
-                    route = None if self.paths.routes is None else self.paths.routes.path_to(self.node_id)
-                    if (silent or direct.died.is_set()) and route is not None:
-                        self._move(route, "direct path silent", None)
-                        next_try = trio.current_time() + timers.upgrade_retry
+                    silent = direct.last_heard is None or now - direct.last_heard > timers.silent_after
+                    stalled = self._stalled(now)
+                    route = None if paths.routes is None else paths.routes.path_to(self.node_id)
+                    if (silent or stalled or direct.died.is_set()) and route is not None:
+                        self._move(route, "direct path silent" if silent else "direct path carries nothing back",
+                                   None)
+                        floor = now
+                        next_try = now + timers.upgrade_retry
+                        retry = timers.upgrade_retry
+                        self._stall = None
                     elif direct.died.is_set():
                         self.peer.die(direct.death or ConnectionKeepAliveTimeout("peer died"))
                         return
                     else:
-                        confirmed = self.paths.confirmed(self.node_id)
+                        confirmed = paths.confirmed(self.node_id, since=floor)
                         current = normalize_address(self.current)  # type: ignore[arg-type]
-                        if confirmed is not None and normalize_address(confirmed) != current:
-                            rebound = await held.enter_async_context(self.paths.peers.use(confirmed))
+                        if confirmed is not None and confirmed != current:
+                            rebound = await held.enter_async_context(paths.peers.use(confirmed))
                             self._move(confirmed, "peer's authenticated pings from a new address", rebound)
+                            floor = trio.current_time()
+                            self._stall = None
                 await trio.sleep(timers.check_interval)
 
 
@@ -287,21 +319,37 @@ class TunnelPaths:
     def changed(self, connection: Any, move: PathMove) -> None:
         self.on_change(connection, move)
 
-    def confirmed(self, node_id: NodeId) -> Address | None:
-        """The direct path the rendezvous holds confirmed for ``node_id`` now, if any."""
+    def confirmed(self, node_id: NodeId, since: float = -math.inf) -> Address | None:
+        """The direct path the rendezvous confirmed for ``node_id`` by this node's
+        authenticated PING and the peer's PONG, in a punch session started at
+        ``since`` or later (a lookup by either side makes both punch), if any."""
         core = getattr(self.finder, "core", None)
         if core is None:
             return None
-        path = core.node.path(bytes(node_id))
-        return None if path is None else normalize_address(path)
+        session = core.node.sessions.get(bytes(node_id))
+        if session is None or session.confirmed is None or session.started < since:
+            return None
+        return normalize_address(session.confirmed)
 
-    def _start_punch(self, node_id: NodeId) -> trio.Event:
+    def start_punch(self, node_id: NodeId, stale_before: float = -math.inf) -> trio.Event:
+        """A lookup and punch toward ``node_id`` in the background (one at a time per
+        NodeId); set when it ended. A confirmed session started before
+        ``stale_before`` (a path the tunnel fell back from) is dropped first, or the
+        rendezvous would answer with it instead of punching again."""
         done = self._punching.get(node_id)
         if done is not None:
             return done
-        done = self._punching[node_id] = trio.Event()
+        core = getattr(self.finder, "core", None)
+        if core is not None:
+            session = core.node.sessions.get(bytes(node_id))
+            if session is not None and session.started < stale_before:
+                del core.node.sessions[bytes(node_id)]
+        done = trio.Event()
         finder = self.finder
-        assert finder is not None and self._nursery is not None
+        if finder is None or self._nursery is None:  # no rendezvous: nothing to punch with
+            done.set()
+            return done
+        self._punching[node_id] = done
 
         async def punch() -> None:
             try:
@@ -315,22 +363,13 @@ class TunnelPaths:
         self._nursery.start_soon(punch)
         return done
 
-    async def punch(self, node_id: NodeId) -> Address | None:
-        """One lookup and punch toward ``node_id`` (shared by concurrent askers):
-        the confirmed direct address, or None."""
-        if self.finder is None or self._nursery is None:
-            return None
-        await self._start_punch(node_id).wait()
-        address, _ = self._results.get(node_id, (None, None))
-        return address
-
     async def route(self, node_id: NodeId, find: Callable[[NodeId], Any]) -> Address | VirtualPath:
         """Where a new tunnel to ``node_id`` starts: the address book's entry or a
         punched path (``find``, the Proxy's find_path), or, when no punch succeeded
         within ``punch_window`` and a relay route exists, the relay path."""
         if self.routes is None or node_id in self.address_book or self.finder is None or self._nursery is None:
             return normalize_address(await find(node_id))
-        done = self._start_punch(node_id)
+        done = self.start_punch(node_id)
         with trio.move_on_after(self.timers.punch_window):
             await done.wait()
         if done.is_set():
