@@ -45,6 +45,10 @@ TXID_SIZE = 12
 RELAY_OVERHEAD = HEADER.size + MAC_SIZE + INNER.size + NODE_ID_SIZE
 MAX_RELAYED = 2048  # a relayed datagram (a uTP datagram of mtu_payload + 20 and its SACK fits)
 RELAY_MAX_MESSAGE = MAX_RELAYED + RELAY_OVERHEAD
+# Replay windows of relay messages: a uTP window leaves a node within a millisecond,
+# hundreds of datagrams under one timestamp, so a sender's share of nonces is large.
+RELAY_NONCES_PER_SENDER = 8192
+RELAY_MAX_NONCES = 262144  # over all senders (about 190 bytes each: 50 MB at worst)
 
 Registered = Callable[[bytes, float], Address | None]  # raw NodeId, now -> its registered address
 
@@ -52,6 +56,12 @@ Registered = Callable[[bytes, float], Address | None]  # raw NodeId, now -> its 
 def is_relay_message(data: bytes) -> bool:
     """A keyed message of this module's types (the caller checked it is keyed)."""
     return MIN_RELAY_TYPE <= data[3] <= MAX_RELAY_TYPE
+
+
+def relay_opener(keyring: KeyRing, dropped: dict[str, int] | None = None) -> Opener:
+    """An Opener for relay messages (their size bound and replay windows)."""
+    return Opener(keyring, max_size=RELAY_MAX_MESSAGE, dropped=dropped,
+                  nonces_per_sender=RELAY_NONCES_PER_SENDER, max_nonces=RELAY_MAX_NONCES)
 
 
 def seal_relay(keyring: KeyRing, receiver: bytes, message_type: int, body: bytes, wall_ms: int) -> bytes:
@@ -80,7 +90,7 @@ class UdpRelayFront:
         self.keyring = keyring
         self.core = core
         self.registered = registered
-        self.opener = Opener(keyring, max_size=RELAY_MAX_MESSAGE, dropped=dropped)
+        self.opener = relay_opener(keyring, dropped)
         self.clients: dict[bytes, RelayClient] = {}  # the core's clients this front serves
         self._dirty: list[RelayClient] = []
         self.output: list[tuple[bytes, Address]] = []
@@ -92,7 +102,7 @@ class UdpRelayFront:
         """A new identity for this relay node (``keynode rotate``): messages are boxed
         with its keys, clients admitted by its new rendezvous core."""
         self.keyring = keyring
-        self.opener = Opener(keyring, max_size=RELAY_MAX_MESSAGE, dropped=dropped)
+        self.opener = relay_opener(keyring, dropped)
         self.registered = registered
 
     def receive(self, data: bytes, source: Address, now: float, wall_ms: int) -> None:

@@ -59,6 +59,7 @@ from proxy.rendezvous.relay_udp import (
     RELAY_RECV,
     RELAY_SEND,
     TXID_SIZE,
+    relay_opener,
     seal_relay,
 )
 from proxy.rendezvous.wire import Opener
@@ -110,7 +111,7 @@ class RelayRoutes:
         self.counters = {"received": 0, "delivered": 0, "not_from_relay": 0, "unexpected_type": 0, "sent": 0,
                          "send_failed": 0, "pings_sent": 0, "pings_answered": 0, "pongs": 0, "forged_path_messages": 0,
                          "dropped_sources": 0, "gone": 0}
-        self._opener = Opener(service.keyring, max_size=RELAY_MAX_MESSAGE)  # messages from relays
+        self._opener = relay_opener(service.keyring)  # messages from relays
         self._path_opener = Opener(service.keyring, max_size=RELAY_MAX_MESSAGE)  # end to end, from peers
         self._paths: dict[tuple[bytes, bytes], VirtualPath] = {}
         self._node_ids: dict[bytes, NodeId] = {}
@@ -119,6 +120,11 @@ class RelayRoutes:
         self._found_via: dict[bytes, bytes] = {}  # peer -> relay that found it in a lookup
         self._pings: dict[bytes, tuple[trio.Event, float, list[float]]] = {}
         self._nursery: trio.Nursery | None = None
+        # Relayed datagrams wait here until the socket's batch is read, then go to the
+        # endpoint as one batch per path: one uTP service (and its delayed ACKs) per
+        # batch, not per datagram.
+        self._pending: dict[VirtualPath, list[bytes]] = {}
+        self._pending_event = trio.Event()
 
     # --- the interface for the tunnel -------------------------------------------------
 
@@ -309,6 +315,19 @@ class RelayRoutes:
     def _receive_link(self, relay: bytes, batch: list[tuple[NodeId, bytes]]) -> None:
         for source, datagram in batch:
             self._deliver(relay, bytes(source), datagram)
+        self._flush_pending()  # a link delivers a whole read at once already
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        receive = self.endpoint.receive_batch_from_path
+        for path, datagrams in pending.items():
+            receive(datagrams, path)
+
+    async def _deliver_pending(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event = trio.Event()
+            self._flush_pending()
 
     def _deliver(self, relay: bytes, source: bytes, datagram: bytes) -> None:
         path = self._paths.get((relay, source))
@@ -324,8 +343,13 @@ class RelayRoutes:
         self.counters["delivered"] += 1
         if is_keyed_message(datagram):
             self._path_message(relay, source, datagram)
+            return
+        pending = self._pending.get(path)
+        if pending is None:
+            self._pending[path] = [datagram]
+            self._pending_event.set()
         else:
-            self.endpoint.receive_from_path(datagram, path)
+            pending.append(datagram)
 
     def _path_message(self, relay: bytes, source: bytes, datagram: bytes) -> None:
         now = trio.current_time()
@@ -371,6 +395,7 @@ class RelayRoutes:
         """Start TCP links when UDP registration gets no answer; until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._deliver_pending)
             task_status.started()
             started = trio.current_time()
             while True:
@@ -407,8 +432,7 @@ class RelayRoutes:
         opener = self._opener
         if opener.keyring is not self.service.keyring or (core is not None and opener.dropped is not core.dropped):
             keyring = self.service.keyring  # a new key (`keynode rotate`), or the core started
-            self._opener = opener = Opener(keyring, max_size=RELAY_MAX_MESSAGE,
-                                           dropped=None if core is None else core.dropped)
+            self._opener = opener = relay_opener(keyring, None if core is None else core.dropped)
             self._path_opener = Opener(keyring, max_size=RELAY_MAX_MESSAGE)
         return opener
 
