@@ -90,15 +90,15 @@ class Opener:
     """Opens received keyed messages; counts what it drops by reason (``dropped``)."""
 
     def __init__(self, keyring: KeyRing, *, max_senders: int = MAX_SENDERS, max_size: int = MAX_SIZE,
-                 dropped: dict[str, int] | None = None, nonces_per_sender: int = NONCES_PER_SENDER,
-                 max_nonces: int = MAX_NONCES) -> None:
+                 dropped: dict[str, int] | None = None, nonces_per_sender: int | None = None,
+                 max_nonces: int | None = None) -> None:
         self.keyring = keyring
         self.max_senders = max_senders
         self.max_size = max_size
         # A sender's share must exceed what it can send within one millisecond (its
         # oldest nonce's stamp becomes its floor): relayed datagrams need far more.
         self.nonces_per_sender = nonces_per_sender
-        self.max_nonces = max_nonces
+        self.max_nonces = max_nonces  # None: the module's bounds (read when used)
         self._senders: OrderedDict[bytes, _Sender] = OrderedDict()
         # ``dropped``: another Opener's counters to share (one socket, one account).
         self.dropped: dict[str, int] = dropped if dropped is not None else {
@@ -167,7 +167,7 @@ class Opener:
         # stale), and its oldest one when it holds its share.
         while nonces:
             first_nonce, first_stamp = next(iter(nonces.items()))
-            if first_stamp + MAX_SKEW_MS >= wall_ms and len(nonces) < self.nonces_per_sender:
+            if first_stamp + MAX_SKEW_MS >= wall_ms and len(nonces) < (self.nonces_per_sender or NONCES_PER_SENDER):
                 break
             self._evict(state, wall_ms)
         nonces[nonce] = stamp
@@ -175,7 +175,7 @@ class Opener:
         state.newest_ms = max(state.newest_ms, stamp)
         # All senders together hold at most MAX_NONCES: the least recently heard lose
         # their oldest first (their floor rises, so nothing evicted can come back).
-        while self._total > self.max_nonces:
+        while self._total > (self.max_nonces or MAX_NONCES):
             _, victim = next(iter(senders.items()))
             if victim.nonces:
                 self._evict(victim, wall_ms)
