@@ -106,6 +106,7 @@ class RendezvousService:
         self.relay_front: UdpRelayFront | None = None
         self.relay_server: RelayServer | None = None
         self._nursery: trio.Nursery | None = None
+        self._relay_pending = trio.Event()
 
     # --- what the node knows ------------------------------------------------------
 
@@ -199,6 +200,8 @@ class RendezvousService:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.routes.run)
+                if self.relay_front is not None:
+                    nursery.start_soon(self._flush_relay_soon)
                 task_status.started()
                 while True:
                     deadline = self.core.next_deadline()
@@ -233,6 +236,7 @@ class RendezvousService:
         front = self.relay_front
         if front is None:
             front = self.relay_front = UdpRelayFront(self.keyring, self.relay_core, registered, core.dropped)
+            front.on_pending = self._on_relay_pending
         else:
             front.rebind(self.keyring, registered, core.dropped)
         relay_core = self.relay_core
@@ -340,6 +344,17 @@ class RendezvousService:
             return
         core.receive(data, _plain(address), now)
         self._after(now)
+
+    async def _flush_relay_soon(self) -> None:
+        """What TCP clients sent to UDP clients of the relay goes out here."""
+        while True:
+            await self._relay_pending.wait()
+            self._relay_pending = trio.Event()
+            if self.relay_front is not None:
+                self._flush_relay(trio.current_time())
+
+    def _on_relay_pending(self) -> None:
+        self._relay_pending.set()
 
     def _flush_relay(self, now: float) -> None:
         front = self.relay_front

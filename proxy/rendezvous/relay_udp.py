@@ -79,7 +79,10 @@ class _UdpClient:
 
     def __call__(self) -> None:
         if self.client is not None:
-            self.front._dirty.append(self.client)
+            front = self.front
+            if not front._dirty and not front._receiving and front.on_pending is not None:
+                front.on_pending()  # queued by another transport (a TCP client's SEND)
+            front._dirty.append(self.client)
 
 
 class UdpRelayFront:
@@ -93,6 +96,10 @@ class UdpRelayFront:
         self.opener = relay_opener(keyring, dropped)
         self.clients: dict[bytes, RelayClient] = {}  # the core's clients this front serves
         self._dirty: list[RelayClient] = []
+        self._receiving = False
+        # Called when the core queues for a UDP client outside ``receive`` (a TCP
+        # client sent to it): the driver then calls ``flush`` soon.
+        self.on_pending: Callable[[], None] | None = None
         self.output: list[tuple[bytes, Address]] = []
         self.counters = {"received": 0, "unregistered": 0, "unexpected_type": 0, "sent": 0,
                          "destination_expired": 0, "too_large": 0}
@@ -122,7 +129,11 @@ class UdpRelayFront:
             if client is None:
                 self.counters["unregistered"] += 1
                 return
-        self.core.handle_frame(client, SEND, opened.body, now)
+        self._receiving = True
+        try:
+            self.core.handle_frame(client, SEND, opened.body, now)
+        finally:
+            self._receiving = False
         self.flush(now, wall_ms)
 
     def _admit(self, key: bytes, now: float) -> RelayClient | None:
