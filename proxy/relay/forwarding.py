@@ -40,6 +40,7 @@ from proxy.relay.frames import (
     GONE_DISCONNECTED,
     GONE_REPLACED,
     HEADER_SIZE,
+    KEYED,
     MAX_DATAGRAM,
     PEER_GONE,
     PING,
@@ -123,6 +124,8 @@ class RelayCore:
         self._clients: dict[bytes, RelayClient] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
         self.admit: Callable[[bytes, float], RelayClient | None] | None = None
+        # KEYED frames from a client (a rendezvous message over its link), if anyone takes them
+        self.on_keyed: Callable[[RelayClient, bytes, float], None] | None = None
         self.capture: Callable[[bytes], None] | None = None
         self._server_info = encode_frame(ServerInfo(
             PROTOCOL_VERSION, MAX_DATAGRAM, self.limits.rate, self.limits.burst,
@@ -238,6 +241,11 @@ class RelayCore:
             self._enqueue(client, PONG, body)
         elif frame_type == PONG:
             pass  # heard from: last_heard is all a PONG is for
+        elif frame_type == KEYED:
+            if self.on_keyed is None:
+                self.stats.drops[UNKNOWN_TYPE] += 1
+            else:
+                self.on_keyed(client, body, now)
         else:
             self.stats.drops[MALFORMED] += 1
             raise RelayProtocolError(f"a client may not send frame type 0x{frame_type:02x}")
@@ -312,6 +320,11 @@ class RelayCore:
         if was_empty:
             client.wake()
         return True
+
+    def send_keyed(self, node_id: NodeId, message: bytes) -> bool:
+        """Queue a KEYED frame (a rendezvous message) for a client; False if it has none."""
+        client = self._clients.get(bytes(node_id))
+        return client is not None and self._enqueue(client, KEYED, message)
 
     def announce_restart(self, reconnect_in: float, try_for: float) -> None:
         """Tell every client the relay is going away and when to come back

@@ -44,7 +44,7 @@ from proxy.rendezvous.addresses import (
 from proxy.rendezvous.core import Rendezvous
 from proxy.rendezvous.errors import NodeNotFound, NoDirectPath, RendezvousUnavailable
 from proxy.rendezvous.keys import KeyRing
-from proxy.rendezvous.messages import Address
+from proxy.rendezvous.messages import LOOKUP, Address
 from proxy.rendezvous.node import (
     HomeChanged,
     Introduced,
@@ -195,7 +195,7 @@ class RendezvousService:
         for peer_id, relay_id, address in home:
             self.core.node.add_relay(relay_id, address)
             self._home[peer_id] = (*self._home.get(peer_id, ()), relay_id)
-        self.endpoint.on_keyed_message = self._receive
+        self.endpoint.on_keyed_message = self.receive_keyed
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -245,6 +245,7 @@ class RendezvousService:
             return node_id not in front.clients and relay_core.client(NodeId(node_id)) is not None
 
         registrations.relayed_only = relayed_only
+        self.relay_core.on_keyed = self._keyed_from_link
 
     async def configure_relay(self, tls_config: Any, *, limits: RelayLimits | None = None,
                               tcp_port: int | None = None, tcp_fallback_after: float | None = None) -> None:
@@ -319,7 +320,7 @@ class RendezvousService:
                 found.append(local)
         return tuple(found[:8])
 
-    def _receive(self, data: bytes, address: tuple[Any, ...]) -> None:
+    def receive_keyed(self, data: bytes, address: tuple[Any, ...]) -> None:
         """The endpoint's keyed-message handler (synchronous)."""
         core = self.core
         if core is None:
@@ -344,6 +345,15 @@ class RendezvousService:
             return
         core.receive(data, _plain(address), now)
         self._after(now)
+
+    def _keyed_from_link(self, client: Any, message: bytes, now: float) -> None:
+        """A rendezvous message from a node linked over TCP (its lookups)."""
+        core, relay_core = self.core, self.relay_core
+        if core is None or relay_core is None:
+            return
+        answer = core.receive_over_link(message, client.key, now)
+        if answer is not None:
+            relay_core.send_keyed(client.node_id, answer)
 
     async def _flush_relay_soon(self) -> None:
         """What TCP clients sent to UDP clients of the relay goes out here."""
@@ -371,6 +381,8 @@ class RendezvousService:
         core = self.core
         assert core is not None
         for data, address in core.take_datagrams():
+            if data[3] == LOOKUP and self.routes.send_over_link(data, address):
+                continue  # to a relay this node reaches over TCP only
             try:
                 self.endpoint.send_message(data, address)
             except (ValueError, EndpointClosed):

@@ -164,6 +164,21 @@ class RelayCore:
         reply = LookupReply(message.txid, message.target, True, (target.observed,), target.lan, target.record)
         return [(sender, source, reply), (message.target, target.observed, signed)]
 
+    def lookup_reply(self, sender: bytes, message: Lookup, now: float) -> LookupReply | None:
+        """The answer to a LOOKUP that came over a relay link (TCP): rate-limited per
+        NodeId, found if registered here or linked; no introduction (None if limited)."""
+        if not self.per_node.take(sender, now):
+            self.counters["rate_limited"] += 1
+            return None
+        self.counters["lookups"] += 1
+        target = self.registration(message.target, now)
+        if target is not None and message.target != sender:
+            return LookupReply(message.txid, message.target, True, (target.observed,), target.lan, target.record)
+        if message.target != sender and self.relayed_only is not None and self.relayed_only(message.target):
+            return LookupReply(message.txid, message.target, True)
+        self.counters["not_found"] += 1
+        return LookupReply(message.txid, message.target, False)
+
     def expire(self, now: float) -> None:
         """Drop expired registrations from the front (the oldest refreshed)."""
         while self.registrations:

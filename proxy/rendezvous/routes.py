@@ -76,6 +76,8 @@ class RouteHost(Protocol):
 
     def home_relays_of(self, peer: bytes) -> tuple[bytes, ...]: ...
 
+    def receive_keyed(self, data: bytes, address: tuple[Any, ...]) -> None: ...
+
     def wake(self) -> None: ...
 
 __all__ = ["RelayPathEvent", "RelayRoutes", "relay_path"]
@@ -411,13 +413,32 @@ class RelayRoutes:
             return False
         return not any(state.registered for state in core.node.relays.values() if state.own)
 
+    def send_over_link(self, message: bytes, address: Address) -> bool:
+        """A rendezvous message for the relay at ``address`` over its TCP link, when this
+        node is linked to it and not registered over UDP (else False: send it by UDP)."""
+        core = self.service.core
+        if core is None or not self.links:
+            return False
+        for relay, state in core.node.relays.items():
+            if state.address == address and not state.registered:
+                link = self.links.get(relay)
+                return link is not None and link.send_keyed(message)
+        return False
+
+    def _receive_keyed(self, relay: bytes, message: bytes) -> None:
+        core = self.service.core
+        state = None if core is None else core.node.relays.get(relay)
+        if state is not None:  # as if it came from the relay's UDP address: the core checks the box
+            self.service.receive_keyed(message, state.address)
+
     def _start_link(self, relay: RelayAddress) -> None:
         key = bytes(relay.node_id)
         if key in self.links or self._nursery is None or relay.tcp_port is None:
             return
         link = RelayLink(self.tls_config, LinkAddress(relay.node_id, relay.host, relay.tcp_port),
                          on_receive_batch=lambda batch: self._receive_link(key, batch),
-                         on_peer_gone=lambda peer, reason: self._gone(key, bytes(peer)))
+                         on_peer_gone=lambda peer, reason: self._gone(key, bytes(peer)),
+                         on_keyed=lambda message: self._receive_keyed(key, message))
         self.links[key] = link
         log.info("no UDP registration with any relay node: relaying over TCP to %s@%s:%d",
                  relay.node_id, relay.host, relay.tcp_port)

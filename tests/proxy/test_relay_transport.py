@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from proxy.rendezvous.addresses import RelayAddress
+from proxy.rendezvous.errors import NoDirectPath
 from proxy.rendezvous.routes import relay_path
 
 from .test_relay_udp_support import (
@@ -42,12 +44,17 @@ async def test_a_node_whose_udp_gets_no_answer_relays_over_tcp_and_is_reached_by
                 async with udp_node(relays=(blocked,), tcp_fallback_after=0.2) as tcp_only, \
                         udp_node(relays=(relay.relay_address(),)) as on_udp:
                     await wait_for(lambda: registered_with(on_udp, relay))
-                    link = tcp_only.service.routes.links.get(bytes(relay.node_id))
                     await wait_for(lambda: tcp_only.service.routes.links.get(bytes(relay.node_id)) is not None)
                     link = tcp_only.service.routes.links[bytes(relay.node_id)]
                     await wait_for(lambda: link.registered)
                     assert not registered_with(tcp_only, relay)
                     assert tcp_only.service.routes.home_relay == relay.node_id
+                    # its own lookups go over the link (KEYED frames): the UDP node is found
+                    # (NodeNotFound otherwise), and nothing answers a punch from a stranger
+                    with pytest.raises(NoDirectPath):
+                        await tcp_only.service.find_path(on_udp.node_id)
+                    relay_counters = relay.service.counters["relay"]
+                    assert relay_counters["lookups"] >= 1 and relay_counters["introductions"] == 0
                     # the node on UDP finds the TCP-only node by NodeId: found, no address to punch
                     core = on_udp.service.core
                     assert core is not None
