@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.identity.node_id import NODE_ID_SIZE, NodeId
+from proxy.relay.errors import RelayFull
 from proxy.relay.forwarding import RelayClient, RelayCore
 from proxy.relay.frames import PEER_GONE, RECV, RECV_BATCH, SEND, split_batch
 from proxy.rendezvous.errors import MessageRejected
@@ -102,7 +103,7 @@ class UdpRelayFront:
         self.on_pending: Callable[[], None] | None = None
         self.output: list[tuple[bytes, Address]] = []
         self.counters = {"received": 0, "unregistered": 0, "unexpected_type": 0, "sent": 0,
-                         "destination_expired": 0, "too_large": 0}
+                         "destination_expired": 0, "full": 0}
         core.admit = self._admit
 
     def rebind(self, keyring: KeyRing, registered: Registered, dropped: dict[str, int] | None = None) -> None:
@@ -141,7 +142,11 @@ class UdpRelayFront:
         if self.registered(key, now) is None:
             return None
         wake = _UdpClient(self)
-        client = self.core.register(NodeId(key), wake, now)
+        try:
+            client = self.core.register(NodeId(key), wake, now)
+        except RelayFull:
+            self.counters["full"] += 1  # the core counted it too (refused_full)
+            return None
         wake.client = client
         self.clients[key] = client
         client.take_output()  # SERVER_INFO: REGISTERED already told the node

@@ -9,10 +9,12 @@ import os
 import trio
 
 from nat.utp.paths import VirtualPath
+from proxy.relay.forwarding import RelayCore
 from proxy.relay.frames import HEADER_SIZE
 from proxy.relay.limits import LARGEST_SEND, RelayLimits
+from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.node import choose_home
-from proxy.rendezvous.relay_udp import RELAY_RECV, RELAY_SEND, seal_relay
+from proxy.rendezvous.relay_udp import RELAY_RECV, RELAY_SEND, UdpRelayFront, seal_relay
 from proxy.rendezvous.routes import relay_path
 
 from .test_relay_udp_support import (
@@ -206,3 +208,30 @@ async def test_the_address_record_names_the_home_relay_first() -> None:
             async with udp_node(relays=(r1.relay_address(),)) as caller:
                 caller.service.routes.learn(bytes(node.node_id), record.to_bytes())
                 assert caller.service.routes.relay_for(node.node_id) == home
+
+
+def test_the_udp_front_refuses_past_max_clients_and_forgets_expired_registrations() -> None:
+    """Sans-IO: the front over a core that holds one client; registrations are a dict."""
+    rings = [KeyRing(os.urandom(32)) for _ in range(3)]
+    relay, a, b = rings
+    registrations: dict[bytes, tuple[str, int]] = {a.node_id_bytes: ("127.0.0.1", 1000),
+                                                   b.node_id_bytes: ("127.0.0.1", 2000)}
+    core = RelayCore(RelayLimits(max_clients=1))
+    front = UdpRelayFront(relay, core, lambda key, now: registrations.get(key))
+    now, ms = 1.0, wall_ms()
+    front.receive(seal_relay(a, relay.node_id_bytes, RELAY_SEND, b.node_id_bytes + b"\x01x", ms), ("127.0.0.1", 1000),
+                  now, ms)
+    # a is the one client; b cannot be admitted: dropped and counted, nothing raised
+    assert front.counters["full"] == 1 and core.stats.refused_full == 1
+    assert core.stats.drops["no_such_peer"] == 1 and front.take_output() == []
+    # a's registration expires: the front lets its client go
+    del registrations[a.node_id_bytes]
+    front.expire(now + 1)
+    assert core.client_count == 0 and front.clients == {}
+    # now b fits, and a (unregistered) gets nothing through
+    front.receive(seal_relay(a, relay.node_id_bytes, RELAY_SEND, b.node_id_bytes + b"\x01y", ms + 1),
+                  ("127.0.0.1", 1000), now + 2, ms + 1)
+    assert front.counters["unregistered"] == 1 and front.take_output() == []
+    front.receive(seal_relay(b, relay.node_id_bytes, RELAY_SEND, a.node_id_bytes + b"\x01z", ms + 2),
+                  ("127.0.0.1", 2000), now + 3, ms + 2)
+    assert core.stats.drops["no_such_peer"] == 2 and core.stats.frames_forwarded == 0
