@@ -5,7 +5,9 @@ Messages (keyed, wire.py: boxed between the two ends of one hop, stamped, nonce)
 
     16 RELAY_SEND  node -> relay   destination NodeId 32 | datagram
     17 RELAY_RECV  relay -> node   source NodeId 32 | datagram
-    18 RELAY_GONE  relay -> node   NodeId 32 | reason u8 (0 disconnected, 1 replaced)
+    18 RELAY_GONE  relay -> node   NodeId 32 | reason u8 (0 disconnected, 1 replaced,
+                                   2 not registered: the node itself, e.g. after the
+                                   relay restarted; it registers again at once)
     20 PATH_PING   node -> node    txid 12 (end to end, carried as a relayed datagram)
     21 PATH_PONG   node -> node    txid 12
 
@@ -17,7 +19,9 @@ rendezvous messages is too small for a uTP datagram plus RELAY_OVERHEAD).
 
 The relay node admits over UDP only a NodeId the rendezvous registered (REGISTER,
 authenticated, live): a RELAY_SEND from anyone else is dropped (``unregistered``)
-and nothing is sent. The source tag of a RELAY_RECV is the NodeId that opened the
+and nothing is forwarded; the sender (authenticated, so no stranger's address) gets
+at most one RELAY_GONE(itself, not registered) a second, smaller than what it sent,
+so it registers again at once instead of at its next refresh. The source tag of a RELAY_RECV is the NodeId that opened the
 sender's box, never a field the sender writes; a RELAY_RECV goes only to the
 destination's registered address, looked up per datagram, so the last
 registration wins at once. Replays, forgeries and stale messages die in the
@@ -33,6 +37,7 @@ from proxy.identity.node_id import NODE_ID_SIZE, NodeId
 from proxy.relay.errors import RelayFull
 from proxy.relay.forwarding import RelayClient, RelayCore
 from proxy.relay.frames import PEER_GONE, RECV, RECV_BATCH, SEND, split_batch
+from proxy.rendezvous.buckets import TokenBuckets
 from proxy.rendezvous.errors import MessageRejected
 from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.messages import Address
@@ -51,6 +56,7 @@ RELAY_MAX_MESSAGE = MAX_RELAYED + RELAY_OVERHEAD
 RELAY_NONCES_PER_SENDER = 8192
 RELAY_MAX_NONCES = 262144  # over all senders (about 190 bytes each: 50 MB at worst)
 
+GONE_NOT_REGISTERED = 2
 Registered = Callable[[bytes, float], Address | None]  # raw NodeId, now -> its registered address
 
 
@@ -102,6 +108,7 @@ class UdpRelayFront:
         # client sent to it): the driver then calls ``flush`` soon.
         self.on_pending: Callable[[], None] | None = None
         self.output: list[tuple[bytes, Address]] = []
+        self._not_registered_hints = TokenBuckets(burst=1.0, rate=1.0, limit=4096)
         self.counters = {"received": 0, "unregistered": 0, "unexpected_type": 0, "sent": 0,
                          "destination_expired": 0, "full": 0}
         core.admit = self._admit
@@ -129,6 +136,9 @@ class UdpRelayFront:
             client = self._admit(sender, now)
             if client is None:
                 self.counters["unregistered"] += 1
+                if self._not_registered_hints.take(sender, now):
+                    self.output.append((seal_relay(self.keyring, sender, RELAY_GONE,
+                                                   sender + bytes((GONE_NOT_REGISTERED,)), wall_ms), source))
                 return
         self._receiving = True
         try:

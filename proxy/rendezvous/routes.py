@@ -52,6 +52,7 @@ from proxy.rendezvous.errors import MessageRejected, NoRelayRoute, RecordInvalid
 from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.messages import Address
 from proxy.rendezvous.relay_udp import (
+    GONE_NOT_REGISTERED,
     PATH_PING,
     PATH_PONG,
     RELAY_GONE,
@@ -112,7 +113,7 @@ class RelayRoutes:
         self.links: dict[bytes, RelayLink] = {}
         self.counters = {"received": 0, "delivered": 0, "not_from_relay": 0, "unexpected_type": 0, "sent": 0,
                          "send_failed": 0, "pings_sent": 0, "pings_answered": 0, "pongs": 0, "forged_path_messages": 0,
-                         "dropped_sources": 0, "gone": 0}
+                         "dropped_sources": 0, "gone": 0, "registered_again": 0}
         self._opener = relay_opener(service.keyring)  # messages from relays
         self._path_opener = Opener(service.keyring, max_size=RELAY_MAX_MESSAGE)  # end to end, from peers
         self._paths: dict[tuple[bytes, bytes], VirtualPath] = {}
@@ -310,7 +311,10 @@ class RelayRoutes:
         if opened.message_type == RELAY_RECV and len(body) > NODE_ID_SIZE:
             self._deliver(relay, body[:NODE_ID_SIZE], body[NODE_ID_SIZE:])
         elif opened.message_type == RELAY_GONE and len(body) == NODE_ID_SIZE + 1:
-            self._gone(relay, body[:NODE_ID_SIZE])
+            if body[:NODE_ID_SIZE] == self.service.keyring.node_id_bytes and body[NODE_ID_SIZE] == GONE_NOT_REGISTERED:
+                self._register_again(relay, now)
+            else:
+                self._gone(relay, body[:NODE_ID_SIZE])
         else:
             self.counters["unexpected_type"] += 1
 
@@ -373,6 +377,17 @@ class RelayRoutes:
                 waiting[0].set()
         else:
             self.counters["unexpected_type"] += 1
+
+    def _register_again(self, relay: bytes, now: float) -> None:
+        """The relay does not know this node (it restarted, or the registration
+        lapsed): register now rather than at the next refresh."""
+        core = self.service.core
+        state = None if core is None else core.node.relays.get(relay)
+        if state is None or not state.registers or state.next_register <= now:
+            return
+        self.counters["registered_again"] += 1
+        state.next_register = now
+        self.service.wake()
 
     def _gone(self, relay: bytes, peer: bytes) -> None:
         self.counters["gone"] += 1

@@ -14,7 +14,15 @@ from proxy.relay.frames import HEADER_SIZE
 from proxy.relay.limits import LARGEST_SEND, RelayLimits
 from proxy.rendezvous.keys import KeyRing
 from proxy.rendezvous.node import choose_home
-from proxy.rendezvous.relay_udp import RELAY_RECV, RELAY_SEND, UdpRelayFront, seal_relay
+from proxy.rendezvous.relay_udp import (
+    GONE_NOT_REGISTERED,
+    RELAY_GONE,
+    RELAY_RECV,
+    RELAY_SEND,
+    UdpRelayFront,
+    relay_opener,
+    seal_relay,
+)
 from proxy.rendezvous.routes import relay_path
 
 from .test_relay_udp_support import (
@@ -231,7 +239,33 @@ def test_the_udp_front_refuses_past_max_clients_and_forgets_expired_registration
     # now b fits, and a (unregistered) gets nothing through
     front.receive(seal_relay(a, relay.node_id_bytes, RELAY_SEND, b.node_id_bytes + b"\x01y", ms + 1),
                   ("127.0.0.1", 1000), now + 2, ms + 1)
-    assert front.counters["unregistered"] == 1 and front.take_output() == []
+    assert front.counters["unregistered"] == 1
+    (hint, to), = front.take_output()  # a alone is told it is not registered (so it registers again)
+    assert to == ("127.0.0.1", 1000) and len(hint) < 200
+    opened = relay_opener(a).open(hint, ms + 1)
+    assert opened.message_type == RELAY_GONE and opened.body == a.node_id_bytes + bytes((GONE_NOT_REGISTERED,))
     front.receive(seal_relay(b, relay.node_id_bytes, RELAY_SEND, a.node_id_bytes + b"\x01z", ms + 2),
                   ("127.0.0.1", 2000), now + 3, ms + 2)
     assert core.stats.drops["no_such_peer"] == 2 and core.stats.frames_forwarded == 0
+
+
+async def test_a_relay_that_forgot_a_node_makes_it_register_again_at_once() -> None:
+    async with udp_node(serve=True) as relay:
+        relays = (relay.relay_address(),)
+        async with udp_node(relays=relays) as a, udp_node(relays=relays) as b:
+            await wait_for(lambda: registered_with(a, relay) and registered_with(b, relay))
+            registrations = relay.service.core.relay.registrations  # type: ignore[union-attr]
+            registrations.clear()  # as after a restart of the relay node
+            assert relay.service.relay_front is not None
+            relay.service.relay_front.expire(trio.current_time())
+            started = trio.current_time()
+            # a and b keep sending (as uTP resends); both are told and register again
+            while not (bytes(a.node_id) in registrations and bytes(b.node_id) in registrations):
+                a.service.routes.send(b.node_id, b"\x01a")
+                b.service.routes.send(a.node_id, b"\x01b")
+                await trio.sleep(0.05)
+                assert trio.current_time() - started < 5  # the refresh interval is 20 s
+            before = forwarded(relay)
+            a.service.routes.send(b.node_id, b"\x01after")
+            await wait_for(lambda: forwarded(relay) > before)
+            assert a.service.routes.counters["registered_again"] >= 1
