@@ -55,7 +55,7 @@ class Pair:
 
 
 @asynccontextmanager
-async def relayed_pair(**options: Any) -> AsyncIterator[Pair]:
+async def relayed_pair(handler: Any = None, **options: Any) -> AsyncIterator[Pair]:
     """A caller and a target, both registered with a rendezvous relay node and linked
     to a TCP relay node, the target serving a TCP echo server."""
     relay_tls = TLSConfig.generate()
@@ -65,7 +65,8 @@ async def relayed_pair(**options: Any) -> AsyncIterator[Pair]:
         server: RelayServer = await nursery.start(
             lambda task_status: serve_relay(relay_tls, host="127.0.0.1", limits=limits, task_status=task_status))
         tcp_relay = f"{relay_tls.node_id}@127.0.0.1:{server.port}"
-        async with tcp_server() as echo, running_node(relay_serve=True) as rendezvous:
+        async with tcp_server(*(() if handler is None else (handler,))) as echo, \
+                running_node(relay_serve=True) as rendezvous:
             relays = (relay_of(rendezvous),)
             async with running_node(relay_servers=relays, path_timers=TIMERS,
                                     path_changed_callback=caller_moves, **options) as caller, \
