@@ -406,8 +406,9 @@ async def serve_node(
 
 
 async def _start_relay_transport(proxy: Any, config: Config, tls_config: Any) -> None:
-    """[relay]: the node's TLS identity for TCP links to relays; on a relay node its
-    limits (rate, burst) and its relay over TCP + mutual TLS (tcp_port)."""
+    """[relay]: the node's TLS identity for TCP links to relays (prefer_tcp: use them
+    whenever offered); on a relay node its limits (rate, burst) and its relay over
+    TCP + mutual TLS (tcp_port)."""
     service = proxy.rendezvous
     if service is None:
         return
@@ -419,7 +420,8 @@ async def _start_relay_transport(proxy: Any, config: Config, tls_config: Any) ->
     if config.relay_rate is not None or config.relay_burst is not None:
         defaults = RelayLimits()
         limits = replace(defaults, rate=config.relay_rate or defaults.rate, burst=config.relay_burst or defaults.burst)
-    await service.configure_relay(tls_config, limits=limits, tcp_port=config.relay_tcp_port)
+    await service.configure_relay(tls_config, limits=limits, tcp_port=config.relay_tcp_port,
+                                  prefer_tcp=config.relay_prefer_tcp)
     if service.relay_server is not None:
         log.info("relay over TCP + mutual TLS on port %d", service.relay_server.port,
                  extra={"fields": {"event": "relay_tcp", "port": service.relay_server.port}})

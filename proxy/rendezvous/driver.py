@@ -248,12 +248,15 @@ class RendezvousService:
         self.relay_core.on_keyed = self._keyed_from_link
 
     async def configure_relay(self, tls_config: Any, *, limits: RelayLimits | None = None,
-                              tcp_port: int | None = None, tcp_fallback_after: float | None = None) -> None:
+                              tcp_port: int | None = None, tcp_fallback_after: float | None = None,
+                              prefer_tcp: bool | None = None) -> None:
         """What the application adds once running: the node's TLS identity (for TCP
         links to relays), on a relay node its limits and its relay over TCP + mutual
         TLS on ``tcp_port`` (0: any; the bound port is ``relay_server.port``), sharing
         the UDP front's RelayCore."""
         self.routes.tls_config = tls_config
+        if prefer_tcp is not None:
+            self.routes.prefer_tcp = prefer_tcp
         if tcp_fallback_after is not None:
             self.routes.tcp_fallback_after = tcp_fallback_after
         if self.relay_core is None:

@@ -109,6 +109,10 @@ class RelayRoutes:
         self.endpoint = service.endpoint
         self.tcp_fallback_after = tcp_fallback_after
         self.tls_config: Any = None  # set by configure_relay: links over TCP need the node's TLS identity
+        # True: relay over the TCP link whenever the relay offers one, UDP or not (the
+        # link batches datagrams: several times the throughput at a tenth of the
+        # relay's CPU per byte, measured on loopback); False: TCP only when UDP fails.
+        self.prefer_tcp = False
         self.on_path_event: Callable[[RelayPathEvent], None] | None = None
         self.links: dict[bytes, RelayLink] = {}
         self.counters = {"received": 0, "delivered": 0, "not_from_relay": 0, "unexpected_type": 0, "sent": 0,
@@ -257,11 +261,14 @@ class RelayRoutes:
         core = self.service.core
         state = None if core is None else core.node.relays.get(relay)
         link = self.links.get(relay)
-        if state is not None and (state.registered or link is None or not link.registered):
+        if link is not None and link.registered and (self.prefer_tcp or state is None or not state.registered):
+            if link.send(self._node_id(peer), datagram):
+                self.counters["sent"] += 1
+            else:
+                self.counters["send_failed"] += 1
+        elif state is not None:
             data = seal_relay(self.service.keyring, relay, RELAY_SEND, peer + datagram, _wall_ms())
             self.endpoint.send_message(data, state.address)
-            self.counters["sent"] += 1
-        elif link is not None and link.send(self._node_id(peer), datagram):
             self.counters["sent"] += 1
         else:
             self.counters["send_failed"] += 1
@@ -289,7 +296,7 @@ class RelayRoutes:
             return  # a relay named by host name only: only [peers] entries (resolved at start) reach it
         core.node.register_with(relay, address, trio.current_time())
         self.service.wake()
-        if home is not None and home.tcp_port is not None and self._tcp_needed():
+        if home is not None and home.tcp_port is not None and (self.prefer_tcp or self._tcp_needed()):
             self._start_link(RelayAddress(home.node_id, home.host, home.port, home.tcp_port))
 
     # --- receiving ----------------------------------------------------------------------
@@ -417,7 +424,8 @@ class RelayRoutes:
             started = trio.current_time()
             while True:
                 await trio.sleep(0.25)
-                if trio.current_time() - started >= self.tcp_fallback_after and self._tcp_needed():
+                if self.tls_config is not None and (self.prefer_tcp or (
+                        trio.current_time() - started >= self.tcp_fallback_after and self._tcp_needed())):
                     for relay in self.service.relays:
                         if relay.tcp_port is not None and relay.node_id != self.service.keyring.node_id:
                             self._start_link(relay)

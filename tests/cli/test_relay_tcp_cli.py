@@ -74,6 +74,7 @@ async def test_a_node_with_no_udp_answer_links_to_its_relay_over_tcp(tmp_path: P
     ("[relay]\nserve = true\nburst = true\n", "relay.burst", "must be an integer"),
     ("[relay]\nrate = 100000\n", "relay.rate", "set serve = true"),
     ('[relay]\nservers = ["v0@127.0.0.1:4000:tcp=x"]\n', "relay.servers[0]", "bad port"),
+    ("[relay]\nprefer_tcp = 1\n", "relay.prefer_tcp", "must be true or false"),
 ])
 def test_bad_relay_forwarding_keys_name_the_key_and_the_reason(tmp_path: Path, text: str, key: str,
                                                                reason: str) -> None:
@@ -88,10 +89,11 @@ def test_bad_relay_forwarding_keys_name_the_key_and_the_reason(tmp_path: Path, t
 def test_relay_forwarding_keys_are_read(tmp_path: Path) -> None:
     relay_id = str(keygen(tmp_path / "r", force=False).node_id)
     path = tmp_path / "config.toml"
-    path.write_text(f'[relay]\nserve = true\ntcp_port = 4443\nrate = 1000000\nburst = 70000\n'
+    path.write_text(f'[relay]\nserve = true\ntcp_port = 4443\nrate = 1000000\nburst = 70000\nprefer_tcp = true\n'
                     f'servers = ["{relay_id}@198.18.0.2:4000:tcp=4443", "relay:{relay_id}@198.18.0.3:4000"]\n'
                     '[auth]\ntoken = "t"\n')
     config = load_config(path)
     assert (config.relay_tcp_port, config.relay_rate, config.relay_burst) == (4443, 1_000_000, 70_000)
+    assert config.relay_prefer_tcp is True
     assert [(server.host, server.port, server.tcp_port) for server in config.relay_servers] == [
         ("198.18.0.2", 4000, 4443), ("198.18.0.3", 4000, None)]

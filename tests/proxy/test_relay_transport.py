@@ -108,3 +108,30 @@ async def test_two_relays_no_cluster_a_homed_on_one_reaches_b_homed_on_the_other
     core1, core2 = r1.service.relay_core, r2.service.relay_core
     assert core1 is not None and core2 is not None
     assert core1.stats.frames_forwarded == 0 and core2.stats.frames_forwarded > 0  # no relay-to-relay anything
+
+
+async def test_nodes_that_prefer_tcp_relay_over_their_links_though_udp_works() -> None:
+    with trio.fail_after(60):
+        async with udp_node(serve=True, tcp_port=0) as relay:
+            server = relay.service.relay_server
+            assert server is not None
+            offered = (relay.relay_address(tcp_port=server.port),)
+            async with udp_node(relays=offered) as a, udp_node(relays=offered) as b:
+                for node in (a, b):
+                    node.service.routes.prefer_tcp = True
+                await wait_for(lambda: registered_with(a, relay) and registered_with(b, relay))
+                await wait_for(lambda: all(bytes(relay.node_id) in node.service.routes.links
+                                           and node.service.routes.links[bytes(relay.node_id)].registered
+                                           for node in (a, b)))
+                front = relay.service.relay_front
+                assert front is not None
+                before = front.counters["received"]
+                path = a.service.routes.path_to(b.node_id)
+                assert path == relay_path(relay.node_id, b.node_id)
+                data = payload(SIZE, 5, b"no marker needed")
+                results = await tunnel_both_ways(a, b, path, data, b"back" * 1000)
+                assert front.counters["received"] == before  # no relayed datagram came over UDP
+    print(f"relayed over TCP links: {SIZE / results['seconds'] / 2**20:.1f} MiB/s one way")
+    assert results["at b"] == digest(data) and results["at a"] == digest(b"back" * 1000)
+    core = relay.service.relay_core
+    assert core is not None and core.stats.frames_forwarded > SIZE // 1500
