@@ -355,7 +355,12 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
             reverses[kind] = start_node(host, tmp_path / f"r{index}", name=f"R:{LABELS[kind]}",
                                         proxy_port=4200 + index, public_ip=public_ip,
                                         server_port=server_ports[kind], timeouts=timeouts,
-                                        extra_config=[*relay_lines, "[services.bulk]",
+                                        extra_config=[*relay_lines,
+                                                      # the gRPC server named by its port, as before
+                                                      "[services.grpc]",
+                                                      f'target = "127.0.0.1:{server_ports[kind]}"',
+                                                      f"port = {server_ports[kind]}", 'allow = "*"',
+                                                      "[services.bulk]",
                                                       f'target = "127.0.0.1:{bulk_port}"', f"port = {BULK_PORT}", 'allow = "*"'])
         nodes = [*forwards.values(), *reverses.values()]
         for node in nodes:
