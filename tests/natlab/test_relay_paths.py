@@ -14,6 +14,9 @@ address, both ways: the relay node's traffic is untouched.
   the tunnel during the relayed phase never appears in what it forwarded.
 - The relay node killed during a direct transfer changes nothing; restarted, both
   nodes register with it again by themselves.
+- A node behind a router that forwards no UDP at all links to the relay node over
+  TCP + mutual TLS (`:tcp=` in its `[relay] servers`) and is reached by NodeId
+  through it: path relay on both sides, 16 MiB each way sha256-equal.
 """
 
 from __future__ import annotations
@@ -290,3 +293,59 @@ async def test_the_relay_node_killed_during_a_direct_transfer_changes_nothing_an
                 await trio.sleep(0.2)
         print(f"\nrelay node killed 0.3 s into a 128 MiB-each-way direct transfer: sha256-equal, path direct, "
               f"0 moves; restarted: both nodes registered again after {time.monotonic() - started:.1f} s")
+
+
+def drop_all_udp(router: Site) -> None:
+    """The router forwards no UDP at all, either way (TCP passes)."""
+    router.run(["nft", "-f", "-"], input_text=(
+        f"table inet {CUT_TABLE} {{\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority -50; policy accept;\n"
+        "    meta l4proto udp drop\n"
+        "  }\n"
+        "}\n"))
+
+
+@pytest.mark.netns
+async def test_a_node_whose_router_drops_all_udp_connects_through_the_relay_over_tcp(tmp_path: Path) -> None:
+    total = 16 << 20
+    with open_lab() as lab:
+        relay_host = lab.add_public_host("relay")
+        relay = wait_ready(start_node(relay_host, tmp_path / "relay", name="relay", proxy_port=4000,
+                                      public_ip=relay_host.address, timeouts=TIMEOUTS,
+                                      extra_config=["[relay]", "serve = true", "tcp_port = 4443"]))
+        servers = ["[relay]", f'servers = ["{relay.node_id}@{relay_host.address}:4000:tcp=4443"]']
+        blocked = lab.add_site("noudp", NatKind.PORT_RESTRICTED)
+        drop_all_udp(blocked)
+        far = lab.add_site("far", NatKind.PORT_RESTRICTED)
+        u_host, p_host = blocked.add_host("node"), far.add_host("node")
+        server, server_port = start_server(p_host, "exchange", str(total))
+        u = start_node(u_host, tmp_path / "u", name="U", proxy_port=4310, public_ip=blocked.public_address,
+                       timeouts=TIMEOUTS, extra_config=servers)
+        p = start_node(p_host, tmp_path / "p", name="P", proxy_port=4311, public_ip=far.public_address,
+                       server_port=server_port, timeouts=TIMEOUTS, extra_config=servers)
+        for node in (u, p):
+            wait_ready(node)
+        await registered(p)
+        started = time.monotonic()
+        answer = None
+        with trio.fail_after(60):  # U links to the relay over TCP once no UDP registration answered
+            while answer is None or answer.stream is None:
+                answer = await connect_by_node_id(u, p.node_id, server_port, timeout=30)
+                if answer.stream is None:
+                    await trio.sleep(1.0)
+        linked_after = time.monotonic() - started
+        rows = [await row_toward(u, p), await row_toward(p, u)]
+        with trio.fail_after(120):
+            sent, received, count = await exchange(answer.stream, answer.leftover, total)
+            report = await trio.to_thread.run_sync(server.wait_event, "exchanged", 60.0)
+        await answer.stream.aclose()
+        print(f"\nnode behind a router dropping all UDP: CONNECT by NodeId answered 200 {linked_after:.1f} s after "
+              f"both were up (path {rows[0] and rows[0]['path']} via {rows[0] and rows[0]['via']}); "
+              f"{total >> 20} MiB each way sha256-equal")
+        assert all(row is not None and row["path"] == "relay" and row["via"] == relay.node_id for row in rows), rows
+        assert report["received_sha256"] == sent and report["received_bytes"] == total
+        assert received == report["sent_sha256"] and count == total
+        assert not (await u.status()).get("observed_addresses")  # no UDP ever left its site
+        for node in (u, p, relay):
+            assert await node.stop() == 0
