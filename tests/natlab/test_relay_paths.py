@@ -17,6 +17,8 @@ address, both ways: the relay node's traffic is untouched.
 - A node behind a router that forwards no UDP at all links to the relay node over
   TCP + mutual TLS (`:tcp=` in its `[relay] servers`) and is reached by NodeId
   through it: path relay on both sides, 16 MiB each way sha256-equal.
+- A NAT rebinding mid-stream (a symmetric router's conntrack flushed): the tunnel
+  falls back to the relay and a new authenticated punch moves it to the new mapping.
 """
 
 from __future__ import annotations
@@ -123,12 +125,13 @@ async def registered(node: KeynodeNode, timeout: float = 20.0) -> None:
 
 
 @asynccontextmanager
-async def relay_and_pair(tmp_path: Path, server_bytes: int) -> AsyncIterator[Pair]:
+async def relay_and_pair(tmp_path: Path, server_bytes: int, kind_a: NatKind = NatKind.PORT_RESTRICTED,
+                         kind_b: NatKind = NatKind.PORT_RESTRICTED) -> AsyncIterator[Pair]:
     with open_lab() as lab:
         relay = wait_ready(start_relay_node(lab, tmp_path / "relay", name="relay", timeouts=TIMEOUTS))
         relay_lines = relay_servers_config([relay])
-        site_a = lab.add_site("a", NatKind.PORT_RESTRICTED)
-        site_b = lab.add_site("b", NatKind.PORT_RESTRICTED)
+        site_a = lab.add_site("a", kind_a)
+        site_b = lab.add_site("b", kind_b)
         host_a, host_b = site_a.add_host("node"), site_b.add_host("node")
         server, server_port = start_server(host_b, "exchange", str(server_bytes))
         a = start_node(host_a, tmp_path / "a", name="A", proxy_port=4300, public_ip=site_a.public_address,
@@ -349,3 +352,72 @@ async def test_a_node_whose_router_drops_all_udp_connects_through_the_relay_over
         assert not (await u.status()).get("observed_addresses")  # no UDP ever left its site
         for node in (u, p, relay):
             assert await node.stop() == 0
+
+
+@pytest.mark.netns
+async def test_a_nat_rebinding_mid_stream_moves_the_tunnel_to_the_new_mapping(tmp_path: Path) -> None:
+    """A behind a symmetric NAT, B behind a full cone: direct. A's router forgets its
+    mappings mid-stream (conntrack flushed), so A's datagrams leave from a new port.
+    B drops them (nat never follows an unauthenticated source), both halves fall
+    back to the relay, and a new authenticated punch moves both to A's new mapping;
+    the transfer ends sha256-equal."""
+    async with relay_and_pair(tmp_path, BACK, NatKind.SYMMETRIC, NatKind.FULL_CONE) as pair:
+        answer = await connect_by_node_id(pair.a, pair.b.node_id, pair.server_port, timeout=30)
+        assert answer.status == 200 and answer.stream is not None, answer.message
+        await wait_path(pair, "direct")
+        before = await row_toward(pair.b, pair.a)
+        assert before is not None
+        stream = answer.stream
+        sent, back = hashlib.sha256(), hashlib.sha256()
+        back.update(answer.leftover)
+        counts = {"sent": 0, "received": len(answer.leftover)}
+        rebound: dict[str, Any] = {}
+        done = trio.Event()
+
+        async def rebind() -> None:
+            while counts["sent"] < PHASE_BYTES:
+                await trio.sleep(0.05)
+            pair.site_a.flush_conntrack()
+            started = time.monotonic()
+            with trio.fail_after(MOVE_TIMEOUT):
+                while True:
+                    row = await row_toward(pair.b, pair.a)
+                    forward = await row_toward(pair.a, pair.b)
+                    if (row is not None and forward is not None and row["path"] == forward["path"] == "direct"
+                            and row["remote"] != before["remote"]):
+                        break
+                    await trio.sleep(0.05)
+            rebound.update(seconds=time.monotonic() - started, remote=row["remote"], moves=row["moves"])
+            mark = counts["sent"]
+            while counts["sent"] < mark + PHASE_BYTES:
+                await trio.sleep(0.05)
+            done.set()
+
+        async def send() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rebind)
+                while not done.is_set():
+                    chunk = os.urandom(CHUNK)
+                    sent.update(chunk)
+                    await stream.send_all(chunk)
+                    counts["sent"] += len(chunk)
+                    await trio.sleep(PACE)
+            await stream.send_eof()
+
+        async def receive() -> None:
+            while data := await stream.receive_some(CHUNK):
+                back.update(data)
+                counts["received"] += len(data)
+
+        with trio.fail_after(MOVE_TIMEOUT + 120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+            report = await trio.to_thread.run_sync(pair.server.wait_event, "exchanged", 60.0)
+        await stream.aclose()
+        reasons = [move["reason"] for move in rebound["moves"]["recent"]]
+        print(f"\nNAT rebinding mid-stream: B saw A at {before['remote']}, then at {rebound['remote']} after "
+              f"{rebound['seconds']:.2f} s (B's moves: {reasons}); {counts['sent'] >> 20} MiB there, "
+              f"{counts['received'] >> 20} MiB back, sha256-equal")
+        assert report["received_bytes"] == counts["sent"] and report["received_sha256"] == sent.hexdigest()
+        assert counts["received"] == BACK and report["sent_sha256"] == back.hexdigest()
