@@ -22,8 +22,10 @@ through a relay node. The path may change under a live tunnel
 - **Falling back.** A tunnel on a direct path whose peer has been silent for
   ``silent_after`` (about two missed keep-alives) moves to the relay path, and
   starts upgrading again.
-- **Rebinding.** A peer whose authenticated PONGs now come from another address
-  (its NAT gave it a new mapping) is moved to that address, by the same rule.
+- **Rebinding.** A peer whose NAT gave it a new mapping: its datagrams from the
+  new port are dropped (unauthenticated), so both halves fall silent and go to the
+  relay; the next punch confirms the new address and they move there. A fresh
+  punch session confirming another address while direct moves the tunnel at once.
 
 Nothing but the rendezvous's authenticated evidence (and the relay's
 authenticated sender) moves a tunnel: a spoofed datagram from a new address is
