@@ -11,6 +11,7 @@ gets its answer (503 once stopping) rather than a dropped socket.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,8 +34,17 @@ log = logging.getLogger("proxy.tunnel.proxy")
 class ConnectFrontEnd:
     """Serves the CONNECT listeners of one Proxy."""
 
-    def __init__(self, proxy: Any) -> None:  # the Proxy (its module imports this one)
+    def __init__(self, proxy: Any, *, spawn: Callable[..., None], resolve: Callable[..., Awaitable[Any]],
+                 connect_forward: Callable[..., Awaitable[Any]], connect_by_node_id: Callable[..., Awaitable[Any]],
+                 starting: set[trio.CancelScope]) -> None:
+        # The Proxy (its module imports this one) for its settings, and what of its
+        # insides the front end uses: handed over, not reached into.
         self.proxy = proxy
+        self._spawn = spawn
+        self._resolve = resolve
+        self._connect_forward = connect_forward
+        self._connect_by_node_id = connect_by_node_id
+        self._starting = starting  # stop() cancels every scope in it
         # CONNECTs past their request, not yet answered: stop lets them answer.
         self._answering = 0
         self._answered = trio.Event()
@@ -55,7 +65,7 @@ class ConnectFrontEnd:
                     log.warning("CONNECT listener accept failed: %s", error)
                     await trio.sleep(0.1)
                     continue
-                self.proxy._spawn(self._handle_client, client)
+                self._spawn(self._handle_client, client)
 
     async def _handle_client(self, client: trio.SocketStream) -> None:
         handed_over = False
@@ -105,19 +115,19 @@ class ConnectFrontEnd:
                 raise ProxyNotRunning("proxy is stopping")
             # stop() cancels starts in progress; their clients get 503.
             with trio.CancelScope() as starting:
-                proxy._starting.add(starting)
+                self._starting.add(starting)
                 try:
                     server_name = server_name_for(target.service_port, target.service_name)
                     if target.lookup:
-                        connection = await proxy._connect_by_node_id(
+                        connection = await self._connect_by_node_id(
                             target.node_ids[0], claim=True, server_name=server_name)
                     else:
-                        address = await proxy._resolve(target.host, target.port)
-                        connection = await proxy._connect_forward(
+                        address = await self._resolve(target.host, target.port)
+                        connection = await self._connect_forward(
                             target.node_ids, address, claim=True, server_name=server_name
                         )
                 finally:
-                    proxy._starting.discard(starting)
+                    self._starting.discard(starting)
             if connection is None:
                 raise ProxyNotRunning("proxy is stopping")
         except KeynodeError as error:

@@ -146,9 +146,11 @@ class Proxy:
         self._proxy_address: tuple[str, int] | None = None
         self._context: ConnectionContext | None = None
         self._starting: set[trio.CancelScope] = set()
+        self._front = ConnectFrontEnd(  # the CONNECT listeners (connect_front.py)
+            self, spawn=self._spawn, resolve=self._resolve, connect_forward=self._connect_forward,
+            connect_by_node_id=self._connect_by_node_id, starting=self._starting)
         # open_connection_forward calls under way, by address: a second one waits for the first
         self._opening_forward: dict[Address, trio.Event] = {}
-        self._front = ConnectFrontEnd(self)  # the CONNECT listeners (connect_front.py)
         self._connection_nursery: trio.Nursery | None = None
         self._service_scope = trio.CancelScope()
         self._stopping = False
