@@ -30,6 +30,7 @@ import logging
 import os
 import socket as stdlib_socket
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -408,13 +409,35 @@ def format_status(status: Mapping[str, Any]) -> str:
             str(item.get("state") or "established"),
             str(item.get("node_id") or "-"),
             str(item.get("remote") or "?"),
-            str(item.get("path") or "-"),
+            format_path(item),
             str(item.get("local") or "-"),
             format_age(float(item.get("age") or 0)),
             format_bytes(float(item.get("bytes_sent") or 0)),
             format_bytes(float(item.get("bytes_received") or 0)),
             "-" if rtt is None else f"{float(rtt) * 1000:.1f} ms",
             str(item.get("service") or "-"),
+            str(item["moves"].get("count", 0)) if isinstance(item.get("moves"), dict) else "-",
         ])
-    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE"]
-    return "\n".join(lines) + f"\n\n{format_table(header, rows)}"
+    header = ["DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE",
+              "MOVES"]
+    return "\n".join(lines) + f"\n\n{format_table(header, rows)}" + format_moves(connections)
+
+
+def format_path(item: Mapping[str, Any]) -> str:
+    """"direct", or "relay via <relay NodeId, shortened>"."""
+    path = str(item.get("path") or "-")
+    via = item.get("via")
+    return f"{path} via {str(via)[:12]}..." if path == "relay" and via else path
+
+
+def format_moves(connections: list[Mapping[str, Any]]) -> str:
+    """The last moves of each tunnel that moved, under the table."""
+    lines = []
+    for item in connections:
+        moves = item.get("moves") or {}
+        for move in moves.get("recent") or []:
+            when = time.strftime("%H:%M:%S", time.localtime(float(move.get("at") or 0)))
+            where = move.get("address") or (f"relay {move.get('via')}" if move.get("via") else "")
+            lines.append(f"  {when} {item.get('direction')} {item.get('node_id')}: {move.get('from')} -> "
+                         f"{move.get('to')} {where} ({move.get('reason')})")
+    return "\n\npath moves:\n" + "\n".join(lines) if lines else ""

@@ -11,6 +11,8 @@ with `[relay] servers` naming R (B also with its `[server]`): no `[peers]`, no
 address of one given to the other. Each learns its own public address from R
 (printed as observed), B registers with R, and A finds B by its NodeId alone: R
 introduces them and they connect directly (the tunnel's path is printed).
+Then (demo_paths.py, in this process) a tunnel between two more nodes that cannot
+punch at first starts over a relay node and moves to direct mid-stream.
 
 The echo server is plain grpcio in a process of its own (`grpc_bridge/demo_server.py`:
 a generic handler with bytes serializers, no generated code, nothing of keynode). B
@@ -378,3 +380,9 @@ def _run(
     checks.append(("node B logged the connection", "connection established" in log_b and a_id in log_b))
     for name, process in (("R", relay.process), ("A", node_a.process), ("B", node_b.process)):
         checks.append((f"node {name} still running", process is not None and process.poll() is None))
+
+    import trio
+
+    from proxy.app.demo_paths import relay_fallback
+
+    trio.run(relay_fallback, checks)  # a tunnel that starts relayed and moves to direct

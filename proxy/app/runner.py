@@ -136,7 +136,9 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "direction": info.direction.value,
             "state": "established",
             "node_id": str(info.remote_node_id),
-            "path": "direct",  # uTP straight to the peer's address ("relay" comes with relayed paths)
+            "path": info.path,  # "direct" (uTP to the peer's address) or "relay" (via a relay node)
+            "via": None if info.via is None else str(info.via),
+            "moves": {"count": status.move_count, "recent": [move.as_dict() for move in status.moves]},
             "remote": _address_text((info.remote_host, info.remote_port)),
             "local": _address_text(local),
             "age": round(now - status.established_at, 3),
@@ -209,6 +211,7 @@ class NodeController:
             "relay_serve": self.config.relay_serve,
             "relay_servers": [f"{relay.node_id}@{format_host_port(relay.host, relay.port)}"
                               for relay in self.config.relay_servers],
+            "relay_tcp_port": None if service is None or service.relay_server is None else service.relay_server.port,
             "rendezvous": {} if service is None else service.counters,
         }
 
@@ -291,6 +294,7 @@ class NodeController:
             from proxy.rendezvous.keys import KeyRing
 
             self.proxy.rendezvous.set_identity(KeyRing.from_private_key(tls_config.private_key))
+            self.proxy.rendezvous.routes.tls_config = tls_config  # its TCP links to relays, from now on
         previous, self.node_id = self.node_id, tls_config.node_id
         log.info("identity reloaded: %s (was %s)", self.node_id, previous,
                  extra={"fields": {"event": "identity_reloaded", "node_id": str(self.node_id),
@@ -393,6 +397,7 @@ async def serve_node(
             if isinstance(leaf, ProxyBindError) or (isinstance(leaf, OSError) and not isinstance(leaf, KeynodeError)):
                 raise BindError(config, leaf) from error
             raise
+        await _start_relay_transport(proxy, config, tls_config)
         controller = NodeController(proxy, config, tls_config.node_id)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, config.control_socket, controller)
@@ -408,6 +413,28 @@ async def serve_node(
             nursery.cancel_scope.cancel()
         # Leaving the stack (not cancelled) stops the Proxy gracefully.
     log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+
+async def _start_relay_transport(proxy: Any, config: Config, tls_config: Any) -> None:
+    """[relay]: the node's TLS identity for TCP links to relays (prefer_tcp: use them
+    whenever offered); on a relay node its limits (rate, burst) and its relay over
+    TCP + mutual TLS (tcp_port)."""
+    service = proxy.rendezvous
+    if service is None:
+        return
+    from dataclasses import replace
+
+    from proxy.relay.limits import RelayLimits
+
+    limits = None
+    if config.relay_rate is not None or config.relay_burst is not None:
+        defaults = RelayLimits()
+        limits = replace(defaults, rate=config.relay_rate or defaults.rate, burst=config.relay_burst or defaults.burst)
+    await service.configure_relay(tls_config, limits=limits, tcp_port=config.relay_tcp_port,
+                                  prefer_tcp=config.relay_prefer_tcp)
+    if service.relay_server is not None:
+        log.info("relay over TCP + mutual TLS on port %d", service.relay_server.port,
+                 extra={"fields": {"event": "relay_tcp", "port": service.relay_server.port}})
 
 
 @contextmanager

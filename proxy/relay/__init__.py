@@ -9,6 +9,21 @@ What an application needs: ``serve_relay(tls_config, host=, port=, limits=)`` un
 ``nursery.start`` (reports a ``RelayServer`` with ``port``, ``core.stats``, ``stats``),
 ``RelayLimits`` (defaults for every limit), ``RelayLink`` + ``RelayAddress`` (a node's
 link to ``<relay NodeId>@host:port``), ``RelayPaths`` (uTP over that link).
+
+The relay over UDP and a node's relayed paths live beside the rendezvous (they use
+its keyed messages and registrations): ``proxy.rendezvous.relay_udp`` (the relay
+node's UDP front of ``RelayCore``) and ``proxy.rendezvous.routes.RelayRoutes``, one
+per node, reached as ``Proxy.rendezvous.routes``:
+
+    path_to(peer: NodeId) -> VirtualPath | None   # ("relay", R, peer), add_path-ed
+    relay_for(peer: NodeId) -> NodeId | None
+    home_relay -> NodeId | None
+    on_path_event: Callable[[RelayPathEvent], None] | None   # "appeared" / "gone"
+    async ping(peer: NodeId, timeout: float = 2.0) -> float  # RTT, end to end
+    send(peer: NodeId, datagram: bytes) -> bool
+    route_ready(peer: NodeId) -> bool
+
+See docs/architecture.md, "The relay over UDP" and "A node's relayed paths".
 """
 
 from proxy.relay.limits import RelayLimits

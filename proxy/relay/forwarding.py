@@ -18,9 +18,14 @@ replaced) and closed. When a client leaves, the NodeIds that sent to it (the mos
 recent ``senders_tracked``) are told PEER_GONE(it, disconnected).
 
 Transport-neutral: the core takes (frame type, body) pairs and queues (frame type,
-body) pairs per client; a driver moves them over TCP + TLS (proxy.relay.serve) or,
-later, over keyed UDP messages. ``wake`` (given at registration) is called when a
-client's queue becomes non-empty or the client is to be closed.
+body) pairs per client; a driver moves them over TCP + TLS (proxy.relay.serve) or
+over keyed UDP messages (proxy.rendezvous.relay_udp, one core for both, so a node
+on UDP and a node on TCP reach each other). ``wake`` (given at registration) is
+called when a client's queue becomes non-empty or the client is to be closed.
+``admit`` (optional) is asked for a destination no client holds: the UDP front
+registers there a node the rendezvous registered. ``capture`` (optional, for
+tests) sees every forwarded datagram's bytes, so a test can show the relay never
+held plaintext.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from proxy.relay.frames import (
     GONE_DISCONNECTED,
     GONE_REPLACED,
     HEADER_SIZE,
+    KEYED,
     MAX_DATAGRAM,
     PEER_GONE,
     PING,
@@ -52,6 +58,7 @@ from proxy.relay.frames import (
     ServerInfo,
     count_batch,
     encode_frame,
+    split_batch,
 )
 from proxy.relay.limits import RelayLimits, TokenBucket
 
@@ -116,9 +123,24 @@ class RelayCore:
         self.stats = RelayStats()
         self._clients: dict[bytes, RelayClient] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
+        self.admit: Callable[[bytes, float], RelayClient | None] | None = None
+        # KEYED frames from a client (a rendezvous message over its link), if anyone takes them
+        self.on_keyed: Callable[[RelayClient, bytes, float], None] | None = None
+        self.capture: Callable[[bytes], None] | None = None
         self._server_info = encode_frame(ServerInfo(
             PROTOCOL_VERSION, MAX_DATAGRAM, self.limits.rate, self.limits.burst,
             round(self.limits.keepalive * 1000)))[HEADER_SIZE:]
+
+    def set_limits(self, limits: RelayLimits) -> None:
+        """New limits for every client, registered or not (the buckets keep their
+        tokens, capped at the new burst)."""
+        self.limits = limits
+        for bucket in self._buckets.values():
+            bucket.rate = limits.rate
+            bucket.burst = limits.burst
+            bucket.tokens = min(bucket.tokens, float(limits.burst))
+        self._server_info = encode_frame(ServerInfo(
+            PROTOCOL_VERSION, MAX_DATAGRAM, limits.rate, limits.burst, round(limits.keepalive * 1000)))[HEADER_SIZE:]
 
     # --- registration ------------------------------------------------------------
 
@@ -209,9 +231,9 @@ class RelayCore:
             self.stats.drops[RATE_LIMITED] += _datagrams_in(frame_type, body)
             return
         if frame_type == SEND:
-            self._forward(client, body)
+            self._forward(client, body, now)
         elif frame_type == SEND_BATCH:
-            self._forward_batch(client, body)
+            self._forward_batch(client, body, now)
         elif frame_type == PING:
             if len(body) != PING_SIZE:
                 self.stats.drops[MALFORMED] += 1
@@ -219,11 +241,22 @@ class RelayCore:
             self._enqueue(client, PONG, body)
         elif frame_type == PONG:
             pass  # heard from: last_heard is all a PONG is for
+        elif frame_type == KEYED:
+            if self.on_keyed is None:
+                self.stats.drops[UNKNOWN_TYPE] += 1
+            else:
+                self.on_keyed(client, body, now)
         else:
             self.stats.drops[MALFORMED] += 1
             raise RelayProtocolError(f"a client may not send frame type 0x{frame_type:02x}")
 
-    def _forward(self, sender: RelayClient, body: bytes) -> None:
+    def _destination(self, key: bytes, now: float) -> RelayClient | None:
+        destination = self._clients.get(key)
+        if destination is None and self.admit is not None:
+            destination = self.admit(key, now)
+        return destination
+
+    def _forward(self, sender: RelayClient, body: bytes, now: float) -> None:
         size = len(body) - NODE_ID_SIZE
         if size < 0:
             self.stats.drops[MALFORMED] += 1
@@ -231,25 +264,31 @@ class RelayCore:
         if size > MAX_DATAGRAM:
             self.stats.drops[OVERSIZED] += 1
             return
-        destination = self._clients.get(body[:NODE_ID_SIZE])
+        destination = self._destination(body[:NODE_ID_SIZE], now)
         if destination is None:
             self.stats.drops[NO_SUCH_PEER] += 1
             return
-        if self._enqueue(destination, RECV, sender.key + body[NODE_ID_SIZE:]):
+        datagram = body[NODE_ID_SIZE:]
+        if self._enqueue(destination, RECV, sender.key + datagram):
             self.stats.frames_forwarded += 1
             self.stats.bytes_forwarded += size
             self._note_sender(destination, sender)
+            if self.capture is not None:
+                self.capture(datagram)
 
-    def _forward_batch(self, sender: RelayClient, body: bytes) -> None:
+    def _forward_batch(self, sender: RelayClient, body: bytes, now: float) -> None:
         try:
             count = count_batch(body)
         except MalformedFrame:
             self.stats.drops[MALFORMED] += 1
             return
-        destination = self._clients.get(body[:NODE_ID_SIZE])
+        destination = self._destination(body[:NODE_ID_SIZE], now)
         if destination is None:
             self.stats.drops[NO_SUCH_PEER] += count
             return
+        if self.capture is not None:
+            for datagram in split_batch(body):
+                self.capture(datagram)
         if self._enqueue(destination, RECV_BATCH, sender.key + body[NODE_ID_SIZE:]):
             self.stats.frames_forwarded += count
             self.stats.bytes_forwarded += len(body) - NODE_ID_SIZE - 2 * count
@@ -281,6 +320,11 @@ class RelayCore:
         if was_empty:
             client.wake()
         return True
+
+    def send_keyed(self, node_id: NodeId, message: bytes) -> bool:
+        """Queue a KEYED frame (a rendezvous message) for a client; False if it has none."""
+        client = self._clients.get(bytes(node_id))
+        return client is not None and self._enqueue(client, KEYED, message)
 
     def announce_restart(self, reconnect_in: float, try_for: float) -> None:
         """Tell every client the relay is going away and when to come back

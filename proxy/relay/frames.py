@@ -18,6 +18,8 @@ Types (direction: c = client to relay, r = relay to client):
     0x08 RESTARTING  r  reconnect in ms (4) | try for ms (4)
     0x09 SEND_BATCH  c  destination NodeId (32) | (length (2) | datagram) ...
     0x0a RECV_BATCH  r  source NodeId (32) | (length (2) | datagram) ...
+    0x0b KEYED       cr a rendezvous keyed message for the other end of the link
+                        (a node on TCP only looks nodes up this way)
 
 The batches carry several datagrams for one peer in one frame (a uTP window's worth
 leaves the endpoint at once): the relay checks and forwards one frame instead of
@@ -53,7 +55,9 @@ SERVER_INFO = 0x07
 RESTARTING = 0x08
 SEND_BATCH = 0x09
 RECV_BATCH = 0x0A
-FRAME_TYPES = frozenset({SEND, RECV, PEER_GONE, PING, PONG, HEALTH, SERVER_INFO, RESTARTING, SEND_BATCH, RECV_BATCH})
+KEYED = 0x0B
+FRAME_TYPES = frozenset({SEND, RECV, PEER_GONE, PING, PONG, HEALTH, SERVER_INFO, RESTARTING, SEND_BATCH, RECV_BATCH,
+                         KEYED})
 MAX_BATCHED = 0xFFFF  # a batched datagram's length fits two bytes
 
 GONE_DISCONNECTED = 0
@@ -128,7 +132,12 @@ class RecvBatch:
     datagrams: tuple[bytes, ...]
 
 
-Frame = Send | Recv | SendBatch | RecvBatch | PeerGone | Ping | Pong | Health | ServerInfo | Restarting
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    message: bytes
+
+
+Frame = Send | Recv | SendBatch | RecvBatch | PeerGone | Ping | Pong | Health | ServerInfo | Restarting | Keyed
 
 
 def frame_bytes(frame_type: int, body: bytes) -> bytes:
@@ -173,6 +182,10 @@ def encode_frame(frame: Frame) -> bytes:
                                      ("keepalive_ms", keepalive_ms, 0xFFFFFFFF)):
                 _check_range(name, value, top)
             return frame_bytes(SERVER_INFO, _SERVER_INFO.pack(version, max_datagram, rate, burst, keepalive_ms))
+        case Keyed(message):
+            if len(message) > MAX_DATAGRAM:
+                raise DatagramTooLarge(f"a keyed message of {len(message)} bytes is over the limit")
+            return frame_bytes(KEYED, bytes(message))
         case Restarting(reconnect_in_ms, try_for_ms):
             _check_range("reconnect_in_ms", reconnect_in_ms, 0xFFFFFFFF)
             _check_range("try_for_ms", try_for_ms, 0xFFFFFFFF)
@@ -217,6 +230,10 @@ def parse_frame(frame_type: int, body: bytes) -> Frame:
         if len(body) != _SERVER_INFO.size:
             raise MalformedFrame(f"a SERVER_INFO body is {_SERVER_INFO.size} bytes, not {len(body)}")
         return ServerInfo(*_SERVER_INFO.unpack(body))
+    if frame_type == KEYED:
+        if len(body) > MAX_DATAGRAM:
+            raise DatagramTooLarge(f"a keyed message of {len(body)} bytes is over the limit")
+        return Keyed(bytes(body))
     if frame_type == RESTARTING:
         if len(body) != _RESTARTING.size:
             raise MalformedFrame(f"a RESTARTING body is {_RESTARTING.size} bytes, not {len(body)}")

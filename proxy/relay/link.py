@@ -40,7 +40,7 @@ from proxy.relay.errors import (
     RelayTimeout,
     first_error,
 )
-from proxy.relay.frames import GONE_REPLACED, Health, PeerGone, Recv, RecvBatch, Restarting
+from proxy.relay.frames import GONE_REPLACED, Health, Keyed, PeerGone, Recv, RecvBatch, Restarting
 from proxy.relay.serve import ALPN
 from proxy.relay.session import NOT_CONNECTED, RelayClientSession
 from proxy.tls import TLSStream
@@ -103,6 +103,7 @@ class RelayLink:
         *,
         on_receive_batch: Callable[[list[tuple[NodeId, bytes]]], None] | None = None,
         on_peer_gone: Callable[[NodeId, int], None] | None = None,
+        on_keyed: Callable[[bytes], None] | None = None,
         keepalive: float = 15.0,
         timeout: float = 45.0,
         connect_timeout: float = 10.0,
@@ -115,6 +116,7 @@ class RelayLink:
         self.on_receive = on_receive
         self.on_receive_batch = on_receive_batch
         self.on_peer_gone = on_peer_gone
+        self.on_keyed = on_keyed  # a KEYED frame: a rendezvous message from the relay node
         self.keepalive = keepalive
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -159,6 +161,17 @@ class RelayLink:
             self._output.set()
             return True
         return False
+
+    def send_keyed(self, message: bytes) -> bool:
+        """A rendezvous keyed message to the relay node over this link; False (counted)
+        while not registered."""
+        session = self._session
+        if session is None or not session.registered:
+            self.drops[NOT_CONNECTED] += 1
+            return False
+        session.send_keyed(message)
+        self._output.set()
+        return True
 
     def status(self) -> dict[str, object]:
         """What ``keynode status`` may show for this link."""
@@ -288,6 +301,13 @@ class RelayLink:
                         self.on_peer_gone(frame.node_id, frame.reason)
                 elif isinstance(frame, Health):
                     self.health = frame.text
+                elif isinstance(frame, Keyed):
+                    if self.on_keyed is not None:
+                        try:
+                            self.on_keyed(frame.message)
+                        except Exception:
+                            self.stats.callback_errors += 1
+                            log.exception("relay link: the keyed-message callback failed")
                 elif isinstance(frame, Restarting):
                     self.restart_delay = frame.reconnect_in_ms / 1000
             if batch:

@@ -68,10 +68,11 @@ class _Wake:
 class RelayServer:
     """A running relay server (``serve_relay`` reports it once listening)."""
 
-    def __init__(self, tls_config: TLSConfigLike, limits: RelayLimits, listeners: Sequence[trio.SocketListener]):
+    def __init__(self, tls_config: TLSConfigLike, limits: RelayLimits, listeners: Sequence[trio.SocketListener],
+                 core: RelayCore | None = None):
         self.tls_config = tls_config
         self.limits = limits
-        self.core = RelayCore(limits)
+        self.core = core if core is not None else RelayCore(limits)
         self.stats = RelayServerStats()
         self.listeners = list(listeners)
         self._handshakes = trio.Semaphore(limits.max_handshakes)
@@ -229,13 +230,17 @@ async def serve_relay(
     host: str | None = None,
     port: int = 0,
     limits: RelayLimits | None = None,
+    core: RelayCore | None = None,
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay on TCP ``host:port`` (all addresses when host is None; port 0:
     any) until cancelled. Use with ``nursery.start``: it reports the RelayServer,
-    whose ``port`` is the bound port."""
+    whose ``port`` is the bound port. ``core``: a RelayCore shared with another
+    transport (a relay node's UDP front), whose limits then apply."""
     listeners = await trio.open_tcp_listeners(port, host=host)
-    server = RelayServer(tls_config, limits or RelayLimits(), listeners)
+    if core is not None:
+        limits = core.limits
+    server = RelayServer(tls_config, limits or RelayLimits(), listeners, core)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:

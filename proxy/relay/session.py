@@ -14,6 +14,7 @@ from collections import Counter
 from proxy.identity.node_id import NODE_ID_SIZE, NodeId
 from proxy.relay.errors import MalformedFrame, RelayProtocolError, UnknownFrameType
 from proxy.relay.frames import (
+    KEYED,
     MAX_BATCHED,
     MAX_DATAGRAM,
     PING,
@@ -29,6 +30,7 @@ from proxy.relay.frames import (
     RecvBatch,
     ServerInfo,
     encode_frame,
+    frame_bytes,
     pack_header,
     pack_length,
     parse_frame,
@@ -87,6 +89,10 @@ class RelayClientSession:
         self._output_bytes += size + 39
         self.frames_sent += 1
         return True
+
+    def send_keyed(self, message: bytes) -> None:
+        """Queue a KEYED frame (a rendezvous message for the relay node)."""
+        self._queue_frame(frame_bytes(KEYED, message))
 
     def take_output(self) -> bytes:
         """Every queued frame as bytes to write: control frames first, then the

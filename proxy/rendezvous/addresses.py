@@ -7,7 +7,10 @@ two layers:
 
 - ``utp:<host>:<port>``: a node's UDP socket (an IPv6 literal escapes each ``:``
   as ``!:``, e.g. ``utp:2001!:db8!:!:1:4000``);
-- ``relay:<relay NodeId>@<host>:<port>``: the relay node it registers with.
+- ``relay:<relay NodeId>@<host>:<port>`` (optionally ``:tcp=<port>``): a relay node
+  it registers with, at its UDP port, and the TCP port of its relay over TCP +
+  mutual TLS (``[relay] tcp_port`` there), for a node whose UDP is blocked. In a
+  node's record the first relay entry is its home relay.
 
 A record is (NodeId, seq, address list) signed by the NodeId's key; seq only
 grows (unix milliseconds, at least one above the last one this process made), so
@@ -138,9 +141,11 @@ class RelayAddress:
     node_id: NodeId
     host: str
     port: int
+    tcp_port: int | None = None  # its relay over TCP + mutual TLS, if it offers one
 
     def layer(self) -> Layer:
-        return Layer("relay", (f"{self.node_id}@{self.host}", str(self.port)))
+        tcp = () if self.tcp_port is None else (f"tcp={self.tcp_port}",)
+        return Layer("relay", (f"{self.node_id}@{self.host}", str(self.port), *tcp))
 
 
 KeynodeAddress = UtpAddress | RelayAddress
@@ -181,14 +186,19 @@ def keynode_addresses(text: str) -> tuple[KeynodeAddress, ...]:
                 raise AddressInvalid(f"{where}: utp takes host and port")
             found.append(UtpAddress(_host(layer.args[0], where), _port(layer.args[1], where)))
         elif layer.name == "relay":
-            if len(layer.args) != 2 or "@" not in layer.args[0]:
-                raise AddressInvalid(f"{where}: relay takes <NodeId>@host and port")
+            if len(layer.args) not in (2, 3) or "@" not in layer.args[0]:
+                raise AddressInvalid(f"{where}: relay takes <NodeId>@host, port and optionally tcp=<port>")
             node_text, _, host = layer.args[0].partition("@")
             try:
                 node_id = NodeId.decode(node_text)
             except NodeIdInvalid as error:
                 raise AddressInvalid(f"{where}: bad relay NodeId: {error}") from None
-            found.append(RelayAddress(node_id, _host(host, where), _port(layer.args[1], where)))
+            tcp_port = None
+            if len(layer.args) == 3:
+                if not layer.args[2].startswith("tcp="):
+                    raise AddressInvalid(f"{where}: a relay's third argument is tcp=<port>")
+                tcp_port = _port(layer.args[2][4:], where)
+            found.append(RelayAddress(node_id, _host(host, where), _port(layer.args[1], where), tcp_port))
     if not found:
         raise AddressInvalid(f"no utp or relay address in {text!r}")
     return tuple(found)
@@ -313,7 +323,8 @@ class SequenceClock:
 
 def parse_relay_server(text: object) -> RelayAddress:
     """A `[relay] servers` entry: ``<NodeId>@host:port`` (``[v6]:port`` for IPv6) or the
-    multiserver ``relay:<NodeId>@host:port``; RelayServerInvalid with the reason."""
+    multiserver ``relay:<NodeId>@host:port``, either followed by ``:tcp=<port>`` when
+    the relay node also relays over TCP; RelayServerInvalid with the reason."""
     if not isinstance(text, str):
         raise RelayServerInvalid(f"must be a string '<NodeId>@host:port', not {type(text).__name__}")
     if text.startswith("relay:"):
@@ -324,6 +335,14 @@ def parse_relay_server(text: object) -> RelayAddress:
         if len(found) != 1 or not isinstance(found[0], RelayAddress):
             raise RelayServerInvalid(f"{text!r} is not one relay:<NodeId>@host:port address")
         return found[0]
+    tcp_port = None
+    base, tcp_marker, tcp_text = text.rpartition(":tcp=")
+    if tcp_marker:
+        try:
+            tcp_port = _port(tcp_text, text)
+        except AddressInvalid as error:
+            raise RelayServerInvalid(str(error)) from None
+        text = base
     node_text, at, rest = text.partition("@")
     if not at:
         raise RelayServerInvalid(f"{text!r} is not '<NodeId>@host:port'")
@@ -340,6 +359,6 @@ def parse_relay_server(text: object) -> RelayAddress:
         if not colon or ":" in host or not host:
             raise RelayServerInvalid(f"{rest!r} is not 'host:port' (IPv6 goes in brackets)")
     try:
-        return RelayAddress(node_id, _host(host, text), _port(port_text, text))
+        return RelayAddress(node_id, _host(host, text), _port(port_text, text), tcp_port)
     except AddressInvalid as error:
         raise RelayServerInvalid(str(error)) from None

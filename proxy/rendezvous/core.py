@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from proxy.rendezvous.errors import Malformed, MessageRejected
 from proxy.rendezvous.keys import KeyRing
-from proxy.rendezvous.messages import Address, Ping, decode_body
+from proxy.rendezvous.messages import Address, Lookup, Ping, decode_body
 from proxy.rendezvous.node import Event, NodeRendezvous, RendezvousTimers
 from proxy.rendezvous.relay import RelayCore, Send
 from proxy.rendezvous.wire import Opener, seal
@@ -71,6 +71,31 @@ class Rendezvous:
                 return  # answered by the relay role (else: a peer punching toward this node?)
         self.node.handle(sender, message, source, now, wall_ms)
         self._flush_node(now)
+
+    def receive_over_link(self, data: bytes, client: bytes, now: float) -> bytes | None:
+        """A keyed message a relay-link client sent over TCP (a KEYED frame): only a
+        LOOKUP, sealed by the NodeId the link authenticated; the answer (LOOKUP_REPLY,
+        no introduction: the caller has no UDP to punch with) to send back over the
+        link, or None. Everything else is dropped and counted."""
+        self.counters["received"] += 1
+        wall_ms = self.wall_ms(now)
+        try:
+            opened = self.opener.open(data, wall_ms, "link", now)
+            message = decode_body(opened.message_type, opened.body)
+        except Malformed:
+            self.opener.dropped["malformed"] += 1
+            return None
+        except MessageRejected:
+            return None
+        self.counters["accepted"] += 1
+        if self.relay is None or bytes(opened.sender) != client or not isinstance(message, Lookup):
+            self.counters["unexpected_type"] += 1
+            return None
+        reply = self.relay.lookup_reply(client, message, now)
+        if reply is None:
+            return None
+        self.counters["sent"] += 1
+        return seal(self.keyring, client, reply.message_type, reply.encode(), wall_ms)
 
     def on_timer(self, now: float) -> None:
         self.node.on_timer(now)

@@ -95,3 +95,15 @@ class NoDirectPath(RendezvousError):
     window (HTTP 502): both NATs are hard (needs a relay, issue 14)."""
 
     http_status = 502
+
+
+class NoRelayRoute(RendezvousError):
+    """No relay node to reach a peer through: none registered, none known for it."""
+
+    http_status = 502
+
+
+class RelayPingTimeout(RendezvousError):
+    """No authenticated PATH_PONG came back over a relayed path in time."""
+
+    http_status = 504

@@ -77,6 +77,13 @@ class LookupDone:
     found: bool
     candidates: tuple[Address, ...] = ()
     record: bytes = b""
+    relay: bytes = b""  # the relay node that found it
+
+
+@dataclass(frozen=True)
+class HomeChanged:
+    relay: bytes
+    rtt: float
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,23 @@ class Introduced:
     candidates: tuple[Address, ...]
 
 
-Event = ObservedAddress | LookupDone | PathConfirmed | PunchFailed | Introduced
+Event = ObservedAddress | LookupDone | PathConfirmed | PunchFailed | Introduced | HomeChanged
+
+HOME_MIN_GAIN = 0.010  # DERP's hysteresis: switch home only when the other is 10 ms better
+HOME_MIN_RATIO = 2 / 3  # and below 2/3 of the current home's RTT
+
+
+def choose_home(current: bytes | None, rtts: dict[bytes, float]) -> bytes | None:
+    """The relay to call home: the lowest RTT, but the current one is kept unless
+    another is at least HOME_MIN_GAIN better and below HOME_MIN_RATIO of it."""
+    if not rtts:
+        return current
+    best = min(rtts, key=lambda relay: rtts[relay])
+    if current is None or current not in rtts or best == current:
+        return best
+    if rtts[best] <= rtts[current] - HOME_MIN_GAIN and rtts[best] < rtts[current] * HOME_MIN_RATIO:
+        return best
+    return current
 
 
 def private_candidates(addresses: tuple[Address, ...]) -> tuple[Address, ...]:
@@ -120,6 +143,9 @@ class RelayState:
     registers: bool = True  # False: a peer's home relay, only asked
     next_register: float = 0.0
     txid: bytes = b""
+    own: bool = True  # configured ([relay] servers): may become this node's home
+    register_sent: float = 0.0
+    rtt: float | None = None  # REGISTER -> REGISTERED, the last one
 
 
 @dataclass
@@ -161,6 +187,7 @@ class NodeRendezvous:
         self._seen_introductions: OrderedDict[bytes, None] = OrderedDict()
         self.outgoing: list[Send] = []
         self.events: list[Event] = []
+        self.home: bytes | None = None
         self.counters = {"introductions": 0, "introductions_refused": 0, "pings_sent": 0, "pings_answered": 0,
                          "pings_ignored": 0, "pongs_unmatched": 0, "paths_confirmed": 0, "punches_failed": 0}
 
@@ -194,7 +221,10 @@ class NodeRendezvous:
             if relay is not None and message.txid == relay.txid:
                 relay.registered = True
                 relay.next_register = now + self.timers.refresh_interval
+                relay.txid = b""  # one answer per REGISTER: the RTT is measured once
+                relay.rtt = now - relay.register_sent
                 self._observed(relay, message.observed)
+                self._choose_home()
         elif isinstance(message, LookupReply):
             self._lookup_reply(sender, message)
         elif isinstance(message, Introduction):
@@ -232,7 +262,7 @@ class NodeRendezvous:
         if message.found:
             del self.lookups[message.target]
             candidates = _unique(message.observed + private_candidates(message.lan))
-            self.events.append(LookupDone(message.target, True, candidates, message.record))
+            self.events.append(LookupDone(message.target, True, candidates, message.record, sender))
             return
         lookup.negative.add(sender)
         if lookup.negative >= set(lookup.asked):  # every relay asked said so: no need to wait
@@ -267,7 +297,25 @@ class NodeRendezvous:
     def add_relay(self, relay_id: bytes, address: Address) -> None:
         """A relay node to ask (a peer's home relay), without registering with it."""
         if relay_id not in self.relays:
-            self.relays[relay_id] = RelayState(relay_id, address, registers=False, next_register=float("inf"))
+            self.relays[relay_id] = RelayState(relay_id, address, registers=False, next_register=float("inf"), own=False)
+
+    def register_with(self, relay_id: bytes, address: Address, now: float) -> None:
+        """Register with a relay node on demand (a peer's home relay this node sends
+        through); it never becomes this node's home."""
+        state = self.relays.get(relay_id)
+        if state is None:
+            self.relays[relay_id] = RelayState(relay_id, address, own=False, next_register=now)
+        elif not state.registers:
+            state.registers = True
+            state.next_register = now
+
+    def _choose_home(self) -> None:
+        rtts = {relay_id: state.rtt for relay_id, state in self.relays.items()
+                if state.own and state.registered and state.rtt is not None}
+        home = choose_home(self.home, rtts)
+        if home is not None and home != self.home:
+            self.home = home
+            self.events.append(HomeChanged(home, rtts[home]))
 
     def lookup_relays(self, target: bytes, via: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
         """The relays a lookup of target asks: those this node registers with, and ``via``."""
@@ -313,6 +361,7 @@ class NodeRendezvous:
         for relay in self.relays.values():
             if relay.next_register <= now:
                 relay.txid = os.urandom(12)
+                relay.register_sent = now
                 self.outgoing.append((relay.node_id, relay.address, Register(relay.txid, self.lan, self.record)))
                 retry = timers.refresh_interval if relay.registered else timers.register_retry
                 relay.next_register = now + retry

@@ -14,6 +14,9 @@ lookups and introductions.
   to the target at its observed address with the caller's *observed* address (as
   this relay saw the lookup arrive, never one the caller claims), the caller's LAN
   addresses as extra candidates, a nonce and an expiry.
+- A target not registered here over UDP but linked to this relay node's forwarding
+  over TCP (``relayed_only``, set by the driver) is found with no address: the
+  caller reaches it only through this relay, and no introduction is sent.
 - Everything is rate-limited per NodeId and per source address (host and port:
   nodes behind one NAT share a host) with token buckets, 20 burst, 10/s by default;
   what a limit refuses is dropped without an answer.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.rendezvous.addresses import record_from_bytes
@@ -74,6 +78,7 @@ class RelayCore:
         self.registrations: OrderedDict[bytes, Registration] = OrderedDict()
         self.per_node = TokenBuckets(burst, rate)
         self.per_source = TokenBuckets(burst, rate)
+        self.relayed_only: Callable[[bytes], bool] | None = None
         self.counters = {"pings": 0, "registrations": 0, "lookups": 0, "introductions": 0, "not_found": 0,
                          "rate_limited": 0, "evicted": 0, "bad_records": 0, "old_records": 0, "pings_ignored": 0}
 
@@ -140,6 +145,10 @@ class RelayCore:
     def _lookup(self, sender: bytes, message: Lookup, source: Address, now: float, wall_ms: int) -> list[Send]:
         self.counters["lookups"] += 1
         target = self.registration(message.target, now)
+        if target is None and message.target != sender and self.relayed_only is not None \
+                and self.relayed_only(message.target):
+            self.counters["relayed_only"] = self.counters.get("relayed_only", 0) + 1
+            return [(sender, source, LookupReply(message.txid, message.target, True))]
         if target is None or message.target == sender:
             self.counters["not_found"] += 1
             return [(sender, source, LookupReply(message.txid, message.target, False))]
@@ -154,6 +163,21 @@ class RelayCore:
         self.counters["introductions"] += 1
         reply = LookupReply(message.txid, message.target, True, (target.observed,), target.lan, target.record)
         return [(sender, source, reply), (message.target, target.observed, signed)]
+
+    def lookup_reply(self, sender: bytes, message: Lookup, now: float) -> LookupReply | None:
+        """The answer to a LOOKUP that came over a relay link (TCP): rate-limited per
+        NodeId, found if registered here or linked; no introduction (None if limited)."""
+        if not self.per_node.take(sender, now):
+            self.counters["rate_limited"] += 1
+            return None
+        self.counters["lookups"] += 1
+        target = self.registration(message.target, now)
+        if target is not None and message.target != sender:
+            return LookupReply(message.txid, message.target, True, (target.observed,), target.lan, target.record)
+        if message.target != sender and self.relayed_only is not None and self.relayed_only(message.target):
+            return LookupReply(message.txid, message.target, True)
+        self.counters["not_found"] += 1
+        return LookupReply(message.txid, message.target, False)
 
     def expire(self, now: float) -> None:
         """Drop expired registrations from the front (the oldest refreshed)."""

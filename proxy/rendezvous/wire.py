@@ -57,16 +57,17 @@ NEW_KEYS_RATE = 50.0
 
 
 def seal(keyring: KeyRing, receiver: bytes, message_type: int, body: bytes, wall_ms: int,
-         nonce: bytes | None = None) -> bytes:
-    """One keyed message from this node to ``receiver`` (a raw NodeId)."""
+         nonce: bytes | None = None, max_size: int = MAX_SIZE) -> bytes:
+    """One keyed message from this node to ``receiver`` (a raw NodeId); at most
+    ``max_size`` bytes (relayed datagrams have their own bound, relay_udp.py)."""
     if not MIN_TYPE <= message_type <= MAX_TYPE:
         raise ValueError(f"keyed message type {message_type} out of range")
     nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
     plaintext = INNER.pack(message_type, wall_ms) + body
     boxed = nacl.bindings.crypto_box_easy_afternm(plaintext, nonce, keyring.shared_key(receiver))
     data = HEADER.pack(bytes((0, 0, 0, message_type)), VERSION, keyring.node_id_bytes, nonce) + boxed
-    if len(data) > MAX_SIZE:
-        raise ValueError(f"keyed message of {len(data)} bytes exceeds {MAX_SIZE}")
+    if len(data) > max_size:
+        raise ValueError(f"keyed message of {len(data)} bytes exceeds {max_size}")
     return data
 
 
@@ -88,12 +89,20 @@ class Opened:
 class Opener:
     """Opens received keyed messages; counts what it drops by reason (``dropped``)."""
 
-    def __init__(self, keyring: KeyRing, *, max_senders: int = MAX_SENDERS) -> None:
+    def __init__(self, keyring: KeyRing, *, max_senders: int = MAX_SENDERS, max_size: int = MAX_SIZE,
+                 dropped: dict[str, int] | None = None, nonces_per_sender: int | None = None,
+                 max_nonces: int | None = None) -> None:
         self.keyring = keyring
         self.max_senders = max_senders
+        self.max_size = max_size
+        # A sender's share must exceed what it can send within one millisecond (its
+        # oldest nonce's stamp becomes its floor): relayed datagrams need far more.
+        self.nonces_per_sender = nonces_per_sender
+        self.max_nonces = max_nonces  # None: the module's bounds (read when used)
         self._senders: OrderedDict[bytes, _Sender] = OrderedDict()
-        self.dropped: dict[str, int] = {"malformed": 0, "unauthenticated": 0, "stale": 0, "replayed": 0,
-                                        "overloaded": 0}
+        # ``dropped``: another Opener's counters to share (one socket, one account).
+        self.dropped: dict[str, int] = dropped if dropped is not None else {
+            "malformed": 0, "unauthenticated": 0, "stale": 0, "replayed": 0, "overloaded": 0}
         self.opened = 0
         self._total = 0  # nonces held over all senders
         self.new_keys_per_source = TokenBuckets(NEW_KEYS_BURST, NEW_KEYS_RATE, limit=4096)
@@ -111,7 +120,7 @@ class Opener:
         return opened
 
     def _open(self, data: bytes, wall_ms: int, source_host: str, now: float) -> Opened:
-        if not MIN_SIZE <= len(data) <= MAX_SIZE:
+        if not MIN_SIZE <= len(data) <= self.max_size:
             raise Malformed(f"keyed message of {len(data)} bytes")
         magic, version, sender, nonce = HEADER.unpack_from(data)
         message_type = magic[3]
@@ -158,7 +167,7 @@ class Opener:
         # stale), and its oldest one when it holds its share.
         while nonces:
             first_nonce, first_stamp = next(iter(nonces.items()))
-            if first_stamp + MAX_SKEW_MS >= wall_ms and len(nonces) < NONCES_PER_SENDER:
+            if first_stamp + MAX_SKEW_MS >= wall_ms and len(nonces) < (self.nonces_per_sender or NONCES_PER_SENDER):
                 break
             self._evict(state, wall_ms)
         nonces[nonce] = stamp
@@ -166,7 +175,7 @@ class Opener:
         state.newest_ms = max(state.newest_ms, stamp)
         # All senders together hold at most MAX_NONCES: the least recently heard lose
         # their oldest first (their floor rises, so nothing evicted can come back).
-        while self._total > MAX_NONCES:
+        while self._total > (self.max_nonces or MAX_NONCES):
             _, victim = next(iter(senders.items()))
             if victim.nonces:
                 self._evict(victim, wall_ms)

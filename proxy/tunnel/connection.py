@@ -39,7 +39,7 @@ from proxy.tunnel.errors import (
     ConnectionStartTimeout,
     ConnectionVerifyError,
 )
-from proxy.tunnel.peer import Peer
+from proxy.tunnel.peer import Liveness
 from proxy.tunnel.records import (
     ConnectionCallback,
     ConnectionEvent,
@@ -163,7 +163,7 @@ async def close_tunnel(tunnel: TLSStream | UtpStream | None, *, graceful: bool, 
     await close_streams(tunnel, graceful=False, end_time=0)
 
 
-async def until_peer_dies(peer: Peer, work: Callable[[], Awaitable[T]]) -> T:
+async def until_peer_dies(peer: Liveness, work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work``; if the peer's keep-alive times out first, raise that instead."""
     results: list[T] = []
     failure: Exception | None = None

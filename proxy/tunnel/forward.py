@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import trio
 from cryptography import x509
 
+from nat.utp.paths import VirtualPath
 from proxy.identity.errors import CertificateChainError
 from proxy.identity.node_id import NodeId
 from proxy.identity.verification import verify_server_certificate_chain
@@ -50,8 +51,15 @@ class ConnectionForward(TunnelConnection):
         address: Address,
         node_ids: tuple[NodeId, ...],
         server_name: bytes | None = None,
+        *,
+        start_path: VirtualPath | None = None,
+        follow_path: bool = False,
     ) -> None:
         super().__init__(context, address)
+        # A relay's path to start on (paths.py); ``follow_path``: found by NodeId, so
+        # its path follows the evidence once it runs (upgrade, fall back).
+        self.start_path = start_path
+        self.follow_path = follow_path or start_path is not None
         self.node_ids = node_ids
         # The SNI naming the remote's service (services.py); None: its default.
         self.server_name = server_name
@@ -77,7 +85,7 @@ class ConnectionForward(TunnelConnection):
 
                 async def connect_and_handshake() -> None:
                     self._stage = "opening uTP (no answer to its SYN)"
-                    self.utp = utp = await context.endpoint.connect(self.address)
+                    self.utp = utp = await context.endpoint.connect(self.start_path or self.address)
                     self._stage = "in the TLS handshake"
                     self.tls = TLSStream(
                         utp, context.tls_config(), server_side=False, alpn=(start_status.ALPN,),
@@ -144,6 +152,8 @@ class ConnectionForward(TunnelConnection):
 
     async def run(self) -> None:
         """Wait for a client, pipe, finish. Runs in the proxy's connection nursery."""
+        if self.follow_path:
+            self._follow_path()
         await self._live(self._serve)
 
     async def _serve(self) -> Ending:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import trio
 from cryptography import x509
 
+from nat.utp.paths import VirtualPath
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
 from proxy.tunnel.connection import (
@@ -49,6 +50,7 @@ from proxy.tunnel.errors import (
     StartRefused,
 )
 from proxy.tunnel.hosts import format_host_port
+from proxy.tunnel.paths import PathPeer, TunnelPath, relay_of
 from proxy.tunnel.peer import Address, Peer, PeerRegistry
 from proxy.tunnel.ratelimit import RateLimitedLog
 from proxy.tunnel.records import ConnectionInfo, ConnectionStatus, Direction, EndReason, Splicer
@@ -90,6 +92,8 @@ class ConnectionContext:
     # Per service kind (e.g. "grpc"), the application's pipe between a reverse
     # tunnel and its server, used instead of the byte splice (records.Splicer).
     splicers: Mapping[str, Splicer] = field(default_factory=dict)
+    # The path decisions (paths.TunnelPaths): relay fallback, upgrades, moves. None: direct only.
+    paths: Any = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,11 @@ class TunnelConnection:
         # Reverse: the local service reached; forward: the one named ("port N").
         self.service: str | None = None
         self._revoked = False  # closed by a policy reload (end reason "revoked")
-        self.peer: Peer | None = None
+        self.peer: Peer | PathPeer | None = None
+        # The path its uTP connection started on when that is a relay's (paths.py).
+        self.start_path: VirtualPath | None = None
+        self.path_tracker: TunnelPath | None = None  # set when its path is followed
+        self.path_scope: trio.CancelScope | None = None
         self.utp: UtpStream | None = None
         self.tls: TLSStream | None = None
         self.tcp: trio.SocketStream | None = None
@@ -158,7 +166,10 @@ class TunnelConnection:
 
     @property
     def what(self) -> str:
-        return f"{self.direction.value} {self.toward} {format_host_port(*self.address)}"
+        host, port = self.address
+        if host.startswith("relay:"):
+            return f"{self.direction.value} {self.toward} {host[6:]} (relayed)"
+        return f"{self.direction.value} {self.toward} {format_host_port(host, port)}"
 
     @property
     def composed(self) -> bool:
@@ -199,7 +210,15 @@ class TunnelConnection:
             tcp_host=tcp[0] if tcp else None,
             tcp_port=tcp[1] if tcp else None,
             service=self.service,
+            path=self.path_kind,
+            via=relay_of(None if self.utp is None else self.utp.path),
         )
+
+    @property
+    def path_kind(self) -> str:
+        """"relay" while its datagrams go through a relay node, else "direct"."""
+        path = self.start_path if self.utp is None else self.utp.path
+        return "relay" if type(path) is VirtualPath else "direct"
 
     def status(self, established_at: float) -> ConnectionStatus | None:
         info = self.info()
@@ -212,15 +231,33 @@ class TunnelConnection:
             bytes_sent=0 if utp is None else utp.bytes_sent,
             bytes_received=0 if utp is None else utp.bytes_received,
             rtt=None if utp is None else utp.rtt,
+            move_count=0 if self.path_tracker is None else self.path_tracker.move_count,
+            moves=() if self.path_tracker is None else tuple(self.path_tracker.moves),
         )
 
     # --- start ------------------------------------------------------------------------
 
-    async def _use_peer(self, *, quiet: bool = False) -> Peer:
+    async def _use_peer(self, *, quiet: bool = False) -> Peer | PathPeer:
         """The shared Peer of the remote address, held until the connection finishes
-        (``quiet``: an unannounced caller's, see PeerRegistry.use)."""
+        (``quiet``: an unannounced caller's, see PeerRegistry.use); a relayed
+        connection's liveness is its path's (paths.PathPeer)."""
+        if self.start_path is not None:
+            self.peer = PathPeer(None)
+            return self.peer
         self.peer = await self._exit_stack.enter_async_context(self.context.peers.use(self.address, quiet=quiet))
         return self.peer
+
+    def _follow_path(self) -> None:
+        """From now on the connection's path follows the evidence (paths.py): a
+        relayed one upgrades, a direct one falls back to a relay. Only with relay
+        routes; without, it stays where it is and its Peer is the original's."""
+        paths = self.context.paths
+        if paths is None or paths.routes is None or self.node_id is None or self.path_tracker is not None:
+            return
+        peer = self.peer
+        if not isinstance(peer, PathPeer):
+            peer = self.peer = PathPeer(peer)
+        self.path_tracker = paths.track(self, self.node_id, peer, self.context.spawn)
 
     @asynccontextmanager
     async def _starting(self) -> AsyncIterator[None]:
@@ -386,6 +423,8 @@ class TunnelConnection:
         if self._finishing:
             return
         self._finishing = True
+        if self.path_scope is not None:
+            self.path_scope.cancel()
         if self._revoked:
             ending = Ending(EndReason.REVOKED, ending.error, ending.broken)
         self.end_reason, self.end_error = ending.reason, ending.error
@@ -408,6 +447,8 @@ class TunnelConnection:
     async def finish_unstarted(self) -> None:
         """Drop a started connection that was never registered (the proxy is stopping)."""
         self._finishing = True
+        if self.path_scope is not None:
+            self.path_scope.cancel()
         await self._abandon()
         self.ended.set()
 

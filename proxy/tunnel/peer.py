@@ -67,6 +67,16 @@ class MessageEndpoint(Protocol):
     def subscribe_messages(self) -> Any: ...
 
 
+class Liveness(Protocol):
+    """What a connection watches of its peer: a Peer, or a paths.PathPeer."""
+
+    @property
+    def died(self) -> trio.Event: ...
+
+    @property
+    def death(self) -> BaseException | None: ...
+
+
 @dataclass(frozen=True)
 class PeerTimers:
     punch_interval: float = 0.05

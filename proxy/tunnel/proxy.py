@@ -12,7 +12,8 @@ Task tree::
       Proxy._run (service scope)
         PeerRegistry.run            one message subscription, every Peer's ping task
         RendezvousService.run       keyed messages: registrations, lookups, punching
-        _accept_forward             CONNECT listener -> _handle_client per TCP client
+        TunnelPaths.run             path punches in the background (paths.py)
+        ConnectFrontEnd.accept      CONNECT listener -> one task per TCP client (connect_front.py)
         _accept_reverse             endpoint.accept() -> ConnectionReverse.run
         connection nursery          every ConnectionForward/Reverse.run and client handler
 
@@ -33,7 +34,7 @@ import trio
 from nat.endpoint import open_endpoint
 from nat.errors import EndpointClosed, NatError
 from nat.utp.config import UtpConfig
-from proxy.identity.errors import KeynodeError
+from nat.utp.paths import VirtualPath
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
 from proxy.identity.verification import DEFAULT_MAX_CHAIN_LENGTH
@@ -42,19 +43,27 @@ from proxy.rendezvous.driver import RendezvousService
 from proxy.rendezvous.node import RendezvousTimers
 from proxy.tunnel.address_book import AddressBook
 from proxy.tunnel.addressing import RendezvousOptions, find_path, resolve_address, start_rendezvous
-from proxy.tunnel.connection import TRANSPORT_ERRORS, close_streams
+from proxy.tunnel.connect_front import ConnectFrontEnd
+from proxy.tunnel.connection import close_streams
 from proxy.tunnel.defaults import DEFAULT_CONGESTION, MAX_CONN_CONNECT_TIME, check_timing_options  # noqa: F401
 from proxy.tunnel.errors import ConnectionStartError, ProxyBindError, ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
 from proxy.tunnel.hosts import format_host_port
-from proxy.tunnel.http_connect import ConnectTarget, HTTPConnectEdge
 from proxy.tunnel.lifecycle import ConnectionContext
+from proxy.tunnel.paths import PathTimers, RelayRoutes, TunnelPaths, relay_sender, relayed_address
 from proxy.tunnel.peer import Address, PeerRegistry, PeerTimers, normalize_address
-from proxy.tunnel.ratelimit import RateLimitedLog
-from proxy.tunnel.records import ConnectionCallback, ConnectionInfo, ConnectionStatus, PreparedReverse, Splicer
+from proxy.tunnel.records import (
+    ConnectionCallback,
+    ConnectionEvent,
+    ConnectionInfo,
+    ConnectionStatus,
+    PathMove,
+    PreparedReverse,
+    Splicer,
+)
 from proxy.tunnel.registry import END_MARGIN, ConnectionRegistry
 from proxy.tunnel.reverse import ConnectionReverse
-from proxy.tunnel.services import ServicePolicy, server_name_for
+from proxy.tunnel.services import ServicePolicy
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,10 @@ class Proxy:
         rendezvous_timers: RendezvousTimers | None = None,
         policy: ServicePolicy | None = None,
         splicers: Mapping[str, Splicer] | None = None,
+        relay_routes: RelayRoutes | None = None,
+        punch_window: float = PathTimers.punch_window,
+        path_timers: PathTimers | None = None,
+        path_changed_callback: ConnectionCallback | None = None,
     ) -> None:
         check_timing_options(
             max_chain_length=max_chain_length,
@@ -116,6 +129,11 @@ class Proxy:
         self.rendezvous_options = RendezvousOptions(tuple(relay_servers), relay_serve, peer_relays or {},
                                                     rendezvous_timers)
         self.rendezvous: RendezvousService | None = None
+        # The relay transport as paths (paths.RelayRoutes), and how tunnels use it.
+        self.relay_routes = relay_routes
+        self.path_timers = path_timers or PathTimers(punch_window=punch_window)
+        self.path_changed_callback = path_changed_callback
+        self.paths: TunnelPaths | None = None
         self._registry = ConnectionRegistry(
             end_time=conn_end_time,
             established_callback=connection_established_callback,
@@ -128,13 +146,11 @@ class Proxy:
         self._proxy_address: tuple[str, int] | None = None
         self._context: ConnectionContext | None = None
         self._starting: set[trio.CancelScope] = set()
+        self._front = ConnectFrontEnd(  # the CONNECT listeners (connect_front.py)
+            self, spawn=self._spawn, resolve=self._resolve, connect_forward=self._connect_forward,
+            connect_by_node_id=self._connect_by_node_id, starting=self._starting)
         # open_connection_forward calls under way, by address: a second one waits for the first
         self._opening_forward: dict[Address, trio.Event] = {}
-        # CONNECTs past their request, not yet answered: stop lets them answer.
-        self._answering = 0
-        self._answered = trio.Event()
-        # Failed CONNECTs, logged here too (the client only sees its answer), per target.
-        self._connect_failures = RateLimitedLog(log)
         self._connection_nursery: trio.Nursery | None = None
         self._service_scope = trio.CancelScope()
         self._stopping = False
@@ -212,6 +228,11 @@ class Proxy:
                     await services.start(self.peers.run)
                     self.rendezvous = await start_rendezvous(services, endpoint, self.tls_config,
                                                              self.rendezvous_options)
+                    if self.relay_routes is None:  # the rendezvous's relayed paths, when it has them
+                        self.relay_routes = getattr(self.rendezvous, "routes", None)
+                    self.paths = TunnelPaths(self.peers, self.rendezvous, self.relay_routes, self.address_book,
+                                             self.path_timers, self._path_changed)
+                    await services.start(self.paths.run)
                     self._context = ConnectionContext(
                         endpoint=endpoint,
                         peers=self.peers,
@@ -225,13 +246,14 @@ class Proxy:
                         established=self._registry.established,
                         ended=self._registry.ended,
                         spawn=self._spawn,
+                        paths=self.paths,
                     )
                     sockname = listeners[0].socket.getsockname()
                     self._forward_address = (sockname[0], sockname[1])
                     self._connection_nursery = await services.start(self._run_connection_nursery)
                     self._registry.spawn = self._spawn  # async callbacks run in the connection nursery
                     for listener in listeners:
-                        services.start_soon(self._accept_forward, listener)
+                        services.start_soon(self._front.accept, listener)
                     services.start_soon(self._accept_reverse)
                     endpoint.accepting = self.policy.serves
                     self._running = True
@@ -266,8 +288,7 @@ class Proxy:
             with trio.move_on_after(self.conn_end_time + END_MARGIN):
                 for connection in connections:
                     await connection.ended.wait()
-                while self._answering:
-                    await self._answered.wait()
+                await self._front.wait_answered()
                 await self._registry.callbacks_done()
             self._service_scope.cancel()
         await self._done.wait()
@@ -313,8 +334,22 @@ class Proxy:
     async def _resolve(self, host: str, port: int) -> Address:
         return await resolve_address(host, port, self.proxy_host)
 
+    async def _connect_by_node_id(
+        self, node_id: NodeId, *, claim: bool, server_name: bytes | None = None
+    ) -> ConnectionForward:
+        """A connection to ``node_id`` found by the relay nodes: direct when a punch
+        succeeds within the punch window, else over a relay (paths.py)."""
+        assert self.paths is not None
+        route = await self.paths.route(node_id, self.find_path)
+        if isinstance(route, VirtualPath):
+            return await self._connect_forward((node_id,), relayed_address(node_id), claim=claim,
+                                               server_name=server_name, start_path=route)
+        return await self._connect_forward((node_id,), route, claim=claim, server_name=server_name,
+                                           follow_path=node_id not in self.address_book)
+
     async def _connect_forward(
-        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool, server_name: bytes | None = None
+        self, node_ids: tuple[NodeId, ...], address: Address, *, claim: bool, server_name: bytes | None = None,
+        start_path: VirtualPath | None = None, follow_path: bool = False,
     ) -> ConnectionForward:
         """An idle pre-opened connection to ``address`` claiming one of node_ids, for the
         service ``server_name`` names, or a new one. ``claim``: for a CONNECT."""
@@ -322,7 +357,8 @@ class Proxy:
         if idle is not None:
             idle.claimed = claim
             return idle
-        connection = ConnectionForward(self._connection_context(), address, node_ids, server_name)
+        connection = ConnectionForward(self._connection_context(), address, node_ids, server_name,
+                                       start_path=start_path, follow_path=follow_path)
         connection.claimed = claim
         await connection.start()
         if self._stopping:
@@ -346,6 +382,10 @@ class Proxy:
         if host is None or port is None:
             if not wanted:
                 raise ConnectionStartError("open_connection_forward needs a NodeId or an address")
+            if self.paths is not None and self.paths.routes is not None:
+                connection = await self._connect_by_node_id(wanted[0], claim=False)
+                assert connection.node_id is not None
+                return connection.node_id
             address = await self.find_path(wanted[0])
         else:
             address = await self._resolve(host, port)
@@ -368,107 +408,6 @@ class Proxy:
             raise ProxyNotRunning("proxy is not running")
         await self._registry.end(self._registry.to_proxy(self._registry.forward, host, port))
 
-    async def _accept_forward(self, listener: trio.SocketListener) -> None:
-        async with listener:
-            while True:
-                try:
-                    client = await listener.accept()
-                except OSError as error:  # e.g. EMFILE: back off, keep serving
-                    log.warning("CONNECT listener accept failed: %s", error)
-                    await trio.sleep(0.1)
-                    continue
-                self._spawn(self._handle_client, client)
-
-    async def _handle_client(self, client: trio.SocketStream) -> None:
-        handed_over = False
-        try:
-            handed_over = await self._serve_connect(client)
-        except TRANSPORT_ERRORS as error:
-            log.debug("CONNECT client went away: %s", error)
-        except Exception:  # a defect must drop this client, never the proxy
-            log.exception("CONNECT handler failed")
-        finally:
-            if not handed_over:
-                await close_streams(client, graceful=False, end_time=0)
-
-    async def _serve_connect(self, client: trio.SocketStream) -> bool:
-        """Answer one CONNECT; True when the client now belongs to a connection."""
-        edge = HTTPConnectEdge(client)
-        request = None
-        with trio.move_on_after(self.conn_connect_time):
-            try:
-                request = await edge.receive_request()
-            except KeynodeError as error:
-                await edge.send_error_for(error)
-                return False
-        if request is None:
-            return False  # slow, incomplete or abandoned request: dropped
-        self._answering += 1
-        try:
-            return await self._answer_connect(edge, client)
-        finally:
-            self._answering -= 1
-            self._answered.set()
-            self._answered = trio.Event()
-
-    async def _answer_connect(self, edge: HTTPConnectEdge, client: trio.SocketStream) -> bool:
-        connection: ConnectionForward | None = None
-        # Now, while the client is surely there (OSError if it is gone already).
-        client_address = normalize_address(client.socket.getpeername())
-        target: ConnectTarget | None = None
-        try:
-            target = edge.parse(
-                auth_token=self.auth_token, address_book=self.address_book, by_node_id=self.rendezvous_options.finds_by_node_id
-            )
-            self.policy.check_target(target.node_ids)  # 403 before anything is sent
-            if not self.running:
-                raise ProxyNotRunning("proxy is stopping")
-            # stop() cancels starts in progress; their clients get 503.
-            with trio.CancelScope() as starting:
-                self._starting.add(starting)
-                try:
-                    if target.lookup:
-                        address = await self.find_path(target.node_ids[0])
-                    else:
-                        address = await self._resolve(target.host, target.port)
-                    server_name = server_name_for(target.service_port, target.service_name)
-                    connection = await self._connect_forward(
-                        target.node_ids, address, claim=True, server_name=server_name
-                    )
-                finally:
-                    self._starting.discard(starting)
-            if connection is None:
-                raise ProxyNotRunning("proxy is stopping")
-        except KeynodeError as error:
-            if target is not None:  # a start that failed (or 503): say so here too, rate-limited
-                self._log_failed_connect(target, error)
-            await edge.send_error_for(error)
-            return False
-        except TRANSPORT_ERRORS:
-            raise
-        except Exception as error:  # "other": answer 500 and say what happened
-            log.exception("CONNECT to %r failed", edge.request.target if edge.request else None)
-            await edge.send_error_for(error)
-            return False
-        # From here the connection is this client's: nothing may outlive it.
-        try:
-            await edge.send_established()
-        except TRANSPORT_ERRORS:
-            connection.close()
-            return False
-        except BaseException:
-            connection.close()
-            raise
-        connection.attach_client(client, client_address, edge.trailing_data)
-        return True
-
-    def _log_failed_connect(self, target: ConnectTarget, error: KeynodeError) -> None:
-        where = format_host_port(target.host, target.port)
-        node_ids = ", ".join(str(node_id) for node_id in target.node_ids)
-        self._connect_failures.info(
-            (target.host, target.port), "CONNECT to %s (%s) answered %d: %s", where, node_ids, error.http_status, error
-        )
-
     # --- reverse ----------------------------------------------------------------------
 
     async def _accept_reverse(self) -> None:
@@ -483,7 +422,18 @@ class Proxy:
             if self._stopping or self._connection_nursery is None:
                 await close_streams(utp, graceful=False, end_time=0)
                 continue
-            address = normalize_address(utp.remote_address)
+            path = utp.remote_address
+            if isinstance(path, VirtualPath):  # relayed: the relay authenticated who sent the SYN
+                sender = relay_sender(path)
+                if sender is None:  # not a relay's path: nobody to answer
+                    await close_streams(utp, graceful=False, end_time=0)
+                    continue
+                relayed = ConnectionReverse(self._connection_context(), relayed_address(sender))
+                relayed.start_path = path
+                self._registry.add(relayed)
+                self._spawn(relayed.run, utp)
+                continue
+            address = normalize_address(path)
             prepared = self._registry.idle_reverse(address)
             if prepared is not None:
                 prepared.attach_utp(utp)
@@ -541,6 +491,23 @@ class Proxy:
         nodes' introduction and both sides' punching confirmed (typed errors, 502)."""
         live = self._registry.address_of(node_id)  # a live tunnel's path: no need to ask the relays
         return await find_path(node_id, self.address_book, self.rendezvous, self.proxy_host, live)
+
+    def set_relay_routes(self, routes: RelayRoutes | None) -> None:
+        """Use ``routes`` (the relay transport, built on this Proxy's endpoint) for
+        relay fallback from now on (None: direct paths only)."""
+        self.relay_routes = routes
+        if self.paths is not None:
+            self.paths.routes = routes
+
+    def _path_changed(self, connection: Any, move: PathMove) -> None:
+        """A live tunnel moved (paths.py): tell the path_changed callback."""
+        if connection.node_id is None:
+            return
+        info = connection.info()
+        self._registry.call(self.path_changed_callback, ConnectionEvent(
+            connection.node_id, connection.address[0], connection.address[1], connection.direction,
+            service=connection.service, path=info.path if info else move.to_path,
+            via=info.via if info else None, move=move))
 
     # --- lookups ------------------------------------------------------------------------
 

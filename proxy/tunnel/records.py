@@ -31,6 +31,22 @@ class EndReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class PathMove:
+    """One move of a live tunnel between paths (paths.py)."""
+
+    at: float  # unix time
+    from_path: str  # "direct" or "relay"
+    to_path: str
+    reason: str  # e.g. "direct path proven by authenticated ping/pong", "direct path silent"
+    address: str | None = None  # the direct address moved to
+    via: str | None = None  # the relay NodeId moved to
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_path, "to": self.to_path, "reason": self.reason,
+                "address": self.address, "via": self.via}
+
+
+@dataclass(frozen=True)
 class ConnectionInfo:
     """What is known about one live connection (the original's ConnectionInfo)."""
 
@@ -46,6 +62,8 @@ class ConnectionInfo:
     # reverse: the local service it reached; forward: the service it named ("port N"),
     # None for none (the remote's default service)
     service: str | None = None
+    path: str = "direct"  # where the tunnel's datagrams go: "direct" or "relay" (paths.py)
+    via: NodeId | None = None  # the relay node, when relayed
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class ConnectionStatus:
     bytes_sent: int  # uTP payload bytes (TLS records, so a little above the TCP bytes)
     bytes_received: int
     rtt: float | None  # smoothed uTP round-trip time, seconds
+    move_count: int = 0  # path moves of the live tunnel (paths.py)
+    moves: tuple[PathMove, ...] = ()  # the last few, oldest first
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,9 @@ class ConnectionEvent:
     reason: EndReason | None = None  # None for "established"
     error: BaseException | None = None
     service: str | None = None  # as ConnectionInfo.service
+    path: str = "direct"  # as ConnectionInfo.path, when the event happened
+    via: NodeId | None = None
+    move: PathMove | None = None  # for the path_changed callback: the move
 
 
 ConnectionCallback = Callable[[ConnectionEvent], Any]

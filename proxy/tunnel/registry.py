@@ -74,6 +74,10 @@ class ConnectionRegistry:
         if inspect.isawaitable(result):
             self._await_callback(result, event)
 
+    def call(self, callback: ConnectionCallback | None, event: ConnectionEvent) -> None:
+        """Run a callback of the Proxy's own (e.g. path_changed) the same contained way."""
+        self._call(callback, event)
+
     def _await_callback(self, result: Awaitable[Any], event: ConnectionEvent) -> None:
         async def run() -> None:
             try:
@@ -123,6 +127,7 @@ class ConnectionRegistry:
                 connection.address[1],
                 connection.direction,
                 service=connection.service,
+                path=connection.path_kind,
             ),
         )
         connection.reported_established()
@@ -145,6 +150,7 @@ class ConnectionRegistry:
                     connection.end_reason,
                     connection.end_error,
                     connection.service,
+                    path=connection.path_kind,
                 ),
             )
 

@@ -47,6 +47,7 @@ from proxy.tunnel.connection import (
 from proxy.tunnel.errors import ConnectionVerifyError, ServerUnavailable, ServiceForbidden, ServiceNotFound, ServiceRevoked
 from proxy.tunnel.hosts import format_host_port
 from proxy.tunnel.lifecycle import Ending, TunnelConnection
+from proxy.tunnel.paths import PathPeer
 from proxy.tunnel.peer import Peer
 from proxy.tunnel.records import CallerIdentity, Direction, EndReason
 from proxy.tunnel.services import Service
@@ -134,6 +135,7 @@ class ConnectionReverse(TunnelConnection):
                 await self._connect_service(service)
                 await peer.wait_heard()
                 await self._ready()
+            self._follow_path()
 
     async def _authorise(self) -> Service:
         """The service the caller named, if its allow list holds the caller: else the
@@ -177,7 +179,7 @@ class ConnectionReverse(TunnelConnection):
             raise ServiceRevoked(f"{self.what}: {text}")
         await self._send_status(start_status.encode_ready())
 
-    async def _until_proven(self, peer: Peer) -> None:
+    async def _until_proven(self, peer: Peer | PathPeer) -> None:
         """Until the caller's first bytes arrive (then the peer is proven) or its
         connection ends (the handshake that follows fails)."""
         utp = self.utp

@@ -40,7 +40,7 @@ from proxy.tls import SEND_SLICE, TLSStream
 from proxy.tls.errors import TLSTruncatedError
 from proxy.tunnel.connection import TRANSPORT_ERRORS, as_peer_reset
 from proxy.tunnel.errors import ConnectionKeepAliveTimeout
-from proxy.tunnel.peer import Peer
+from proxy.tunnel.peer import Liveness
 from proxy.tunnel.records import EndReason
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class _Relay:
 async def relay(
     local: trio.SocketStream,
     tls: TLSStream,
-    peer: Peer,
+    peer: Liveness,
     *,
     initial_data: bytes = b"",
     early_data: bytes = b"",

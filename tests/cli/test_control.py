@@ -212,13 +212,40 @@ def test_format_status_table() -> None:
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("DIRECTION"))
     assert header.split() == [
-        "DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE"
+        "DIRECTION", "STATE", "NODEID", "REMOTE", "PATH", "LOCAL", "AGE", "SENT", "RECEIVED", "RTT", "SERVICE",
+        "MOVES",
     ]
     forward = next(line for line in lines if line.startswith("forward "))
     assert "3.0 MiB" in forward and "12.3 ms" in forward and "1m15s" in forward
     reverse = next(line for line in lines if line.startswith("reverse "))
     assert "[::1]:4001" in reverse and "prepared" in reverse and reverse.rstrip().endswith("-")
     assert "no connections" in format_status({**STATUS, "connections": []})
+
+
+def test_format_status_shows_each_tunnels_path_and_its_moves() -> None:
+    relay = "v" + "r" * 52
+    moved = {
+        "direction": "forward", "state": "established", "node_id": str(NODE_ID), "remote": "198.51.100.7:4000",
+        "path": "direct", "via": None, "local": "127.0.0.1:50000", "age": 10, "bytes_sent": 1, "bytes_received": 2,
+        "rtt": 0.01, "service": None,
+        "moves": {"count": 2, "recent": [
+            {"at": 1_700_000_000.0, "from": "direct", "to": "relay", "reason": "direct path silent",
+             "address": None, "via": relay},
+            {"at": 1_700_000_030.0, "from": "relay", "to": "direct",
+             "reason": "direct path proven by authenticated ping/pong", "address": "198.51.100.7:4000", "via": None},
+        ]},
+    }
+    relayed = {**moved, "direction": "reverse", "path": "relay", "via": relay, "moves": {"count": 0, "recent": []}}
+    text = format_status({**STATUS, "connections": [moved, relayed]})
+    lines = text.splitlines()
+    forward = next(line for line in lines if line.startswith("forward "))
+    reverse = next(line for line in lines if line.startswith("reverse "))
+    assert " direct " in forward and forward.rstrip().endswith(" 2")
+    assert f"relay via {relay[:12]}..." in reverse and reverse.rstrip().endswith(" 0")
+    moves = lines[lines.index("path moves:") + 1:]
+    assert len(moves) == 2
+    assert f"forward {NODE_ID}: direct -> relay relay {relay} (direct path silent)" in moves[0]
+    assert "relay -> direct 198.51.100.7:4000 (direct path proven by authenticated ping/pong)" in moves[1]
 
 
 # --- hostile requests: any method, path and JSON body gets a JSON answer, never a crash ----

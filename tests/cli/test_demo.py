@@ -36,3 +36,9 @@ def test_keynode_demo_passes() -> None:
     assert re.search(r"500 unary round trips\s+tunnel: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"direct: median [\d.]+ ms\s+p99 [\d.]+ ms", output)
     assert re.search(r"64 MiB stream\s+tunnel: [\d.]+ MiB/s\s+direct: [\d.]+ MiB/s", output)
+    # A tunnel that could not punch started over the relay node and moved to direct.
+    fallback = re.search(rf"tunnel C -> D: path relay via ({NODE_ID})", output)
+    assert fallback is not None, output
+    assert "moved relay -> direct (direct path proven by authenticated ping/pong)" in output
+    assert re.search(r"tunnel C -> D now: path direct to 127\.0\.0\.1:\d+; 32 MiB there and back across the move, "
+                     r"sha256 equal", output), output

@@ -19,7 +19,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "nat": ("nat",),
     "proxy.identity": ("proxy.identity",),
     "proxy.tls": ("proxy.tls", "proxy.identity"),
-    "proxy.rendezvous": ("proxy.rendezvous", "proxy.identity", "nat"),
+    "proxy.rendezvous": ("proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.relay": ("proxy.relay", "proxy.tls", "proxy.identity", "nat"),
     "proxy.tunnel": ("proxy.tunnel", "proxy.rendezvous", "proxy.tls", "proxy.identity", "nat"),
     "proxy.app": ("proxy.app", "proxy.tunnel", "proxy.rendezvous", "proxy.relay", "proxy.tls", "proxy.identity",
@@ -55,9 +55,6 @@ LONG_MODULES = {
     # bench/utp_core.py: a split along a seam would add a call or an attribute hop per
     # packet (one extra call measured +3-4% on bulk). Cap it all the same.
     "nat.utp.sending": 720,
-    # The Proxy facade took the rendezvous and the service policy in wave 2 (merged at
-    # once); its CONNECT front end is the next seam to move out, with the paths work.
-    "proxy.tunnel.proxy": 640,
 }
 
 

@@ -57,12 +57,12 @@ async def test_nodes_behind_one_nat_find_each_other_on_the_lan(tmp_path: Path, k
         assert outcome.stream is not None
         async with grpc_channel_through(outcome.stream, outcome.leftover) as call:
             reply = await call(b"across the LAN by NodeId", 10.0)
-            # While the tunnel is open (leaving the block closes it, and its rows go).
+            # while the tunnel is open (leaving the block closes it)
             (row,) = rows_between(await forward.status(), reverse.node_id, "")
-            assert (row["path"], split_address(row["remote"])) == ("direct", (pc2.address, 4302))
             (back,) = rows_between(await reverse.status(), forward.node_id, "")
-            assert split_address(back["remote"]) == (pc1.address, 4301)
         assert reply == b"across the LAN by NodeId"
+        assert (row["path"], split_address(row["remote"])) == ("direct", (pc2.address, 4302))
+        assert split_address(back["remote"]) == (pc1.address, 4301)
         print(f"\n{kind.value}: CONNECT by NodeId -> 200 in {outcome.elapsed:.2f} s over the LAN "
               f"({row['remote']}), gRPC reply {reply!r}")
         await outcome.stream.aclose()

@@ -16,10 +16,13 @@ address, which a restricted NAT does not admit.
 
 All 25 cells run at once: the test CONNECTs through the forward node to
 `<reverse NodeId>:<port>` and makes a gRPC call through the tunnel. Expected
-(issue 13): a direct connection within 3 s everywhere except symmetric <->
-port-restricted (both ways) and symmetric <-> symmetric, which fail fast (502 once
-the punch window has passed, well before conn_connect_time, naming the NAT
-problem) and leave no connection behind on either node. Then, for all cells at once: 2 minutes idle
+(issues 13 and 14): 25 of 25 connect within 3 s; directly everywhere except
+symmetric <-> port-restricted (both ways) and symmetric <-> symmetric, which
+punch nothing and start over a relay node once the punch window (1 s) has passed
+(status rows: path "relay", via one of the relay nodes; the background punch never
+succeeds, so they stay relayed). Each relayed cell also carries 64 MiB each way
+through a second service of the reverse node (`[services.bulk]`, an exchange
+server), sha256-equal. Then, for all cells at once: 2 minutes idle
 (the tunnels stay open), a second call on each tunnel; the tunnels are closed, the
 pairs' own NAT mappings left to expire (30 s), and a new CONNECT by NodeId must
 connect again within 3 s: only the nodes' registrations with the relay nodes were
@@ -36,7 +39,8 @@ import pytest
 import trio
 
 from tests.natlab import NatKind, open_lab
-from tests.natlab.proxies import KeynodeNode, grpc_channel_through, start_node, start_server, wait_ready
+from tests.natlab.processes import LabProcess
+from tests.natlab.proxies import KeynodeNode, exchange, grpc_channel_through, start_node, start_server, wait_ready
 from tests.natlab.relay_lab import (
     ENDPOINT_DEPENDENT,
     ENDPOINT_INDEPENDENT,
@@ -59,21 +63,24 @@ LABELS = {None: "public", NatKind.FULL_CONE: "full cone", NatKind.ADDRESS_RESTRI
 # never pass for a fast failure.
 CONN_CONNECT_TIME = 10.0
 DIRECT_WITHIN = 3.0  # issue 13: a direct connection within 3 s of the CONNECT
-# A hopeless pair is refused once its punch window has passed (the node cannot know
-# beforehand: symmetric -> port-restricted fails where symmetric -> addr-restricted,
-# an identical mapping, works), never by a start timeout after conn_connect_time.
-FAIL_FAST_WITHIN = CONN_CONNECT_TIME / 2
+# A hopeless pair starts relayed once its punch window (1 s) has passed (the node
+# cannot know beforehand: symmetric -> port-restricted fails where symmetric ->
+# addr-restricted, an identical mapping, works): lookup + window + a relayed start.
+RELAYED_WITHIN = 3.0
+BULK = 64 << 20  # each way, in the relayed cells
+BULK_PORT = 1314  # [services.bulk] port of every reverse node
+BULK_TIMEOUT = 300.0
 UDP_TIMEOUT = 30.0  # every router's UDP mapping timeout
 IDLE = 120.0
 CALL_TIMEOUT = 10.0
 CLASSIFY_TIMEOUT = 30.0
 CLEANUP_TIMEOUT = 15.0
 DIRECT = "direct"
-NEEDS_RELAY = "fails (needs relay)"
+RELAY = "relay"
 
 
 def expected_direct(forward: NatKind | None, reverse: NatKind | None) -> bool:
-    """Issue 13's table: 22 of 25 cells connect directly."""
+    """Issue 13's table: 22 of 25 cells connect directly (the rest relayed, issue 14)."""
     pair = {forward, reverse}
     return pair != {NatKind.SYMMETRIC} and pair != {NatKind.SYMMETRIC, NatKind.PORT_RESTRICTED}
 
@@ -90,11 +97,6 @@ class Attempt:
     def connected(self) -> bool:
         return self.status == 200 and self.call == "ok"
 
-    def fast_failure(self) -> bool:
-        """502 (no direct path), well before conn_connect_time, naming the NAT problem."""
-        text = self.message.lower()
-        return (self.status == 502 and self.elapsed < FAIL_FAST_WITHIN
-                and "symmetric" in text and "relay" in text)
 
 
 @dataclass
@@ -104,6 +106,9 @@ class Cell:
     first: Attempt = field(default_factory=Attempt)
     after_idle_call: str = "-"  # the second call on the first tunnel, after IDLE
     second: Attempt = field(default_factory=Attempt)
+    bulk: str = "-"  # relayed cells: the 64 MiB exchange, "ok" or what differed
+    bulk_seconds: float = 0.0
+    bulk_digests: tuple[str, str] = ("", "")  # sha256 sent, received
     problems: list[str] = field(default_factory=list)  # from the status checks
 
     @property
@@ -112,22 +117,20 @@ class Cell:
 
     @property
     def expected(self) -> str:
-        return DIRECT if expected_direct(self.forward, self.reverse) else NEEDS_RELAY
+        return DIRECT if expected_direct(self.forward, self.reverse) else RELAY
 
     def outcome(self) -> str:
         """What happened, in the table's words, or the first thing that differed."""
-        if self.expected == DIRECT:
-            for label, attempt in (("first", self.first), ("after idle", self.second)):
-                if not attempt.connected():
-                    return f"{label}: {attempt.status} {attempt.call}"
-                if attempt.elapsed > DIRECT_WITHIN:
-                    return f"{label}: {attempt.elapsed:.1f}s"
-            if self.after_idle_call != "ok":
-                return f"idle: {self.after_idle_call}"
-        else:
-            for label, attempt in (("first", self.first), ("after idle", self.second)):
-                if not attempt.fast_failure():
-                    return f"{label}: {attempt.status} {attempt.elapsed:.1f}s"
+        within = DIRECT_WITHIN if self.expected == DIRECT else RELAYED_WITHIN
+        for label, attempt in (("first", self.first), ("after idle", self.second)):
+            if not attempt.connected():
+                return f"{label}: {attempt.status} {attempt.call}"
+            if attempt.elapsed > within:
+                return f"{label}: {attempt.elapsed:.1f}s"
+        if self.after_idle_call != "ok":
+            return f"idle: {self.after_idle_call}"
+        if self.expected == RELAY and self.bulk != "ok":
+            return f"bulk: {self.bulk}"
         if self.problems:
             return "status: see below"
         return self.expected
@@ -140,6 +143,8 @@ class Cell:
                      f"new CONNECT {self.second.status} in {self.second.elapsed:.2f}s call {self.second.call}")
         if self.second.message and self.second.message != self.first.message:
             parts.append(f"({self.second.message!r})")
+        if self.expected == RELAY:
+            parts.append(f"64 MiB each way relayed: {self.bulk} in {self.bulk_seconds:.1f}s")
         parts.extend(self.problems)
         return " ".join(parts)
 
@@ -206,10 +211,11 @@ def check_observed(node: KeynodeNode, kind: NatKind | None, status: dict[str, An
     return [f"{node.name}: {problem}" for problem in problems]
 
 
-def check_direct_rows(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode,
-                      forward_status: dict[str, Any], reverse_status: dict[str, Any]) -> None:
+def check_rows(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode, relay_ids: set[str],
+               forward_status: dict[str, Any], reverse_status: dict[str, Any]) -> None:
     """`status --json` on both sides of a connected cell: an established row for the
-    peer's NodeId, path "direct", the peer's public address as remote."""
+    peer's NodeId with the cell's path; direct: the peer's public address as remote;
+    relayed: via one of the relay nodes."""
     assert forward.public is not None and reverse.public is not None
     sides = (
         ("forward", forward_status, reverse, cell.reverse),
@@ -223,13 +229,53 @@ def check_direct_rows(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode,
         if not rows:
             cell.problems.append(f"no established {direction} row for {peer.name}")
         for row in rows:
-            host, port = split_address(row["remote"])
-            if row.get("path") != DIRECT:
+            if row.get("path") != cell.expected:
                 cell.problems.append(f"{direction} row path {row.get('path')!r}")
+            if cell.expected == RELAY:
+                if row.get("via") not in relay_ids:
+                    cell.problems.append(f"{direction} row via {row.get('via')!r}, not a relay node")
+                continue
+            host, port = split_address(row["remote"])
             # A symmetric NAT picked a port of its own for this peer.
             if host != peer.public[0] or (peer_kind is not NatKind.SYMMETRIC and port != peer.public[1]):
                 cell.problems.append(f"{direction} row remote {row['remote']}, expected {peer.public[0]}"
                                      + ("" if peer_kind is NatKind.SYMMETRIC else f":{peer.public[1]}"))
+
+
+async def run_bulk(cell: Cell, forward: KeynodeNode, reverse: KeynodeNode) -> None:
+    """64 MiB each way through a relayed cell, to the reverse node's bulk service."""
+    answer = await connect_by_node_id(forward, reverse.node_id, BULK_PORT, timeout=CONN_CONNECT_TIME + 10)
+    if answer.stream is None:
+        cell.bulk = f"CONNECT {answer.status}: {answer.message}"
+        return
+    started = trio.current_time()
+    with trio.fail_after(BULK_TIMEOUT):
+        sent, received, count = await exchange(answer.stream, answer.leftover, BULK)
+    cell.bulk_seconds = trio.current_time() - started
+    await answer.stream.aclose()
+    cell.bulk_digests = (sent, received)
+    cell.bulk = "ok" if count == BULK else f"received {count} bytes"
+    status = await forward.status()
+    paths = [row.get("path") for row in status["connections"]
+             if row.get("node_id") == reverse.node_id and row.get("service") is not None]
+    if any(path != RELAY for path in paths):
+        cell.bulk = f"bulk tunnel paths {paths}"
+
+
+async def check_bulk_reports(cells: list[Cell], servers: dict[NatKind | None, LabProcess]) -> None:
+    """Each relayed exchange's bytes arrived whole at the reverse side's server, and
+    the server's arrived whole here (sha256 both ways)."""
+    reports: list[dict[str, object]] = []
+    for kind in {cell.reverse for cell in cells}:
+        for _ in [cell for cell in cells if cell.reverse == kind]:
+            reports.append(await trio.to_thread.run_sync(servers[kind].wait_event, "exchanged", 60.0))
+    for cell in cells:
+        if cell.bulk != "ok":
+            continue
+        sent, received = cell.bulk_digests
+        if not any(report["received_sha256"] == sent and report["received_bytes"] == BULK
+                   and report["sent_sha256"] == received for report in reports):
+            cell.bulk = "sha256 differs"
 
 
 async def introductions(node: KeynodeNode) -> int:
@@ -301,13 +347,21 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
             forwards[kind] = start_node(host, tmp_path / f"f{index}", name=f"F:{LABELS[kind]}",
                                         proxy_port=4100 + index, public_ip=public_ip, timeouts=timeouts,
                                         extra_config=relay_lines)
+        bulk_servers: dict[NatKind | None, LabProcess] = {}
         for index, kind in enumerate(KINDS):
             host, public_ip = add_node_host(lab, "r", kind, udp_timeout=UDP_TIMEOUT)
             _, server_ports[kind] = start_server(host, "grpc-echo")
+            bulk_servers[kind], bulk_port = start_server(host, "exchange", str(BULK))
             reverses[kind] = start_node(host, tmp_path / f"r{index}", name=f"R:{LABELS[kind]}",
                                         proxy_port=4200 + index, public_ip=public_ip,
                                         server_port=server_ports[kind], timeouts=timeouts,
-                                        extra_config=relay_lines)
+                                        extra_config=[*relay_lines,
+                                                      # the gRPC server named by its port, as before
+                                                      "[services.grpc]",
+                                                      f'target = "127.0.0.1:{server_ports[kind]}"',
+                                                      f"port = {server_ports[kind]}", 'allow = "*"',
+                                                      "[services.bulk]",
+                                                      f'target = "127.0.0.1:{bulk_port}"', f"port = {BULK_PORT}", 'allow = "*"'])
         nodes = [*forwards.values(), *reverses.values()]
         for node in nodes:
             wait_ready(node)
@@ -337,10 +391,16 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
                     await event.wait()
                 # Tunnels of the connected cells are open: both sides' status rows.
                 statuses = {id(node): await node.status() for node in nodes}
+                relay_ids = {relay.node_id for relay in relays}
                 for (f, r), cell in cells.items():
                     if cell.first.status == 200:
-                        check_direct_rows(cell, forwards[f], reverses[r],
-                                          statuses[id(forwards[f])], statuses[id(reverses[r])])
+                        check_rows(cell, forwards[f], reverses[r], relay_ids,
+                                   statuses[id(forwards[f])], statuses[id(reverses[r])])
+                relayed = [key for key, cell in cells.items() if cell.expected == RELAY]
+                async with trio.open_nursery() as bulk:
+                    for key in relayed:
+                        bulk.start_soon(run_bulk, cells[key], forwards[key[0]], reverses[key[1]])
+                await check_bulk_reports([cells[key] for key in relayed], bulk_servers)
                 failed = [key for key, cell in cells.items() if cell.first.status != 200]
                 await collect_left_behind(failed, forwards, reverses, left_behind)
                 await trio.sleep(IDLE)
@@ -372,7 +432,8 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
         matrix = render(cells)
         details = "\n".join(cell.detail() for cell in cells.values())
         report = (f"NAT matrix by NodeId alone (relay nodes {', '.join(relay_entry(r) for r in relays)}; "
-                  f"routers' UDP timeout {UDP_TIMEOUT:.0f} s; {IDLE:.0f} s idle; (!) = differs from issue 13)\n"
+                  f"routers' UDP timeout {UDP_TIMEOUT:.0f} s; {IDLE:.0f} s idle; (!) = differs from issues 13 "
+                  f"and 14)\n"
                   f"{matrix}\n\nobserved addresses and mapping:\n" + "\n".join(observed_lines)
                   + f"\n\ncells:\n{details}")
         (tmp_path / "relay_matrix.txt").write_text(report + "\n")
@@ -382,5 +443,6 @@ async def test_connect_by_node_id_alone_across_nat_kinds(tmp_path: Path) -> None
             assert exit_status == 0, f"{node.name} did not stop cleanly:\n{node.process.stderr_text()[-2000:]}"
         assert not observed_problems, "\n".join(observed_problems)
         differing = [cell.detail() for cell in cells.values() if cell.outcome() != cell.expected]
-        assert not differing, "cells differing from issue 13:\n" + "\n".join(differing) + "\n" + matrix
+        assert not differing, "cells differing from issues 13 and 14:\n" + "\n".join(differing) + "\n" + matrix
         assert sum(cell.outcome() == DIRECT for cell in cells.values()) == 22, matrix
+        assert sum(cell.outcome() == RELAY for cell in cells.values()) == 3, matrix

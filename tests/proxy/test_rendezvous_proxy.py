@@ -105,6 +105,9 @@ async def test_a_node_that_does_not_answer_punches_fails_with_no_direct_path() -
                 await registered(target.proxy)
                 # the target stops answering keyed messages (as behind a NAT that drops them)
                 target.proxy.endpoint.on_keyed_message = None
+                # and the caller has no relayed path to fall back on (with one it starts
+                # relayed: tests/proxy/test_paths.py)
+                caller.proxy.set_relay_routes(None)
                 answer = await refused_connect(caller.proxy, f"{target.node_id}:443")
                 assert answer.startswith(b"HTTP/1.1 502 ")
                 assert b"no direct path could be punched to " + str(target.node_id).encode() in answer
