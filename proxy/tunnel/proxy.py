@@ -340,6 +340,10 @@ class Proxy:
         """A connection to ``node_id`` found by the relay nodes: direct when a punch
         succeeds within the punch window, else over a relay (paths.py)."""
         assert self.paths is not None
+        live = self._registry.address_of(node_id)
+        if live is not None:  # beside a live direct tunnel: its path, no lookup or punch
+            return await self._connect_forward((node_id,), live, claim=claim, server_name=server_name,
+                                               follow_path=node_id not in self.address_book)
         route = await self.paths.route(node_id, self.find_path)
         if isinstance(route, VirtualPath):
             return await self._connect_forward((node_id,), relayed_address(node_id), claim=claim,

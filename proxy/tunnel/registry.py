@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from nat import VirtualPath
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ProxyNotRunning
 from proxy.tunnel.forward import ConnectionForward
@@ -230,10 +231,15 @@ class ConnectionRegistry:
         return None
 
     def address_of(self, node_id: NodeId) -> Address | None:
-        """Where a live connection (either direction) with that verified NodeId goes."""
+        """Where a live connection (either direction) with that verified NodeId goes
+        directly now: its uTP path when that is an address (it may have moved since it
+        started), never a relayed one."""
         for connection in (*self.forward, *self.reverse):
             if connection.node_id == node_id and connection.alive:
-                return connection.address
+                utp = connection.utp
+                path = connection.address if utp is None else utp.path
+                if type(path) is not VirtualPath and path[1] != 0:  # port 0: relayed_address
+                    return normalize_address(path)
         return None
 
     def to_proxy(self, connections: Iterable[TunnelConnection], host: str, port: int) -> list[TunnelConnection]:
