@@ -386,6 +386,7 @@ async def serve_node(
         relay_servers=config.relay_servers,
         relay_serve=config.relay_serve,
         peer_relays=config.peer_relays,
+        punch_window=config.relay_punch_window,
         splicers=service_splicers(),  # kind "grpc": the caller's identity in every request
     )
     async with AsyncExitStack() as stack:

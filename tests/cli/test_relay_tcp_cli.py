@@ -75,6 +75,10 @@ async def test_a_node_with_no_udp_answer_links_to_its_relay_over_tcp(tmp_path: P
     ("[relay]\nrate = 100000\n", "relay.rate", "set serve = true"),
     ('[relay]\nservers = ["v0@127.0.0.1:4000:tcp=x"]\n', "relay.servers[0]", "bad port"),
     ("[relay]\nprefer_tcp = 1\n", "relay.prefer_tcp", "must be true or false"),
+    ("[relay]\npunch_window = \"1s\"\n", "relay.punch_window", "must be a number of seconds"),
+    ("[relay]\npunch_window = 0.0\n", "relay.punch_window", "out of range 0.05..10.0"),
+    ("[relay]\npunch_window = 60\n", "relay.punch_window", "out of range 0.05..10.0"),
+    ("[relay]\npunch_window = nan\n", "relay.punch_window", "out of range 0.05..10.0"),
 ])
 def test_bad_relay_forwarding_keys_name_the_key_and_the_reason(tmp_path: Path, text: str, key: str,
                                                                reason: str) -> None:
@@ -86,14 +90,22 @@ def test_bad_relay_forwarding_keys_name_the_key_and_the_reason(tmp_path: Path, t
     assert reason in info.value.reason
 
 
+def test_relay_defaults_prefer_tcp_and_a_one_second_punch_window(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[auth]\ntoken = "t"\n')
+    config = load_config(path)
+    assert (config.relay_prefer_tcp, config.relay_punch_window) == (True, 1.0)
+
+
 def test_relay_forwarding_keys_are_read(tmp_path: Path) -> None:
     relay_id = str(keygen(tmp_path / "r", force=False).node_id)
     path = tmp_path / "config.toml"
-    path.write_text(f'[relay]\nserve = true\ntcp_port = 4443\nrate = 1000000\nburst = 70000\nprefer_tcp = true\n'
+    path.write_text(f'[relay]\nserve = true\ntcp_port = 4443\nrate = 1000000\nburst = 70000\nprefer_tcp = false\n'
+                    'punch_window = 2.5\n'
                     f'servers = ["{relay_id}@198.18.0.2:4000:tcp=4443", "relay:{relay_id}@198.18.0.3:4000"]\n'
                     '[auth]\ntoken = "t"\n')
     config = load_config(path)
     assert (config.relay_tcp_port, config.relay_rate, config.relay_burst) == (4443, 1_000_000, 70_000)
-    assert config.relay_prefer_tcp is True
+    assert (config.relay_prefer_tcp, config.relay_punch_window) == (False, 2.5)
     assert [(server.host, server.port, server.tcp_port) for server in config.relay_servers] == [
         ("198.18.0.2", 4000, 4443), ("198.18.0.3", 4000, None)]
