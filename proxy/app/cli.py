@@ -431,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  [relay]\n"
         "  serve = false                  # true: be a relay node (needs a reachable address)\n"
         "  servers = [\"<NodeId>@198.18.0.2:4000\"]   # relay nodes to register with and ask\n"
-        "                                 # (also relay:<NodeId>@host:port, [v6]:port)\n"
+        "                                 # (also relay:<NodeId>@host:port, [v6]:port;\n"
+        "                                 # ...:4000:tcp=4443: it relays over TCP there too)\n"
+        "  prefer_tcp = true              # relay over a relay node's TCP link when offered\n"
+        "  punch_window = 1.0             # seconds to punch before a tunnel starts relayed\n"
+        "  tcp_port = 4443                # with serve: relay over TCP + mutual TLS here too\n"
+        "  rate = 8388608                 # with serve: bytes/s per NodeId (burst = 1048576)\n"
         "  then: CONNECT <NodeId>:<port>, keynode forward/open-forward NODEID, with no [peers] entry.\n"
         "  [peers] values: host:port, a multiserver list (utp:H:P;relay:<NodeId>@H:P) or a\n"
         "  record from `keynode id --address`.",
