@@ -23,8 +23,9 @@ from proxy.relay.paths import RelayPaths, relay_path
 from proxy.relay.serve import RelayServer, serve_relay
 from proxy.tls import TLSStream
 
+from .test_relay_udp_support import receive_digest, send_then_eof
+
 SIZE = 64 * 1024 * 1024
-CHUNK = 256 * 1024
 TUNNEL_ALPN = (b"keynode/1",)
 
 
@@ -64,22 +65,6 @@ async def relayed_node(nursery: trio.Nursery, endpoint: Endpoint, config: TLSCon
     finally:
         link.close()
         paths.close()
-
-
-async def send_then_eof(stream: TLSStream, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        await stream.send_all(view[start : start + CHUNK])
-    await stream.send_eof()
-
-
-async def receive_digest(stream: TLSStream) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := await stream.receive_some(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
 
 
 async def test_a_utp_tls_tunnel_through_the_tcp_relay_carries_64_mib_each_way_and_the_relay_sees_no_plaintext(
