@@ -162,7 +162,8 @@ async def run(args: argparse.Namespace) -> None:
     relay_tls = TLSConfig.generate()
     limits = RelayLimits(rate=1 << 30, burst=64 << 20, queue_bytes=8 << 20, queue_frames=8192)
     common: dict[str, Any] = {"auth_token": TOKEN, "proxy_host": "127.0.0.1", "punch_window": 1.0}
-    grpc_server, grpc_port = start_echo_server(lambda peer: peer)
+    grpc_server = start_echo_server()
+    grpc_port = grpc_server.port
     try:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
@@ -186,7 +187,7 @@ async def run(args: argparse.Namespace) -> None:
                     await measure(World(c, d, d.endpoint.on_keyed_message), args)
             nursery.cancel_scope.cancel()
     finally:
-        grpc_server.stop(None)
+        grpc_server.stop()
 
 
 def ms(samples: list[float]) -> str:
