@@ -40,11 +40,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.app.demo import start_echo_server, time_unary_calls  # noqa: E402
-from proxy.app.demo_paths import _connect  # noqa: E402
+from proxy.app.demo_paths import _connect, link_to_relay_node  # noqa: E402
 from proxy.identity.tls_config import TLSConfig  # noqa: E402
 from proxy.relay.limits import RelayLimits  # noqa: E402
-from proxy.relay.link import RelayLink  # noqa: E402
-from proxy.relay.paths import RelayPaths  # noqa: E402
 from proxy.relay.serve import serve_relay  # noqa: E402
 from proxy.rendezvous.addresses import RelayAddress  # noqa: E402
 from proxy.tunnel.proxy import open_proxy  # noqa: E402
@@ -177,13 +175,7 @@ async def run(args: argparse.Namespace) -> None:
                         open_proxy(tls_config=TLSConfig.generate(), relay_servers=relays, policy=policy,
                                    **common) as d:
                     for proxy in (c, d):
-                        while proxy.rendezvous is None or not proxy.rendezvous.observed_addresses():
-                            await trio.sleep(0.01)
-                        paths = RelayPaths(proxy.endpoint, RelayLink(
-                            proxy.tls_config, f"{relay_tls.node_id}@127.0.0.1:{server.port}"))
-                        await nursery.start(paths.link.run)
-                        await paths.link.wait_registered()
-                        proxy.set_relay_routes(paths)
+                        await link_to_relay_node(nursery, proxy, f"{relay_tls.node_id}@127.0.0.1:{server.port}")
                     await measure(World(c, d, d.endpoint.on_keyed_message), args)
             nursery.cancel_scope.cancel()
     finally:
