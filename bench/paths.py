@@ -87,6 +87,14 @@ class World:
         for proxy in (self.c, self.d):
             proxy.rendezvous.core.node.sessions.clear()
 
+    async def start_afresh_on(self, wanted: str) -> None:
+        """Forget paths, then let punches in ("direct") or not ("relay")."""
+        await self.forget_paths()
+        if wanted == "relay":
+            self.block_punching()
+        else:
+            self.allow_punching()
+
 
 async def bulk(world: World, size: int) -> tuple[float, str, bool]:
     """One tunnel to D's sink: MiB/s, its path at the end, sha256 equal."""
@@ -194,11 +202,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
     intact = True
     for _ in range(args.rounds):
         for wanted in ("direct", "relay"):
-            await world.forget_paths()
-            if wanted == "relay":
-                world.block_punching()
-            else:
-                world.allow_punching()
+            await world.start_afresh_on(wanted)
             rate, path, equal = await bulk(world, size)
             intact &= equal
             rates[path if path in rates else wanted].append(rate)
@@ -210,11 +214,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
 
     latencies: dict[str, list[float]] = {}
     for wanted in ("direct", "relay"):
-        await world.forget_paths()
-        if wanted == "relay":
-            world.block_punching()
-        else:
-            world.allow_punching()
+        await world.start_afresh_on(wanted)
         samples, ok = await trio.to_thread.run_sync(unary, world, args.calls)
         intact &= ok
         path = next((status.info.path for status in world.c.connections()), "?")
@@ -229,8 +229,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
                                  ("punch impossible, relayed at once", True, 0.0)):
         times, paths = [], set()
         for _ in range(args.fallbacks):
-            await world.forget_paths()
-            world.allow_punching() if not block else world.block_punching()
+            await world.start_afresh_on("relay" if block else "direct")
             world.punch_window(window)
             took, path = await connect_time(world)
             times.append(took)
