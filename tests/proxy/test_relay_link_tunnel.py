@@ -15,7 +15,7 @@ import trio
 from nat.endpoint import Endpoint, open_endpoint
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
-from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.verification import verify_server_certificate_chain
 from proxy.relay.forwarding import RelayClient
 from proxy.relay.limits import RelayLimits
 from proxy.relay.link import RelayLink
@@ -23,7 +23,7 @@ from proxy.relay.paths import RelayPaths, relay_path
 from proxy.relay.serve import RelayServer, serve_relay
 from proxy.tls import TLSStream
 
-from .test_relay_udp_support import receive_digest, send_then_eof
+from .test_relay_udp_support import accept_tunnel_both_ways, receive_digest, send_then_eof
 
 SIZE = 64 * 1024 * 1024
 TUNNEL_ALPN = (b"keynode/1",)
@@ -92,19 +92,7 @@ async def test_a_utp_tls_tunnel_through_the_tcp_relay_carries_64_mib_each_way_an
             async with open_endpoint() as a_endpoint, open_endpoint() as b_endpoint, \
                     relayed_node(nursery, a_endpoint, a_config, relay) as a_paths, \
                     relayed_node(nursery, b_endpoint, b_config, relay):
-
-                async def b_side() -> None:
-                    utp = await b_endpoint.accept()
-                    tls = TLSStream(utp, b_config, server_side=True, alpn=TUNNEL_ALPN)
-                    await tls.do_handshake()
-                    results["b saw"] = verify_client_certificate_chain(tls.peer_certificate_chain)
-                    results["b path"] = utp.path
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(send_then_eof, tls, b_to_a)
-                        results["at b"] = await receive_digest(tls)
-                    await tls.aclose()
-
-                nursery.start_soon(b_side)
+                nursery.start_soon(accept_tunnel_both_ways, b_endpoint, b_config, b_to_a, results)
                 utp = await a_endpoint.connect(a_paths.path_to(b_config.node_id))
                 tls = TLSStream(utp, a_config, server_side=False, alpn=TUNNEL_ALPN)
                 await tls.do_handshake()
