@@ -40,11 +40,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.app.demo import start_echo_server, time_unary_calls  # noqa: E402
-from proxy.app.demo_paths import _connect  # noqa: E402
+from proxy.app.demo_paths import _connect, link_to_relay_node  # noqa: E402
 from proxy.identity.tls_config import TLSConfig  # noqa: E402
 from proxy.relay.limits import RelayLimits  # noqa: E402
-from proxy.relay.link import RelayLink  # noqa: E402
-from proxy.relay.paths import RelayPaths  # noqa: E402
 from proxy.relay.serve import serve_relay  # noqa: E402
 from proxy.rendezvous.addresses import RelayAddress  # noqa: E402
 from proxy.tunnel.proxy import open_proxy  # noqa: E402
@@ -88,6 +86,14 @@ class World:
             await trio.sleep(0.01)
         for proxy in (self.c, self.d):
             proxy.rendezvous.core.node.sessions.clear()
+
+    async def start_afresh_on(self, wanted: str) -> None:
+        """Forget paths, then let punches in ("direct") or not ("relay")."""
+        await self.forget_paths()
+        if wanted == "relay":
+            self.block_punching()
+        else:
+            self.allow_punching()
 
 
 async def bulk(world: World, size: int) -> tuple[float, str, bool]:
@@ -162,7 +168,8 @@ async def run(args: argparse.Namespace) -> None:
     relay_tls = TLSConfig.generate()
     limits = RelayLimits(rate=1 << 30, burst=64 << 20, queue_bytes=8 << 20, queue_frames=8192)
     common: dict[str, Any] = {"auth_token": TOKEN, "proxy_host": "127.0.0.1", "punch_window": 1.0}
-    grpc_server, grpc_port = start_echo_server(lambda peer: peer)
+    grpc_server = start_echo_server()
+    grpc_port = grpc_server.port
     try:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
@@ -176,17 +183,11 @@ async def run(args: argparse.Namespace) -> None:
                         open_proxy(tls_config=TLSConfig.generate(), relay_servers=relays, policy=policy,
                                    **common) as d:
                     for proxy in (c, d):
-                        while proxy.rendezvous is None or not proxy.rendezvous.observed_addresses():
-                            await trio.sleep(0.01)
-                        paths = RelayPaths(proxy.endpoint, RelayLink(
-                            proxy.tls_config, f"{relay_tls.node_id}@127.0.0.1:{server.port}"))
-                        await nursery.start(paths.link.run)
-                        await paths.link.wait_registered()
-                        proxy.set_relay_routes(paths)
+                        await link_to_relay_node(nursery, proxy, f"{relay_tls.node_id}@127.0.0.1:{server.port}")
                     await measure(World(c, d, d.endpoint.on_keyed_message), args)
             nursery.cancel_scope.cancel()
     finally:
-        grpc_server.stop(None)
+        grpc_server.stop()
 
 
 def ms(samples: list[float]) -> str:
@@ -201,11 +202,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
     intact = True
     for _ in range(args.rounds):
         for wanted in ("direct", "relay"):
-            await world.forget_paths()
-            if wanted == "relay":
-                world.block_punching()
-            else:
-                world.allow_punching()
+            await world.start_afresh_on(wanted)
             rate, path, equal = await bulk(world, size)
             intact &= equal
             rates[path if path in rates else wanted].append(rate)
@@ -217,11 +214,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
 
     latencies: dict[str, list[float]] = {}
     for wanted in ("direct", "relay"):
-        await world.forget_paths()
-        if wanted == "relay":
-            world.block_punching()
-        else:
-            world.allow_punching()
+        await world.start_afresh_on(wanted)
         samples, ok = await trio.to_thread.run_sync(unary, world, args.calls)
         intact &= ok
         path = next((status.info.path for status in world.c.connections()), "?")
@@ -236,8 +229,7 @@ async def measure(world: World, args: argparse.Namespace) -> None:
                                  ("punch impossible, relayed at once", True, 0.0)):
         times, paths = [], set()
         for _ in range(args.fallbacks):
-            await world.forget_paths()
-            world.allow_punching() if not block else world.block_punching()
+            await world.start_afresh_on("relay" if block else "direct")
             world.punch_window(window)
             took, path = await connect_time(world)
             times.append(took)

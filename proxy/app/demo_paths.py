@@ -67,6 +67,19 @@ def _path_text(status: Any) -> str:
     return f"relay via {info.via}" if info.path == "relay" else f"direct to {info.remote_host}:{info.remote_port}"
 
 
+async def link_to_relay_node(nursery: trio.Nursery, proxy: Any, relay_node: str) -> RelayPaths:
+    """Once `proxy`'s rendezvous has observed its address, link it to the relay node
+    `relay_node` (`<NodeId>@<host>:<port>`) in `nursery`, wait for the registration
+    and give the proxy the relay paths."""
+    while proxy.rendezvous is None or not proxy.rendezvous.observed_addresses():
+        await trio.sleep(0.01)
+    paths = RelayPaths(proxy.endpoint, RelayLink(proxy.tls_config, relay_node))
+    await nursery.start(paths.link.run)
+    await paths.link.wait_registered()
+    proxy.set_relay_routes(paths)
+    return paths
+
+
 async def relay_fallback(checks: list[tuple[str, bool]]) -> None:
     relay_tls = TLSConfig.generate()
     limits = RelayLimits(rate=1 << 30, burst=64 << 20, queue_bytes=8 << 20, queue_frames=8192)
@@ -81,16 +94,8 @@ async def relay_fallback(checks: list[tuple[str, bool]]) -> None:
                 async with open_proxy(tls_config=TLSConfig.generate(), relay_servers=relays, **common) as c, \
                         open_proxy(tls_config=TLSConfig.generate(), relay_servers=relays, server_host="127.0.0.1",
                                    server_port=echo[1], **common) as d:
-                    links = []
-                    for proxy in (c, d):
-                        while proxy.rendezvous is None or not proxy.rendezvous.observed_addresses():
-                            await trio.sleep(0.01)
-                        paths = RelayPaths(proxy.endpoint, RelayLink(
-                            proxy.tls_config, f"{relay_tls.node_id}@127.0.0.1:{server.port}"))
-                        await nursery.start(paths.link.run)
-                        await paths.link.wait_registered()
-                        proxy.set_relay_routes(paths)
-                        links.append(paths)
+                    relay_node = f"{relay_tls.node_id}@127.0.0.1:{server.port}"
+                    links = [await link_to_relay_node(nursery, proxy, relay_node) for proxy in (c, d)]
                     await _fallback_and_move(c, d, relay_tls, checks)
                     for paths in links:
                         paths.link.close()

@@ -233,30 +233,45 @@ class ConnectAnswer:
     answered_at: float = 0.0  # trio.current_time() when the answer had arrived
 
 
+def forward_port_socket(node: KeynodeNode) -> tuple[trio.socket.SocketType, trio.SocketStream]:
+    """An unconnected TCP socket made inside `node`'s namespace, and its stream."""
+    with node.host.enter():  # only the socket's creation happens in the namespace
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return sock, trio.SocketStream(sock)
+
+
+async def send_connect(node: KeynodeNode, sock: trio.socket.SocketType, stream: trio.SocketStream,
+                       target: str, host: str) -> tuple[float, bytes, float]:
+    """Connect `sock` to `node`'s forward port, send `CONNECT target` (with `node`'s
+    token) and read up to the end of the answer's head. Returns when the CONNECT was
+    sent, what was read (head, blank line and any bytes after) and when it had arrived."""
+    from proxy.app.port_forward import proxy_authorization
+
+    await sock.connect(("127.0.0.1", node.forward_port))
+    started = trio.current_time()
+    await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n".encode()
+                          + b"Proxy-Authorization: " + proxy_authorization(node.token)
+                          + b"\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = await stream.receive_some(CHUNK)
+        if not data:
+            raise ConnectionError(f"{node.name}: CONNECT closed without an answer: {answer!r}")
+        answer += data
+    return started, answer, trio.current_time()
+
+
 async def open_connect(node: KeynodeNode, target_node_id: str, host: str, port: int,
                        *, timeout: float = 30.0) -> ConnectAnswer:
     """CONNECT through `node`'s forward port from inside its namespace."""
-    from proxy.app.port_forward import ForwardTarget, proxy_authorization
+    from proxy.app.port_forward import ForwardTarget
     from proxy.identity.node_id import NodeId
 
     target = ForwardTarget(NodeId.decode(target_node_id), host, port).connect_target()
-    with node.host.enter():  # only the socket's creation happens in the namespace
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    stream = trio.SocketStream(sock)
+    sock, stream = forward_port_socket(node)
     try:
         with trio.fail_after(timeout):
-            await sock.connect(("127.0.0.1", node.forward_port))
-            started = trio.current_time()
-            await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
-                                  + b"Proxy-Authorization: " + proxy_authorization(node.token)
-                                  + b"\r\n\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                data = await stream.receive_some(CHUNK)
-                if not data:
-                    raise ConnectionError(f"{node.name}: CONNECT closed without an answer: {answer!r}")
-                answer += data
-            answered_at = trio.current_time()
+            started, answer, answered_at = await send_connect(node, sock, stream, target, f"{host}:{port}")
             elapsed = answered_at - started
     except BaseException:
         await stream.aclose()

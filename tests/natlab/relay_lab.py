@@ -10,7 +10,6 @@ status, time and error text.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .proxies import CHUNK, KeynodeNode, start_node
+from .proxies import CHUNK, KeynodeNode, forward_port_socket, send_connect, start_node
 
 if TYPE_CHECKING:
     from .nat_rules import NatKind
@@ -78,26 +77,12 @@ class ConnectOutcome:
 async def connect_by_node_id(node: KeynodeNode, target_node_id: str, port: int,
                              *, timeout: float = 30.0) -> ConnectOutcome:
     """`CONNECT <NodeId>:<port>` through `node`'s forward port, from inside its namespace."""
-    from proxy.app.port_forward import proxy_authorization
-
     target = f"{target_node_id}:{port}"
-    with node.host.enter():  # only the socket's creation happens in the namespace
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    stream = trio.SocketStream(sock)
+    sock, stream = forward_port_socket(node)
     try:
         with trio.fail_after(timeout):
-            await sock.connect(("127.0.0.1", node.forward_port))
-            started = trio.current_time()
-            await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode()
-                                  + b"Proxy-Authorization: " + proxy_authorization(node.token)
-                                  + b"\r\n\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                data = await stream.receive_some(CHUNK)
-                if not data:
-                    raise ConnectionError(f"{node.name}: CONNECT closed without an answer: {answer!r}")
-                answer += data
-            elapsed = trio.current_time() - started
+            started, answer, answered_at = await send_connect(node, sock, stream, target, target)
+            elapsed = answered_at - started
             head, _, rest = answer.partition(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             if status == 200:

@@ -124,6 +124,24 @@ async def registered(node: KeynodeNode, timeout: float = 20.0) -> None:
             await trio.sleep(0.1)
 
 
+def start_client_and_server_nodes(tmp_path: Path, client: tuple[Site, str, int], server_side: tuple[Site, str, int],
+                                  server_bytes: int, extra_config: list[str]
+                                  ) -> tuple[KeynodeNode, KeynodeNode, LabProcess, int]:
+    """A node on a host of each (site, name, proxy port), both ready; the second fronts an
+    exchange server sending `server_bytes`. Returns the two nodes, the server and its port."""
+    (client_site, client_name, client_port), (server_site, server_name, server_proxy_port) = client, server_side
+    client_host, server_host = client_site.add_host("node"), server_site.add_host("node")
+    server, server_port = start_server(server_host, "exchange", str(server_bytes))
+    a = start_node(client_host, tmp_path / client_name.lower(), name=client_name, proxy_port=client_port,
+                   public_ip=client_site.public_address, timeouts=TIMEOUTS, extra_config=extra_config)
+    b = start_node(server_host, tmp_path / server_name.lower(), name=server_name, proxy_port=server_proxy_port,
+                   public_ip=server_site.public_address, server_port=server_port, timeouts=TIMEOUTS,
+                   extra_config=extra_config)
+    for node in (a, b):
+        wait_ready(node)
+    return a, b, server, server_port
+
+
 @asynccontextmanager
 async def relay_and_pair(tmp_path: Path, server_bytes: int, kind_a: NatKind = NatKind.PORT_RESTRICTED,
                          kind_b: NatKind = NatKind.PORT_RESTRICTED) -> AsyncIterator[Pair]:
@@ -132,14 +150,9 @@ async def relay_and_pair(tmp_path: Path, server_bytes: int, kind_a: NatKind = Na
         relay_lines = relay_servers_config([relay])
         site_a = lab.add_site("a", kind_a)
         site_b = lab.add_site("b", kind_b)
-        host_a, host_b = site_a.add_host("node"), site_b.add_host("node")
-        server, server_port = start_server(host_b, "exchange", str(server_bytes))
-        a = start_node(host_a, tmp_path / "a", name="A", proxy_port=4300, public_ip=site_a.public_address,
-                       timeouts=TIMEOUTS, extra_config=relay_lines)
-        b = start_node(host_b, tmp_path / "b", name="B", proxy_port=4301, public_ip=site_b.public_address,
-                       server_port=server_port, timeouts=TIMEOUTS, extra_config=relay_lines)
+        a, b, server, server_port = start_client_and_server_nodes(
+            tmp_path, (site_a, "A", 4300), (site_b, "B", 4301), server_bytes, relay_lines)
         for node in (a, b):
-            wait_ready(node)
             await registered(node)
         pair = Pair(lab, relay, tmp_path / "relay", a, b, site_a, site_b, server, server_port)
         yield pair
@@ -321,14 +334,8 @@ async def test_a_node_whose_router_drops_all_udp_connects_through_the_relay_over
         blocked = lab.add_site("noudp", NatKind.PORT_RESTRICTED)
         drop_all_udp(blocked)
         far = lab.add_site("far", NatKind.PORT_RESTRICTED)
-        u_host, p_host = blocked.add_host("node"), far.add_host("node")
-        server, server_port = start_server(p_host, "exchange", str(total))
-        u = start_node(u_host, tmp_path / "u", name="U", proxy_port=4310, public_ip=blocked.public_address,
-                       timeouts=TIMEOUTS, extra_config=servers)
-        p = start_node(p_host, tmp_path / "p", name="P", proxy_port=4311, public_ip=far.public_address,
-                       server_port=server_port, timeouts=TIMEOUTS, extra_config=servers)
-        for node in (u, p):
-            wait_ready(node)
+        u, p, server, server_port = start_client_and_server_nodes(
+            tmp_path, (blocked, "U", 4310), (far, "P", 4311), total, servers)
         await registered(p)
         started = time.monotonic()
         answer = None

@@ -72,6 +72,18 @@ async def raw_client(port: int, config: object) -> TLSStream:
     return TLSStream(tcp, config, server_side=False, alpn=(ALPN,))  # type: ignore[arg-type]
 
 
+async def read_until_closed(stream: TLSStream) -> bytes:
+    """Everything the relay sends `stream` until it ends the connection (within 10 s)."""
+    received = b""
+    with trio.fail_after(10):
+        try:
+            while chunk := await stream.receive_some():
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+    return received
+
+
 async def test_a_datagram_crosses_the_relay_tagged_with_the_senders_nodeid() -> None:
     async with relay_server() as server, trio.open_nursery() as nursery:
         async with linked(nursery, server.test_address) as a, linked(nursery, server.test_address) as b:
@@ -143,13 +155,7 @@ async def test_a_client_cannot_forge_the_sender_tag() -> None:
             await wait_until(lambda: len(b.received) == 1)
             # a RECV naming A, written by Mallory: the relay ends Mallory's connection
             await stream.send_all(encode_frame(Recv(a.node_id, b"I am A")))
-            received = b""
-            with trio.fail_after(10):
-                try:
-                    while chunk := await stream.receive_some():
-                        received += chunk
-                except trio.BrokenResourceError:
-                    pass
+            received = await read_until_closed(stream)
             assert isinstance(decode_frames(received)[0], ServerInfo)
             assert b.received == [(mallory_config.node_id, b"honest")]
             assert server.stats.protocol_errors == 1 and a.received == []
@@ -258,13 +264,7 @@ async def test_an_oversized_frame_header_ends_only_that_clients_connection() -> 
         async with linked(nursery, server.test_address) as a, linked(nursery, server.test_address) as b:
             stream = await raw_client(server.port, TLSConfig.generate())
             await stream.send_all(struct.pack("!BI", 0x01, MAX_FRAME + 1) + b"x" * 1000)
-            received = b""
-            with trio.fail_after(10):
-                try:
-                    while chunk := await stream.receive_some():
-                        received += chunk
-                except trio.BrokenResourceError:
-                    pass
+            received = await read_until_closed(stream)
             assert [type(frame) for frame in decode_frames(received)] == [ServerInfo]
             assert server.stats.protocol_errors == 1 and server.core.client_count == 2
             a.link.send(b.node_id, b"still relaying")

@@ -15,7 +15,7 @@ import trio
 from nat.endpoint import Endpoint, open_endpoint
 from proxy.identity.node_id import NodeId
 from proxy.identity.tls_config import TLSConfig
-from proxy.identity.verification import verify_client_certificate_chain, verify_server_certificate_chain
+from proxy.identity.verification import verify_server_certificate_chain
 from proxy.relay.forwarding import RelayClient
 from proxy.relay.limits import RelayLimits
 from proxy.relay.link import RelayLink
@@ -23,8 +23,9 @@ from proxy.relay.paths import RelayPaths, relay_path
 from proxy.relay.serve import RelayServer, serve_relay
 from proxy.tls import TLSStream
 
+from .test_relay_udp_support import accept_tunnel_both_ways, receive_digest, send_then_eof
+
 SIZE = 64 * 1024 * 1024
-CHUNK = 256 * 1024
 TUNNEL_ALPN = (b"keynode/1",)
 
 
@@ -66,22 +67,6 @@ async def relayed_node(nursery: trio.Nursery, endpoint: Endpoint, config: TLSCon
         paths.close()
 
 
-async def send_then_eof(stream: TLSStream, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        await stream.send_all(view[start : start + CHUNK])
-    await stream.send_eof()
-
-
-async def receive_digest(stream: TLSStream) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := await stream.receive_some(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
 async def test_a_utp_tls_tunnel_through_the_tcp_relay_carries_64_mib_each_way_and_the_relay_sees_no_plaintext(
 ) -> None:
     marker = b"keynode plaintext marker " + os.urandom(8).hex().encode()
@@ -107,19 +92,7 @@ async def test_a_utp_tls_tunnel_through_the_tcp_relay_carries_64_mib_each_way_an
             async with open_endpoint() as a_endpoint, open_endpoint() as b_endpoint, \
                     relayed_node(nursery, a_endpoint, a_config, relay) as a_paths, \
                     relayed_node(nursery, b_endpoint, b_config, relay):
-
-                async def b_side() -> None:
-                    utp = await b_endpoint.accept()
-                    tls = TLSStream(utp, b_config, server_side=True, alpn=TUNNEL_ALPN)
-                    await tls.do_handshake()
-                    results["b saw"] = verify_client_certificate_chain(tls.peer_certificate_chain)
-                    results["b path"] = utp.path
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(send_then_eof, tls, b_to_a)
-                        results["at b"] = await receive_digest(tls)
-                    await tls.aclose()
-
-                nursery.start_soon(b_side)
+                nursery.start_soon(accept_tunnel_both_ways, b_endpoint, b_config, b_to_a, results)
                 utp = await a_endpoint.connect(a_paths.path_to(b_config.node_id))
                 tls = TLSStream(utp, a_config, server_side=False, alpn=TUNNEL_ALPN)
                 await tls.do_handshake()

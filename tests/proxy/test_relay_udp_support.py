@@ -98,14 +98,14 @@ def payload(size: int, seed: int, marker: bytes) -> bytes:
     return bytes(data)
 
 
-async def _send_then_eof(stream: TLSStream, data: bytes) -> None:
+async def send_then_eof(stream: TLSStream, data: bytes) -> None:
     view = memoryview(data)
     for start in range(0, len(view), CHUNK):
         await stream.send_all(view[start : start + CHUNK])
     await stream.send_eof()
 
 
-async def _receive_digest(stream: TLSStream) -> tuple[int, str]:
+async def receive_digest(stream: TLSStream) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     while chunk := await stream.receive_some(CHUNK):
@@ -114,33 +114,36 @@ async def _receive_digest(stream: TLSStream) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+async def accept_tunnel_both_ways(endpoint: Endpoint, config: TLSConfig, data: bytes,
+                                  results: dict[str, object]) -> None:
+    """The accepting side of a uTP + TLS tunnel: sends ``data`` while it reads; puts the
+    identity it proved ("b saw"), its path ("b path") and what it read ("at b") in ``results``."""
+    utp = await endpoint.accept()
+    tls = TLSStream(utp, config, server_side=True, alpn=TUNNEL_ALPN)
+    await tls.do_handshake()
+    results["b saw"] = verify_client_certificate_chain(tls.peer_certificate_chain)
+    results["b path"] = utp.path
+    async with trio.open_nursery() as inner:
+        inner.start_soon(send_then_eof, tls, data)
+        results["at b"] = await receive_digest(tls)
+    await tls.aclose()
+
+
 async def tunnel_both_ways(a: UdpNode, b: UdpNode, path: VirtualPath, a_to_b: bytes, b_to_a: bytes
                            ) -> dict[str, object]:
     """A uTP + TLS tunnel from a to b over ``path``; both payloads sent at once; the
     digests each side received, the identities each side proved, b's path."""
     results: dict[str, object] = {}
-
-    async def b_side() -> None:
-        utp = await b.endpoint.accept()
-        tls = TLSStream(utp, b.config, server_side=True, alpn=TUNNEL_ALPN)
-        await tls.do_handshake()
-        results["b saw"] = verify_client_certificate_chain(tls.peer_certificate_chain)
-        results["b path"] = utp.path
-        async with trio.open_nursery() as inner:
-            inner.start_soon(_send_then_eof, tls, b_to_a)
-            results["at b"] = await _receive_digest(tls)
-        await tls.aclose()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(b_side)
+        nursery.start_soon(accept_tunnel_both_ways, b.endpoint, b.config, b_to_a, results)
         utp = await a.endpoint.connect(path)
         tls = TLSStream(utp, a.config, server_side=False, alpn=TUNNEL_ALPN)
         await tls.do_handshake()
         results["a saw"] = verify_server_certificate_chain([b.node_id], tls.peer_certificate_chain)
         started = trio.current_time()
         async with trio.open_nursery() as inner:
-            inner.start_soon(_send_then_eof, tls, a_to_b)
-            results["at a"] = await _receive_digest(tls)
+            inner.start_soon(send_then_eof, tls, a_to_b)
+            results["at a"] = await receive_digest(tls)
         await wait_for(lambda: "at b" in results, 60)
         results["seconds"] = trio.current_time() - started
         await tls.aclose()
