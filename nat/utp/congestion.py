@@ -251,6 +251,9 @@ class RateController:
         self.ceiling: int | None = None  # the overflow ceiling (bytes; see on_overflow)
         self._peak_delay_us = 0  # the highest queuing delay since the latest loss episode began
         self._ceiling_held = False
+        self._quanta = 2 * mss
+        self._rtt_avg = 0.0  # smoothed round trip (seconds) and queuing delay (µs): see window_rtt
+        self._delay_avg = 0.0
 
     @property
     def bdp(self) -> float:
@@ -263,15 +266,38 @@ class RateController:
         min_rtt = self.min_rtt
         return min_rtt if min_rtt is not None and min_rtt > self.min_model_rtt else self.min_model_rtt
 
+    @property
+    def window_rtt(self) -> float:
+        """The round trip the window is sized for: the smoothed RTT less the
+        smoothed queuing delay (what the path takes without its queue: the
+        propagation, the jitter, the peer's ACK delay), at least the model's RTT
+        and at most twice it.
+
+        A window of gain x rate x min RTT limits itself once the round trips
+        under load exceed the min RTT by more than the gain: the delivery rate
+        is then window / RTT, below the estimate, and the model shrinks round
+        after round to its floor. On the lab's 20 +- 5 ms link a tunnel sank so
+        to four packets a round trip (1 Mbit/s) and stayed there. A queue is
+        still no reason to grow: its delay is taken out.
+        """
+        model = self._round_len
+        length = self._rtt_avg - self._delay_avg * 1e-6
+        if length <= model:
+            return model
+        return length if length < 2 * model else 2 * model
+
     def on_rtt(self, rtt: float, now: float) -> None:
         min_rtt = self.min_rtt
         if rtt > 0.0 and (min_rtt is None or rtt < min_rtt):
             self.min_rtt = rtt
             self._round_len = rtt if rtt > self.min_model_rtt else self.min_model_rtt
+        average = self._rtt_avg
+        self._rtt_avg = rtt if average == 0.0 else average + (rtt - average) * 0.125
 
     def on_ack(self, acked_bytes: int, queuing_delay_us: int | None, flight_bytes: int, now: float) -> None:
         delay = queuing_delay_us if queuing_delay_us is not None else 0
         self.last_delay_us = delay
+        self._delay_avg += (delay - self._delay_avg) * 0.125
         if delay > self._peak_delay_us:
             self._peak_delay_us = delay
         # rate sampling: per ACK only a sum; a round ends once per model RTT
@@ -299,7 +325,9 @@ class RateController:
                 return
         if not self.startup:
             gain = self.cwnd_gain if delay <= self.target_us else 1.0
-            target = _trunc(gain * (self.bandwidth * self._round_len if self.min_rtt is not None else 0.0))
+            # (plus two packets: a window of a few packets whose 1.x-fold growth
+            # rounds down to a whole packet would never grow at all)
+            target = _trunc(gain * (self.bandwidth * self.window_rtt if self.min_rtt is not None else 0.0)) + self._quanta
             if target < self.min_cwnd:
                 target = self.min_cwnd
             # Grow towards the model's window by what was delivered (so a window

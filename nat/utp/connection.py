@@ -338,6 +338,35 @@ class UtpConnection:
         """The congestion controller (its ``cwnd`` may be set by tests)."""
         return self._tx.cc
 
+    def transport_snapshot(self) -> dict[str, object]:
+        """What ``ss -ti`` shows for a TCP socket: the window, the flight, the
+        buffers, loss repair and the congestion model's state, for status views
+        (a tunnel that is slow says here whether the window, the peer or the
+        model holds it back)."""
+        tx = self._tx
+        cc = tx.cc
+        snapshot: dict[str, object] = {
+            "congestion": getattr(cc, "name", type(cc).__name__),
+            "cwnd": cc.cwnd,
+            "in_flight": tx.outstanding_bytes,
+            "unacked_packets": len(tx.outstanding),
+            "peer_window": self._rx.peer_window,
+            "send_queued": len(tx.sendbuf),
+            "receive_buffered": self.receive_buffered,
+            "retransmits": tx.retransmits,
+            "srtt": round(tx.rtt.srtt, 6),
+            "rto": round(tx.rtt.rto, 6),
+            # what the path showed of reordering (loss.Reordering): packets, seconds
+            "reorder_packets": tx._reordering.threshold,
+            "reorder_gap": round(tx._reordering.gap, 6),
+        }
+        # the model's own state, where the controller has it (rate: BBR-like; LEDBAT: slow start)
+        for key in ("bandwidth", "min_rtt", "ceiling", "startup", "slow_start"):
+            value = getattr(cc, key, None)
+            if value is not None:
+                snapshot[key] = round(value, 6) if isinstance(value, float) else value
+        return snapshot
+
     # ---- multiplexer side
 
     def next_deadline(self) -> float | None:

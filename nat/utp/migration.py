@@ -35,6 +35,7 @@ from typing import Protocol
 
 from nat.utp.config import UtpConfig
 from nat.utp.congestion import CongestionController, DelayHistory, make_controller
+from nat.utp.loss import Reordering
 from nat.utp.outbox import Flushable
 from nat.utp.packet import ST_SYN
 from nat.utp.rtt import RttEstimator
@@ -60,6 +61,7 @@ class MovingSender(Protocol):
     _config: UtpConfig
     _mss: int
     _delay: DelayHistory
+    _reordering: Reordering
     _flight: int
     _recovery_seq: int
     _ep_end: int
@@ -81,6 +83,7 @@ def change_path(tx: MovingSender, path: Address, now: float) -> None:
     rtt.restart(config.initial_rto)
     tx.cc = make_controller(config.congestion, tx._mss, int(config.target_delay * 1e6))
     tx._delay = DelayHistory()
+    tx._reordering = Reordering()  # another path reorders (or not) in its own way
     outstanding = tx.outstanding
     if outstanding:
         tx.held_below = tx.snd_nxt

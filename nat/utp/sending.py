@@ -32,6 +32,7 @@ from nat.utp.congestion import CongestionController, DelayHistory, make_controll
 from nat.utp.events import ConnT, UtpEventOf
 from nat.utp.loss import (
     OVERFLOW_RUN,
+    Reordering,
     head_retransmission_lost,
     overflow_burst,
     sack_holes_lost,
@@ -43,7 +44,7 @@ from nat.utp.outbox import Flushable, Outbox
 from nat.utp.packet import HEADER, ST_DATA, ST_FIN, ST_RESET, ST_STATE, ST_SYN, pack_header, type_byte
 from nat.utp.receiving import Receiver
 from nat.utp.rtt import RttEstimator
-from nat.utp.states import DUP_ACK_THRESHOLD, MASK16, MASK32, MAX_PROBE_INTERVAL, Address, Datagram, new_data_record
+from nat.utp.states import MASK16, MASK32, MAX_PROBE_INTERVAL, Address, Datagram, new_data_record
 from nat.utp.states import OutgoingPacket as _Outgoing
 
 __all__ = ["Sender"]
@@ -63,7 +64,7 @@ class Sender(Generic[ConnT]):
         "isn", "snd_nxt", "snd_una", "outstanding", "outstanding_bytes", "sendbuf", "resend", "eof_requested",
         "fin_sent", "fin_acked", "rto_deadline", "probe_deadline", "last_send", "bytes_sent", "retransmits", "rtt",
         "cc",
-        "_flight", "_dup_acks", "_recovery_seq", "_latest_delivered_order", "_sack_seen_base", "_sack_seen_bits",
+        "_flight", "_dup_acks", "_reordering", "_recovery_seq", "_latest_delivered_order", "_sack_seen_base", "_sack_seen_bits",
         "_rack_sent_at", "_rack_checked", "_xmit_count", "_send_blocked", "_consecutive_timeouts", "_probe_interval",
         "_probe_ok", "_rto_force", "_sack_skipped", "_syn_fast_resends", "_synack_due", "_stopped", "_delay",
         "_rx", "_owner", "_dirty", "_events", "_stats", "_space_event", "_remote_address", "_send_id", "_recv_id",
@@ -93,6 +94,7 @@ class Sender(Generic[ConnT]):
         self._flight = 0
         self.resend: list[int] = []  # a heap of sequence numbers to retransmit
         self._dup_acks = 0
+        self._reordering = Reordering()  # what the path showed of reordering (loss.Reordering)
         self._recovery_seq = isn
         # loss episodes (loss.overflow_burst): one lasts until snd_una passes
         # _ep_end; the sequence numbers of the latest first transmissions found
@@ -518,6 +520,8 @@ class Sender(Generic[ConnT]):
                         newest_rtt_sent = sent_at
                     if rec.order > latest:
                         latest = rec.order
+                    else:
+                        self._reordered(rec, latest, rack)
                     if sent_at > rack:
                         rack = sent_at
                 elif sent_at > rack and now - sent_at >= rtt.srtt * 0.9:
@@ -568,7 +572,7 @@ class Sender(Generic[ConnT]):
                     self._pto_due = False
             if ptype == ST_STATE and outstanding:
                 self._dup_acks += 1
-                if self._dup_acks == DUP_ACK_THRESHOLD:
+                if self._dup_acks == self._reordering.threshold:
                     rec = outstanding.get(self.snd_una)
                     if rec is not None and rec.in_flight:
                         self._lose(rec, flight_before)
@@ -590,7 +594,7 @@ class Sender(Generic[ConnT]):
             rack = self._rack_sent_at
             if rack > self._rack_checked:  # something sent later was delivered
                 self._rack_checked = rack
-                for rec in sent_before_delivered(outstanding.values(), rack - rtt.srtt * 0.25):
+                for rec in sent_before_delivered(outstanding.values(), rack - self._reordering.window(rtt.srtt)):
                     self._lose(rec, flight_before)
                     lost = True
         if lost:
@@ -659,19 +663,30 @@ class Sender(Generic[ConnT]):
                 self.outstanding_bytes -= size
                 if rec.in_flight:
                     self._flight -= size
-                if rec.order > latest and rec.transmissions == 1:
-                    latest = rec.order
-                    if rec.sent_at > self._rack_sent_at:
-                        self._rack_sent_at = rec.sent_at
+                if rec.transmissions == 1:
+                    if rec.order > latest:
+                        latest = rec.order
+                        if rec.sent_at > self._rack_sent_at:
+                            self._rack_sent_at = rec.sent_at
+                    else:
+                        self._reordered(rec, latest, self._rack_sent_at)
                 if rec.ptype == ST_FIN:
                     self.fin_acked = True
         self._latest_delivered_order = latest
-        if bits.bit_count() < DUP_ACK_THRESHOLD:
+        threshold = self._reordering.threshold
+        if bits.bit_count() < threshold:
             return acked_bytes, False
-        holes = sack_holes_lost(outstanding, base, bits, latest)
+        holes = sack_holes_lost(outstanding, base, bits, latest, threshold)
         for rec in holes:
             self._lose(rec, flight_before)
         return acked_bytes, bool(holes)
+
+    def _reordered(self, rec: _Outgoing, latest: int, latest_sent_at: float) -> None:
+        """``rec``, sent once, was delivered after a packet sent later (order
+        ``latest``): the path reorders. Were it marked lost, that was spurious."""
+        self._reordering.seen(rec.order, rec.sent_at, latest, latest_sent_at)
+        if not rec.in_flight and rec.seq in self._ep_recent:
+            self._ep_recent.remove(rec.seq)  # no part of an overflow burst
 
     def _oldest_rto(self) -> float:
         """When the RTO of the oldest packet outstanding is due."""

@@ -146,6 +146,7 @@ def connection_rows(proxy: Any) -> list[dict[str, Any]]:
             "bytes_received": status.bytes_received,
             "rtt": status.rtt,
             "service": info.service,
+            "transport": status.transport,
         })
     for prepared in proxy.prepared_reverse_connections():
         rows.append({

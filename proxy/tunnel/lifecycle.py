@@ -233,6 +233,7 @@ class TunnelConnection:
             rtt=None if utp is None else utp.rtt,
             move_count=0 if self.path_tracker is None else self.path_tracker.move_count,
             moves=() if self.path_tracker is None else tuple(self.path_tracker.moves),
+            transport=None if utp is None else utp.connection.transport_snapshot(),
         )
 
     # --- start ------------------------------------------------------------------------

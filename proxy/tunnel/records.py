@@ -77,6 +77,7 @@ class ConnectionStatus:
     rtt: float | None  # smoothed uTP round-trip time, seconds
     move_count: int = 0  # path moves of the live tunnel (paths.py)
     moves: tuple[PathMove, ...] = ()  # the last few, oldest first
+    transport: dict[str, object] | None = None  # uTP window, flight and model (UtpConnection.transport_snapshot)
 
 
 @dataclass(frozen=True)

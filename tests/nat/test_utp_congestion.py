@@ -170,14 +170,17 @@ def test_rate_controller_model() -> None:
     start = rate.cwnd
     rate.on_ack(4 * MSS, 0, rate.cwnd, 0.01)
     assert rate.cwnd == start + 4 * MSS
-    # a steady 1000 packets/s over many rounds: startup ends, cwnd = gain x BDP
+    # a steady 1000 packets/s over many rounds: startup ends, cwnd = gain x rate
+    # x the round trip without queue (the smoothed RTT: no queuing delay here;
+    # 41.9 ms), plus two packets
     now = 0.01
     for _ in range(400):
         now += 0.01
         rate.on_ack(10 * MSS, 0, rate.cwnd, now)
     assert not rate.startup
     assert rate.bandwidth == pytest.approx(1000 * MSS, rel=0.05)
-    assert rate.cwnd == pytest.approx(rate.cwnd_gain * 1000 * MSS * 0.040, rel=0.05)
+    assert rate.window_rtt == pytest.approx(0.040 + 0.015 / 8)
+    assert rate.cwnd == pytest.approx(rate.cwnd_gain * 1000 * MSS * rate.window_rtt + 2 * MSS, rel=0.05)
     window = rate.cwnd
     rate.on_loss(now)  # random loss on an empty queue: nothing changes
     assert rate.cwnd == window
