@@ -127,6 +127,9 @@ async def test_two_nodes_control_commands_forward_and_sigterm(tmp_path: Path) ->
             tunnels = [c for c in status["connections"] if c["node_id"] == id_b]
             assert len(tunnels) == 1 and tunnels[0]["local"] is not None
             assert tunnels[0]["bytes_sent"] > 0 and tunnels[0]["rtt"] is not None
+            transport = tunnels[0]["transport"]  # the uTP connection, as ss -ti shows TCP's
+            assert transport["congestion"] == "rate" and transport["cwnd"] > 0 and transport["unacked_packets"] >= 0
+            assert transport["peer_window"] > 0 and transport["srtt"] > 0 and transport["reorder_packets"] >= 3
             await stream.send_eof()  # half-close: the digest must still come back
             reply = b""
             while data := await stream.receive_some(65536):
