@@ -68,7 +68,7 @@ class Reordering:
     plus a quarter (``window``), never beyond a round trip. Without it a path
     that reorders by jitter (a Wi-Fi or LTE hop, links in parallel, a delay
     queue that reorders) had most of its "losses" spurious: in the lab at 2%
-    loss and 20 +- 5 ms, retransmissions were ten times the real loss and
+    loss and 20 +- 5 ms, retransmissions were fifteen times the real loss and
     their dense runs read as a receiver overflowing, which capped the window.
     Nothing decays within a connection: a real loss is then found by RACK a
     little later, never missed.
