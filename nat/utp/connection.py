@@ -357,8 +357,8 @@ class UtpConnection:
             "srtt": round(tx.rtt.srtt, 6),
             "rto": round(tx.rtt.rto, 6),
             # what the path showed of reordering (loss.Reordering): packets, seconds
-            "reorder_packets": tx._reordering.threshold,
-            "reorder_gap": round(tx._reordering.gap, 6),
+            "reorder_packets": tx.reordering.threshold,
+            "reorder_gap": round(tx.reordering.gap, 6),
         }
         # the model's own state, where the controller has it (rate: BBR-like; LEDBAT: slow start)
         for key in ("bandwidth", "min_rtt", "ceiling", "startup", "slow_start"):

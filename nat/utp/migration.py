@@ -61,7 +61,7 @@ class MovingSender(Protocol):
     _config: UtpConfig
     _mss: int
     _delay: DelayHistory
-    _reordering: Reordering
+    reordering: Reordering
     _flight: int
     _recovery_seq: int
     _ep_end: int
@@ -83,7 +83,7 @@ def change_path(tx: MovingSender, path: Address, now: float) -> None:
     rtt.restart(config.initial_rto)
     tx.cc = make_controller(config.congestion, tx._mss, int(config.target_delay * 1e6))
     tx._delay = DelayHistory()
-    tx._reordering = Reordering()  # another path reorders (or not) in its own way
+    tx.reordering = Reordering()  # another path reorders (or not) in its own way
     outstanding = tx.outstanding
     if outstanding:
         tx.held_below = tx.snd_nxt

@@ -64,7 +64,7 @@ class Sender(Generic[ConnT]):
         "isn", "snd_nxt", "snd_una", "outstanding", "outstanding_bytes", "sendbuf", "resend", "eof_requested",
         "fin_sent", "fin_acked", "rto_deadline", "probe_deadline", "last_send", "bytes_sent", "retransmits", "rtt",
         "cc",
-        "_flight", "_dup_acks", "_reordering", "_recovery_seq", "_latest_delivered_order", "_sack_seen_base", "_sack_seen_bits",
+        "_flight", "_dup_acks", "reordering", "_recovery_seq", "_latest_delivered_order", "_sack_seen_base", "_sack_seen_bits",
         "_rack_sent_at", "_rack_checked", "_xmit_count", "_send_blocked", "_consecutive_timeouts", "_probe_interval",
         "_probe_ok", "_rto_force", "_sack_skipped", "_syn_fast_resends", "_synack_due", "_stopped", "_delay",
         "_rx", "_owner", "_dirty", "_events", "_stats", "_space_event", "_remote_address", "_send_id", "_recv_id",
@@ -94,7 +94,7 @@ class Sender(Generic[ConnT]):
         self._flight = 0
         self.resend: list[int] = []  # a heap of sequence numbers to retransmit
         self._dup_acks = 0
-        self._reordering = Reordering()  # what the path showed of reordering (loss.Reordering)
+        self.reordering = Reordering()  # what the path showed of reordering (loss.Reordering)
         self._recovery_seq = isn
         # loss episodes (loss.overflow_burst): one lasts until snd_una passes
         # _ep_end; the sequence numbers of the latest first transmissions found
@@ -572,7 +572,7 @@ class Sender(Generic[ConnT]):
                     self._pto_due = False
             if ptype == ST_STATE and outstanding:
                 self._dup_acks += 1
-                if self._dup_acks == self._reordering.threshold:
+                if self._dup_acks == self.reordering.threshold:
                     rec = outstanding.get(self.snd_una)
                     if rec is not None and rec.in_flight:
                         self._lose(rec, flight_before)
@@ -594,7 +594,7 @@ class Sender(Generic[ConnT]):
             rack = self._rack_sent_at
             if rack > self._rack_checked:  # something sent later was delivered
                 self._rack_checked = rack
-                for rec in sent_before_delivered(outstanding.values(), rack - self._reordering.window(rtt.srtt)):
+                for rec in sent_before_delivered(outstanding.values(), rack - self.reordering.window(rtt.srtt)):
                     self._lose(rec, flight_before)
                     lost = True
         if lost:
@@ -673,7 +673,7 @@ class Sender(Generic[ConnT]):
                 if rec.ptype == ST_FIN:
                     self.fin_acked = True
         self._latest_delivered_order = latest
-        threshold = self._reordering.threshold
+        threshold = self.reordering.threshold
         if bits.bit_count() < threshold:
             return acked_bytes, False
         holes = sack_holes_lost(outstanding, base, bits, latest, threshold)
@@ -684,7 +684,7 @@ class Sender(Generic[ConnT]):
     def _reordered(self, rec: _Outgoing, latest: int, latest_sent_at: float) -> None:
         """``rec``, sent once, was delivered after a packet sent later (order
         ``latest``): the path reorders. Were it marked lost, that was spurious."""
-        self._reordering.seen(rec.order, rec.sent_at, latest, latest_sent_at)
+        self.reordering.seen(rec.order, rec.sent_at, latest, latest_sent_at)
         if not rec.in_flight and rec.seq in self._ep_recent:
             self._ep_recent.remove(rec.seq)  # no part of an overflow burst
 
