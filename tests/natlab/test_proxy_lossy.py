@@ -62,24 +62,34 @@ async def test_64_mib_each_way_over_2pct_loss_and_jittered_delay_after_a_lossy_s
 
         started = time.monotonic()
         rows: list[dict[str, object]] = []
-        with trio.fail_after(TRANSFER_TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(TRANSFER_TIMEOUT):
+                async with trio.open_nursery() as nursery:
 
-                async def sample_status() -> None:  # the connection ends with the transfer
-                    await trio.sleep(5.0)
-                    rows.extend((await forward.status())["connections"])
+                    async def sample_status() -> None:  # the connection ends with the transfer
+                        await trio.sleep(5.0)
+                        rows.extend((await forward.status())["connections"])
 
-                nursery.start_soon(sample_status)
-                sent, received, received_bytes = await exchange(answer.stream, answer.leftover, TOTAL)
-            report = await trio.to_thread.run_sync(server.wait_event, "exchanged", 30.0)
+                    nursery.start_soon(sample_status)
+                    sent, received, received_bytes = await exchange(answer.stream, answer.leftover, TOTAL)
+                report = await trio.to_thread.run_sync(server.wait_event, "exchanged", 30.0)
+        except trio.TooSlowError:
+            # what each side's uTP connection looks like now (window, flight, model):
+            # a stall says here which of them holds it back
+            states = {node.name: [(row["bytes_sent"], row["bytes_received"], row.get("transport"))
+                                  for row in (await node.status())["connections"]]
+                      for node in (forward, reverse)}
+            raise AssertionError(f"no end after {TRANSFER_TIMEOUT:.0f} s; at 5 s {rows}; now {states}") from None
         seconds = time.monotonic() - started
         await answer.stream.aclose()
         assert await forward.stop() == 0 and await reverse.stop() == 0
     rtt = [row["rtt"] for row in rows]
+    windows = [row["transport"]["cwnd"] for row in rows]  # type: ignore[index]
     print(f"\nlossy start (link cut for the first {CUT_AT_START:.0f} s): CONNECT 200 after "
           f"{answer.elapsed:.2f} s, open_connection_reverse: {reverse_open}"
-          f"\n64 MiB each way at 2% loss, 20 +- 5 ms each way (tolerant controller): {seconds:.1f} s, "
-          f"{2 * TOTAL * 8 / seconds / 1e6:.1f} Mbit/s both ways together; uTP RTT after 5 s: {rtt}")
+          f"\n64 MiB each way at 2% loss, 20 +- 5 ms each way (rate controller): {seconds:.1f} s, "
+          f"{2 * TOTAL * 8 / seconds / 1e6:.1f} Mbit/s both ways together; uTP RTT after 5 s: {rtt}, "
+          f"window {windows}")
     assert received_bytes == TOTAL and report["received_bytes"] == TOTAL
     assert report["received_sha256"] == sent, "forward -> reverse bytes differ"
     assert received == report["sent_sha256"], "reverse -> forward bytes differ"
