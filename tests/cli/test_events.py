@@ -4,6 +4,7 @@ control socket's `GET /v1/events` stream, and `keynode events` against real node
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -243,5 +244,17 @@ async def test_two_nodes_stream_their_tunnels(tmp_path: Path) -> None:
             gone = await run_keynode_async("events", "--dir", str(dir_a))
             assert gone.returncode == ExitCode.CONTROL_UNREACHABLE and "no keynode answers" in gone.stderr.decode()
             await events_b.aclose()
+            # Ctrl-C is how a user stops following: 130, nothing on stderr.
+            interrupted_log = tmp_path / "interrupted.log"
+            with open(interrupted_log, "wb") as stderr:
+                follower = await trio.lowlevel.open_process(
+                    [*KEYNODE, "events", "--dir", str(dir_b)], stdout=subprocess.PIPE, stderr=stderr,
+                    cwd=REPO_ROOT, env=keynode_env(),
+                )
+            assert follower.stdout is not None
+            assert f"subscribed to {id_b}" in (await read_line(follower.stdout, bytearray()) or "")
+            follower.send_signal(signal.SIGINT)
+            assert await follower.wait() == ExitCode.INTERRUPTED
+            assert interrupted_log.read_text() == ""
             assert await node_b.stop() == 0
             nursery.cancel_scope.cancel()
