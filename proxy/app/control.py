@@ -193,6 +193,10 @@ async def _serve_events(stream: trio.SocketStream, connection: h11.Connection, h
     except KeynodeError as error:
         await _respond(stream, connection, error.http_status, _error_document(error))
         return
+    except Exception as error:  # a bug here must not take the control socket down
+        log.exception("control request GET %s failed", EVENTS_PATH)
+        await _respond(stream, connection, 500, _error_document(error))
+        return
     with subscription:
         headers = [("Content-Type", "application/x-ndjson"), ("Cache-Control", "no-store"), ("Connection", "close")]
         # No Content-Length: h11 sends the body chunked.

@@ -96,7 +96,7 @@ async def test_the_seventeenth_subscriber_is_refused_until_one_leaves() -> None:
 # --- the runner's documents ------------------------------------------------------------
 
 
-def test_connection_log_publishes_established_lost_and_path_changed() -> None:
+async def test_connection_log_publishes_established_lost_and_path_changed() -> None:
     hub = EventHub()
     subscription = hub.subscribe()
     log = ConnectionLog(hub)
@@ -109,7 +109,7 @@ def test_connection_log_publishes_established_lost_and_path_changed() -> None:
                                      path="relay", via=relay, move=move))
     log.lost(ConnectionEvent(peer, "198.51.100.7", 4000, Direction.FORWARD, reason=EndReason.RESET,
                              error=ConnectionResetError("gone"), service="agent", path="relay", via=relay))
-    established, moved, lost = (subscription._receive.receive_nowait() for _ in range(3))
+    established, moved, lost = await take(subscription, 3)
     assert established.pop("at") > 0
     assert established == {"event": "established", "direction": "forward", "node_id": str(peer),
                            "remote": "198.51.100.7:4000", "service": "agent", "path": "direct", "via": None}
