@@ -215,6 +215,24 @@ def command_status(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def command_events(args: argparse.Namespace) -> int:
+    """Follow the running node's event stream until the node ends it (or Ctrl-C)."""
+    from proxy.app.control import stream_events
+    from proxy.app.events import format_event
+
+    path = control_path_from(args)
+
+    async def follow() -> None:
+        async for event in stream_events(path):
+            print(json.dumps(event) if args.json else format_event(event), flush=True)
+
+    try:
+        trio.run(follow)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED  # the usual way to stop following: no message
+    return ExitCode.OK
+
+
 def peer_address(args: argparse.Namespace, node_id: Any) -> HostPort:
     """Where NODEID's proxy listens, from the config's [peers] address book."""
     config = resolve_config(args, read_auth=False)
@@ -446,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "status", command_status,
         "show bound addresses, NodeId and every connection of the running node",
         "  keynode status\n  keynode status --json | jq '.connections[].node_id'", client,
+    )
+    _add_command(
+        subparsers, "events", command_events,
+        "follow the running node's tunnels as they are established, lost and change path "
+        "(one line each; ends when the node stops)",
+        "  keynode events\n  keynode events --dir /srv/keynode-a --json | jq -c 'select(.event == \"lost\")'",
+        client,
     )
     _add_command(
         subparsers, "reload", command_reload,

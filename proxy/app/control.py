@@ -16,6 +16,10 @@ HTTP/1.1 (h11) with JSON bodies, one request per connection:
     POST /v1/reload                             -> {"services", "peers", "revoked",
                                                    "restart_needed"} (reload.py; a bad
                                                    config: 400 ConfigError)
+    GET  /v1/events                             -> 200 application/x-ndjson, chunked:
+                                                   a "subscribed" line, then one line per
+                                                   connection event until either side
+                                                   ends it (events.py; 503 when full)
 
 Errors are `{"error": <class name>, "message": <text>}` with a 4xx/5xx status. The
 server never trusts the request: size and time are bounded, bodies are validated,
@@ -31,7 +35,7 @@ import os
 import socket as stdlib_socket
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -40,11 +44,12 @@ import h11
 import trio
 
 from proxy.app.errors import ConfigError, ControlError, ControlRequestFailed, ControlUnreachable
+from proxy.app.events import Subscription
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound
 from proxy.tunnel.hosts import HostPortInvalid, parse_host, parse_port, parse_port_text
-from proxy.tunnel.http_io import receive_message
+from proxy.tunnel.http_io import receive_body, receive_event, receive_head, receive_message
 
 log = logging.getLogger("keynode.control")
 
@@ -55,6 +60,8 @@ REQUEST_TIMEOUT = 10.0
 # Opening a connection may take conn_connect_time (at most 20 s) plus TLS.
 CLIENT_TIMEOUT = 30.0
 DIRECTIONS = ("forward", "reverse")
+EVENTS_PATH = "/v1/events"
+MAX_EVENT_LINE = 64 * 1024  # an event line is a few hundred bytes; the client's bound
 
 
 class ControlHandler(Protocol):
@@ -74,6 +81,8 @@ class ControlHandler(Protocol):
 
     async def address_record(self) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
+
+    def subscribe_events(self) -> Subscription: ...
 
 
 class BadControlRequest(ValueError):
@@ -155,6 +164,9 @@ async def _serve_one(stream: trio.SocketStream, handler: ControlHandler) -> None
                 return  # the client went away before a whole request (e.g. a liveness probe)
             request, body = message
             assert isinstance(request, h11.Request)  # h11 gives a server requests only
+            if request.method == b"GET" and urlsplit(request.target.decode("ascii", "replace")).path == EVENTS_PATH:
+                await _serve_events(stream, connection, handler)
+                return
             status, document = await _dispatch(handler, request, body)
             await _respond(stream, connection, status, document)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -171,6 +183,42 @@ async def _respond(stream: trio.SocketStream, connection: h11.Connection, status
     data = connection.send(h11.Response(status_code=status, headers=headers))
     data += connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage())
     await stream.send_all(data)
+
+
+async def _serve_events(stream: trio.SocketStream, connection: h11.Connection, handler: ControlHandler) -> None:
+    """GET /v1/events: one JSON line per event, no time limit, until the hub ends the
+    stream (the node stops: the chunked body ends cleanly) or the client leaves."""
+    try:
+        subscription = handler.subscribe_events()
+    except KeynodeError as error:
+        await _respond(stream, connection, error.http_status, _error_document(error))
+        return
+    except Exception as error:  # a bug here must not take the control socket down
+        log.exception("control request GET %s failed", EVENTS_PATH)
+        await _respond(stream, connection, 500, _error_document(error))
+        return
+    with subscription:
+        headers = [("Content-Type", "application/x-ndjson"), ("Cache-Control", "no-store"), ("Connection", "close")]
+        # No Content-Length: h11 sends the body chunked.
+        await stream.send_all(connection.send(h11.Response(status_code=200, headers=headers)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_client_leaves, stream, nursery.cancel_scope)
+            async for event in subscription:
+                line = json.dumps(event).encode() + b"\n"
+                await stream.send_all(connection.send(h11.Data(data=line)))
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+            nursery.cancel_scope.cancel()
+
+
+async def _cancel_when_client_leaves(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """A quiet stream would not notice a client gone until the next event: watch for
+    its EOF. What it sends after the request is read and ignored."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
 
 
 def _error_document(error: BaseException) -> dict[str, str]:
@@ -192,7 +240,7 @@ async def _dispatch(handler: ControlHandler, request: h11.Request, body: bytes) 
     }
     route = routes.get((method, url.path))
     if route is None:
-        known_path = any(path == url.path for _, path in routes)
+        known_path = url.path == EVENTS_PATH or any(path == url.path for _, path in routes)
         status = 405 if known_path else 404
         return status, {"error": "NotFound" if status == 404 else "MethodNotAllowed",
                         "message": f"no route {method} {url.path}"}
@@ -288,16 +336,7 @@ async def control_request(
 
     Raises ControlUnreachable when no node answers, ControlRequestFailed when the
     node answers with an error."""
-    try:
-        stream = await trio.open_unix_socket(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise ControlUnreachable(
-            f"no keynode answers on {path} (start it with `keynode run`, or pass --control)"
-        ) from None
-    except OSError as error:
-        if error.errno in (errno.EACCES, errno.EPERM):
-            raise ControlUnreachable(f"no permission to use {path} (run as the node's user)") from None
-        raise ControlUnreachable(f"cannot connect to {path}: {error.strerror or error}") from None
+    stream = await _connect(path)
     connection = h11.Connection(h11.CLIENT)
     payload = b"" if body is None else json.dumps(body).encode()
     headers = [("Host", "keynode"), ("Content-Length", str(len(payload))), ("Connection", "close")]
@@ -314,17 +353,76 @@ async def control_request(
         raise ControlUnreachable(f"the node on {path} did not answer within {timeout} s") from None
     except (trio.BrokenResourceError, h11.RemoteProtocolError) as error:
         raise ControlUnreachable(f"the node on {path} dropped the request: {error}") from None
-    try:
-        document = json.loads(answer) if answer else {}
-    except ValueError:
-        raise ControlUnreachable(f"the node on {path} answered with something other than JSON") from None
+    document = _answer_document(path, answer)
     if response.status_code != 200:
-        error_name = message = ""
-        if isinstance(document, dict):
-            error_name = str(document.get("error", ""))
-            message = str(document.get("message", ""))
-        raise ControlRequestFailed(response.status_code, error_name or "Error", message)
+        raise _request_failed(response.status_code, document)
     return document
+
+
+async def _connect(path: Path) -> trio.SocketStream:
+    try:
+        return await trio.open_unix_socket(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlUnreachable(
+            f"no keynode answers on {path} (start it with `keynode run`, or pass --control)"
+        ) from None
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise ControlUnreachable(f"no permission to use {path} (run as the node's user)") from None
+        raise ControlUnreachable(f"cannot connect to {path}: {error.strerror or error}") from None
+
+
+def _answer_document(path: Path, answer: bytes) -> Any:
+    try:
+        return json.loads(answer) if answer else {}
+    except (ValueError, RecursionError):
+        raise ControlUnreachable(f"the node on {path} answered with something other than JSON") from None
+
+
+def _request_failed(status: int, document: Any) -> ControlRequestFailed:
+    error_name = message = ""
+    if isinstance(document, dict):
+        error_name = str(document.get("error", ""))
+        message = str(document.get("message", ""))
+    return ControlRequestFailed(status, error_name or "Error", message)
+
+
+async def stream_events(path: Path, *, timeout: float = CLIENT_TIMEOUT) -> AsyncIterator[dict[str, Any]]:
+    """`GET /v1/events`: each event document as the node sends it, the "subscribed"
+    one first; ends when the node ends the stream. `timeout` bounds only the start.
+
+    Raises ControlUnreachable (no node, or it dropped the stream) or
+    ControlRequestFailed (refused, e.g. 503 TooManySubscribers)."""
+    stream = await _connect(path)
+    connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_SIZE)
+    request = h11.Request(method="GET", target=EVENTS_PATH, headers=[("Host", "keynode"), ("Connection", "close")])
+    async with stream:
+        try:
+            with trio.fail_after(timeout):
+                await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+                response = await receive_head(stream, connection)
+                if not isinstance(response, h11.Response):
+                    raise h11.RemoteProtocolError("closed without an answer")
+                if response.status_code != 200:
+                    answer = await receive_body(stream, connection, max_body_size=MAX_REQUEST_SIZE)
+                    raise _request_failed(response.status_code, _answer_document(path, answer))
+            pending = b""
+            while True:
+                event = await receive_event(stream, connection)
+                if isinstance(event, h11.EndOfMessage):
+                    return
+                if not isinstance(event, h11.Data):
+                    raise h11.RemoteProtocolError("the stream ended before its end")
+                *lines, pending = (pending + event.data).split(b"\n")
+                if len(pending) > MAX_EVENT_LINE:
+                    raise h11.RemoteProtocolError(f"an event line longer than {MAX_EVENT_LINE} bytes")
+                for line in lines:
+                    if line.strip():
+                        yield _answer_document(path, line)
+        except trio.TooSlowError:
+            raise ControlUnreachable(f"the node on {path} did not answer within {timeout} s") from None
+        except (trio.BrokenResourceError, h11.RemoteProtocolError) as error:
+            raise ControlUnreachable(f"the node on {path} dropped the event stream: {error}") from None
 
 
 async def _read_response(stream: trio.SocketStream, connection: h11.Connection) -> tuple[h11.Response, bytes]:

@@ -50,3 +50,17 @@ class PortForwardError(KeynodeError):
 
 class GrpcWebBindError(KeynodeError, OSError):
     """The `[grpc_web]` listen address could not be bound."""
+
+
+class EventStreamError(KeynodeError):
+    """The node cannot give this client an event stream (`GET /v1/events`)."""
+
+    http_status = 503
+
+
+class TooManySubscribers(EventStreamError):
+    """Every event stream slot is taken; one must end before another starts."""
+
+
+class EventHubClosed(EventStreamError):
+    """The node is stopping: no new event streams."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy.app.config import Config
+from proxy.app.events import EventHub, Subscription
 from proxy.identity.errors import KeynodeError
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound, ProxyBindError
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keynode.run")
 ADDRESS_SEQ_FILE = "address_seq"  # in the node directory: the last signed record's seq
+EVENT_STREAMS_END_TIME = 2.0  # seconds the event streams get to end at a stop
 
 
 # --- logging -----------------------------------------------------------------------
@@ -83,15 +85,21 @@ def _address_text(address: Any) -> str | None:
 
 
 class ConnectionLog:
-    """Logs every connection established and lost, and remembers when each began."""
+    """Logs every connection established and lost, remembers when each began, and
+    publishes them and the path moves of live tunnels to `hub` (`GET /v1/events`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hub: EventHub | None = None) -> None:
         self.established_at: dict[tuple[str, str, str, int], list[float]] = {}
+        self.hub = hub
 
     @staticmethod
     def _key(event: Any) -> tuple[str, str, str, int]:
         return (str(getattr(event.direction, "value", event.direction)), str(event.remote_node_id),
                 str(event.remote_host), int(event.remote_port))
+
+    def _publish(self, document: dict[str, Any]) -> None:
+        if self.hub is not None:
+            self.hub.publish(document)
 
     def established(self, event: Any) -> None:
         key = self._key(event)
@@ -99,10 +107,11 @@ class ConnectionLog:
         direction, node_id, host, port = key
         remote = format_host_port(host, port)
         service = getattr(event, "service", None)
+        fields = {"direction": direction, "node_id": node_id, "remote": remote, "service": service}
         log.info("connection established: %s %s at %s%s", direction, node_id, remote,
                  f" (service {service})" if service else "",
-                 extra={"fields": {"event": "established", "direction": direction,
-                                   "node_id": node_id, "remote": remote, "service": service}})
+                 extra={"fields": {"event": "established", **fields}})
+        self._publish({"event": "established", "at": time.time(), **fields, **_path_fields(event)})
 
     def lost(self, event: Any) -> None:
         key = self._key(event)
@@ -116,11 +125,30 @@ class ConnectionLog:
         error = getattr(event, "error", None)
         detail = f" ({type(error).__name__}: {error})" if error is not None else ""
         service = getattr(event, "service", None)
+        fields = {"direction": direction, "node_id": node_id, "remote": remote, "reason": reason,
+                  "service": service, "error": None if error is None else str(error), "duration": duration}
         log.info("connection lost: %s %s at %s: %s%s", direction, node_id, remote, reason, detail,
-                 extra={"fields": {"event": "lost", "direction": direction, "node_id": node_id,
-                                   "remote": remote, "reason": reason, "service": service,
-                                   "error": None if error is None else str(error),
-                                   "duration": duration}})
+                 extra={"fields": {"event": "lost", **fields}})
+        self._publish({"event": "lost", "at": time.time(), **fields})
+
+    def path_changed(self, event: Any) -> None:
+        """A live tunnel moved between direct and relay (the Proxy's path_changed_callback)."""
+        direction, node_id, host, port = self._key(event)
+        move = event.move.as_dict() if event.move is not None else {}
+        path = _path_fields(event)
+        # The move's fields as `status` shows moves (from, to, reason, address, via);
+        # the tunnel's via, when the Proxy could not read it, is the relay moved to.
+        self._publish({
+            "event": "path_changed", "at": move.pop("at", time.time()), "direction": direction,
+            "node_id": node_id, "remote": format_host_port(host, port), **move,
+            "path": path["path"], "via": path["via"] or move.get("via"),
+        })
+
+
+def _path_fields(event: Any) -> dict[str, Any]:
+    """The tunnel's path when the event happened: "direct", or "relay" via a relay node."""
+    via = getattr(event, "via", None)
+    return {"path": getattr(event, "path", "direct"), "via": None if via is None else str(via)}
 
 
 def connection_rows(proxy: Any) -> list[dict[str, Any]]:
@@ -181,10 +209,11 @@ def info_document(info: Any) -> dict[str, Any]:
 class NodeController:
     """The control socket's view of a running Proxy."""
 
-    def __init__(self, proxy: Proxy, config: Config, node_id: NodeId) -> None:
+    def __init__(self, proxy: Proxy, config: Config, node_id: NodeId, hub: EventHub | None = None) -> None:
         self.proxy = proxy
         self.config = config
         self.node_id = node_id
+        self.hub = hub if hub is not None else EventHub()
         self.started = time.monotonic()
         self.grpc_web: str | None = None  # the [grpc_web] bridge's bound host:port
 
@@ -250,6 +279,10 @@ class NodeController:
             "services": self.proxy.policy.describe(),
             "connections": connection_rows(self.proxy),
         }
+
+    def subscribe_events(self) -> Subscription:
+        """A stream of connection events, opening with a "subscribed" line (events.py)."""
+        return self.hub.subscribe({"event": "subscribed", "at": time.time(), "node_id": str(self.node_id)})
 
     async def open_forward(self, node_id: NodeId, host: str | None, port: int | None) -> dict[str, Any]:
         """Without host and port: [peers], else the relay nodes find it (both sides punch)."""
@@ -361,7 +394,8 @@ async def serve_node(
     from proxy.tunnel.address_book import AddressBook
     from proxy.tunnel.proxy import open_proxy
 
-    events = ConnectionLog()
+    hub = EventHub()
+    events = ConnectionLog(hub)
     timeouts = config.timeouts
     server = config.server
     proxy_block = open_proxy(
@@ -384,6 +418,7 @@ async def serve_node(
         conn_keep_alive_interval_time=timeouts.conn_keep_alive_interval_time,
         connection_established_callback=events.established,
         connection_lost_callback=events.lost,
+        path_changed_callback=events.path_changed,
         relay_servers=config.relay_servers,
         relay_serve=config.relay_serve,
         peer_relays=config.peer_relays,
@@ -400,7 +435,7 @@ async def serve_node(
                 raise BindError(config, leaf) from error
             raise
         await _start_relay_transport(proxy, config, tls_config)
-        controller = NodeController(proxy, config, tls_config.node_id)
+        controller = NodeController(proxy, config, tls_config.node_id, hub)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, config.control_socket, controller)
             await nursery.start(reload_on_sighup, controller)
@@ -412,6 +447,11 @@ async def serve_node(
             log.info("running as %s", tls_config.node_id, extra={"fields": {"event": "started", **addresses}})
             task_status.started(addresses)
             await stop.wait()
+            # Event streams end their chunked bodies cleanly before the control socket
+            # goes; a client that does not read is not waited for long.
+            hub.close()
+            with trio.move_on_after(EVENT_STREAMS_END_TIME):
+                await hub.wait_idle()
             nursery.cancel_scope.cancel()
         # Leaving the stack (not cancelled) stops the Proxy gracefully.
     log.info("stopped", extra={"fields": {"event": "stopped"}})

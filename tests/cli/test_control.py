@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app.control import _dispatch, control_request, format_status, serve_control
+from proxy.app.control import _dispatch, control_request, format_status, serve_control, stream_events
 from proxy.errors import (
     ConnectionNotFound,
     ConnectionStartTimeout,
@@ -105,6 +105,12 @@ async def test_requests_round_trip(socket_path: Path) -> None:
                 await control_request(socket_path, "GET", "/v1/lookup?host=127.0.0.1&port=5")
             assert info.value.status == 500  # the handler's bug, reported, server still up
             assert await control_request(socket_path, "POST", "/v1/reload-identity", {}) == {"node_id": str(NODE_ID)}
+            assert await control_request(socket_path, "GET", "/v1/status") == STATUS
+            # A handler without an event stream: a 500 for that request, the server stays.
+            with pytest.raises(ControlRequestFailed) as info:
+                async for _ in stream_events(socket_path):
+                    pass
+            assert info.value.status == 500
             assert await control_request(socket_path, "GET", "/v1/status") == STATUS
             nursery.cancel_scope.cancel()
     assert handler.calls == [
