@@ -146,21 +146,54 @@ async def _goodbye(tunnel: TLSStream | UtpStream) -> None:
 async def close_tunnel(tunnel: TLSStream | UtpStream | None, *, graceful: bool, end_time: float) -> None:
     """End the tunnel side of a connection.
 
-    Graceful: TLS close_notify and uTP FIN, then wait for the peer's close_notify
-    and FIN, all within ``end_time`` (the original's goodbye; a peer's answering
-    close_notify is read, never answered with a RESET). Not graceful, past
-    ``end_time`` or on any failure meanwhile: uTP RESET at once, which the peer
-    reports as a reset, never as a clean end.
+    Graceful: first what our side already handed to uTP crosses (``_drain``: as
+    long as the peer keeps acknowledging it, ``end_time`` running from its latest
+    progress), then TLS close_notify and uTP FIN and the wait for the peer's
+    close_notify and FIN, within ``end_time`` (the original's goodbye; a peer's
+    answering close_notify is read, never answered with a RESET). Not graceful,
+    past those bounds or on any failure meanwhile: uTP RESET at once, which the
+    peer reports as a reset, never as a clean end.
     """
     if tunnel is None:
         return
     if graceful:
-        with trio.CancelScope(shield=True), trio.move_on_after(end_time):
-            try:
-                await _goodbye(tunnel)
-            except TRANSPORT_ERRORS as error:
-                log.debug("goodbye on %r: %s", tunnel, error)
+        with trio.CancelScope(shield=True):
+            await _drain(tunnel, end_time)
+            with trio.move_on_after(end_time):
+                try:
+                    await _goodbye(tunnel)
+                except TRANSPORT_ERRORS as error:
+                    log.debug("goodbye on %r: %s", tunnel, error)
     await close_streams(tunnel, graceful=False, end_time=0)
+
+
+# How often a drain looks at what is still unacknowledged (only while one closes).
+_DRAIN_CHECK = 0.01
+
+
+async def _drain(tunnel: TLSStream | UtpStream, stall_time: float) -> None:
+    """Wait while our data already in uTP's send buffer still crosses, and the peer
+    acknowledges some of it at least every ``stall_time``.
+
+    A local end that closed after its last send_all has handed everything over, as
+    a TCP socket's close() does; the kernel goes on delivering such data, and so
+    must we: bounding the whole goodbye by conn_end_time reset a tunnel whose path
+    needed longer than that for the last megabyte, cutting the far side's copy
+    short. A peer that stops acknowledging still ends it after ``stall_time``.
+    """
+    utp = tunnel.transport if isinstance(tunnel, TLSStream) else tunnel
+    if not isinstance(utp, UtpStream):
+        return
+    connection = utp.connection
+    left = connection.send_buffered
+    progress_at = trio.current_time()
+    while left and not connection.is_closed:
+        await trio.sleep(_DRAIN_CHECK)
+        now_left = connection.send_buffered
+        if now_left < left:
+            left, progress_at = now_left, trio.current_time()
+        elif trio.current_time() - progress_at >= stall_time:
+            return
 
 
 async def until_peer_dies(peer: Liveness, work: Callable[[], Awaitable[T]]) -> T:

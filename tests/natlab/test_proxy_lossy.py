@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from tests.natlab import Impairment, NatKind, open_lab
+from tests.natlab.errors import LabProcessError
 from tests.natlab.proxies import exchange, rendezvous_connect, start_pair
 
 TOTAL = 64 * 1024 * 1024
@@ -73,13 +74,19 @@ async def test_64_mib_each_way_over_2pct_loss_and_jittered_delay_after_a_lossy_s
                     nursery.start_soon(sample_status)
                     sent, received, received_bytes = await exchange(answer.stream, answer.leftover, TOTAL)
                 report = await trio.to_thread.run_sync(server.wait_event, "exchanged", 30.0)
-        except trio.TooSlowError:
+        except (trio.TooSlowError, LabProcessError) as error:
             # what each side's uTP connection looks like now (window, flight, model):
             # a stall says here which of them holds it back
             states = {node.name: [(row["bytes_sent"], row["bytes_received"], row.get("transport"))
                                   for row in (await node.status())["connections"]]
                       for node in (forward, reverse)}
-            raise AssertionError(f"no end after {TRANSFER_TIMEOUT:.0f} s; at 5 s {rows}; now {states}") from None
+            ended = {}
+            for node in (forward, reverse):  # why each side's tunnel ended, if it did
+                await node.stop()
+                ended[node.name] = [{key: record.get(key) for key in ("time", "reason", "error", "duration")}
+                                    for record in node.lost_events()]
+            raise AssertionError(f"{error!r} after {time.monotonic() - started:.0f} s; at 5 s {rows}; "
+                                 f"now {states}; ended: {ended}") from None
         seconds = time.monotonic() - started
         await answer.stream.aclose()
         assert await forward.stop() == 0 and await reverse.stop() == 0

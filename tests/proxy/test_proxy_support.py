@@ -350,6 +350,7 @@ class UdpRelay:
     forwarded: int = 0
     dropped: int = 0
     resets: int = 0  # uTP RESET datagrams seen, either way (first byte 0x31: type 3, version 1)
+    rate: float | None = None  # datagrams/s forwarded toward the remote (None: as fast as they come)
 
 
 @asynccontextmanager
@@ -374,6 +375,8 @@ async def udp_relay(remote: tuple[str, int]) -> AsyncIterator[UdpRelay]:
                     relay.dropped += 1
                     continue
                 relay.forwarded += 1
+                if relay.rate is not None:  # a slow path: what waits queues in the socket
+                    await trio.sleep(1 / relay.rate)
                 await back.sendto(data, remote)
 
         async def back_to_front() -> None:

@@ -11,6 +11,8 @@ direction ended cleanly, then the tunnel dies: the other one is still reset).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -225,3 +227,42 @@ async def test_a_clean_end_from_the_far_side_is_still_a_fin() -> None:
             with trio.fail_after(10):
                 assert await read_until_end(client, counted, started) == "eof"
             assert counted[0] == len(payload)
+
+
+async def test_a_client_that_closes_right_after_its_last_send_gets_every_byte_across_a_slow_path() -> None:
+    # The server half-closes at once, so the forward side's splice ends as soon as
+    # the client's EOF is handed to uTP, with up to a megabyte still in uTP's send
+    # buffer on a path carrying 1,000 datagrams/s (about 1.4 MB/s). The goodbye
+    # lets it cross while the peer keeps acknowledging (conn_end_time, 0.2 s here,
+    # runs from the latest acknowledgement): bounding the whole goodbye by
+    # conn_end_time reset the tunnel and cut the server's copy short.
+    payload = os.urandom(3 * MiB)
+    received: dict[str, object] = {}
+    server_done = trio.Event()
+
+    async def half_closing_digest_server(stream: trio.SocketStream) -> None:
+        await stream.send_eof()
+        digest, count = hashlib.sha256(), 0
+        try:
+            while data := await stream.receive_some(1 << 16):
+                digest.update(data)
+                count += len(data)
+            received.update(ending="eof", count=count, sha256=digest.digest())
+        except trio.BrokenResourceError as error:
+            received.update(ending=_how_it_broke(error), count=count)
+        server_done.set()
+
+    async with tcp_server(half_closing_digest_server) as server, running_node(server.port) as remote:
+        async with udp_relay(("127.0.0.1", remote.proxy.proxy_port)) as relay:
+            async with running_node(conn_end_time=0.2) as local:
+                client = await connect_ok(local.proxy, f"127.0.0.1:{relay.port}?nodeId={remote.node_id}")
+                relay.rate = 1000.0
+                with trio.fail_after(60):
+                    await client.send_all(payload)
+                    await client.send_eof()
+                    assert await client.receive_some(1 << 16) == b""  # the server's clean end
+                    await server_done.wait()
+                await client.aclose()
+    assert received["ending"] == "eof" and received["count"] == len(payload)
+    assert received["sha256"] == hashlib.sha256(payload).digest()
+    assert relay.resets == 0
