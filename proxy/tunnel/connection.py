@@ -173,7 +173,9 @@ _DRAIN_CHECK = 0.01
 
 async def _drain(tunnel: TLSStream | UtpStream, stall_time: float) -> None:
     """Wait while our data already in uTP's send buffer still crosses, and the peer
-    acknowledges some of it at least every ``stall_time``.
+    acknowledges some of it at least every ``stall_time`` (or two of the
+    connection's retransmission timeouts, if longer: a lost tail is repaired by
+    the RTO, which backs off on a slow or lossy path).
 
     A local end that closed after its last send_all has handed everything over, as
     a TCP socket's close() does; the kernel goes on delivering such data, and so
@@ -192,7 +194,7 @@ async def _drain(tunnel: TLSStream | UtpStream, stall_time: float) -> None:
         now_left = connection.send_buffered
         if now_left < left:
             left, progress_at = now_left, trio.current_time()
-        elif trio.current_time() - progress_at >= stall_time:
+        elif trio.current_time() - progress_at >= max(stall_time, 2 * connection.rto):
             return
 
 
