@@ -173,9 +173,10 @@ _DRAIN_CHECK = 0.01
 
 async def _drain(tunnel: TLSStream | UtpStream, stall_time: float) -> None:
     """Wait while our data already in uTP's send buffer still crosses, and the peer
-    acknowledges some of it at least every ``stall_time`` (or two of the
-    connection's retransmission timeouts, if longer: a lost tail is repaired by
-    the RTO, which backs off on a slow or lossy path).
+    acknowledges some of it at least every ``stall_time`` plus four smoothed round
+    trips (a lost tail is repaired by the retransmission timeout, about that long
+    on a slow or jittery path; the backed-off RTO is not used, so a dead path still
+    ends within about ``stall_time``).
 
     A local end that closed after its last send_all has handed everything over, as
     a TCP socket's close() does; the kernel goes on delivering such data, and so
@@ -194,7 +195,7 @@ async def _drain(tunnel: TLSStream | UtpStream, stall_time: float) -> None:
         now_left = connection.send_buffered
         if now_left < left:
             left, progress_at = now_left, trio.current_time()
-        elif trio.current_time() - progress_at >= max(stall_time, 2 * connection.rto):
+        elif trio.current_time() - progress_at >= stall_time + 4 * connection.rtt:
             return
 
 
