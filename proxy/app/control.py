@@ -44,7 +44,7 @@ import h11
 import trio
 
 from proxy.app.errors import ConfigError, ControlError, ControlRequestFailed, ControlUnreachable
-from proxy.app.events import Subscription
+from proxy.app.events import Subscription, format_move
 from proxy.identity.errors import KeynodeError, NodeIdInvalid
 from proxy.identity.node_id import NodeId
 from proxy.tunnel.errors import ConnectionNotFound
@@ -535,7 +535,5 @@ def format_moves(connections: list[Mapping[str, Any]]) -> str:
         moves = item.get("moves") or {}
         for move in moves.get("recent") or []:
             when = time.strftime("%H:%M:%S", time.localtime(float(move.get("at") or 0)))
-            where = move.get("address") or (f"relay {move.get('via')}" if move.get("via") else "")
-            lines.append(f"  {when} {item.get('direction')} {item.get('node_id')}: {move.get('from')} -> "
-                         f"{move.get('to')} {where} ({move.get('reason')})")
+            lines.append(f"  {when} {item.get('direction')} {item.get('node_id')}: {format_move(move)}")
     return "\n\npath moves:\n" + "\n".join(lines) if lines else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -147,13 +148,18 @@ def format_event(event: Event) -> str:
         error = f" ({event['error']})" if event.get("error") else ""
         text = f"lost {tunnel} at {event.get('remote')}: {event.get('reason')}{error}"
     elif kind == "path_changed":
-        where = event.get("address") or (f"relay {event['via']}" if event.get("via") else "")
-        text = f"path_changed {tunnel}: {event.get('from')} -> {event.get('to')} {where} ({event.get('reason')})"
+        text = f"path_changed {tunnel}: {format_move(event)}"
     elif kind == "dropped":
         text = f"dropped {event.get('count')} events (this client read too slowly)"
     else:
         text = f"{kind} {event}"
     return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} {' '.join(text.split())}"
+
+
+def format_move(move: Mapping[str, Any]) -> str:
+    """A path move as `status` and `events` show it: "relay -> direct 198.51.100.7:4000 (upgrade)"."""
+    where = move.get("address") or (f"relay {move.get('via')}" if move.get("via") else "")
+    return f"{move.get('from')} -> {move.get('to')} {where} ({move.get('reason')})"
 
 
 def _via(event: Event) -> str:
